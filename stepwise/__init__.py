@@ -1,0 +1,1 @@
+"""stepwise: distilling step-by-step, from teacher rationales to a served student."""

