@@ -103,8 +103,19 @@ def get_task(name_or_path: str) -> Task:
     return Task(path.stem, style, source=str(path.resolve()))
 
 
-def task_from_json(text: str) -> Task:
-    return Task(**json.loads(text))
+TASK_FILE = "task.json"  # written into every model, export and extraction folder
+
+
+def save_task(task: Task, folder: Path) -> None:
+    Path(folder).mkdir(parents=True, exist_ok=True)
+    (Path(folder) / TASK_FILE).write_text(task.to_json())
+
+
+def load_task(folder: Path) -> Task:
+    path = Path(folder) / TASK_FILE
+    if not path.exists():
+        raise FileNotFoundError(f"{folder} has no {TASK_FILE}: not a stepwise model, export or extraction folder")
+    return Task(**json.loads(path.read_text()))
 
 
 def in_valid_split(example_id: str) -> bool:
