@@ -244,7 +244,7 @@ def _question_block(task: Task, example: Example) -> str:
 
 def answer_sentence(task: Task, label: str, choices: list[str] | None = None) -> str:
     if task.answer_style == "equation":
-        return f"The answer is ({label})."
+        return f"The answer is {label}."  # equations carry their own parentheses: "(84 / 2)"
     if task.answer_style == "label":
         return f"\nAnswer: {label}"
     if choices:
@@ -259,34 +259,28 @@ def stop_strings(task: Task) -> list[str]:
 
 def exemplars(task: Task, pool: list[Example]) -> list[str]:
     """Few-shot chain-of-thought exemplars: the first examples of `pool` (the train split) whose
-    rationale is known good, balanced over labels for a closed label set."""
-    picked: list[str] = []
-    per_label: dict[str, int] = {}
-    cap = math.ceil(task.exemplar_count / max(1, len(task.labels))) if task.labels else task.exemplar_count
+    rationale is known good, taken round-robin over labels for a closed label set."""
+    by_label: dict[str, list[str]] = {}
     for example in pool:
-        if len(picked) == task.exemplar_count:
-            break
-        if per_label.get(example.label, 0) >= cap:
+        key = example.label if task.labels else ""
+        if len(by_label.get(key, [])) >= task.exemplar_count:
             continue
         if example.teacher_completion is not None:
             parsed = parse_completion(task, example.teacher_completion, example.choices)
             if parsed.status != "ok" or not is_correct(task, parsed.label, example.label) or len(parsed.rationale) > 400:
                 continue
-            rationale = parsed.rationale
+            rationale, label = parsed.rationale, parsed.label  # the teacher's own wording of a correct answer
         elif example.rationale:
-            rationale = example.rationale.strip()
+            rationale, label = example.rationale.strip(), example.label
         else:
             continue
         joiner = "" if task.answer_style == "label" else " "
-        picked.append(f"{_question_block(task, example)} {rationale}{joiner}{answer_sentence(task, _exemplar_label(task, example), example.choices)}")
-        per_label[example.label] = per_label.get(example.label, 0) + 1
-    return picked
-
-
-def _exemplar_label(task: Task, example: Example) -> str:
-    if task.answer_style == "equation":  # "( 10.0 * 45.0 )" -> "10 * 45", as the teacher writes it
-        return re.sub(r"(\d)\.0\b", r"\1", example.label).replace("( ", "(").replace(" )", ")").strip("() ")
-    return example.label
+        shot = f"{_question_block(task, example)} {rationale}{joiner}{answer_sentence(task, label, example.choices)}"
+        by_label.setdefault(key, []).append(shot)
+    picked: list[str] = []
+    for i in range(task.exemplar_count):
+        picked += [shots[i] for shots in by_label.values() if i < len(shots)]
+    return picked[: task.exemplar_count]
 
 
 def few_shot_prompt(task: Task, shots: list[str], example: Example) -> str:
