@@ -1,0 +1,77 @@
+"""The replay teacher (shipped PaLM completions) through the real parser, writer, resume and config check."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from extraction import read_records, shards
+from stepwise import cli, tasks
+
+
+def extract(*args: str) -> None:
+    cli.main(["extract", *args])
+
+
+@pytest.mark.parametrize("task_name", ["svamp", "cqa", "esnli"])
+def test_replay_writes_the_whole_parsed_split(tmp_path, task_name):
+    out = tmp_path / "out"
+    extract("--task", task_name, "--split", "train", "--teacher", "replay", "--out", str(out))
+    task = tasks.get_task(task_name)
+    examples = {e.id: e for e in tasks.load_split(task, "train")}
+    records = read_records(out)
+    assert sorted(r["id"] for r in records) == sorted(examples)
+    for record in records:
+        example = examples[record["id"]]
+        parsed = tasks.parse_completion(task, example.teacher_completion, example.choices)
+        assert (record["status"], record["teacher_label"], record["rationale"], record["reason"]) == (parsed.status, parsed.label, parsed.rationale, parsed.reason)
+        assert record["input"] == example.input and record["label"] == example.label and record["completions"] == [example.teacher_completion]
+        assert record["correct"] == (parsed.status == "ok" and tasks.is_correct(task, parsed.label, example.label))
+        assert record["teacher"]["backend"] == "replay" and len(record["teacher"]["prompt_hash"]) == 16
+    manifest = json.loads((out / "manifest.json").read_text())
+    ok = sum(r["status"] == "ok" for r in records)
+    assert manifest["complete"] and manifest["counts"]["records"] == len(examples) and manifest["counts"]["ok"] == ok
+    assert manifest["counts"]["parse_rate"] == pytest.approx(ok / len(examples))
+    assert sum(manifest["counts"]["failure_reasons"].values()) == len(examples) - ok
+
+
+def test_resume_regenerates_only_what_is_missing(tmp_path, capsys):
+    out = tmp_path / "out"
+    args = ["--task", "cqa", "--split", "valid", "--limit", "100", "--chunk-size", "7", "--out", str(out)]
+    extract(*args)
+    before = {r["id"]: r for r in read_records(out)}
+    lost = shards.shard_paths(out)[3]  # as if the run had died before writing this chunk
+    lost_ids = {json.loads(line)["id"] for line in lost.read_text().splitlines()}
+    lost.unlink()
+    (out / ".shard-deadbeef.jsonl.123.tmp").write_text('{"id": "half a line')  # a write cut short by kill -9
+    capsys.readouterr()
+    extract(*args)
+    assert f"resuming: {100 - len(lost_ids)} of 100" in capsys.readouterr().out
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["last_run"]["records_this_run"] == len(lost_ids)
+    after = read_records(out)
+    assert sorted(r["id"] for r in after) == sorted(before)
+    assert not list(out.glob(".*.tmp"))
+
+
+def test_other_config_is_refused_unless_overwrite(tmp_path):
+    out = tmp_path / "out"
+    extract("--task", "esnli", "--split", "valid", "--limit", "20", "--out", str(out))
+    with pytest.raises(SystemExit, match="differs in: split.*--overwrite"):
+        extract("--task", "esnli", "--split", "test", "--limit", "20", "--out", str(out))
+    assert len(read_records(out)) == 20  # nothing already done is lost
+    extract("--task", "esnli", "--split", "test", "--limit", "20", "--out", str(out), "--overwrite")
+    test_ids = {e.id for e in tasks.load_split(tasks.get_task("esnli"), "test")[:20]}
+    assert {r["id"] for r in read_records(out)} == test_ids
+
+
+def test_a_foreign_folder_is_refused(tmp_path):
+    (tmp_path / "notes.txt").write_text("not ours")
+    with pytest.raises(SystemExit, match="not empty"):
+        extract("--task", "svamp", "--limit", "5", "--out", str(tmp_path))
+
+
+def test_reader_names_a_missing_output(tmp_path):
+    with pytest.raises(FileNotFoundError, match="stepwise extract"):
+        read_records(tmp_path)
