@@ -41,8 +41,9 @@ def tiny_teacher(tmp_path_factory) -> Path:
     return build_tiny_teacher(tmp_path_factory.mktemp("tiny-teacher"))
 
 
-def subprocess_env() -> dict[str, str]:
-    """The environment for a `python -m stepwise extract` child: this session's settings, the checkout on the path."""
+@pytest.fixture
+def child_env() -> dict[str, str]:
+    """The environment for a `python -m stepwise ...` child: this session's settings, the checkout on the path."""
     root = Path(__file__).resolve().parents[2]
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join([str(root), env.get("PYTHONPATH", "")]).rstrip(os.pathsep)

@@ -1,0 +1,81 @@
+"""The vllm backend through the real CPU engine on a tiny local model, and kill -9 + resume of a real run."""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import sys
+import time
+from collections import Counter
+from pathlib import Path
+
+import pytest
+
+from extraction import read_records, shards
+from stepwise import cli, tasks
+
+pytestmark = pytest.mark.slow
+
+
+def test_vllm_extracts_64_inputs(tiny_teacher, tmp_path):
+    out = tmp_path / "out"
+    manifest = cli.main(["extract", "--task", "cqa", "--split", "train", "--teacher", "vllm", "--model", str(tiny_teacher),
+                         "--limit", "64", "--chunk-size", "16", "--max-tokens", "32", "--enforce-eager", "--out", str(out)])
+    records = read_records(out)
+    wanted = [e.id for e in tasks.load_split(tasks.get_task("cqa"), "train")[:64]]
+    assert sorted(r["id"] for r in records) == sorted(wanted) and len(shards.shard_paths(out)) == 4
+    for record in records:
+        assert len(record["completions"]) == 1 and record["status"] in ("ok", "malformed")
+        assert record["tokens_in"] > 100 and 0 < record["tokens_out"] <= 32
+        assert record["teacher"]["model"] == str(tiny_teacher) and record["teacher"]["sampling"]["max_tokens"] == 32
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["complete"] and manifest["counts"]["tokens_out"] == sum(r["tokens_out"] for r in records)
+    assert sum(manifest["counts"]["failure_reasons"].values()) == sum(r["status"] != "ok" for r in records)
+
+
+def kill_after_new_shards(command: list[str], env: dict, out: Path, new: int) -> int:
+    """Start a real `stepwise extract`, SIGKILL it once `new` more shards exist; return the shard count then."""
+    before = len(shards.shard_paths(out)) if out.exists() else 0
+    process = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 180
+    while len(shards.shard_paths(out)) < before + new and process.poll() is None and time.time() < deadline:
+        time.sleep(0.02)
+    assert process.poll() is None, "the run ended before it could be killed: raise --limit"
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    return len(shards.shard_paths(out))
+
+
+def test_kill_9_then_rerun_gives_exactly_one_record_per_input(tiny_teacher, tmp_path, child_env):
+    out = tmp_path / "out"
+    command = [sys.executable, "-m", "stepwise", "extract", "--task", "svamp", "--split", "train", "--teacher", "vllm",
+               "--model", str(tiny_teacher), "--limit", "160", "--chunk-size", "4", "--max-tokens", "48",
+               "--enforce-eager", "--out", str(out)]
+    first = kill_after_new_shards(command, child_env, out, 2)
+    second = kill_after_new_shards(command, child_env, out, 2)
+    assert 2 <= first < second < 40
+    finished = subprocess.run(command, env=child_env, capture_output=True, text=True, timeout=300)
+    assert finished.returncode == 0, finished.stderr[-2000:]
+    assert f"resuming: {4 * second} of 160" in finished.stdout
+    records = read_records(out)
+    counts = Counter(r["id"] for r in records)
+    wanted = {e.id for e in tasks.load_split(tasks.get_task("svamp"), "train")[:160]}
+    assert set(counts) == wanted and set(counts.values()) == {1}
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["complete"] and manifest["counts"]["records"] == 160 and manifest["shards"] == 40
+    assert not list(out.glob(".*.tmp"))
+
+
+def test_self_consistency_with_structured_output(tiny_teacher, tmp_path):
+    out = tmp_path / "out"
+    cli.main(["extract", "--task", "esnli", "--split", "valid", "--teacher", "vllm", "--model", str(tiny_teacher), "--limit", "6",
+              "--n", "3", "--temperature", "1.0", "--structured", "--max-tokens", "320", "--enforce-eager", "--out", str(out)])
+    records = read_records(out)
+    assert len(records) == 6
+    for record in records:
+        assert len(record["completions"]) == 3
+        # the regex bounds the rationale to 300 characters, so every sample ends in a parseable answer line
+        assert record["status"] == "ok", record["reason"]
+        assert record["teacher_label"] in tasks.NLI_LABELS and sum(record["votes"].values()) == 3
+        assert max(record["votes"].values()) == record["votes"][record["teacher_label"]]
