@@ -31,3 +31,14 @@ def build_tiny_student_folder(task_name: str, out: Path) -> Path:
 def tiny_student_dir(tmp_path_factory) -> Path:
     """Student environment only (needs torch/transformers/sentencepiece)."""
     return build_tiny_student_folder("esnli", tmp_path_factory.mktemp("tiny-student"))
+
+
+@pytest.fixture(scope="session")
+def tiny_export_dir(tiny_student_dir, tmp_path_factory) -> Path:
+    """`stepwise export` of tiny_student_dir (fp32, CPU target, parity-gated on 32 valid examples). Student environment only."""
+    from export.run import main as export_main
+
+    out = tmp_path_factory.mktemp("tiny-export") / "onnx"
+    if export_main(model=tiny_student_dir, out=out, parity_limit=32) != 0:
+        raise RuntimeError(f"tiny export failed its parity gate: {out / 'parity.json'}")
+    return out

@@ -1,0 +1,297 @@
+"""`stepwise export`: a trained student folder -> a self-contained ONNX folder (encoder + decoder(s),
+tokenizer, task.json, export_config.json, parity.json), int8 for CPU or fp16/TensorRT for GPU, gated by
+parity with the PyTorch model on the validation split."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+import sys
+import time
+from pathlib import Path
+from typing import Any, Literal
+
+from stepwise import tasks
+
+ONNX_FILES = {
+    "encoder": "encoder_model.onnx",
+    "decoder": "decoder_model.onnx",
+    "decoder_with_past": "decoder_with_past_model.onnx",
+    "decoder_merged": "decoder_model_merged.onnx",
+}
+COPIED_FILES = ("task.json", "train_config.json")
+# Measured on this 2-core CPU (README "## Export", benchmarks/export_layouts.py). TensorRT: split, since
+# the merged decoder's If node cuts the graph into separate TensorRT subgraphs around the branch.
+DEFAULT_LAYOUT = {"cpu": "split", "cuda": "merged", "tensorrt": "split"}
+# T5 overflows fp16 (activations past 65504) in the FFN output projection and in the residual stream /
+# RMS layer norm (Pow, ReduceMean): keep those, and softmax, in fp32; the other matmuls run in fp16.
+FP16_BLOCKED_OPS = ["Add", "Pow", "ReduceMean", "Sqrt", "Div", "Softmax"]
+FP16_BLOCKED_NODE_MARKERS = ("/DenseReluDense/wo/",)
+DEFAULT_MIN_AGREEMENT = {"fp32": 0.99, "fp16": 0.95, "int8": 0.9}
+
+
+def check_model_folder(model: Path) -> tasks.Task:
+    if not model.is_dir():
+        raise SystemExit(f"stepwise export: model folder not found: {model}")
+    missing = [f for f in ("config.json", "task.json") if not (model / f).exists()]
+    if not any((model / f).exists() for f in ("model.safetensors", "pytorch_model.bin")):
+        missing.append("model.safetensors")
+    if not any((model / f).exists() for f in ("tokenizer.json", "spiece.model")):
+        missing.append("tokenizer.json or spiece.model")
+    if missing:
+        raise SystemExit(f"stepwise export: {model} is not a trained student folder (missing {', '.join(missing)})")
+    config = json.loads((model / "config.json").read_text())
+    if config.get("model_type") != "t5":
+        raise SystemExit(f"stepwise export: {model} holds a {config.get('model_type')!r} model; export supports T5 students")
+    return tasks.load_task(model)
+
+
+def export_onnx(model: Path, out: Path) -> None:
+    """Optimum's T5 export: encoder, decoder, decoder with past and the merged decoder, plus tokenizer.
+    Its own validation is off: the parity gate below checks more (labels, accuracy, logits)."""
+    from optimum.exporters.onnx import main_export
+
+    main_export(str(model), out, task="text2text-generation-with-past", do_validation=False, device="cpu")
+
+
+def cpu_has_vnni() -> bool:
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return "avx512_vnni" in flags or "avx_vnni" in flags
+
+
+def quantize_int8(path: Path) -> Path:
+    """Dynamic int8 (weights int8 per channel, activations quantized at run time) for the weight
+    matmuls. With VNNI the full u8*s8 range is safe; without it reduce the range (AVX2 saturation)."""
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    quantized = path.with_name(path.stem + "_int8.onnx")
+    quantize_dynamic(
+        path,
+        quantized,
+        weight_type=QuantType.QInt8,
+        per_channel=True,
+        reduce_range=not cpu_has_vnni(),
+        op_types_to_quantize=["MatMul"],
+        extra_options={"MatMulConstBOnly": True},
+    )
+    return quantized
+
+
+def convert_fp16(path: Path) -> Path:
+    """fp16 weights and compute with the overflow-prone ops kept in fp32; inputs/outputs stay fp32 so
+    the runtime feeds every precision the same way."""
+    import onnx
+    from onnxruntime.transformers.float16 import convert_float_to_float16
+
+    model = onnx.load(str(path))
+    blocked_nodes = [n.name for n in model.graph.node if any(m in n.name for m in FP16_BLOCKED_NODE_MARKERS)]
+    converted = convert_float_to_float16(model, keep_io_types=True, op_block_list=FP16_BLOCKED_OPS, node_block_list=blocked_nodes)
+    target = path.with_name(path.stem + "_fp16.onnx")
+    onnx.save(converted, str(target))
+    return target
+
+
+def providers_for(target: str, precision: str, max_batch: int, max_candidates: int, limits: dict[str, int], model_config: dict[str, Any]) -> list[dict[str, Any]]:
+    """Execution providers with their options, in priority order; serving passes them to ORT as they are."""
+    cpu = {"name": "CPUExecutionProvider"}
+    cuda = {"name": "CUDAExecutionProvider", "options": {"device_id": 0, "arena_extend_strategy": "kSameAsRequested", "cudnn_conv_algo_search": "HEURISTIC", "do_copy_in_default_stream": True}}
+    if target == "cpu":
+        return [cpu]
+    if target == "cuda":
+        return [cuda, cpu]
+    trt = {
+        "name": "TensorrtExecutionProvider",
+        "options": {
+            "device_id": 0,
+            "trt_fp16_enable": precision == "fp16",
+            "trt_engine_cache_enable": True,
+            "trt_engine_cache_path": "trt_cache",  # relative: resolved against the export folder
+            "trt_timing_cache_enable": True,
+            "trt_max_workspace_size": 2 * 1024**3,
+            "trt_builder_optimization_level": 3,
+        },
+        "profiles": trt_profiles(max_batch, max_candidates, limits, model_config),
+    }
+    return [trt, cuda, cpu]
+
+
+def trt_profiles(max_batch: int, max_candidates: int, limits: dict[str, int], model: dict[str, Any]) -> dict[str, dict[str, str]]:
+    """TensorRT optimisation profiles (min/opt/max shapes) per session, so engines are built once for the
+    whole serving range instead of rebuilt per new shape. Scoring runs batch x candidates decoder rows."""
+    heads, d_kv, d_model = model["num_heads"], model["d_kv"], model["d_model"]
+    seq, rows, label, total = limits["input"], max_batch * max_candidates, limits["label_tokens"], max(limits["label"], limits["rationale"])
+
+    def shapes(batch: int, source: int, target: int, past: int) -> dict[str, str]:
+        return {
+            "encoder": f"input_ids:{batch}x{source},attention_mask:{batch}x{source}",
+            "decoder": f"input_ids:{batch}x{target},encoder_attention_mask:{batch}x{source},encoder_hidden_states:{batch}x{source}x{d_model}",
+            "decoder_with_past": ",".join(
+                [f"input_ids:{batch}x1", f"encoder_attention_mask:{batch}x{source}"]
+                + [f"past_key_values.{i}.{kind}.{kv}:{batch}x{heads}x{past if kind == 'decoder' else source}x{d_kv}" for i in range(model["num_decoder_layers"]) for kind in ("decoder", "encoder") for kv in ("key", "value")]
+            ),
+        }
+
+    low, opt, high = shapes(1, 1, 1, 1), shapes(max(1, max_batch // 4), min(128, seq), label, 8), shapes(rows, seq, label, total)
+    return {session: {"trt_profile_min_shapes": low[session], "trt_profile_opt_shapes": opt[session], "trt_profile_max_shapes": high[session]} for session in low}
+
+
+def token_limits(task: tasks.Task, tokenizer: Any, max_rationale_tokens: int) -> dict[str, int]:
+    """Tight generation limits: the longest label seen in training (+ EOS and a small margin)."""
+    train = tasks.load_split(task, "train")[:5000]
+    labels = {e.label for e in train} | set(task.labels) | {c for e in train for c in (e.choices or [])}
+    longest = max((len(tokenizer(label).input_ids) for label in labels), default=16)
+    return {"label": longest + (0 if task.closed_label_set else 2), "label_tokens": longest, "rationale": max_rationale_tokens}
+
+
+def folder_version(out: Path, files: dict[str, str]) -> str:
+    digest = hashlib.sha256()
+    for name in sorted(files.values()):
+        with (out / name).open("rb") as f:
+            for chunk in iter(lambda: f.read(1 << 20), b""):
+                digest.update(chunk)
+    return digest.hexdigest()[:12]
+
+
+def main(
+    model: Path,
+    out: Path,
+    quantize: Literal["none", "int8"] = "none",
+    precision: Literal["fp32", "fp16"] = "fp32",
+    target: Literal["cpu", "cuda", "tensorrt"] = "cpu",
+    decoder_layout: Literal["auto", "split", "merged"] = "auto",
+    threads: int = 0,
+    max_input_tokens: int = 512,
+    max_rationale_tokens: int = 128,
+    max_batch: int = 16,
+    parity_limit: int = 200,
+    parity_providers: list[str] | None = None,
+    min_agreement: float | None = None,
+    max_accuracy_drop: float = 0.02,
+    max_logit_diff: float = 1e-3,
+    overwrite: bool = False,
+) -> int:
+    """Export a trained student to ONNX with Optimum, optionally int8 (CPU) or fp16 (GPU), and gate it on parity.
+
+    Args:
+        model: trained student folder (config.json, model.safetensors, tokenizer, task.json)
+        out: export folder to write (self-contained: ONNX files, tokenizer, task.json, export_config.json, parity.json)
+        quantize: int8: dynamic int8 quantization of the weight matmuls (CPU target)
+        precision: fp16: half precision with T5's overflow-prone ops kept in fp32 (GPU targets)
+        target: where it will be served: cpu (CPU EP), cuda (CUDA EP, IO binding), tensorrt (TensorRT EP, then CUDA)
+        decoder_layout: split (decoder + decoder_with_past) or merged (one decoder with an If on the cache); auto picks per target
+        threads: intra-op threads per ONNX session written into the config (0: ONNX Runtime decides)
+        max_input_tokens: inputs are truncated to this many tokens
+        max_rationale_tokens: generation limit for rationales (explain)
+        max_batch: largest request batch serving will send (TensorRT shape profiles)
+        parity_limit: validation examples compared against PyTorch (0: skip the gate, not recommended)
+        parity_providers: providers for the parity run; default the config's (falls back to CPU where the GPU is absent)
+        min_agreement: minimum ONNX-vs-PyTorch label agreement; default 0.99 fp32, 0.95 fp16, 0.9 int8
+        max_accuracy_drop: maximum validation accuracy the ONNX model may lose against PyTorch
+        max_logit_diff: maximum absolute teacher-forced logit difference (fp32 only)
+        overwrite: replace an existing export folder
+    """
+    model, out = Path(model), Path(out)
+    task = check_model_folder(model)
+    if quantize == "int8" and precision == "fp16":
+        raise SystemExit("stepwise export: choose one of --quantize int8 (CPU) and --precision fp16 (GPU)")
+    if quantize == "int8" and target != "cpu":
+        raise SystemExit("stepwise export: int8 dynamic quantization is a CPU target; use --precision fp16 for cuda/tensorrt")
+    if out.exists() and any(out.iterdir()):
+        if not overwrite:
+            raise SystemExit(f"stepwise export: {out} exists and is not empty (pass --overwrite to replace it)")
+        shutil.rmtree(out)
+    layout = DEFAULT_LAYOUT[target] if decoder_layout == "auto" else decoder_layout
+    kind = "int8" if quantize == "int8" else precision
+    started = time.time()
+
+    print(f"[export] {model} -> {out} ({kind}, {layout} decoder, target {target})", flush=True)
+    export_onnx(model, out)
+    for name in COPIED_FILES:
+        if (model / name).exists():
+            shutil.copy2(model / name, out / name)
+    keep = ["encoder", "decoder_merged"] if layout == "merged" else ["encoder", "decoder", "decoder_with_past"]
+    files = {key: ONNX_FILES[key] for key in keep}
+    for key, name in ONNX_FILES.items():
+        if key not in keep:
+            (out / name).unlink(missing_ok=True)
+    convert = {"int8": quantize_int8, "fp16": convert_fp16}.get(kind)
+    if convert:
+        for key, name in list(files.items()):
+            converted = convert(out / name)
+            (out / name).unlink()
+            files[key] = converted.name
+            print(f"[export] {kind}: {converted.name} ({converted.stat().st_size / 1e6:.1f} MB)", flush=True)
+
+    from transformers import AutoConfig, AutoTokenizer
+
+    hf_config = AutoConfig.from_pretrained(out)
+    tokenizer = AutoTokenizer.from_pretrained(out)
+    model_config = {k: getattr(hf_config, k) for k in ("d_model", "num_heads", "d_kv", "num_decoder_layers", "vocab_size", "eos_token_id", "pad_token_id", "decoder_start_token_id")}
+    limits = token_limits(task, tokenizer, max_rationale_tokens) | {"input": max_input_tokens}
+    max_candidates = len(task.labels) if task.answer_style == "label" else 8
+    export_config = {
+        "model_id": model.resolve().name,
+        "source_model": str(model.resolve()),
+        "target": target,
+        "precision": kind,
+        "decoder_layout": layout,
+        # The runtime opens "decoder" as the no-past (split) or merged decoder.
+        "files": {"encoder": files["encoder"], "decoder": files.get("decoder_merged", files.get("decoder")), **({"decoder_with_past": files["decoder_with_past"]} if layout == "split" else {})},
+        "providers": providers_for(target, kind, max_batch, max_candidates, limits, model_config),
+        "io_binding": target in ("cuda", "tensorrt"),
+        "threads": threads,
+        "session_config": {"graph_optimization_level": "ORT_ENABLE_ALL", "session.intra_op.allow_spinning": "0 on CPU"},
+        "quantization": {"method": "dynamic", "weights": "int8 per-channel", "ops": ["MatMul"], "vnni": cpu_has_vnni()} if kind == "int8" else None,
+        "fp16": {"blocked_ops": FP16_BLOCKED_OPS, "blocked_nodes": list(FP16_BLOCKED_NODE_MARKERS), "keep_io_types": True} if kind == "fp16" else None,
+        "model": model_config,
+        "max_input_tokens": max_input_tokens,
+        "max_new_tokens": {"label": limits["label"], "rationale": limits["rationale"]},
+        "exported_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+    }
+    export_config["version"] = folder_version(out, export_config["files"])
+    (out / "export_config.json").write_text(json.dumps(export_config, indent=2))
+
+    report = parity_gate(out, model, task, kind, parity_limit, parity_providers, min_agreement, max_accuracy_drop, max_logit_diff)
+    print(f"[export] done in {time.time() - started:.0f} s: {out}", flush=True)
+    return 0 if report["passed"] else 1
+
+
+def parity_gate(out: Path, model: Path, task: tasks.Task, precision: str, limit: int, providers: list[str] | None, min_agreement: float | None, max_accuracy_drop: float, max_logit_diff: float) -> dict[str, Any]:
+    """Compare the export with the PyTorch model on the validation split; write parity.json; say loudly when it fails."""
+    from export import parity
+    from export.runtime import PARITY_REPORT, load_runtime
+
+    threshold = DEFAULT_MIN_AGREEMENT[precision] if min_agreement is None else min_agreement
+    if limit <= 0:
+        report: dict[str, Any] = {"skipped": True, "passed": True, "reason": "--parity-limit 0"}
+        (out / PARITY_REPORT).write_text(json.dumps(report, indent=2))
+        print("[export] WARNING: parity gate skipped (--parity-limit 0)", file=sys.stderr)
+        return report
+    examples = tasks.load_split(task, "valid")[:limit]
+    if not examples:
+        raise SystemExit(f"stepwise export: task {task.name} has no validation examples for the parity gate")
+    runtime = load_runtime(out, providers=providers)
+    report = parity.compare(runtime, model, examples)
+    failures = parity.gate(report, precision, threshold, max_accuracy_drop, max_logit_diff)
+    report |= {
+        "precision": precision,
+        "providers": runtime.providers,
+        "thresholds": {"min_agreement": threshold, "max_accuracy_drop": max_accuracy_drop, "max_logit_diff": max_logit_diff if precision == "fp32" else None},
+        "failures": failures,
+        "passed": not failures,
+    }
+    (out / PARITY_REPORT).write_text(json.dumps(report, indent=2))
+    fast = f", fast-path agreement {report['fast_path_agreement']:.3f}" if report["fast_path_agreement"] is not None else ""
+    print(
+        f"[export] parity on {report['examples']} valid examples ({', '.join(runtime.providers)}): greedy agreement {report['greedy_agreement']:.3f}{fast}; "
+        f"accuracy {report['accuracy_pytorch']:.3f} (PyTorch) -> {report['accuracy_onnx']:.3f} (ONNX {precision}), delta {report['accuracy_delta']:+.3f}; "
+        f"max abs logit diff {report['max_abs_logit_diff']:.2e}",
+        flush=True,
+    )
+    if failures:
+        print(f"[export] PARITY FAILED ({out / PARITY_REPORT}): " + "; ".join(failures), file=sys.stderr, flush=True)
+    return report
