@@ -20,7 +20,7 @@ pytestmark = pytest.mark.slow
 
 def test_vllm_extracts_64_inputs(tiny_teacher, tmp_path):
     out = tmp_path / "out"
-    manifest = cli.main(["extract", "--task", "cqa", "--split", "train", "--teacher", "vllm", "--model", str(tiny_teacher),
+    cli.main(["extract", "--task", "cqa", "--split", "train", "--teacher", "vllm", "--model", str(tiny_teacher),
                          "--limit", "64", "--chunk-size", "16", "--max-tokens", "32", "--enforce-eager", "--out", str(out)])
     records = read_records(out)
     wanted = [e.id for e in tasks.load_split(tasks.get_task("cqa"), "train")[:64]]
