@@ -50,7 +50,7 @@ def job_config(task: tasks.Task, split: str, backend: str, model: str, sampling:
     }
 
 
-def prepare_output(out: Path, config: dict, overwrite: bool) -> None:
+def prepare_output(out: Path, task: tasks.Task, config: dict, overwrite: bool) -> None:
     """Create `out`, or check that its existing shards were made by the same config."""
     manifest = shards.read_manifest(out)
     if manifest is not None and manifest["config_hash"] != shards.config_hash(config):
@@ -62,11 +62,12 @@ def prepare_output(out: Path, config: dict, overwrite: bool) -> None:
             )
         for path in shards.shard_paths(out):
             path.unlink()
-        (out / shards.MANIFEST).unlink()
-    elif manifest is None and out.exists() and any(out.iterdir()) and not overwrite:
+        (out / shards.MANIFEST).unlink()  # task.json is rewritten below
+    elif manifest is None and out.exists() and any(p.name != tasks.TASK_FILE for p in out.iterdir()) and not overwrite:
         raise SystemExit(f"stepwise extract: {out} exists, is not empty and holds no {shards.MANIFEST}; choose another --out or pass --overwrite")
     out.mkdir(parents=True, exist_ok=True)
     shards.remove_partial_files(out)
+    tasks.save_task(task, out)
 
 
 def write_manifest(out: Path, config: dict, expected: int, records: list[dict], summary: dict | None = None) -> dict:
@@ -220,7 +221,7 @@ def main(
     sampling = {"n": n, "temperature": temperature, "top_p": top_p, "max_tokens": max_tokens, "seed": seed}
     config = job_config(spec, split, teacher, model or REPLAY_MODEL, sampling, structured, shots)
     out = Path(out)
-    prepare_output(out, config, overwrite)
+    prepare_output(out, spec, config, overwrite)
 
     wanted = {e.id for e in examples}
     done = [tally(r) for r in shards.iter_records(out) if r["id"] in wanted]

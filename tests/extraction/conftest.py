@@ -41,6 +41,12 @@ def tiny_teacher(tmp_path_factory) -> Path:
     return build_tiny_teacher(tmp_path_factory.mktemp("tiny-teacher"))
 
 
+@pytest.fixture(scope="session")
+def run_dir() -> Path:
+    """This session's scratch folder (short, for Ray's socket paths); removed at the end."""
+    return RUN_DIR
+
+
 @pytest.fixture
 def child_env() -> dict[str, str]:
     """The environment for a `python -m stepwise ...` child: this session's settings, the checkout on the path."""

@@ -29,6 +29,7 @@ def test_replay_writes_the_whole_parsed_split(tmp_path, task_name):
         assert record["input"] == example.input and record["label"] == example.label and record["completions"] == [example.teacher_completion]
         assert record["correct"] == (parsed.status == "ok" and tasks.is_correct(task, parsed.label, example.label))
         assert record["teacher"]["backend"] == "replay" and len(record["teacher"]["prompt_hash"]) == 16
+    assert tasks.load_task(out) == task
     manifest = json.loads((out / "manifest.json").read_text())
     ok = sum(r["status"] == "ok" for r in records)
     assert manifest["complete"] and manifest["counts"]["records"] == len(examples) and manifest["counts"]["ok"] == ok

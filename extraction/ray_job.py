@@ -1,0 +1,67 @@
+"""Scale-out: the same extraction job over a Ray cluster with Ray Data.
+
+The pending examples become a Ray dataset; `map_batches` runs them through a pool of stateful actors,
+each holding one vLLM engine (one per GPU on a GPU cluster). Each actor writes every batch it finishes
+as an atomic shard into the output folder, exactly as the single-process loop does, so resume, the
+manifest and the reader are the same. The output folder must be visible to every node (local disk for a
+one-machine cluster, a shared filesystem otherwise).
+
+ray.data.llm is not used: it pins a CUDA vLLM build, while this environment carries the CPU one.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict
+from pathlib import Path
+
+from tqdm import tqdm
+
+from extraction import run, teachers
+from stepwise import tasks
+
+
+class EngineActor:
+    """Ray Data's stateful-actor form: the engine loads once per actor, then serves many batches."""
+
+    def __init__(self, task_fields: dict, shots: list[str], teacher_meta: dict, engine: dict, out: str):
+        self.task = tasks.Task(**task_fields)
+        self.shots, self.teacher_meta, self.out = shots, teacher_meta, Path(out)
+        llm = teachers.load_vllm(engine["model"], engine["sampling"]["seed"], engine["prefix_caching"], engine["tensor_parallel_size"],
+                                 engine["dtype"], engine["max_model_len"], engine["gpu_memory_utilization"], engine["enforce_eager"])
+        self.generate = teachers.vllm_teacher(self.task, llm, engine["sampling"], engine["structured"])
+
+    def __call__(self, batch: dict) -> dict:
+        examples = [tasks.Example(**json.loads(text)) for text in batch["example"]]
+        records = run.process_chunk(self.task, self.generate, self.shots, examples, self.teacher_meta, self.out)
+        return {"tally": [json.dumps(run.tally(r)) for r in records]}
+
+
+def extract_on_ray(task: tasks.Task, shots: list[str], pending: list[tasks.Example], teacher_meta: dict, engine: dict, out: Path,
+                   chunk_size: int, address: str, actors: int) -> list[dict]:
+    """Run `pending` through `actors` vLLM engine actors; return the tallies of the records written."""
+    import ray
+
+    started_here = not ray.is_initialized()
+    if started_here:
+        ray.init(address=address or None, include_dashboard=False)
+    try:
+        gpus_per_actor = engine["tensor_parallel_size"] if ray.cluster_resources().get("GPU", 0) > 0 else 0
+        dataset = ray.data.from_items([{"example": json.dumps(asdict(e))} for e in pending])
+        results = dataset.map_batches(
+            EngineActor,
+            batch_size=chunk_size,
+            concurrency=actors,
+            num_cpus=1,
+            num_gpus=gpus_per_actor,
+            fn_constructor_kwargs={"task_fields": asdict(task), "shots": shots, "teacher_meta": teacher_meta, "engine": engine, "out": str(out.resolve())},
+        )
+        tallies = []
+        with tqdm(total=len(pending), unit="rec", desc=f"extract {task.name} on ray ({actors} engines)", dynamic_ncols=True) as bar:
+            for row in results.iter_rows():
+                tallies.append(json.loads(row["tally"]))
+                bar.update(1)
+        return tallies
+    finally:
+        if started_here:
+            ray.shutdown()
