@@ -26,6 +26,8 @@ STAGES: dict[str, tuple[str, str, str]] = {
     "data": ("stepwise.data_report", "main", "student"),
     "export": ("export.run", "main", "student"),
     "extract": ("extraction.run", "main", "teacher"),
+    "train": ("training.train", "main", "student"),
+    "experiment": ("training.experiment", "main", "student"),
 }
 
 

@@ -1,0 +1,77 @@
+"""The training data: reading extraction folders, joining records to the train split, data fractions."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from stepwise import tasks
+from training.data import check_task_matches, data_fraction, read_records, training_examples
+
+ESNLI = tasks.get_task("esnli")
+
+
+def test_data_fraction_is_fixed_by_the_seed_and_nested():
+    items = list(range(1000))
+    quarter = data_fraction(items, 0.25, seed=3)
+    assert quarter == data_fraction(items, 0.25, seed=3)
+    assert quarter != data_fraction(items, 0.25, seed=4)
+    assert len(quarter) == 250 and quarter == sorted(quarter)
+    assert set(data_fraction(items, 0.125, seed=3)) <= set(quarter) <= set(data_fraction(items, 0.5, seed=3))
+    assert data_fraction(items, 1.0, seed=3) == items
+    with pytest.raises(ValueError, match="data fraction"):
+        data_fraction(items, 0.0, seed=0)
+
+
+def _write_folder(folder, records):
+    folder.mkdir()
+    (folder / "shard-a.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    (folder / "manifest.json").write_text(json.dumps({"records": len(records)}))
+    tasks.save_task(ESNLI, folder)
+    return folder
+
+
+def test_reader_skips_records_the_teacher_failed_on(tmp_path):
+    train = tasks.load_split(ESNLI, "train")[:6]
+    records = [
+        {"id": e.id, "input": e.input, "label": e.label, "choices": None, "rationale": f"because {i}", "teacher_label": "neutral", "status": "ok", "reason": ""}
+        for i, e in enumerate(train[:4])
+    ]
+    records.append({"id": train[4].id, "input": train[4].input, "label": train[4].label, "choices": None, "rationale": "", "teacher_label": "", "status": "malformed", "reason": "no answer sentence"})
+    folder = _write_folder(tmp_path / "rationales", records)  # train[5] has no record at all
+    by_id = read_records(folder)
+    assert set(by_id) == {e.id for e in train[:5]}  # manifest.json and task.json are not shards
+
+    examples, counts = training_examples(ESNLI, by_id, needs_teacher_label=False, needs_rationale=True, fraction=1.0, seed=0)
+    assert counts["used"] == 4 and counts["skipped_not_ok"] == 1 and counts["skipped_no_record"] == counts["train_split"] - 5
+    assert [e.rationale for e in examples] == [f"because {i}" for i in range(4)]
+    assert [e.label for e in examples] == [e.label for e in train[:4]]  # gold labels
+
+    distilled, _ = training_examples(ESNLI, by_id, needs_teacher_label=True, needs_rationale=False, fraction=1.0, seed=0)
+    assert [e.label for e in distilled] == ["neutral"] * 4 and all(e.rationale is None for e in distilled)
+
+    gold_only, gold_counts = training_examples(ESNLI, None, needs_teacher_label=False, needs_rationale=False, fraction=1.0, seed=0)
+    assert gold_counts["used"] == gold_counts["train_split"]  # standard fine-tuning needs no teacher at all
+
+
+def test_bad_rationale_folders_are_named_clearly(tmp_path):
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        read_records(tmp_path / "missing")
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    (bad / "shard-x.jsonl").write_text('{"id": "a", "status": "ok"}\nnot json\n')
+    with pytest.raises(ValueError, match=r"shard-x.jsonl:2"):
+        read_records(bad)
+    with pytest.raises(ValueError, match="pass --rationales"):
+        training_examples(ESNLI, None, needs_teacher_label=False, needs_rationale=True, fraction=1.0, seed=0)
+    other = _write_folder(tmp_path / "other", [{"id": "svamp-train-000001", "status": "ok"}])
+    with pytest.raises(ValueError, match="wrong --task or --rationales"):
+        training_examples(ESNLI, read_records(other), needs_teacher_label=False, needs_rationale=True, fraction=1.0, seed=0)
+
+
+def test_rationales_of_another_task_are_refused(tmp_path):
+    folder = tmp_path / "svamp-rationales"
+    tasks.save_task(tasks.get_task("svamp"), folder)
+    with pytest.raises(ValueError, match="extracted for task 'svamp'"):
+        check_task_matches(folder, ESNLI)

@@ -1,0 +1,130 @@
+"""Training data: the extraction stage's records joined to the task's train split, a fixed-seed data
+fraction, and the (input, label, rationale) triples the student learns from.
+
+The extraction output folder is the contract: JSONL shards (or Parquet, when pyarrow is installed) plus
+manifest.json and task.json, one record per input with id, input, label, choices, rationale,
+teacher_label, status ("ok", or why not) and reason. It is read here directly, without importing the
+extraction package (that one may import vLLM, which the student environment does not have).
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+
+from stepwise import tasks
+
+RECORD_FIELDS = ("id", "status")  # the minimum a record needs to be joined and filtered
+
+
+@dataclass
+class StudentExample:
+    input: str  # the task input text; the student sees it with the predict:/explain: prefixes
+    label: str  # the label it learns (gold or the teacher's)
+    rationale: str | None  # the teacher's rationale (step-by-step only)
+
+
+def read_records(folder: Path) -> dict[str, dict]:
+    """Records of an extraction output folder by id. Shards are every *.jsonl (and *.parquet) file in it;
+    manifest.json and task.json are not shards. Where a rerun left two records for one id, an ok one wins."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise FileNotFoundError(f"rationales folder {folder} does not exist (run `stepwise extract` first, or drop --rationales for standard-finetune)")
+    rows: list[dict] = []
+    for path in sorted(p for p in folder.glob("*.jsonl") if not p.name.startswith(".")):
+        with path.open() as f:
+            for number, line in enumerate(f, 1):
+                if not line.strip():
+                    continue
+                try:
+                    rows.append(json.loads(line))
+                except json.JSONDecodeError as error:
+                    raise ValueError(f"{path}:{number}: not a JSON record ({error.msg})") from None
+    parquet_files = sorted(folder.glob("*.parquet"))
+    if parquet_files:
+        try:
+            import pyarrow.parquet as pq
+        except ImportError:
+            raise ImportError(f"{folder} holds Parquet shards but pyarrow is not installed in this environment") from None
+        for path in parquet_files:
+            rows += pq.read_table(path).to_pylist()
+    if not rows:
+        raise ValueError(f"rationales folder {folder} holds no records (*.jsonl or *.parquet shards)")
+    records: dict[str, dict] = {}
+    for row in rows:
+        missing = [name for name in RECORD_FIELDS if name not in row]
+        if missing:
+            raise ValueError(f"rationales folder {folder}: a record lacks {', '.join(missing)}: {json.dumps(row)[:120]}")
+        previous = records.get(str(row["id"]))
+        if previous is None or previous["status"] != "ok":
+            records[str(row["id"])] = row
+    return records
+
+
+def check_task_matches(folder: Path, task: tasks.Task) -> None:
+    """Refuse rationales extracted for another task (the folder's task.json says which)."""
+    if (Path(folder) / tasks.TASK_FILE).exists():
+        extracted_for = tasks.load_task(folder)
+        if extracted_for.name != task.name:
+            raise ValueError(f"rationales in {folder} were extracted for task {extracted_for.name!r}, not {task.name!r}")
+
+
+def data_fraction(examples: list, fraction: float, seed: int) -> list:
+    """A fixed-seed random subset of `fraction` of the examples, in their original order. For one seed the
+    subsets are nested: the 0.25 subset is inside the 0.5 one."""
+    if not 0.0 < fraction <= 1.0:
+        raise ValueError(f"data fraction must be in (0, 1], got {fraction}")
+    order = list(range(len(examples)))
+    random.Random(seed).shuffle(order)
+    keep = sorted(order[: max(1, round(len(examples) * fraction))]) if examples else []
+    return [examples[i] for i in keep]
+
+
+def training_examples(task: tasks.Task, records: dict[str, dict] | None, needs_teacher_label: bool, needs_rationale: bool, fraction: float, seed: int) -> tuple[list[StudentExample], dict]:
+    """The train split's fraction, with the teacher's label and/or rationale joined by id where the mode
+    needs them. Inputs the teacher failed on (status not ok) or never saw are skipped and counted."""
+    train = tasks.load_split(task, "train")
+    selected = data_fraction(train, fraction, seed)
+    counts: Counter = Counter(train_split=len(train), selected=len(selected))
+    if (needs_teacher_label or needs_rationale) and records is None:
+        raise ValueError("this mode learns from the teacher: pass --rationales (an extraction output folder)")
+    if records is not None and not any(e.id in records for e in train):
+        raise ValueError(f"none of the {len(records)} records' ids are in task {task.name!r}'s train split: wrong --task or --rationales?")
+    examples = []
+    for example in selected:
+        record = records.get(example.id) if records is not None else None
+        if needs_teacher_label or needs_rationale:
+            if record is None:
+                counts["skipped_no_record"] += 1
+                continue
+            if record["status"] != "ok" or (needs_rationale and not record.get("rationale")) or (needs_teacher_label and not record.get("teacher_label")):
+                counts["skipped_not_ok"] += 1
+                continue
+            if record.get("input") is not None and record["input"] != example.input:
+                counts["input_text_differs"] += 1  # same id, other formatting: the task layer's input is used
+        label = record["teacher_label"] if needs_teacher_label else example.label
+        rationale = record["rationale"] if needs_rationale else None
+        examples.append(StudentExample(example.input, label, rationale))
+    counts["used"] = len(examples)
+    if not examples:
+        raise ValueError(f"no usable training examples for task {task.name!r} ({dict(counts)})")
+    return examples, dict(counts)
+
+
+def write_shipped_teacher_records(task: tasks.Task, folder: Path, limit: int | None = None) -> Path:
+    """The shipped PaLM-540B completions of the train split, parsed into the extraction record format:
+    a real teacher's output for tests and CPU benchmarks on a machine where no teacher can run."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    lines = []
+    for example in tasks.load_split(task, "train")[:limit]:
+        parsed = tasks.parse_completion(task, example.teacher_completion, example.choices)
+        record = {"id": example.id, "input": example.input, "label": example.label, "choices": example.choices, "rationale": parsed.rationale, "teacher_label": parsed.label, "status": parsed.status, "reason": parsed.reason}
+        lines.append(json.dumps(record, ensure_ascii=False) + "\n")
+    (folder / "shard-shipped.jsonl").write_text("".join(lines))
+    (folder / "manifest.json").write_text(json.dumps({"teacher": "shipped PaLM-540B completions", "records": len(lines)}, indent=2))
+    tasks.save_task(task, folder)
+    return folder
