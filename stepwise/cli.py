@@ -25,6 +25,7 @@ from stepwise import envs
 STAGES: dict[str, tuple[str, str, str]] = {
     "data": ("stepwise.data_report", "main", "student"),
     "export": ("export.run", "main", "student"),
+    "serve": ("serving.app", "main", "student"),
     "extract": ("extraction.run", "main", "teacher"),
     "train": ("training.train", "main", "student"),
     "experiment": ("training.experiment", "main", "student"),

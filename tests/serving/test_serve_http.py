@@ -1,0 +1,205 @@
+"""The real Serve app on 127.0.0.1, used over HTTP: one Ray + Serve instance for the module, running three
+applications of the tiny exported student: the normal one (two model ids, for multiplexing), one with tight
+overload limits, one with a request timeout too short for any request."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import socket
+from pathlib import Path
+from types import SimpleNamespace
+
+import httpx
+import pytest
+
+from export.runtime import load_runtime, predict
+from serving import app
+from stepwise import tasks
+
+pytestmark = pytest.mark.slow
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def served(tiny_export_dir: Path, tmp_path_factory) -> SimpleNamespace:
+    from ray import serve
+
+    os.environ.setdefault("RAY_metrics_report_interval_ms", "1000")
+    run = tmp_path_factory.mktemp("serve")
+    metrics_port = free_port()
+    url = app.start(
+        {"esnli": tiny_export_dir, "esnli-b": tiny_export_dir},
+        port=free_port(),
+        args={"max_batch_size": 8, "batch_wait_timeout_s": 0.02, "max_items": 8, "max_input_chars": 600, "replica_cpus": 0.25},
+        ray_dir=run / "ray",
+        metrics_port=metrics_port,
+    )
+    one_model = {"esnli": str(tiny_export_dir)}
+    tight = app.ServeArgs(models=one_model, max_batch_size=1, max_ongoing_requests=1, max_queued_requests=1, retry_after_s=2, replica_cpus=0.25)
+    serve.run(app.build_app(tight), name="tight", route_prefix="/tight")
+    serve.run(app.build_app(app.ServeArgs(models=one_model, request_timeout_s=0.001, replica_cpus=0.25)), name="slow", route_prefix="/slow")
+    yield SimpleNamespace(url=url, metrics=f"http://127.0.0.1:{metrics_port}/metrics", logs=run / "ray" / "session_latest" / "logs" / "serve")
+    app.stop()
+
+
+@pytest.fixture(scope="module")
+def client(served) -> httpx.Client:
+    with httpx.Client(base_url=served.url, timeout=60) as c:
+        yield c
+
+
+@pytest.fixture(scope="module")
+def examples() -> list[tasks.Example]:
+    return tasks.load_split(tasks.get_task("esnli"), "test")[:8]
+
+
+def premise_hypothesis(example: tasks.Example) -> dict[str, str]:
+    premise, hypothesis = example.input.removeprefix("Premise: ").split("\nHypothesis: ")
+    return {"premise": premise, "hypothesis": hypothesis}
+
+
+def test_health_models_and_docs(client):
+    assert client.get("/healthz").json() == {"status": "ok", "models": ["esnli", "esnli-b"]}
+    models = {m["id"]: m for m in client.get("/v1/models").json()}
+    assert set(models) == {"esnli", "esnli-b"}
+    assert models["esnli"]["task"] == "esnli" and models["esnli"]["labels"] == tasks.NLI_LABELS
+    assert "swagger" in client.get("/docs").text.lower()
+    assert "/v1/predict" in client.get("/openapi.json").json()["paths"]
+
+
+def test_labels_match_offline_prediction(client, tiny_export_dir, examples):
+    runtime = load_runtime(tiny_export_dir, threads=1)
+    for example in examples:  # one at a time: each is a batch of one, as offline
+        body = client.post("/v1/predict", json={"model": "esnli", "inputs": premise_hypothesis(example)}).json()
+        assert body["model"] == "esnli" and body["version"] == runtime.version
+        assert body["predictions"] == [{"label": predict(runtime, [example])[0].label}]
+    # A list with explain: one batch of all of them, rationales included, in order.
+    offline = predict(runtime, examples, explain=True)
+    body = client.post("/v1/predict", json={"model": "esnli", "explain": True, "inputs": [e.input for e in examples]}).json()
+    assert body["predictions"] == [{"label": p.label, "rationale": p.rationale} for p in offline]
+
+
+def test_model_chosen_by_body_or_header(client, examples):
+    text = examples[0].input
+    assert client.post("/v1/predict", json={"inputs": text}, headers={app.MODEL_HEADER: "esnli-b"}).json()["model"] == "esnli-b"
+    assert client.post("/v1/predict", json={"inputs": text, "model": "esnli"}).json()["model"] == "esnli"
+    conflict = client.post("/v1/predict", json={"inputs": text, "model": "esnli"}, headers={app.MODEL_HEADER: "esnli-b"})
+    assert conflict.status_code == 400 and "header" in conflict.json()["error"]
+    unknown = client.post("/v1/predict", json={"inputs": text, "model": "svamp"})
+    assert unknown.status_code == 404 and "'svamp' is not served" in unknown.json()["error"]
+    missing = client.post("/v1/predict", json={"inputs": text})
+    assert missing.status_code == 422 and "model: required" in missing.json()["error"]
+
+
+def metric_samples(metrics_text: str, name: str, **labels: str) -> list[tuple[dict[str, str], float]]:
+    """(labels, value) of every sample of `name` whose labels include `labels` (Prometheus text format)."""
+    samples = []
+    for line in metrics_text.splitlines():
+        if not line.startswith(name + "{"):
+            continue
+        label_text, value = line[len(name) + 1 :].rsplit("} ", 1)
+        found = dict(part.split("=", 1) for part in label_text.split('",') if "=" in part)
+        found = {k: v.strip('"') for k, v in found.items()}
+        if all(found.get(k) == v for k, v in labels.items()):
+            samples.append((found, float(value)))
+    return samples
+
+
+def test_concurrent_requests_are_batched(served, tiny_export_dir, examples):
+    runtime = load_runtime(tiny_export_dir, threads=1)
+    expected = [predict(runtime, [e])[0].label for e in examples]
+
+    async def burst() -> list[httpx.Response]:
+        async with httpx.AsyncClient(base_url=served.url, timeout=60) as c:
+            # esnli-b sees only single-input requests in this module, so any batch above 1 came from concurrency.
+            return await asyncio.gather(*(c.post("/v1/predict", json={"model": "esnli-b", "inputs": e.input}) for e in examples * 4))
+
+    responses = asyncio.run(burst())
+    assert [r.json()["predictions"][0]["label"] for r in responses] == expected * 4
+    # Ray exports replica metrics every second or so: poll until a batch of more than one input shows up.
+    # (Ray's histogram _sum is rebuilt from bucket midpoints, so count batches by bucket.)
+    for _ in range(60):
+        text = httpx.get(served.metrics, timeout=10).text
+        batches = sum(v for _, v in metric_samples(text, "ray_stepwise_batch_size_count", model="esnli-b", mode="label"))
+        singles = sum(v for _, v in metric_samples(text, "ray_stepwise_batch_size_bucket", model="esnli-b", mode="label", le="1.0"))
+        if batches > singles:
+            break
+        asyncio.run(asyncio.sleep(0.5))
+    assert batches > singles, f"{batches:.0f} batches, all of one input: no batching happened"
+    assert batches < len(responses)
+    assert metric_samples(text, "ray_stepwise_requests_total", route="/v1/predict", status="200")
+    assert metric_samples(text, "ray_stepwise_request_latency_ms_count", route="/v1/predict")
+
+
+BAD_INPUTS = [
+    ("not JSON", b'{"inputs": "a",', 400, "malformed JSON"),
+    ("no body", b"", 422, "no body"),
+    ("JSON but not an object", b"[1, 2]", 422, "expected a JSON object"),
+    ("missing inputs", {"model": "esnli"}, 422, "inputs: required field missing"),
+    ("inputs of the wrong type", {"model": "esnli", "inputs": 5}, 422, "inputs: expected a string, an object or a list of them, got int"),
+    ("a field of the wrong type", {"model": "esnli", "inputs": [{"premise": 1, "hypothesis": "b"}]}, 422, "inputs.0.premise: Input should be a valid string"),
+    ("explain not a boolean", {"model": "esnli", "inputs": "a", "explain": "yes"}, 422, "explain: Input should be a valid boolean"),
+    ("unknown field", {"model": "esnli", "inputs": "a", "temperature": 0.7}, 422, "temperature: unknown field"),
+    ("empty list", {"model": "esnli", "inputs": []}, 422, "inputs: empty list"),
+    ("empty string", {"model": "esnli", "inputs": "   "}, 422, "inputs: empty input"),
+    ("empty object", {"model": "esnli", "inputs": {}}, 422, "give 'input', 'premise' and 'hypothesis', or 'question' and 'choices'"),
+    ("premise without hypothesis", {"model": "esnli", "inputs": [{"premise": "a"}]}, 422, "inputs.0: give both 'premise' and 'hypothesis'"),
+    ("choices for a fixed label set", {"model": "esnli", "inputs": {"question": "q", "choices": ["a", "b"]}}, 422, "labels are fixed"),
+    ("oversized input", {"model": "esnli", "inputs": "x" * 601}, 413, "601 characters, more than max_input_chars=600"),
+    ("oversized field", {"model": "esnli", "inputs": [{"premise": "x" * 700, "hypothesis": "b"}]}, 413, "inputs.0.premise: 700 characters"),
+    ("too many items", {"model": "esnli", "inputs": ["a"] * 9}, 413, "9 items, more than max_items=8"),
+]
+
+
+@pytest.mark.parametrize("body,status,message", [case[1:] for case in BAD_INPUTS], ids=[case[0] for case in BAD_INPUTS])
+def test_bad_input_gets_a_4xx_naming_the_problem(client, body, status, message):
+    if isinstance(body, bytes):
+        response = client.post("/v1/predict", content=body, headers={"content-type": "application/json"})
+    else:
+        response = client.post("/v1/predict", json=body)
+    assert response.status_code == status, response.text
+    assert message in response.json()["error"]
+
+
+def test_wrong_method_and_path(client):
+    assert client.get("/v1/predict").status_code == 405
+    assert client.get("/v2/predict").json() == {"error": "Not Found"}
+
+
+def test_overload_gets_503_with_retry_after_then_recovers(served, examples):
+    # One request at a time and one queued: a burst of slow (explain) requests must be shed, not queued forever.
+    body = {"explain": True, "inputs": [e.input for e in examples[:4]]}
+
+    async def burst() -> list[httpx.Response]:
+        async with httpx.AsyncClient(base_url=served.url, timeout=60) as c:
+            return await asyncio.gather(*(c.post("/tight/v1/predict", json=body) for _ in range(24)))
+
+    responses = asyncio.run(burst())
+    statuses = [r.status_code for r in responses]
+    assert set(statuses) <= {200, 503}, statuses
+    assert 200 in statuses and 503 in statuses, statuses
+    rejected = next(r for r in responses if r.status_code == 503)
+    assert rejected.headers["retry-after"] == "2"
+    assert "backpressure" in rejected.text
+    assert httpx.post(f"{served.url}/tight/v1/predict", json=body, timeout=60).status_code == 200
+
+
+def test_request_timeout_gets_504(served, examples):
+    response = httpx.post(f"{served.url}/slow/v1/predict", json={"explain": True, "inputs": [e.input for e in examples]}, timeout=60)
+    assert response.status_code == 504
+    assert "request_timeout_s=0.001" in response.json()["error"]
+    assert httpx.get(f"{served.url}/slow/healthz", timeout=10).status_code == 200
+
+
+def test_logs_are_json(served, client):
+    lines = [line for path in served.logs.glob("replica_*.log") for line in path.read_text().splitlines() if line.strip()]
+    records = [json.loads(line) for line in lines]
+    loads = [r for r in records if r.get("message", "").startswith("loaded model")]
+    assert loads and all({"deployment", "replica", "levelname"} <= set(r) for r in loads)
