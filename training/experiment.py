@@ -90,11 +90,13 @@ def main(
     fractions: list[float] = [0.25, 1.0],
     seeds: list[int] = [0, 1, 2],
     label_source: str = "gold",
+    alpha: float = 0.5,
     learning_rate: float = 5e-5,
     batch_size: int = 64,
+    grad_accum: int = 1,
     max_steps: int = 10000,
     max_minutes: float = 0.0,
-    schedule: str = "constant",
+    schedule: str = "linear",
     warmup_steps: int = 0,
     max_input_length: int = 1024,
     max_target_length: int = 256,
@@ -114,8 +116,10 @@ def main(
         fractions: Shares of the training set.
         seeds: Seeds per (mode, fraction).
         label_source: Labels of the step-by-step runs: gold or teacher.
+        alpha: Weight of the label loss in step-by-step runs.
         learning_rate: Peak learning rate of every run.
         batch_size: Examples per optimizer step.
+        grad_accum: Micro-batches per optimizer step.
         max_steps: Step budget per run (0: none).
         max_minutes: Wall-clock budget per run in minutes (0: none).
         schedule: linear or constant learning rate after warmup.
@@ -129,7 +133,7 @@ def main(
     """
     rows = run_grid(
         task, Path(out), modes, fractions, seeds, rationales=rationales, student=student, label_source=label_source,
-        learning_rate=learning_rate, batch_size=batch_size, max_steps=max_steps, max_minutes=max_minutes, schedule=schedule,
+        alpha=alpha, learning_rate=learning_rate, batch_size=batch_size, grad_accum=grad_accum, max_steps=max_steps, max_minutes=max_minutes, schedule=schedule,
         warmup_steps=warmup_steps, max_input_length=max_input_length, max_target_length=max_target_length,
         eval_every=eval_every, eval_limit=eval_limit,
     )
@@ -137,7 +141,7 @@ def main(
     results_dir = Path(results or out)
     results_dir.mkdir(parents=True, exist_ok=True)
     budget = " and ".join(b for b in (f"{max_steps} steps" if max_steps else "", f"{max_minutes:g} min" if max_minutes else "") if b)
-    settings = {"task": task, "student": student, "label_source": label_source, "learning_rate": learning_rate, "batch_size": batch_size, "budget_per_run": budget, "schedule": schedule, "warmup_steps": warmup_steps, "eval_limit": eval_limit}
+    settings = {"task": task, "student": student, "label_source": label_source, "alpha": alpha, "learning_rate": learning_rate, "batch_size": batch_size, "budget_per_run": budget, "schedule": schedule, "warmup_steps": warmup_steps, "eval_limit": eval_limit}
     (results_dir / f"{name}.json").write_text(json.dumps({"settings": settings, "summary": summary, "runs": rows}, indent=2) + "\n")
     with (results_dir / f"{name}.csv").open("w", newline="") as f:
         writer = csv.DictWriter(f, RUN_COLUMNS)

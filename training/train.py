@@ -237,7 +237,7 @@ def main(
     grad_accum: int = 1,
     max_steps: int = 10000,
     max_minutes: float = 0.0,
-    schedule: Literal["linear", "constant"] = "constant",
+    schedule: Literal["linear", "constant"] = "linear",
     warmup_steps: int = 0,
     max_input_length: int = 1024,
     max_target_length: int = 256,
