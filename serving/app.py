@@ -139,7 +139,10 @@ async def bad_request(request: Request, exc: RequestValidationError) -> JSONResp
     if any(p["type"] == "json_invalid" for p in problems):
         where = next(p for p in problems if p["type"] == "json_invalid")
         return error(400, f"malformed JSON: {where.get('ctx', {}).get('error', 'cannot parse the body')} (at character {where['loc'][-1]})")
-    return error(422, "; ".join(dict.fromkeys(describe(p) for p in problems)))
+    message = "; ".join(dict.fromkeys(describe(p) for p in problems))
+    if "json" not in request.headers.get("content-type", "json"):  # e.g. curl -d without -H
+        message += f" (the body was sent as {request.headers['content-type']}; send JSON with Content-Type: application/json)"
+    return error(422, message)
 
 
 def describe(problem: dict[str, Any]) -> str:
@@ -452,10 +455,10 @@ def main(
         run_dir: Ray's temporary folder and logs (logs/serve/ holds the JSON logs)
     """
     options = {k: v for k, v in locals().items() if k in ServeArgs.model_fields}
-    url = start(parse_models(model), port=port, host=host, args=options, ray_dir=run_dir / "ray", ray_cpus=ray_cpus, metrics_port=metrics_port)
-    print(f"[serve] {url}/v1/predict  docs {url}/docs  metrics http://127.0.0.1:{metrics_port}/metrics  logs {run_dir.resolve()}/ray/session_latest/logs/serve  (Ctrl-C stops)", flush=True)
     signal.signal(signal.SIGTERM, interrupt)
     try:
+        url = start(parse_models(model), port=port, host=host, args=options, ray_dir=run_dir / "ray", ray_cpus=ray_cpus, metrics_port=metrics_port)
+        print(f"[serve] {url}/v1/predict  docs {url}/docs  metrics http://127.0.0.1:{metrics_port}/metrics  logs {run_dir.resolve()}/ray/session_latest/logs/serve  (Ctrl-C stops)", flush=True)
         while True:
             time.sleep(3600)
     except KeyboardInterrupt:
