@@ -281,6 +281,7 @@ def main(
         force: Retrain even if --out already holds a finished or different run.
     """
     out = Path(out)
+    rationales = Path(rationales).resolve() if rationales else None  # one folder, however it was spelled
     config = {k: (str(v) if isinstance(v, Path) else v) for k, v in locals().items() if k not in ("out", "force")}
     if mode not in MODES:
         raise ValueError(f"unknown mode {mode!r}: expected one of {MODES}")
@@ -334,6 +335,8 @@ def main(
         optimizer.load_state_dict(saved["optimizer"])
         step, micro_step, elapsed_before, best = saved["step"], saved["micro_step"], saved["elapsed_s"], saved["best"]
         torch.set_rng_state(saved["rng"])
+        if run_device.type == "cuda" and saved.get("cuda_rng") is not None:
+            torch.cuda.set_rng_state_all(saved["cuda_rng"])
         print(f"[train] resuming {out} at step {step} ({elapsed_before / 60:.1f} min trained)", flush=True)
     _restart_log(out, step)
     print(f"[train] {task_def.name} {mode} ({'labels: ' + ('teacher' if teacher_labels else 'gold')}), student {student}, "
@@ -354,7 +357,8 @@ def main(
             best.update(accuracy=result["accuracy"], step=step)
             model.save_pretrained(out)  # the folder's model is always the best on validation so far
         _append_log(out, {"step": step, "elapsed_s": round(elapsed(), 1), "valid_accuracy": result["accuracy"]})
-        _save_checkpoint(out, model, {"optimizer": optimizer.state_dict(), "step": step, "micro_step": micro_step, "elapsed_s": elapsed(), "best": dict(best), "rng": torch.get_rng_state()})
+        _save_checkpoint(out, model, {"optimizer": optimizer.state_dict(), "step": step, "micro_step": micro_step, "elapsed_s": elapsed(), "best": dict(best),
+                                     "rng": torch.get_rng_state(), "cuda_rng": torch.cuda.get_rng_state_all() if run_device.type == "cuda" else None})
         progress.write(f"[train] step {step}: valid accuracy {result['accuracy']:.4f} (best {best['accuracy']:.4f} at step {best['step']})")
         model.train()
 
