@@ -24,6 +24,7 @@ from stepwise import envs
 # stage -> (module, function, environment). Only stages that exist are listed.
 STAGES: dict[str, tuple[str, str, str]] = {
     "data": ("stepwise.data_report", "main", "student"),
+    "demo": ("stepwise.demo", "main", "student"),
     "export": ("export.run", "main", "student"),
     "serve": ("serving.app", "main", "student"),
     "extract": ("extraction.run", "main", "teacher"),

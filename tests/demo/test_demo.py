@@ -1,0 +1,51 @@
+"""A shortened `stepwise demo`, run as a user runs it: every stage for real, then the report; a second run reuses."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from stepwise import envs
+
+pytestmark = pytest.mark.slow
+
+SHORT = ["--max-steps", "15", "--train-limit", "300", "--eval-limit", "24", "--requests", "8", "--teacher-probe", "4", "--bench-calls", "4", "--port", "8797"]
+
+
+def run_demo(out, *extra):
+    env = {k: v for k, v in os.environ.items() if k != "STEPWISE_INPROCESS"}
+    system_python = getattr(sys, "_base_executable", sys.executable)
+    return subprocess.run([system_python, "-m", "stepwise", "demo", "--out", str(out), *SHORT, *extra], cwd=envs.ROOT, env=env,
+                          capture_output=True, text=True, timeout=1500)
+
+
+def test_demo_runs_every_stage_and_writes_the_report(tmp_path):
+    out = tmp_path / "demo"
+    first = run_demo(out)
+    assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
+    report = (out / "report.md").read_text()
+    for heading in ("Teacher rationales", "Students", "Export", "Serving", "Latency and cost"):
+        assert heading in report
+    for plot in ("accuracy_by_mode", "latency_by_backend", "cost_per_1k"):
+        assert (out / "plots" / f"{plot}.png").stat().st_size > 10_000
+    served = json.loads((out / "serve.json").read_text())
+    assert served["agreement_with_offline"] == 1.0  # HTTP answers equal offline ONNX predictions
+    assert served["burst"]["ok"] == served["requests"] == 8
+    assert served["example"]["response"]["predictions"][0]["rationale"] is not None
+    assert json.loads((out / "export-int8" / "parity.json").read_text())["passed"]
+    for mode in ("step-by-step", "standard-finetune"):
+        assert json.loads((out / "train" / mode / "metrics.json").read_text())["steps"] == 15
+
+    second = run_demo(out)
+    assert second.returncode == 0, second.stderr[-3000:]
+    assert second.stdout.count("reusing") == 7  # every step but the report found its artifact
+
+
+def test_demo_refuses_a_vllm_teacher_without_a_model(tmp_path):
+    result = run_demo(tmp_path / "x", "--teacher", "vllm")
+    assert result.returncode != 0
+    assert "--teacher vllm needs --teacher-model" in result.stderr
