@@ -13,7 +13,7 @@ import time
 from collections import Counter
 from dataclasses import asdict
 from pathlib import Path
-from typing import Literal
+from typing import Iterable, Iterator, Literal
 
 from tqdm import tqdm
 
@@ -129,10 +129,16 @@ def make_record(task: tasks.Task, example: tasks.Example, generation: teachers.G
     }
 
 
-def process_chunk(task: tasks.Task, teacher: teachers.Teacher, shots: list[str], chunk: list[tasks.Example], teacher_meta: dict, out: Path) -> list[dict]:
-    prompts = [tasks.few_shot_prompt(task, shots, e) for e in chunk]
-    generations = teacher(chunk, prompts)
-    records = [make_record(task, e, g, teacher_meta) for e, g in zip(chunk, generations)]
+def generate_records(task: tasks.Task, generate: teachers.Teacher, shots: list[str], examples: Iterable[tasks.Example], teacher_meta: dict) -> Iterator[dict]:
+    """Records as the teacher finishes them; prompts are built lazily, as the backend pulls work."""
+    work = ((e, tasks.few_shot_prompt(task, shots, e)) for e in examples)
+    for example, generation in generate(work):
+        yield make_record(task, example, generation, teacher_meta)
+
+
+def process_chunk(task: tasks.Task, generate: teachers.Teacher, shots: list[str], chunk: list[tasks.Example], teacher_meta: dict, out: Path) -> list[dict]:
+    """One chunk through the teacher into one shard (what each Ray actor does per batch)."""
+    records = list(generate_records(task, generate, shots, chunk, teacher_meta))
     shards.write_shard(out, records)
     return records
 
@@ -143,6 +149,33 @@ def tally(record: dict) -> dict:
 
 
 # ---------------------------------------------------------------- the stage
+
+
+def extract_chunks(task: tasks.Task, generate: teachers.Teacher, shots: list[str], pending: list[tasks.Example], teacher_meta: dict, out: Path,
+                   chunk_size: int, config: dict, expected: int, done: list[dict], desc: str) -> list[dict]:
+    """The single-process loop: the teacher streams through `pending`; every `chunk_size` finished
+    records become one atomic shard and a manifest update (a kill loses at most the unwritten chunk)."""
+    new: list[dict] = []
+    chunk: list[dict] = []
+    started = time.time()
+
+    def flush() -> None:
+        shards.write_shard(out, chunk)
+        new.extend(tally(r) for r in chunk)
+        write_manifest(out, config, expected, done + new)
+        chunk.clear()
+
+    with tqdm(total=len(pending), unit="rec", desc=desc, dynamic_ncols=True) as bar:
+        for record in generate_records(task, generate, shots, pending, teacher_meta):
+            chunk.append(record)
+            if len(chunk) == chunk_size:
+                flush()
+                elapsed = max(time.time() - started, 1e-9)
+                bar.set_postfix(tok_s=f"{sum(r['tokens_out'] for r in new) / elapsed:.0f}", ok=sum(r["status"] == "ok" for r in new), refresh=False)
+            bar.update(1)
+        if chunk:
+            flush()
+    return new
 
 
 def main(
@@ -224,9 +257,9 @@ def main(
     prepare_output(out, spec, config, overwrite)
 
     wanted = {e.id for e in examples}
-    done = [tally(r) for r in shards.iter_records(out) if r["id"] in wanted]
-    done_ids = {r["id"] for r in shards.iter_records(out)}
-    pending = [e for e in examples if e.id not in done_ids]
+    existing = {r["id"]: tally(r) for r in shards.iter_records(out)}  # may hold more ids than this --limit wants
+    done = [existing[i] for i in wanted if i in existing]
+    pending = [e for e in examples if e.id not in existing]
     write_manifest(out, config, len(examples), done)
     if done:
         print(f"[extract] resuming: {len(done)} of {len(examples)} records already in {out}, {len(pending)} to go", flush=True)
@@ -245,16 +278,7 @@ def main(
     elif pending:
         generate = build_teacher(spec, teacher, model, sampling, structured, prefix_caching, tensor_parallel_size, dtype, max_model_len,
                                  gpu_memory_utilization, enforce_eager, base_url, api_key, concurrency, timeout, retries)
-        generating = time.time()
-        bar = tqdm(total=len(pending), unit="rec", desc=f"extract {spec.name}/{split}", dynamic_ncols=True)
-        for start in range(0, len(pending), chunk_size):
-            records = process_chunk(spec, generate, shots, pending[start : start + chunk_size], teacher_meta, out)
-            new += [tally(r) for r in records]
-            write_manifest(out, config, len(examples), done + new)
-            bar.update(len(records))
-            elapsed = max(time.time() - generating, 1e-9)
-            bar.set_postfix(tok_s=f"{sum(r['tokens_out'] for r in new) / elapsed:.0f}", ok=f"{sum(r['status'] == 'ok' for r in new)}")
-        bar.close()
+        new = extract_chunks(spec, generate, shots, pending, teacher_meta, out, chunk_size, config, len(examples), done, f"extract {spec.name}/{split}")
 
     wall = time.time() - started
     this_run = shards.count_records(new)
@@ -285,7 +309,8 @@ def print_summary(manifest: dict) -> None:
     print(
         f"[extract] {counts['records']}/{manifest['expected_records']} records ({'complete' if manifest['complete'] else 'incomplete'}), "
         f"{manifest['shards']} shards; parse rate {pct(counts['parse_rate'])}, teacher accuracy vs gold {pct(counts['teacher_accuracy'])}; "
-        f"tokens in/out {counts['tokens_in']}/{counts['tokens_out']}; this run: {run.get('records_this_run', 0)} records in {run.get('wall_s', 0):.1f} s",
+        f"tokens in/out {counts['tokens_in']}/{counts['tokens_out']}; this run: {run.get('records_this_run', 0)} records in {run.get('wall_s', 0):.1f} s "
+        f"({run.get('records_per_s') or 0:.1f} records/s, {run.get('tokens_out_per_s') or 0:.0f} tokens/s out)",
         flush=True,
     )
     if counts["failure_reasons"]:

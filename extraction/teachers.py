@@ -1,7 +1,11 @@
-"""Teacher backends behind one small interface: `generate(examples, prompts) -> list[Generation]`.
+"""Teacher backends behind one small interface: `generate(work) -> results`, where `work` is a lazy stream
+of (example, prompt) pairs and results come back as (example, Generation) pairs as soon as each is done
+(not necessarily in input order). Each backend pulls only a bounded window of work ahead, so a long split
+streams through and is never held in the engine at once.
 
 - replay: the shipped PaLM-540B completion of each example (no model needed);
-- vllm: the in-process engine (vllm.LLM), one call per chunk, prefix caching for the shared few-shot prefix;
+- vllm: the in-process engine (vllm.LLM's LLMEngine), kept full by topping up its queue as requests
+  finish; prefix caching for the shared few-shot prefix;
 - openai: any OpenAI-compatible /v1/completions server, bounded concurrency, retries with backoff, timeouts.
 
 A backend never raises for one bad input: the failure comes back as `Generation.error` and is recorded.
@@ -10,10 +14,11 @@ A backend never raises for one bad input: the failure comes back as `Generation.
 from __future__ import annotations
 
 import asyncio
+import itertools
 import random
 import re
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import Callable, Iterable, Iterator
 
 from stepwise import tasks
 
@@ -26,15 +31,18 @@ class Generation:
     error: str = ""  # set when the teacher produced nothing usable (prompt too long, server error, ...)
 
 
-Teacher = Callable[[list[tasks.Example], list[str]], list[Generation]]
+Work = Iterable[tuple[tasks.Example, str]]
+Results = Iterator[tuple[tasks.Example, Generation]]
+Teacher = Callable[[Work], Results]
 
 
 def replay_teacher() -> Teacher:
-    def generate(examples: list[tasks.Example], prompts: list[str]) -> list[Generation]:
-        return [
-            Generation([e.teacher_completion]) if e.teacher_completion is not None else Generation(error="replay: no shipped teacher completion for this example")
-            for e in examples
-        ]
+    def generate(work: Work) -> Results:
+        for example, _ in work:
+            if example.teacher_completion is None:
+                yield example, Generation(error="replay: no shipped teacher completion for this example")
+            else:
+                yield example, Generation([example.teacher_completion])
 
     return generate
 
@@ -76,36 +84,45 @@ def load_vllm(model: str, seed: int, prefix_caching: bool, tensor_parallel_size:
 
 
 def vllm_teacher(task: tasks.Task, llm, sampling: dict, structured: bool) -> Teacher:
-    """Generation with an engine from `load_vllm`: one `llm.generate` per chunk (the engine batches it)."""
+    """Generation with an engine from `load_vllm`, streamed: requests go into the engine's queue while
+    earlier ones decode, up to twice the batch the scheduler runs at once, so the batch stays full."""
     from vllm import SamplingParams
-    from vllm.sampling_params import StructuredOutputsParams
+    from vllm.sampling_params import RequestOutputKind, StructuredOutputsParams
 
+    engine = llm.llm_engine
     tokenizer = llm.get_tokenizer()
-    context = llm.llm_engine.model_config.max_model_len
+    context = engine.model_config.max_model_len
+    window = max(1, 2 * engine.vllm_config.scheduler_config.max_num_seqs // sampling["n"])
+    request_ids = itertools.count()
 
     def params_for(example: tasks.Example) -> SamplingParams:
         constraint = StructuredOutputsParams(regex=answer_regex(task, example)) if structured else None
-        return SamplingParams(**sampling, stop=tasks.stop_strings(task), structured_outputs=constraint)
+        return SamplingParams(**sampling, stop=tasks.stop_strings(task), structured_outputs=constraint, output_kind=RequestOutputKind.FINAL_ONLY)
 
-    def generate(examples: list[tasks.Example], prompts: list[str]) -> list[Generation]:
-        results = [Generation() for _ in prompts]
-        # A prompt that cannot fit would make the engine reject the whole call: record it, send the rest.
-        fits = []
-        for i, prompt in enumerate(prompts):
-            length = len(tokenizer.encode(prompt))
-            if length + sampling["max_tokens"] > context:
-                results[i].error = f"prompt too long: {length} tokens + {sampling['max_tokens']} new > max_model_len {context}"
-            else:
-                fits.append(i)
-        if fits:
-            outputs = llm.generate([prompts[i] for i in fits], [params_for(examples[i]) for i in fits], use_tqdm=False)
-            for i, output in zip(fits, outputs):
-                results[i] = Generation(
-                    [c.text for c in output.outputs],
-                    len(output.prompt_token_ids or []),
-                    sum(len(c.token_ids) for c in output.outputs),
-                )
-        return results
+    def generate(work: Work) -> Results:
+        work = iter(work)
+        in_flight: dict[str, tasks.Example] = {}
+        try:
+            while True:
+                for example, prompt in itertools.islice(work, window - len(in_flight)):
+                    prompt_ids = tokenizer.encode(prompt)
+                    # The engine would reject a prompt that cannot fit: record it and go on.
+                    if len(prompt_ids) + sampling["max_tokens"] > context:
+                        yield example, Generation(error=f"prompt too long: {len(prompt_ids)} tokens + {sampling['max_tokens']} new > max_model_len {context}")
+                        continue
+                    request_id = f"stepwise-{next(request_ids)}"
+                    engine.add_request(request_id, {"prompt_token_ids": prompt_ids}, params_for(example))
+                    in_flight[request_id] = example
+                if not in_flight:
+                    return
+                for output in engine.step():
+                    if output.finished:
+                        yield in_flight.pop(output.request_id), Generation(
+                            [c.text for c in output.outputs], len(output.prompt_token_ids or []), sum(len(c.token_ids) for c in output.outputs)
+                        )
+        finally:  # a consumer that stops early leaves no requests behind in the engine
+            if in_flight:
+                engine.abort_request(list(in_flight), internal=False)
 
     return generate
 
@@ -153,13 +170,29 @@ def openai_teacher(task: tasks.Task, base_url: str, model: str, sampling: dict, 
             return Generation([c["text"] for c in choices], usage.get("prompt_tokens", 0), usage.get("completion_tokens", 0))
         return Generation(error=f"server error after {retries} retries: {last}")
 
-    async def complete_all(prompts: list[str]) -> list[Generation]:
+    def generate(work: Work) -> Results:
+        """Keep up to `concurrency` requests in flight; hand each result back as soon as it lands."""
+        work = iter(work)
+        loop = asyncio.new_event_loop()
         gate = asyncio.Semaphore(concurrency)
         limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
-        async with httpx.AsyncClient(timeout=httpx.Timeout(timeout), limits=limits) as client:
-            return await asyncio.gather(*(complete(client, gate, p) for p in prompts))
-
-    def generate(examples: list[tasks.Example], prompts: list[str]) -> list[Generation]:
-        return asyncio.run(complete_all(prompts))
+        client = httpx.AsyncClient(timeout=httpx.Timeout(timeout), limits=limits)
+        running: dict[asyncio.Task, tasks.Example] = {}
+        try:
+            while True:
+                for example, prompt in itertools.islice(work, 2 * concurrency - len(running)):
+                    running[loop.create_task(complete(client, gate, prompt))] = example
+                if not running:
+                    return
+                finished, _ = loop.run_until_complete(asyncio.wait(running, return_when=asyncio.FIRST_COMPLETED))
+                for request in finished:
+                    yield running.pop(request), request.result()
+        finally:
+            if running:
+                for request in running:
+                    request.cancel()
+                loop.run_until_complete(asyncio.wait(running))
+            loop.run_until_complete(client.aclose())
+            loop.close()
 
     return generate
