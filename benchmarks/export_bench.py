@@ -1,0 +1,293 @@
+"""Label-only decoding speed of the exported student against PyTorch eager and CTranslate2.
+
+One run, the same validation inputs for every backend, batch 1 and batch 16, two model sizes (tiny and a
+t5-small-shaped random untied T5): PyTorch eager `generate`, ONNX Runtime fp32 and int8 (split and merged
+decoder layouts), and CTranslate2 int8 (beam 1) as the reference — each with the label fast path (score
+the closed label set in one pass; CTranslate2: `score_batch`) and without (greedy generation).
+Each backend runs in its own subprocess (peak RSS is that process's); the timed part holds
+/tmp/stepwise-bench.lock so no two benchmarks overlap.
+
+    .venv/student/bin/python -m benchmarks.export_bench   # -> benchmarks/results/export.{json,md,png}
+"""
+
+from __future__ import annotations
+
+import argparse
+import fcntl
+import json
+import os
+import resource
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parent.parent
+RESULTS = ROOT / "benchmarks" / "results"
+LOCK = Path("/tmp/stepwise-bench.lock")
+TASK = "esnli"
+# backend -> (kind, export variant); ORT variants are folders written by `stepwise export`.
+BACKENDS = {
+    "pytorch-eager": ("pytorch", None),
+    "ort-fp32": ("ort", dict(decoder_layout="split")),
+    "ort-fp32-merged": ("ort", dict(decoder_layout="merged")),
+    "ort-int8": ("ort", dict(decoder_layout="split", quantize="int8")),
+    "ort-int8-merged": ("ort", dict(decoder_layout="merged", quantize="int8")),
+    "ct2-int8": ("ct2", None),
+}
+
+
+# ---------------------------------------------------------------- preparing the models
+
+
+def build_student_folder(out: Path, size: str = "tiny", task_name: str = TASK, vocab_size: int = 2000) -> Path:
+    """A random untied T5 of `size` with a tokenizer trained on the task's text, saved like a trained student."""
+    from stepwise import tasks
+    from training.tiny import build_student, train_tokenizer
+
+    if (out / "model.safetensors").exists():
+        return out
+    task = tasks.get_task(task_name)
+    train = tasks.load_split(task, "train")[:2000]
+    texts = [tasks.label_input(e) for e in train] + [tasks.rationale_input(e) for e in train] + [e.label for e in train]
+    tokenizer = train_tokenizer(texts, out, vocab_size=vocab_size)
+    build_student(tokenizer, size).save_pretrained(out)
+    tasks.save_task(task, out)
+    return out
+
+
+def prepare(workdir: Path, size: str) -> dict[str, Any]:
+    """The student folder, its ONNX exports (each parity-gated) and its CTranslate2 int8 conversion."""
+    from ctranslate2.converters import TransformersConverter
+
+    from export.run import main as export_main
+
+    model_dir = build_student_folder(workdir / size / "student", size)
+    paths: dict[str, Any] = {"pytorch-eager": str(model_dir)}
+    parity: dict[str, Any] = {}
+    for backend, (kind, variant) in BACKENDS.items():
+        if kind != "ort":
+            continue
+        out = workdir / size / backend
+        if not (out / "parity.json").exists():
+            export_main(model=model_dir, out=out, parity_limit=64, overwrite=True, **variant)
+        parity[backend] = json.loads((out / "parity.json").read_text())
+        paths[backend] = str(out)
+    ct2_dir = workdir / size / "ct2-int8"
+    if not (ct2_dir / "model.bin").exists():
+        TransformersConverter(str(model_dir)).convert(str(ct2_dir), quantization="int8", force=True)
+    paths["ct2-int8"] = str(ct2_dir)
+    return {"paths": paths, "parity": parity, "label_tokens": json.loads((workdir / size / "ort-fp32" / "export_config.json").read_text())["max_new_tokens"]["label"]}
+
+
+def size_on_disk(backend: str, path: Path) -> int:
+    patterns = {"pytorch": ["model.safetensors"], "ort": ["*.onnx"], "ct2": ["model.bin"]}[BACKENDS[backend][0]]
+    return sum(f.stat().st_size for pattern in patterns for f in path.glob(pattern))
+
+
+# ---------------------------------------------------------------- one backend, in its own process
+
+
+def label_decoder(backend: str, path: Path, model_dir: Path, threads: int, label_tokens: int):
+    """(examples, fast_path) -> labels for one backend, everything loaded up front."""
+    from stepwise import tasks
+
+    kind = BACKENDS[backend][0]
+    task = tasks.load_task(model_dir)
+    if kind == "ort":
+        from export.runtime import load_runtime, predict
+
+        runtime = load_runtime(path, threads=threads)
+        return lambda examples, fast: [p.label for p in predict(runtime, examples, fast_path=fast)]
+    if kind == "pytorch":
+        import torch
+
+        from export import parity
+
+        torch.set_num_threads(threads)
+        model, tokenizer = parity.load_torch_model(model_dir)
+
+        def decode_torch(examples, fast):
+            if fast:
+                return parity.torch_fast_path_labels(model, tokenizer, task, examples)
+            return parity.torch_greedy_labels(model, tokenizer, [tasks.label_input(e) for e in examples], label_tokens)
+
+        return decode_torch
+    import ctranslate2
+    import numpy as np
+    from transformers import AutoTokenizer
+
+    from export.runtime import candidates_for
+
+    translator = ctranslate2.Translator(str(path), device="cpu", compute_type="int8", inter_threads=1, intra_threads=threads)
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+
+    def tokens(text: str, eos: bool = True) -> list[str]:
+        ids = tokenizer(text).input_ids
+        return tokenizer.convert_ids_to_tokens(ids if eos else ids[:-1])
+
+    def decode_ct2(examples, fast):
+        sources = [tokens(tasks.label_input(e)) for e in examples]
+        if not fast:
+            results = translator.translate_batch(sources, beam_size=1, max_decoding_length=label_tokens)
+            return [tokenizer.convert_tokens_to_string(r.hypotheses[0]).strip() for r in results]
+        candidates = [candidates_for(task, e) for e in examples]
+        # score_batch appends EOS to each target itself; all candidates of the batch in one call.
+        scored = translator.score_batch([s for s, cs in zip(sources, candidates) for _ in cs], [tokens(c, eos=False) for cs in candidates for c in cs])
+        sums = iter([sum(r.log_probs) for r in scored])
+        return [cs[int(np.argmax([next(sums) for _ in cs]))] for cs in candidates]
+
+    return decode_ct2
+
+
+def time_backend(spec: dict[str, Any]) -> dict[str, Any]:
+    """Latency per call (p50/p95) and throughput for batch 1 and 16, with and without the fast path."""
+    import numpy as np
+
+    from stepwise import tasks
+
+    model_dir, path = Path(spec["model_dir"]), Path(spec["path"])
+    decode = label_decoder(spec["backend"], path, model_dir, spec["threads"], spec["label_tokens"])
+    examples = tasks.load_split(tasks.load_task(model_dir), "valid")
+    rows = []
+    for batch, calls in ((1, spec["calls_batch1"]), (16, spec["calls_batch16"])):
+        batches = [examples[(i * batch) % len(examples) :][:batch] for i in range(calls)]
+        for fast in (True, False):
+            for warm in batches[:3]:
+                decode(warm, fast)
+            latencies, labels = [], []
+            for chunk in batches:
+                started = time.perf_counter()
+                labels += decode(chunk, fast)
+                latencies.append(time.perf_counter() - started)
+            ms = np.array(latencies) * 1000
+            rows.append({"batch": batch, "fast_path": fast, "p50_ms": float(np.percentile(ms, 50)), "p95_ms": float(np.percentile(ms, 95)), "throughput_per_s": batch * len(ms) / (ms.sum() / 1000), "labels": labels})
+    return {"rows": rows, "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+
+
+# ---------------------------------------------------------------- the run
+
+
+def render_table(rows: list[dict[str, Any]]) -> str:
+    lines = [
+        "| model | backend | fast path | batch | p50 ms | p95 ms | examples/s | peak RSS MB | size MB | labels = PyTorch |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        lines.append(
+            f"| {r['model']} | {r['backend']} | {'yes' if r['fast_path'] else 'no (greedy)'} | {r['batch']} | {r['p50_ms']:.2f} | {r['p95_ms']:.2f} | "
+            f"{r['throughput_per_s']:.0f} | {r['peak_rss_mb']:.0f} | {r['size_mb']:.1f} | {r['agreement_with_pytorch']:.2f} |"
+        )
+    return "\n".join(lines)
+
+
+def plot(rows: list[dict[str, Any]], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    models = list(dict.fromkeys(r["model"] for r in rows))
+    backends = list(BACKENDS)
+    fig, axes = plt.subplots(len(models), 2, figsize=(13, 4.2 * len(models)), squeeze=False)
+    for i, model in enumerate(models):
+        for j, batch in enumerate((1, 16)):
+            ax = axes[i][j]
+            for k, fast in enumerate((False, True)):
+                values = [next(r["p50_ms"] for r in rows if (r["model"], r["backend"], r["batch"], r["fast_path"]) == (model, b, batch, fast)) for b in backends]
+                ax.bar([x + (k - 0.5) * 0.4 for x in range(len(backends))], values, width=0.4, label="fast path" if fast else "greedy generate")
+            ax.set_xticks(range(len(backends)), backends, rotation=25, ha="right")
+            ax.set_yscale("log")
+            ax.set_ylabel("p50 latency, ms (log)")
+            ax.set_title(f"{model} model, batch {batch}")
+            ax.legend()
+    fig.suptitle("Label-only decoding latency (shared 2-core CPU; lower is better)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--sizes", nargs="+", default=["tiny", "small"], choices=["tiny", "small"])
+    parser.add_argument("--threads", type=int, default=1, help="intra-op threads for every backend (1: stable on a shared 2-core box)")
+    parser.add_argument("--calls-batch1", type=int, default=60)
+    parser.add_argument("--calls-batch16", type=int, default=12)
+    parser.add_argument("--workdir", type=Path, default=ROOT / "runs" / "export-bench")
+    parser.add_argument("--out", type=Path, default=RESULTS / "export")
+    parser.add_argument("--worker", type=str, default=None, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.worker:  # one backend, timed in this process
+        print(json.dumps(time_backend(json.loads(args.worker))))
+        return
+
+    prepared = {size: prepare(args.workdir, size) for size in args.sizes}
+    env = dict(os.environ, OMP_NUM_THREADS=str(args.threads), ORT_DISABLE_TELEMETRY="1", TOKENIZERS_PARALLELISM="false", PYTHONPATH=str(ROOT))
+    rows: list[dict[str, Any]] = []
+    LOCK.touch(exist_ok=True)
+    with LOCK.open() as lock:
+        print(f"[bench] waiting for {LOCK}", flush=True)
+        fcntl.flock(lock, fcntl.LOCK_EX)  # the same lock `flock /tmp/stepwise-bench.lock` takes
+        for size, info in prepared.items():
+            torch_labels: dict[tuple[int, bool], list[str]] = {}
+            for backend in BACKENDS:
+                spec = {"backend": backend, "path": info["paths"][backend], "model_dir": info["paths"]["pytorch-eager"], "threads": args.threads, "label_tokens": info["label_tokens"], "calls_batch1": args.calls_batch1, "calls_batch16": args.calls_batch16}
+                print(f"[bench] {size} {backend}", flush=True)
+                done = subprocess.run([sys.executable, "-m", "benchmarks.export_bench", "--worker", json.dumps(spec)], env=env, cwd=ROOT, capture_output=True, text=True)
+                if done.returncode != 0:
+                    raise SystemExit(f"benchmark worker {size}/{backend} failed:\n{done.stderr[-3000:]}")
+                result = json.loads(done.stdout.strip().splitlines()[-1])
+                for row in result["rows"]:
+                    key = (row["batch"], row["fast_path"])
+                    labels = row.pop("labels")
+                    torch_labels.setdefault(key, labels)  # pytorch-eager runs first
+                    reference = torch_labels[key]
+                    rows.append(row | {"model": size, "backend": backend, "peak_rss_mb": result["peak_rss_mb"], "size_mb": size_on_disk(backend, Path(info["paths"][backend])) / 1e6, "agreement_with_pytorch": sum(a == b for a, b in zip(labels, reference)) / len(reference)})
+    rows.sort(key=lambda r: (args.sizes.index(r["model"]), r["batch"], not r["fast_path"], list(BACKENDS).index(r["backend"])))
+
+    def p50(model: str, backend: str, batch: int, fast: bool) -> float:
+        return next(r["p50_ms"] for r in rows if (r["model"], r["backend"], r["batch"], r["fast_path"]) == (model, backend, batch, fast))
+
+    summary = {
+        size: {
+            f"batch{batch}": {
+                "ort_int8_fast_vs_pytorch_generate": p50(size, "pytorch-eager", batch, False) / p50(size, "ort-int8", batch, True),
+                "ort_int8_fast_vs_ct2_int8_generate": p50(size, "ct2-int8", batch, False) / p50(size, "ort-int8", batch, True),
+                "ort_int8_fast_vs_ct2_int8_score": p50(size, "ct2-int8", batch, True) / p50(size, "ort-int8", batch, True),
+                "ort_int8_greedy_vs_ct2_int8_greedy": p50(size, "ct2-int8", batch, False) / p50(size, "ort-int8", batch, False),
+                "fast_path_gain_ort_int8": p50(size, "ort-int8", batch, False) / p50(size, "ort-int8", batch, True),
+                "split_vs_merged_int8_greedy": p50(size, "ort-int8-merged", batch, False) / p50(size, "ort-int8", batch, False),
+                "split_vs_merged_fp32_greedy": p50(size, "ort-fp32-merged", batch, False) / p50(size, "ort-fp32", batch, False),
+            }
+            for batch in (1, 16)
+        }
+        for size in args.sizes
+    }
+    import platform
+
+    import ctranslate2
+    import onnxruntime
+    import torch
+
+    report = {
+        "command": "flock /tmp/stepwise-bench.lock .venv/student/bin/python -m benchmarks.export_bench " + " ".join(sys.argv[1:]),
+        "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs (shared with other work)",
+        "threads": args.threads,
+        "task": TASK,
+        "versions": {"torch": torch.__version__, "onnxruntime": onnxruntime.__version__, "ctranslate2": ctranslate2.__version__},
+        "label_tokens": {s: i["label_tokens"] for s, i in prepared.items()},
+        "parity": {s: i["parity"] for s, i in prepared.items()},
+        "speedups_p50": summary,
+        "rows": rows,
+    }
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.with_suffix(".json").write_text(json.dumps(report, indent=2))
+    table = render_table(rows)
+    args.out.with_suffix(".md").write_text(table + "\n")
+    plot(rows, args.out.with_suffix(".png"))
+    print(table)
+    print(json.dumps(summary, indent=2))
+
+
+if __name__ == "__main__":
+    main()

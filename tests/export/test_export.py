@@ -1,0 +1,127 @@
+"""`stepwise export` end to end on tiny students: the folder it writes, the parity gate, int8, fp16,
+and the errors it gives for bad input."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from export import parity
+from export.run import main as export_main
+from export.runtime import load_runtime, predict
+from stepwise import tasks
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def run_cli(*args: str) -> subprocess.CompletedProcess:
+    env = dict(os.environ, OMP_NUM_THREADS="1", ORT_DISABLE_TELEMETRY="1", PYTHONPATH=str(ROOT))
+    return subprocess.run([sys.executable, "-m", "stepwise", "export", *args], cwd=ROOT, env=env, capture_output=True, text=True)
+
+
+def test_export_folder_is_self_contained(tiny_export_dir, tmp_path):
+    config = json.loads((tiny_export_dir / "export_config.json").read_text())
+    for name in [*config["files"].values(), "task.json", "parity.json", "tokenizer.json", "config.json"]:
+        assert (tiny_export_dir / name).exists(), name
+    assert config["providers"] == [{"name": "CPUExecutionProvider"}] and config["precision"] == "fp32"
+    # Moved away from the student folder it came from, it still loads and predicts.
+    moved = shutil.copytree(tiny_export_dir, tmp_path / "moved")
+    runtime = load_runtime(moved, threads=1)
+    labels = [p.label for p in predict(runtime, tasks.load_split(runtime.task, "valid")[:4])]
+    assert set(labels) <= set(runtime.task.labels)
+
+
+def test_fp32_parity_report(tiny_export_dir):
+    report = json.loads((tiny_export_dir / "parity.json").read_text())
+    assert report["passed"] and report["failures"] == []
+    assert report["examples"] == 32 and report["served_path"] == "fast_path"
+    assert report["greedy_agreement"] >= 0.99 and report["fast_path_agreement"] >= 0.99
+    assert 0 < report["max_abs_logit_diff"] < 1e-3
+
+
+def test_gate_names_each_failure():
+    report = {"served_path": "greedy", "greedy_agreement": 0.5, "fast_path_agreement": None, "accuracy_delta": -0.1, "max_abs_logit_diff": 0.5}
+    failures = parity.gate(report, "fp32", min_agreement=0.99, max_accuracy_drop=0.02, max_logit_diff=1e-3)
+    assert len(failures) == 3 and "greedy_agreement" in failures[0] and "accuracy" in failures[1] and "logit" in failures[2]
+    assert parity.gate(report | {"greedy_agreement": 1.0, "accuracy_delta": 0.0}, "int8", 0.9, 0.02, 1e-3) == []
+
+
+def test_bad_input_gives_clear_errors(tiny_student_dir, tiny_export_dir, tmp_path):
+    with pytest.raises(SystemExit, match="model folder not found"):
+        export_main(model=tmp_path / "nope", out=tmp_path / "out")
+    with pytest.raises(SystemExit, match="not a trained student folder"):
+        export_main(model=tiny_export_dir, out=tmp_path / "out")  # an export folder has no weights
+    with pytest.raises(SystemExit, match="exists and is not empty"):
+        export_main(model=tiny_student_dir, out=tiny_export_dir)
+    with pytest.raises(SystemExit, match="choose one of"):
+        export_main(model=tiny_student_dir, out=tmp_path / "out", quantize="int8", precision="fp16")
+
+
+@pytest.mark.slow
+def test_cli_int8_export_reports_accuracy_delta(tiny_student_dir, tiny_export_dir, tmp_path):
+    out = tmp_path / "int8"
+    done = run_cli("--model", str(tiny_student_dir), "--out", str(out), "--quantize", "int8", "--parity-limit", "32")
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "accuracy" in done.stdout and "delta" in done.stdout
+    config = json.loads((out / "export_config.json").read_text())
+    report = json.loads((out / "parity.json").read_text())
+    assert config["precision"] == "int8" and all(name.endswith("_int8.onnx") for name in config["files"].values())
+    assert report["passed"] and report["accuracy_delta"] >= -0.02
+    int8_bytes = sum((out / n).stat().st_size for n in config["files"].values())
+    fp32_bytes = sum((tiny_export_dir / n).stat().st_size for n in json.loads((tiny_export_dir / "export_config.json").read_text())["files"].values())
+    assert int8_bytes < 0.75 * fp32_bytes
+
+
+@pytest.mark.slow
+def test_cli_fails_loudly_when_parity_fails(tiny_student_dir, tmp_path):
+    out = tmp_path / "strict"
+    done = run_cli("--model", str(tiny_student_dir), "--out", str(out), "--parity-limit", "16", "--max-logit-diff", "1e-12")
+    assert done.returncode == 1
+    assert "PARITY FAILED" in done.stderr and "max abs logit difference" in done.stderr
+    assert json.loads((out / "parity.json").read_text())["passed"] is False
+
+
+@pytest.mark.slow
+def test_fp16_gpu_export_writes_tensorrt_options_and_runs_on_cpu(tiny_student_dir, tmp_path):
+    """The GPU artifact: fp16 with T5's overflow-prone ops kept in fp32, TensorRT EP options in the config.
+    No GPU here: ONNX Runtime falls back to the CPU EP, where the fp16 model must still agree with PyTorch."""
+    out = tmp_path / "trt"
+    assert export_main(model=tiny_student_dir, out=out, precision="fp16", target="tensorrt", parity_limit=16) == 0
+    config = json.loads((out / "export_config.json").read_text())
+    trt = config["providers"][0]
+    assert [p["name"] for p in config["providers"]] == ["TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider"]
+    assert trt["options"]["trt_fp16_enable"] and trt["options"]["trt_engine_cache_enable"] and config["io_binding"]
+    assert set(trt["profiles"]) == {"encoder", "decoder", "decoder_with_past"} and config["decoder_layout"] == "split"
+    import onnx
+
+    decoder = onnx.load(str(out / config["files"]["decoder"]))
+    weight_types = {t.name: t.data_type for t in decoder.graph.initializer}
+    ffn = {n.name: weight_types[n.input[1]] for n in decoder.graph.node if n.op_type == "MatMul" and "/DenseReluDense/" in n.name}
+    assert ffn and all(t == onnx.TensorProto.FLOAT for name, t in ffn.items() if "/wo/" in name)  # overflow-prone: fp32
+    assert all(t == onnx.TensorProto.FLOAT16 for name, t in ffn.items() if "/wi" in name)
+    report = json.loads((out / "parity.json").read_text())
+    assert report["providers"] == ["CPUExecutionProvider"] and report["passed"]
+
+
+@pytest.mark.slow
+def test_choice_task_scores_each_examples_choices_and_open_task_generates(choice_and_open_students, tmp_path):
+    for name, student in choice_and_open_students.items():
+        out = tmp_path / name
+        assert export_main(model=student, out=out, parity_limit=16, decoder_layout="merged") == 0
+        runtime = load_runtime(out, threads=1)
+        examples = tasks.load_split(runtime.task, "valid")[:8]
+        predictions = predict(runtime, examples)
+        model, tokenizer = parity.load_torch_model(student)
+        if name == "cqa":
+            assert all(p.label in e.choices for p, e in zip(predictions, examples))
+            assert [p.label for p in predictions] == parity.torch_fast_path_labels(model, tokenizer, runtime.task, examples)
+        else:
+            assert not runtime.task.closed_label_set
+            expected = parity.torch_greedy_labels(model, tokenizer, [tasks.label_input(e) for e in examples], runtime.export_config["max_new_tokens"]["label"])
+            assert [p.label for p in predictions] == expected
