@@ -50,6 +50,14 @@ def replay_teacher() -> Teacher:
 # ---------------------------------------------------------------- structured output
 
 
+# An arithmetic expression the evaluator can always compute: numbers, + - * /, one level of parentheses,
+# no literal zero divisor (a free character class lets a random model write "(((" and fail anyway).
+_NUMBER = r"(0|[1-9][0-9]{0,6})(\.[0-9]{1,4})?"  # no leading zeros: Python's parser rejects "064"
+_NONZERO = r"[1-9][0-9]{0,6}(\.[0-9]{1,4})?"
+_GROUP = rf"\({_NUMBER}( [-+*] {_NUMBER}| / {_NONZERO}){{1,3}}\)"
+ARITHMETIC = rf"({_NUMBER}|{_GROUP})( [-+*] ({_NUMBER}|{_GROUP})| / ({_NONZERO}|{_GROUP})){{0,3}}"
+
+
 def answer_regex(task: tasks.Task, example: tasks.Example, max_rationale_chars: int = 300) -> str:
     """A regex for the whole completion: one line of rationale, then the task's answer sentence with a
     label the parser accepts (the example's own choices for a multiple-choice task)."""
@@ -57,7 +65,7 @@ def answer_regex(task: tasks.Task, example: tasks.Example, max_rationale_chars: 
     if task.answer_style == "label":
         return f" {rationale}\\nAnswer: ({'|'.join(map(re.escape, task.labels))})"
     if task.answer_style == "equation":
-        return f" {rationale} The answer is [0-9(][0-9 .+*/()-]{{0,40}}\\."
+        return f" {rationale} The answer is ({ARITHMETIC}|\\({ARITHMETIC}\\))\\."
     if example.choices:
         options = "|".join(re.escape(tasks.answer_sentence(task, c, example.choices)) for c in example.choices)
         return f" {rationale} ({options})"
@@ -94,10 +102,13 @@ def vllm_teacher(task: tasks.Task, llm, sampling: dict, structured: bool) -> Tea
     context = engine.model_config.max_model_len
     window = max(1, 2 * engine.vllm_config.scheduler_config.max_num_seqs // sampling["n"])
     request_ids = itertools.count()
+    # The seed seeds the engine (load_vllm); a per-request seed crashes vLLM 0.32's CPU runner as soon as a
+    # seeded request's prefill is chunked ("CPU Generator does not use offset").
+    per_request = {k: v for k, v in sampling.items() if k != "seed"}
 
     def params_for(example: tasks.Example) -> SamplingParams:
         constraint = StructuredOutputsParams(regex=answer_regex(task, example)) if structured else None
-        return SamplingParams(**sampling, stop=tasks.stop_strings(task), structured_outputs=constraint, output_kind=RequestOutputKind.FINAL_ONLY)
+        return SamplingParams(**per_request, stop=tasks.stop_strings(task), structured_outputs=constraint, output_kind=RequestOutputKind.FINAL_ONLY)
 
     def generate(work: Work) -> Results:
         work = iter(work)

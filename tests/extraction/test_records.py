@@ -46,22 +46,23 @@ def test_a_teacher_error_is_recorded_not_raised():
 
 
 @pytest.mark.parametrize("task_name", ["svamp", "cqa", "esnli"])
-def test_structured_regex_accepts_the_exemplars_and_what_it_accepts_parses(task_name):
+def test_structured_regex_accepts_most_teacher_answers_and_all_it_accepts_parse(task_name):
     task = tasks.get_task(task_name)
-    train = tasks.load_split(task, "train")[:300]
-    checked = 0
-    for example in train:
+    candidates = accepted = 0
+    for example in tasks.load_split(task, "train")[:400]:
         parsed = tasks.parse_completion(task, example.teacher_completion, example.choices)
         if parsed.status != "ok" or "\n" in parsed.rationale or len(parsed.rationale) > 300:
             continue
-        # the completion as the regex shapes it: one rationale line, then the answer sentence
+        # the teacher's completion as the regex shapes it: one rationale line, then the answer sentence
         joiner = "" if task.answer_style == "label" else " "
         completion = f" {parsed.rationale}{joiner}{tasks.answer_sentence(task, parsed.label, example.choices)}"
-        assert re.fullmatch(teachers.answer_regex(task, example), completion), completion
-        reparsed = tasks.parse_completion(task, completion, example.choices)
-        assert (reparsed.status, reparsed.label) == ("ok", parsed.label)
-        checked += 1
-    assert checked > 50
+        candidates += 1
+        if re.fullmatch(teachers.answer_regex(task, example), completion):
+            accepted += 1
+            reparsed = tasks.parse_completion(task, completion, example.choices)
+            assert (reparsed.status, reparsed.label) == ("ok", parsed.label)
+    # svamp's regex keeps to expressions the evaluator can always compute (no unary minus, one nesting level)
+    assert candidates > 100 and accepted / candidates >= (0.9 if task_name == "svamp" else 1.0)
 
 
 def test_atomic_write_leaves_no_temp_file(tmp_path):

@@ -19,9 +19,10 @@ pytestmark = pytest.mark.slow
 
 
 def test_vllm_extracts_64_inputs(tiny_teacher, tmp_path):
+    # sampled, so prefill chunking meets random generators (a vLLM CPU crash with per-request seeds)
     out = tmp_path / "out"
     cli.main(["extract", "--task", "cqa", "--split", "train", "--teacher", "vllm", "--model", str(tiny_teacher),
-                         "--limit", "64", "--chunk-size", "16", "--max-tokens", "32", "--enforce-eager", "--out", str(out)])
+                         "--limit", "64", "--chunk-size", "16", "--max-tokens", "32", "--temperature", "0.7", "--enforce-eager", "--out", str(out)])
     records = read_records(out)
     wanted = [e.id for e in tasks.load_split(tasks.get_task("cqa"), "train")[:64]]
     assert sorted(r["id"] for r in records) == sorted(wanted) and len(shards.shard_paths(out)) == 4
@@ -67,15 +68,17 @@ def test_kill_9_then_rerun_gives_exactly_one_record_per_input(tiny_teacher, tmp_
     assert not list(out.glob(".*.tmp"))
 
 
-def test_self_consistency_with_structured_output(tiny_teacher, tmp_path):
+@pytest.mark.parametrize("task_name", ["esnli", "cqa"])
+def test_self_consistency_with_structured_output(tiny_teacher, tmp_path, task_name):
     out = tmp_path / "out"
-    cli.main(["extract", "--task", "esnli", "--split", "valid", "--teacher", "vllm", "--model", str(tiny_teacher), "--limit", "6",
+    cli.main(["extract", "--task", task_name, "--split", "valid", "--teacher", "vllm", "--model", str(tiny_teacher), "--limit", "6",
               "--n", "3", "--temperature", "1.0", "--structured", "--max-tokens", "320", "--enforce-eager", "--out", str(out)])
+    task = tasks.get_task(task_name)
     records = read_records(out)
     assert len(records) == 6
     for record in records:
         assert len(record["completions"]) == 3
-        # the regex bounds the rationale to 300 characters, so every sample ends in a parseable answer line
+        # the regex bounds the rationale to 300 characters, so even a random model ends in a parseable answer
         assert record["status"] == "ok", record["reason"]
-        assert record["teacher_label"] in tasks.NLI_LABELS and sum(record["votes"].values()) == 3
-        assert max(record["votes"].values()) == record["votes"][record["teacher_label"]]
+        assert record["teacher_label"] in (record["choices"] or task.labels) and sum(record["votes"].values()) == 3
+        assert max(record["votes"].values()) == record["votes"][tasks.normalize(record["teacher_label"])]
