@@ -59,7 +59,7 @@ def time_pipeline(llm, task: tasks.Task, shots: list[str], examples: list[tasks.
     meta = {k: config[k] for k in ("backend", "model", "sampling", "structured", "prompt_hash")}
     started = time.perf_counter()
     run.prepare_output(out, task, config, overwrite=True)
-    tallies = run.extract_chunks(task, teachers.vllm_teacher(task, llm, sampling, False), shots, examples, meta, out, chunk_size, config,
+    tallies = run.extract_chunks(task, teachers.vllm_teacher(task, llm, sampling, False), shots, examples, meta, out, chunk_size, "jsonl", config,
                                  len(examples), [], "bench")
     wall = time.perf_counter() - started
     return wall, sum(t["tokens_in"] for t in tallies), sum(t["tokens_out"] for t in tallies)

@@ -24,21 +24,21 @@ from stepwise import tasks
 class EngineActor:
     """Ray Data's stateful-actor form: the engine loads once per actor, then serves many batches."""
 
-    def __init__(self, task_fields: dict, shots: list[str], teacher_meta: dict, engine: dict, out: str):
+    def __init__(self, task_fields: dict, shots: list[str], teacher_meta: dict, engine: dict, out: str, shard_format: str):
         self.task = tasks.Task(**task_fields)
-        self.shots, self.teacher_meta, self.out = shots, teacher_meta, Path(out)
+        self.shots, self.teacher_meta, self.out, self.shard_format = shots, teacher_meta, Path(out), shard_format
         llm = teachers.load_vllm(engine["model"], engine["sampling"]["seed"], engine["prefix_caching"], engine["tensor_parallel_size"],
                                  engine["dtype"], engine["max_model_len"], engine["gpu_memory_utilization"], engine["enforce_eager"])
         self.generate = teachers.vllm_teacher(self.task, llm, engine["sampling"], engine["structured"])
 
     def __call__(self, batch: dict) -> dict:
         examples = [tasks.Example(**json.loads(text)) for text in batch["example"]]
-        records = run.process_chunk(self.task, self.generate, self.shots, examples, self.teacher_meta, self.out)
+        records = run.process_chunk(self.task, self.generate, self.shots, examples, self.teacher_meta, self.out, self.shard_format)
         return {"tally": [json.dumps(run.tally(r)) for r in records]}
 
 
 def extract_on_ray(task: tasks.Task, shots: list[str], pending: list[tasks.Example], teacher_meta: dict, engine: dict, out: Path,
-                   chunk_size: int, address: str, actors: int) -> list[dict]:
+                   chunk_size: int, shard_format: str, address: str, actors: int) -> list[dict]:
     """Run `pending` through `actors` vLLM engine actors; return the tallies of the records written."""
     import ray
 
@@ -54,7 +54,8 @@ def extract_on_ray(task: tasks.Task, shots: list[str], pending: list[tasks.Examp
             concurrency=actors,
             num_cpus=1,
             num_gpus=gpus_per_actor,
-            fn_constructor_kwargs={"task_fields": asdict(task), "shots": shots, "teacher_meta": teacher_meta, "engine": engine, "out": str(out.resolve())},
+            fn_constructor_kwargs={"task_fields": asdict(task), "shots": shots, "teacher_meta": teacher_meta, "engine": engine, "out": str(out.resolve()),
+                                   "shard_format": shard_format},
         )
         tallies = []
         with tqdm(total=len(pending), unit="rec", desc=f"extract {task.name} on ray ({actors} engines)", dynamic_ncols=True) as bar:

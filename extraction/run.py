@@ -136,10 +136,11 @@ def generate_records(task: tasks.Task, generate: teachers.Teacher, shots: list[s
         yield make_record(task, example, generation, teacher_meta)
 
 
-def process_chunk(task: tasks.Task, generate: teachers.Teacher, shots: list[str], chunk: list[tasks.Example], teacher_meta: dict, out: Path) -> list[dict]:
+def process_chunk(task: tasks.Task, generate: teachers.Teacher, shots: list[str], chunk: list[tasks.Example], teacher_meta: dict, out: Path,
+                  shard_format: str) -> list[dict]:
     """One chunk through the teacher into one shard (what each Ray actor does per batch)."""
     records = list(generate_records(task, generate, shots, chunk, teacher_meta))
-    shards.write_shard(out, records)
+    shards.write_shard(out, records, shard_format)
     return records
 
 
@@ -152,7 +153,7 @@ def tally(record: dict) -> dict:
 
 
 def extract_chunks(task: tasks.Task, generate: teachers.Teacher, shots: list[str], pending: list[tasks.Example], teacher_meta: dict, out: Path,
-                   chunk_size: int, config: dict, expected: int, done: list[dict], desc: str) -> list[dict]:
+                   chunk_size: int, shard_format: str, config: dict, expected: int, done: list[dict], desc: str) -> list[dict]:
     """The single-process loop: the teacher streams through `pending`; every `chunk_size` finished
     records become one atomic shard and a manifest update (a kill loses at most the unwritten chunk)."""
     new: list[dict] = []
@@ -160,7 +161,7 @@ def extract_chunks(task: tasks.Task, generate: teachers.Teacher, shots: list[str
     started = time.time()
 
     def flush() -> None:
-        shards.write_shard(out, chunk)
+        shards.write_shard(out, chunk, shard_format)
         new.extend(tally(r) for r in chunk)
         write_manifest(out, config, expected, done + new)
         chunk.clear()
@@ -186,6 +187,7 @@ def main(
     model: str = "",
     limit: int = 0,
     chunk_size: int = 256,
+    shard_format: Literal["jsonl", "parquet"] = "jsonl",
     n: int = 1,
     temperature: float = 0.0,
     top_p: float = 1.0,
@@ -217,7 +219,8 @@ def main(
         teacher: replay (the shipped PaLM outputs), vllm (in-process engine) or openai (a compatible server).
         model: model folder or name for vllm/openai.
         limit: only the first N examples of the split (0: all).
-        chunk_size: examples per engine call and per shard.
+        chunk_size: finished records per shard (also the batch each Ray actor takes).
+        shard_format: jsonl, or parquet (pyarrow); a resumed run reads both.
         n: samples per input; with n > 1 the majority label wins (self-consistency; use --temperature > 0).
         temperature: sampling temperature (0: greedy).
         top_p: nucleus sampling.
@@ -274,11 +277,12 @@ def main(
             "tensor_parallel_size": tensor_parallel_size, "dtype": dtype, "max_model_len": max_model_len,
             "gpu_memory_utilization": gpu_memory_utilization, "enforce_eager": enforce_eager,
         }
-        new = ray_job.extract_on_ray(spec, shots, pending, teacher_meta, engine, out, chunk_size, ray_address, ray_actors)
+        new = ray_job.extract_on_ray(spec, shots, pending, teacher_meta, engine, out, chunk_size, shard_format, ray_address, ray_actors)
     elif pending:
         generate = build_teacher(spec, teacher, model, sampling, structured, prefix_caching, tensor_parallel_size, dtype, max_model_len,
                                  gpu_memory_utilization, enforce_eager, base_url, api_key, concurrency, timeout, retries)
-        new = extract_chunks(spec, generate, shots, pending, teacher_meta, out, chunk_size, config, len(examples), done, f"extract {spec.name}/{split}")
+        new = extract_chunks(spec, generate, shots, pending, teacher_meta, out, chunk_size, shard_format, config, len(examples), done,
+                             f"extract {spec.name}/{split}")
 
     wall = time.time() - started
     this_run = shards.count_records(new)

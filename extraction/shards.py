@@ -1,10 +1,13 @@
 """The extraction output on disk: atomic JSONL shards, a manifest, and the reader the training stage uses.
 
-Standard library only, so `read_records` imports in the student environment too.
+Standard library only (pyarrow only for Parquet shards), so `read_records` imports in the student environment too.
 
 Layout of an output folder:
     manifest.json       config (+ its hash), counts, the last run's summary; rewritten atomically
+    task.json           the task (stepwise.tasks.save_task), as in every stepwise artifact folder
     shard-<hash>.jsonl  one record per line; a shard is written whole (tmp file, fsync, rename) or not at all
+    shard-<hash>.parquet  the same records with --shard-format parquet (pyarrow); there the nested `votes` and
+                        `teacher` fields are JSON text columns, decoded again by `read_records`
 
 The shards are the truth: the manifest's counts are recomputed from them, so a kill between writing a
 shard and updating the manifest loses nothing.
@@ -20,18 +23,19 @@ from pathlib import Path
 from typing import Iterator
 
 MANIFEST = "manifest.json"
-SHARD_GLOB = "shard-*.jsonl"
+SHARD_FORMATS = ("jsonl", "parquet")
+JSON_TEXT_IN_PARQUET = ("votes", "teacher")  # nested dicts whose keys vary: kept as JSON text in Parquet
 
 
 def config_hash(config: dict) -> str:
     return hashlib.sha256(json.dumps(config, sort_keys=True).encode()).hexdigest()[:16]
 
 
-def write_atomic(path: Path, text: str) -> None:
-    """Write `text` to `path` so that a reader (or a restart after kill -9) sees all of it or nothing."""
+def write_atomic(path: Path, data: str | bytes) -> None:
+    """Write `data` to `path` so that a reader (or a restart after kill -9) sees all of it or nothing."""
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    with tmp.open("w") as f:
-        f.write(text)
+    with tmp.open("wb") as f:
+        f.write(data.encode() if isinstance(data, str) else data)
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
@@ -42,21 +46,40 @@ def write_atomic(path: Path, text: str) -> None:
         os.close(directory)
 
 
-def write_shard(out_dir: Path, records: list[dict]) -> Path:
+def write_shard(out_dir: Path, records: list[dict], shard_format: str = "jsonl") -> Path:
     """One chunk's records as one shard, named by the ids it holds (a rerun of the same chunk rewrites
     the same file, so two shards never share an id)."""
     ids = "\n".join(r["id"] for r in records)
-    path = out_dir / f"shard-{hashlib.sha256(ids.encode()).hexdigest()[:16]}.jsonl"
-    write_atomic(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
+    path = out_dir / f"shard-{hashlib.sha256(ids.encode()).hexdigest()[:16]}.{shard_format}"
+    if shard_format == "parquet":
+        write_atomic(path, parquet_bytes(records))
+    else:
+        write_atomic(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
     return path
 
 
+def parquet_bytes(records: list[dict]) -> bytes:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    rows = [{k: json.dumps(v) if k in JSON_TEXT_IN_PARQUET else v for k, v in r.items()} for r in records]
+    sink = pa.BufferOutputStream()
+    pq.write_table(pa.Table.from_pylist(rows), sink)
+    return sink.getvalue().to_pybytes()
+
+
 def shard_paths(out_dir: Path) -> list[Path]:
-    return sorted(Path(out_dir).glob(SHARD_GLOB))
+    return sorted(p for fmt in SHARD_FORMATS for p in Path(out_dir).glob(f"shard-*.{fmt}"))
 
 
 def iter_records(out_dir: Path) -> Iterator[dict]:
     for path in shard_paths(out_dir):
+        if path.suffix == ".parquet":
+            import pyarrow.parquet as pq
+
+            for row in pq.read_table(path).to_pylist():
+                yield {k: json.loads(v) if k in JSON_TEXT_IN_PARQUET else v for k, v in row.items()}
+            continue
         with path.open() as f:
             for line in f:
                 if line.strip():

@@ -76,3 +76,13 @@ def test_a_foreign_folder_is_refused(tmp_path):
 def test_reader_names_a_missing_output(tmp_path):
     with pytest.raises(FileNotFoundError, match="stepwise extract"):
         read_records(tmp_path)
+
+
+def test_parquet_shards_hold_the_same_records_and_resume_across_formats(tmp_path):
+    args = ["--task", "cqa", "--split", "valid", "--chunk-size", "16"]
+    extract(*args, "--limit", "40", "--out", str(tmp_path / "jsonl"))
+    extract(*args, "--limit", "20", "--shard-format", "parquet", "--out", str(tmp_path / "mixed"))
+    extract(*args, "--limit", "40", "--out", str(tmp_path / "mixed"))  # continues in JSONL
+    assert {p.suffix for p in shards.shard_paths(tmp_path / "mixed")} == {".parquet", ".jsonl"}
+    mixed, plain = (sorted(read_records(tmp_path / name), key=lambda r: r["id"]) for name in ("mixed", "jsonl"))
+    assert mixed == plain
