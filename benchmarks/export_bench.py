@@ -16,7 +16,6 @@ import argparse
 import fcntl
 import json
 import os
-import resource
 import subprocess
 import sys
 import time
@@ -163,7 +162,16 @@ def time_backend(spec: dict[str, Any]) -> dict[str, Any]:
                 latencies.append(time.perf_counter() - started)
             ms = np.array(latencies) * 1000
             rows.append({"batch": batch, "fast_path": fast, "p50_ms": float(np.percentile(ms, 50)), "p95_ms": float(np.percentile(ms, 95)), "throughput_per_s": batch * len(ms) / (ms.sum() / 1000), "labels": labels})
-    return {"rows": rows, "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+    return {"rows": rows, "peak_rss_mb": peak_rss_mb()}
+
+
+def peak_rss_mb() -> float:
+    """This process's peak resident set (VmHWM). Not ru_maxrss: Linux carries that over fork+exec from
+    the parent, which here is the process that built and exported the models."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    raise RuntimeError("no VmHWM in /proc/self/status")
 
 
 # ---------------------------------------------------------------- the run
@@ -215,6 +223,7 @@ def main() -> None:
     parser.add_argument("--calls-batch16", type=int, default=12)
     parser.add_argument("--workdir", type=Path, default=ROOT / "runs" / "export-bench")
     parser.add_argument("--out", type=Path, default=RESULTS / "export")
+    parser.add_argument("--lock", type=Path, default=LOCK, help="held while timing, shared with `flock` in other benchmarks")
     parser.add_argument("--worker", type=str, default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:  # one backend, timed in this process
@@ -224,9 +233,9 @@ def main() -> None:
     prepared = {size: prepare(args.workdir, size) for size in args.sizes}
     env = dict(os.environ, OMP_NUM_THREADS=str(args.threads), ORT_DISABLE_TELEMETRY="1", TOKENIZERS_PARALLELISM="false", PYTHONPATH=str(ROOT))
     rows: list[dict[str, Any]] = []
-    LOCK.touch(exist_ok=True)
-    with LOCK.open() as lock:
-        print(f"[bench] waiting for {LOCK}", flush=True)
+    args.lock.touch(exist_ok=True)
+    with args.lock.open() as lock:
+        print(f"[bench] waiting for {args.lock}", flush=True)
         fcntl.flock(lock, fcntl.LOCK_EX)  # the same lock `flock /tmp/stepwise-bench.lock` takes
         for size, info in prepared.items():
             torch_labels: dict[tuple[int, bool], list[str]] = {}

@@ -114,6 +114,7 @@ def providers_for(target: str, precision: str, max_batch: int, max_candidates: i
             "trt_max_workspace_size": 2 * 1024**3,
             "trt_builder_optimization_level": 3,
         },
+        # Per session; the merged decoder (If node, past inputs) gets none: TensorRT targets use the split layout.
         "profiles": trt_profiles(max_batch, max_candidates, limits, model_config),
     }
     return [trt, cuda, cpu]
@@ -200,11 +201,13 @@ def main(
         raise SystemExit("stepwise export: choose one of --quantize int8 (CPU) and --precision fp16 (GPU)")
     if quantize == "int8" and target != "cpu":
         raise SystemExit("stepwise export: int8 dynamic quantization is a CPU target; use --precision fp16 for cuda/tensorrt")
+    layout = DEFAULT_LAYOUT[target] if decoder_layout == "auto" else decoder_layout
+    if target == "tensorrt" and layout == "merged":
+        raise SystemExit("stepwise export: the tensorrt target needs the split decoder layout (TensorRT cannot build engines across the merged decoder's If node)")
     if out.exists() and any(out.iterdir()):
         if not overwrite:
             raise SystemExit(f"stepwise export: {out} exists and is not empty (pass --overwrite to replace it)")
         shutil.rmtree(out)
-    layout = DEFAULT_LAYOUT[target] if decoder_layout == "auto" else decoder_layout
     kind = "int8" if quantize == "int8" else precision
     started = time.time()
 

@@ -83,24 +83,32 @@ def session_options(config: dict[str, Any], threads: int | None, on_cpu: bool) -
     return options
 
 
-def provider_list(export_dir: Path, config: dict[str, Any], names: list[str] | None) -> list[Any]:
-    """(name, options) pairs: the export config's, or the named providers with the config's options."""
-    configured = {p["name"]: dict(p.get("options", {})) for p in config.get("providers", [{"name": "CPUExecutionProvider"}])}
-    chosen = names or list(configured)
-    available = ort.get_available_providers()
-    missing = [n for n in chosen if n not in available]
-    if missing and not any(n in available for n in chosen):
-        raise RuntimeError(f"none of the providers {chosen} is available in this onnxruntime build (available: {available})")
+def configured_providers(export_dir: Path, config: dict[str, Any], session: str) -> list[tuple[str, dict[str, Any]]]:
+    """The export config's (name, options) pairs for one session ("encoder", "decoder",
+    "decoder_with_past"), in priority order: TensorRT gets that session's shape profile and its engine
+    cache path resolved against the export folder (relative in the config, so the folder stays movable)."""
     result = []
-    for name in chosen:
-        if name not in available:
-            continue
-        options = configured.get(name, {})
-        if "trt_engine_cache_path" in options:  # relative to the export folder, so the folder stays movable
+    for provider in config.get("providers", [{"name": "CPUExecutionProvider"}]):
+        options = dict(provider.get("options", {})) | dict(provider.get("profiles", {}).get(session, {}))
+        if "trt_engine_cache_path" in options:
             cache = Path(options["trt_engine_cache_path"])
             options["trt_engine_cache_path"] = str(cache if cache.is_absolute() else Path(export_dir) / cache)
+        result.append((provider["name"], options))
+    return result
+
+
+def provider_list(export_dir: Path, config: dict[str, Any], names: list[str] | None, session: str) -> list[tuple[str, dict[str, Any]]]:
+    """What to open a session with: the configured providers (or just `names`, with the configured
+    options) that this onnxruntime build has."""
+    configured = dict(configured_providers(export_dir, config, session))
+    chosen = names or list(configured)
+    available = ort.get_available_providers()
+    if not any(n in available for n in chosen):
+        raise RuntimeError(f"none of the providers {chosen} is available in this onnxruntime build (available: {available})")
+    result = [(name, configured.get(name, {})) for name in chosen if name in available]
+    for _, options in result:
+        if "trt_engine_cache_path" in options:
             Path(options["trt_engine_cache_path"]).mkdir(parents=True, exist_ok=True)
-        result.append((name, options))
     return result
 
 
@@ -115,8 +123,7 @@ def load_runtime(export_dir: Path, providers: list[str] | None = None, threads: 
     """
     export_dir = Path(export_dir)
     config = read_export_config(export_dir)
-    chosen = provider_list(export_dir, config, providers)
-    on_cpu = chosen[0][0] == "CPUExecutionProvider"
+    on_cpu = provider_list(export_dir, config, providers, "encoder")[0][0] == "CPUExecutionProvider"
     options = session_options(config, threads, on_cpu)
     files = config["files"]
 
@@ -124,7 +131,7 @@ def load_runtime(export_dir: Path, providers: list[str] | None = None, threads: 
         path = export_dir / files[key]
         if not path.exists():
             raise FileNotFoundError(f"{path} is missing: the export folder is incomplete")
-        return ort.InferenceSession(str(path), sess_options=options, providers=chosen)
+        return ort.InferenceSession(str(path), sess_options=options, providers=provider_list(export_dir, config, providers, key))
 
     encoder = open_session("encoder")
     decoder = open_session("decoder")
@@ -152,12 +159,13 @@ def load_runtime(export_dir: Path, providers: list[str] | None = None, threads: 
 # ---------------------------------------------------------------- running sessions
 
 
-def run_session(runtime: Runtime, session: ort.InferenceSession, feeds: dict[str, Any]) -> dict[str, Any]:
-    """Outputs by name. With IO binding, inputs that are already OrtValues stay where they are and the
-    outputs stay on the device (the key/value cache never crosses PCIe); call `to_numpy` for logits."""
+def run_session(runtime: Runtime, session: ort.InferenceSession, feeds: dict[str, Any], outputs: list[str] | None = None) -> dict[str, Any]:
+    """Outputs by name (all, or just `outputs`). With IO binding, inputs that are already OrtValues stay
+    where they are and the outputs stay on the device (the key/value cache never crosses PCIe); call
+    `to_numpy` for logits."""
+    names = outputs or [o.name for o in session.get_outputs()]
     if not runtime.io_binding:
         feeds = {k: v.numpy() if isinstance(v, ort.OrtValue) else v for k, v in feeds.items()}
-        names = [o.name for o in session.get_outputs()]
         return dict(zip(names, session.run(names, feeds)))
     binding = session.io_binding()
     for name, value in feeds.items():
@@ -165,10 +173,10 @@ def run_session(runtime: Runtime, session: ort.InferenceSession, feeds: dict[str
             binding.bind_ortvalue_input(name, value)
         else:
             binding.bind_cpu_input(name, np.ascontiguousarray(value))
-    for output in session.get_outputs():
-        binding.bind_output(output.name, runtime.device)
+    for name in names:
+        binding.bind_output(name, runtime.device)
     session.run_with_iobinding(binding)
-    return dict(zip([o.name for o in session.get_outputs()], binding.get_outputs()))
+    return dict(zip(names, binding.get_outputs()))
 
 
 def to_numpy(value: Any) -> np.ndarray:
@@ -191,12 +199,13 @@ def empty_past(runtime: Runtime, batch: int) -> dict[str, np.ndarray]:
     return {name: np.zeros(shape, dtype=np.float32) for name in runtime.past_names}
 
 
-def decoder_logits(runtime: Runtime, hidden: Any, mask: np.ndarray, decoder_ids: np.ndarray) -> tuple[np.ndarray, dict[str, Any]]:
-    """Teacher-forced decoder pass without a cache: logits [batch, length, vocab] and the presents."""
+def decoder_logits(runtime: Runtime, hidden: Any, mask: np.ndarray, decoder_ids: np.ndarray, with_presents: bool = False) -> tuple[np.ndarray, dict[str, Any]]:
+    """Teacher-forced decoder pass without a cache: logits [batch, length, vocab] (and the presents, to
+    continue generating)."""
     feeds = {"input_ids": decoder_ids.astype(np.int64), "encoder_attention_mask": mask, "encoder_hidden_states": hidden}
     if runtime.merged:
         feeds |= empty_past(runtime, decoder_ids.shape[0]) | {"use_cache_branch": np.array([False])}
-    outputs = run_session(runtime, runtime.decoder, feeds)
+    outputs = run_session(runtime, runtime.decoder, feeds, None if with_presents else ["logits"])
     return to_numpy(outputs["logits"]), outputs
 
 
@@ -230,7 +239,7 @@ def greedy_decode(runtime: Runtime, texts: list[str], max_new_tokens: int) -> li
     eos, start = model["eos_token_id"], model["decoder_start_token_id"]
     hidden, mask = encode(runtime, texts)
     tokens = np.full((len(texts), 1), start, dtype=np.int64)
-    logits, outputs = decoder_logits(runtime, hidden, mask, tokens)
+    logits, outputs = decoder_logits(runtime, hidden, mask, tokens, with_presents=True)
     past = carry_past(runtime, outputs, {})
     generated: list[list[int]] = [[] for _ in texts]
     done = np.zeros(len(texts), dtype=bool)

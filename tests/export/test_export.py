@@ -14,7 +14,7 @@ import pytest
 
 from export import parity
 from export.run import main as export_main
-from export.runtime import load_runtime, predict
+from export.runtime import configured_providers, load_runtime, predict
 from stepwise import tasks
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -59,6 +59,8 @@ def test_bad_input_gives_clear_errors(tiny_student_dir, tiny_export_dir, tmp_pat
         export_main(model=tiny_export_dir, out=tmp_path / "out")  # an export folder has no weights
     with pytest.raises(SystemExit, match="exists and is not empty"):
         export_main(model=tiny_student_dir, out=tiny_export_dir)
+    with pytest.raises(SystemExit, match="split decoder layout"):
+        export_main(model=tiny_student_dir, out=tmp_path / "out", target="tensorrt", decoder_layout="merged")
     with pytest.raises(SystemExit, match="choose one of"):
         export_main(model=tiny_student_dir, out=tmp_path / "out", quantize="int8", precision="fp16")
 
@@ -98,6 +100,10 @@ def test_fp16_gpu_export_writes_tensorrt_options_and_runs_on_cpu(tiny_student_di
     assert [p["name"] for p in config["providers"]] == ["TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider"]
     assert trt["options"]["trt_fp16_enable"] and trt["options"]["trt_engine_cache_enable"] and config["io_binding"]
     assert set(trt["profiles"]) == {"encoder", "decoder", "decoder_with_past"} and config["decoder_layout"] == "split"
+    # What serving hands ONNX Runtime on a GPU box, per session: the session's own shape profile, the cache in the folder.
+    name, options = configured_providers(out, config, "decoder_with_past")[0]
+    assert name == "TensorrtExecutionProvider" and options["trt_engine_cache_path"] == str(out / "trt_cache")
+    assert "past_key_values.0.encoder.key:" in options["trt_profile_max_shapes"] and "encoder_hidden_states" not in options["trt_profile_max_shapes"]
     import onnx
 
     decoder = onnx.load(str(out / config["files"]["decoder"]))
