@@ -1,8 +1,9 @@
 """`stepwise extract`: teacher rationales and labels for one task split, written as resumable shards.
 
-The recipe: load the split -> build the few-shot prompts -> skip ids already in finished shards ->
-for each chunk: teacher -> parse (+ majority vote) -> one atomic shard -> manifest. kill -9 at any
-moment and the same command continues where the shards end.
+The recipe: load the split -> skip ids already in finished shards -> stream the rest through the teacher
+(prompts built lazily: few-shot prefix + question) -> parse each completion (+ majority vote over samples)
+-> every `chunk_size` finished records: one atomic shard, then the manifest. kill -9 at any moment and the
+same command continues where the shards end.
 """
 
 from __future__ import annotations
