@@ -165,8 +165,8 @@ def main(
     target: Literal["cpu", "cuda", "tensorrt"] = "cpu",
     decoder_layout: Literal["auto", "split", "merged"] = "auto",
     threads: int = 0,
-    max_input_tokens: int = 512,
-    max_rationale_tokens: int = 128,
+    max_input_tokens: int = 0,
+    max_rationale_tokens: int = 0,
     max_batch: int = 16,
     parity_limit: int = 200,
     parity_providers: list[str] | None = None,
@@ -185,8 +185,8 @@ def main(
         target: where it will be served: cpu (CPU EP), cuda (CUDA EP, IO binding), tensorrt (TensorRT EP, then CUDA)
         decoder_layout: split (decoder + decoder_with_past) or merged (one decoder with an If on the cache); auto picks per target
         threads: intra-op threads per ONNX session written into the config (0: ONNX Runtime decides)
-        max_input_tokens: inputs are truncated to this many tokens
-        max_rationale_tokens: generation limit for rationales (explain)
+        max_input_tokens: inputs are truncated to this many tokens (0: train_config.json's max_input_length, else 512)
+        max_rationale_tokens: generation limit for rationales (0: train_config.json's max_target_length, else 128)
         max_batch: largest request batch serving will send (TensorRT shape profiles)
         parity_limit: validation examples compared against PyTorch (0: skip the gate, not recommended)
         parity_providers: providers for the parity run; default the config's (falls back to CPU where the GPU is absent)
@@ -234,6 +234,9 @@ def main(
     hf_config = AutoConfig.from_pretrained(out)
     tokenizer = AutoTokenizer.from_pretrained(out)
     model_config = {k: getattr(hf_config, k) for k in ("d_model", "num_heads", "d_kv", "num_decoder_layers", "vocab_size", "eos_token_id", "pad_token_id", "decoder_start_token_id")}
+    trained = json.loads((model / "train_config.json").read_text()) if (model / "train_config.json").exists() else {}
+    max_input_tokens = max_input_tokens or int(trained.get("max_input_length", 512))
+    max_rationale_tokens = max_rationale_tokens or int(trained.get("max_target_length", 128))
     limits = token_limits(task, tokenizer, max_rationale_tokens) | {"input": max_input_tokens}
     max_candidates = len(task.labels) if task.answer_style == "label" else 8
     export_config = {
