@@ -1,6 +1,6 @@
 """`stepwise demo`: the whole pipeline on the embedded default, then a report of what it did.
 
-extract (replay teacher) -> train (step-by-step and standard fine-tuning) -> export int8 -> serve on
+extract (replay teacher) -> train (step-by-step and standard fine-tuning) -> export (int8) -> serve on
 loopback and send real requests -> benchmark -> report.md with plots. Every stage runs as the user would
 run it (`python -m stepwise <stage>`, each in its own environment); each step's artifact is reused when
 already there (unless --force), and every artifact is written whole or not at all, so Ctrl-C loses nothing.
@@ -114,13 +114,13 @@ def cost_from_manifest(manifest: dict, run: dict, teacher_name: str) -> dict:
     }
 
 
-def train(out: Path, task: str, student: str, mode: str, minutes: float, max_steps: int, eval_limit: int, force: bool) -> dict:
+def train(out: Path, task: str, student: str, mode: str, minutes: float, max_steps: int, learning_rate: float, eval_limit: int, force: bool) -> dict:
     folder = out / "train" / mode
     if (folder / "metrics.json").exists() and not force:
         print(f"reusing {folder}")
     else:
         args = ["train", "--task", task, "--student", student, "--mode", mode, "--out", str(folder), "--max-minutes", str(minutes),
-                "--learning-rate", "1e-3", "--batch-size", "32", "--eval-every", "100", "--eval-limit", str(eval_limit)]
+                "--learning-rate", str(learning_rate), "--batch-size", "32", "--eval-every", "100", "--eval-limit", str(eval_limit)]
         if mode != "standard-finetune":
             args += ["--rationales", str(out / "extract")]
         if max_steps:
@@ -131,14 +131,15 @@ def train(out: Path, task: str, student: str, mode: str, minutes: float, max_ste
     return read_json(folder / "metrics.json")
 
 
-def export(out: Path, force: bool) -> dict:
-    folder = out / "export-int8"
+def export(out: Path, target: str, force: bool) -> dict:
+    folder = out / "export"
     parity = read_json(folder / "parity.json")
     if parity and parity.get("passed") and not force:
         print(f"reusing {folder}")
         return parity
     # A folder without a passing parity report is a half-finished export: start it again.
-    stepwise("export", "--model", str(out / "train" / "step-by-step"), "--out", str(folder), "--quantize", "int8", "--overwrite")
+    precision = ["--quantize", "int8"] if target == "cpu" else ["--precision", "fp16"]  # int8 for CPU, fp16 (+TensorRT) for GPU
+    stepwise("export", "--model", str(out / "train" / "step-by-step"), "--out", str(folder), "--target", target, *precision, "--overwrite")
     return read_json(folder / "parity.json")
 
 
@@ -152,7 +153,7 @@ def serve_and_query(out: Path, requests: int, port: int, force: bool) -> dict:
 
     from export.runtime import load_runtime, predict
 
-    export_dir = out / "export-int8"
+    export_dir = out / "export"
     task = tasks.load_task(export_dir)
     examples = tasks.load_split(task, "test")[:requests]
     offline = [p.label for p in predict(load_runtime(export_dir, threads=1), examples)]
@@ -224,27 +225,28 @@ async def concurrent_burst(url: str, bodies: list[dict], concurrency: int) -> di
 
 
 def benchmark(out: Path, calls: int, force: bool) -> dict:
-    """Label-only latency of the trained student: PyTorch eager vs ONNX Runtime int8, greedy vs the fast
+    """Label-only latency of the trained student: PyTorch eager vs the ONNX export, greedy vs the fast
     path, each backend in its own process (the export benchmark's worker)."""
     result_path = out / "bench.json"
     if (cached := read_json(result_path)) and not force:
         print(f"reusing {result_path}")
         return cached
-    export_config = read_json(out / "export-int8" / "export_config.json")
+    export_config = read_json(out / "export" / "export_config.json")
     env = envs.quiet_runtime_env() | {"PYTHONPATH": str(envs.ROOT), "OMP_NUM_THREADS": "1"}
     backends: dict[str, Any] = {}
-    for backend, path in (("pytorch-eager", out / "train" / "step-by-step"), ("ort-int8", out / "export-int8")):
+    # The export benchmark's worker picks its loader by backend kind; the folder decides the precision.
+    for name, backend, path in (("pytorch", "pytorch-eager", out / "train" / "step-by-step"), ("onnx", "ort-fp32", out / "export")):
         spec = {"backend": backend, "path": str(path), "model_dir": str(out / "train" / "step-by-step"), "threads": 1,
                 "label_tokens": export_config["max_new_tokens"]["label"], "calls_batch1": calls, "calls_batch16": max(3, calls // 5)}
-        print(f"timing {backend}", flush=True)
+        print(f"timing {name}", flush=True)
         done = subprocess.run([sys.executable, "-m", "benchmarks.export_bench", "--worker", json.dumps(spec)], cwd=envs.ROOT, env=env,
                               capture_output=True, text=True)
         if done.returncode != 0:
-            raise SystemExit(f"[demo] benchmark of {backend} failed:\n{done.stderr[-2000:]}")
+            raise SystemExit(f"[demo] benchmark of {name} failed:\n{done.stderr[-2000:]}")
         result = json.loads(done.stdout.strip().splitlines()[-1])
         for row in result["rows"]:
             row.pop("labels")
-        backends[backend] = result
+        backends[name] = result | {"precision": export_config["precision"] if name == "onnx" else "fp32"}
     return write_json(result_path, backends)
 
 
@@ -277,11 +279,12 @@ def write_report(out: Path, task: str, teacher: str, results: dict) -> Path:
     figure.tight_layout()
     figure.savefig(plots / "accuracy_by_mode.png", dpi=110)
 
+    onnx = f"ORT {bench['onnx']['precision']}"
     latency = {
-        "PyTorch eager\ngreedy": bench_row(bench, "pytorch-eager", 1, False)["p50_ms"],
-        "ORT int8\ngreedy": bench_row(bench, "ort-int8", 1, False)["p50_ms"],
-        "ORT int8\nlabel fast path": bench_row(bench, "ort-int8", 1, True)["p50_ms"],
-        "Ray Serve HTTP\n(ORT int8 + fast path)": served["p50_ms"],
+        "PyTorch eager\ngreedy": bench_row(bench, "pytorch", 1, False)["p50_ms"],
+        f"{onnx}\ngreedy": bench_row(bench, "onnx", 1, False)["p50_ms"],
+        f"{onnx}\nlabel fast path": bench_row(bench, "onnx", 1, True)["p50_ms"],
+        f"Ray Serve HTTP\n({onnx} + fast path)": served["p50_ms"],
     }
     figure, axis = plt.subplots(figsize=(7, 4))
     axis.bar(list(latency), list(latency.values()), color=["tab:gray", "tab:blue", "tab:green", "tab:purple"])
@@ -290,9 +293,9 @@ def write_report(out: Path, task: str, teacher: str, results: dict) -> Path:
     figure.tight_layout()
     figure.savefig(plots / "latency_by_backend.png", dpi=110)
 
-    student_fast = bench_row(bench, "ort-int8", 16, True)
+    student_fast = bench_row(bench, "onnx", 16, True)
     student_seconds_per_1k = 1000 / student_fast["throughput_per_s"]
-    student_rss = bench["ort-int8"]["peak_rss_mb"]
+    student_rss = bench["onnx"]["peak_rss_mb"]
     figure, axes = plt.subplots(1, 2, figsize=(9, 4))
     axes[0].bar(["teacher", "student"], [cost["seconds_per_1k"], student_seconds_per_1k], color=["tab:red", "tab:green"])
     axes[0].set_ylabel("seconds per 1k predictions")
@@ -324,7 +327,7 @@ Task **{spec.name}**, teacher **{teacher}**, written {time.strftime('%Y-%m-%d %H
 A tiny T5 trained from scratch for minutes on a CPU is not the paper's pretrained T5: read these as a check
 that the pipeline learns, not as a reproduction (README, Training, has the GPU recipe for that).
 
-## 3. Export (`stepwise export --quantize int8`)
+## 3. Export (`stepwise export`, {bench['onnx']['precision']})
 Parity gate: {json.dumps({k: v for k, v in results['parity'].items() if not isinstance(v, (dict, list))})}
 
 ## 4. Serving (`stepwise serve`, real HTTP on 127.0.0.1)
@@ -346,7 +349,7 @@ Example (`"explain": true`): input `{example['input'][:160]!r}`, gold `{example[
 | per 1k predictions | seconds | peak RSS MB |
 |---|---|---|
 | teacher: {cost['teacher']} ({cost['tokens_in_per_record']:.0f} prompt + {cost['tokens_out_per_record']:.0f} generated tokens per input) | {cost['seconds_per_1k']:.1f} | {cost['peak_rss_mb']:.0f} |
-| student: ORT int8, label fast path, batch 16 | {student_seconds_per_1k:.2f} | {student_rss:.0f} |
+| student: {onnx}, label fast path, batch 16 | {student_seconds_per_1k:.2f} | {student_rss:.0f} |
 
 Teacher time: {cost['note']}. Figures come from one run on a shared 2-core CPU; compare ratios, not absolutes.
 """
@@ -369,7 +372,9 @@ def main(
     train_minutes: float = 4.0,
     max_steps: int = 0,
     train_limit: int = 0,
+    learning_rate: float = 0.0,
     eval_limit: int = 300,
+    export_target: Literal["cpu", "cuda", "tensorrt"] = "cpu",
     requests: int = 100,
     teacher_probe: int = 64,
     bench_calls: int = 40,
@@ -387,7 +392,9 @@ def main(
         train_minutes: wall-clock budget of each training run.
         max_steps: cap on training steps per run (0: the time budget decides).
         train_limit: only the first N train examples are extracted (0: all).
+        learning_rate: 0: 1e-3 for a student built from scratch (tiny, small), 5e-5 (the paper's) for a checkpoint.
         eval_limit: validation/test examples scored during and after training (0: all).
+        export_target: cpu (int8, CPU EP), cuda (fp16, CUDA EP) or tensorrt (fp16, TensorRT EP).
         requests: test requests sent to the served student.
         teacher_probe: inputs the tiny vLLM teacher answers to measure teacher cost (replay teacher only).
         bench_calls: timed calls per backend in the latency benchmark.
@@ -396,6 +403,7 @@ def main(
     """
     if teacher == "vllm" and not teacher_model:
         raise SystemExit("stepwise demo: --teacher vllm needs --teacher-model (a vLLM model name or folder)")
+    learning_rate = learning_rate or (1e-3 if student in ("tiny", "small") else 5e-5)
     started = time.time()
     out = Path(out).resolve()
     out.mkdir(parents=True, exist_ok=True)
@@ -408,12 +416,12 @@ def main(
     results["train"] = {}
     for i, mode in enumerate(MODES):
         say(3 + i, f"train {mode} ({student} student, up to {train_minutes:g} min)")
-        results["train"][mode] = train(out, task, student, mode, train_minutes, max_steps, eval_limit, force)
-    say(5, "export the step-by-step student to ONNX int8, parity-gated against PyTorch")
-    results["parity"] = export(out, force)
+        results["train"][mode] = train(out, task, student, mode, train_minutes, max_steps, learning_rate, eval_limit, force)
+    say(5, f"export the step-by-step student to ONNX ({'int8' if export_target == 'cpu' else 'fp16'}, {export_target}), parity-gated against PyTorch")
+    results["parity"] = export(out, export_target, force)
     say(6, f"serve it on Ray Serve at 127.0.0.1:{port} and send {requests} real requests")
     results["serve"] = serve_and_query(out, requests, port, force)
-    say(7, "benchmark label-only latency: PyTorch eager vs ONNX Runtime int8, greedy vs fast path")
+    say(7, "benchmark label-only latency: PyTorch eager vs ONNX Runtime, greedy vs fast path")
     results["bench"] = benchmark(out, bench_calls, force)
     say(8, "report")
     report = write_report(out, task, teacher, results)

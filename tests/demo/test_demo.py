@@ -36,7 +36,7 @@ def test_demo_runs_every_stage_and_writes_the_report(tmp_path):
     assert served["agreement_with_offline"] == 1.0  # HTTP answers equal offline ONNX predictions
     assert served["burst"]["ok"] == served["requests"] == 8
     assert served["example"]["response"]["predictions"][0]["rationale"] is not None
-    assert json.loads((out / "export-int8" / "parity.json").read_text())["passed"]
+    assert json.loads((out / "export" / "parity.json").read_text())["passed"]
     for mode in ("step-by-step", "standard-finetune"):
         assert json.loads((out / "train" / mode / "metrics.json").read_text())["steps"] == 15
 
