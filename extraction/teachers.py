@@ -115,7 +115,9 @@ def vllm_teacher(task: tasks.Task, llm, sampling: dict, structured: bool) -> Tea
         in_flight: dict[str, tasks.Example] = {}
         try:
             while True:
+                pulled = 0
                 for example, prompt in itertools.islice(work, window - len(in_flight)):
+                    pulled += 1
                     prompt_ids = tokenizer.encode(prompt)
                     # The engine would reject a prompt that cannot fit: record it and go on.
                     if len(prompt_ids) + sampling["max_tokens"] > context:
@@ -125,7 +127,9 @@ def vllm_teacher(task: tasks.Task, llm, sampling: dict, structured: bool) -> Tea
                     engine.add_request(request_id, {"prompt_token_ids": prompt_ids}, params_for(example))
                     in_flight[request_id] = example
                 if not in_flight:
-                    return
+                    if not pulled:  # the work is used up
+                        return
+                    continue  # everything pulled was too long: pull more
                 for output in engine.step():
                     if output.finished:
                         yield in_flight.pop(output.request_id), Generation(

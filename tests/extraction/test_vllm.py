@@ -35,6 +35,15 @@ def test_vllm_extracts_64_inputs(tiny_teacher, tmp_path):
     assert sum(manifest["counts"]["failure_reasons"].values()) == sum(r["status"] != "ok" for r in records)
 
 
+def test_prompts_longer_than_the_context_become_error_records(tiny_teacher, tmp_path):
+    out = tmp_path / "out"
+    cli.main(["extract", "--task", "cqa", "--split", "valid", "--teacher", "vllm", "--model", str(tiny_teacher), "--limit", "5",
+              "--max-model-len", "512", "--max-tokens", "16", "--enforce-eager", "--out", str(out)])
+    records = read_records(out)
+    assert len(records) == 5 and {r["status"] for r in records} == {"error"}
+    assert all(r["reason"].startswith("prompt too long") and "max_model_len 512" in r["reason"] for r in records)
+
+
 def kill_after_new_shards(command: list[str], env: dict, out: Path, new: int) -> int:
     """Start a real `stepwise extract`, SIGKILL it once `new` more shards exist; return the shard count then."""
     before = len(shards.shard_paths(out)) if out.exists() else 0
