@@ -1,0 +1,37 @@
+"""The same student behind a plain FastAPI app on uvicorn: no Ray, no batching, one `predict` per request.
+The serving benchmark's baseline, so that Ray Serve's own overhead shows apart from HTTP's.
+
+    STEPWISE_PLAIN_MODEL=EXPORT_DIR uvicorn benchmarks.serving_plain:app --port 8001
+"""
+
+import asyncio
+import os
+import threading
+from pathlib import Path
+
+from fastapi import FastAPI
+
+from export.runtime import load_runtime, predict
+from serving.app import DEFAULTS, PredictionOut, PredictRequest, PredictResponse, to_example
+
+runtime = load_runtime(Path(os.environ["STEPWISE_PLAIN_MODEL"]), threads=1)
+one_at_a_time = threading.Lock()  # the fast tokenizer is not thread-safe ("Already borrowed"); no batching either
+
+
+def predict_alone(examples, explain):
+    with one_at_a_time:
+        return predict(runtime, examples, explain)
+app = FastAPI(title="stepwise student, plain FastAPI")
+
+
+@app.post("/v1/predict")
+async def predict_endpoint(body: PredictRequest) -> PredictResponse:
+    items = body.inputs if isinstance(body.inputs, list) else [body.inputs]
+    examples = [to_example(item, runtime.task, f"inputs.{i}", DEFAULTS.max_input_chars) for i, item in enumerate(items)]
+    predictions = await asyncio.to_thread(predict_alone, examples, body.explain)
+    return PredictResponse(model=runtime.task.name, version=runtime.version, predictions=[PredictionOut(label=p.label, rationale=p.rationale) for p in predictions])
+
+
+@app.get("/healthz")
+async def healthz() -> dict[str, str]:
+    return {"status": "ok"}
