@@ -22,6 +22,7 @@ import os
 import signal
 import time
 import urllib.request
+import weakref
 from collections import defaultdict
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -37,7 +38,7 @@ from ray.serve.metrics import Counter, Histogram
 from ray.serve.schema import LoggingConfig
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from export.runtime import Prediction, Runtime, load_runtime, predict
+from export.runtime import EXPORT_CONFIG, Prediction, Runtime, load_runtime, predict, read_export_config
 from stepwise import tasks
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -66,6 +67,7 @@ class ServeArgs(BaseModel):
     max_replicas: int | None = Field(None, ge=1, description="autoscaling ceiling; set it to autoscale")
     target_ongoing_requests: float = Field(8.0, gt=0, description="autoscaling target of ongoing requests per replica")
     replica_cpus: float = Field(0.5, gt=0, description="CPUs Ray reserves per replica")
+    replica_gpus: float | None = Field(None, ge=0, description="GPUs per replica; default 1 when an export targets cuda/tensorrt, else 0")
     ort_threads: int = Field(1, ge=1, description="ONNX Runtime intra-op threads per session")
     access_log: bool = Field(False, description="one JSON log line per request (costs latency)")
 
@@ -118,7 +120,8 @@ class ModelInfo(BaseModel):
     task: str
     answer_style: str
     labels: list[str]
-    loaded: bool  # on the replica that answered
+    version: str | None  # known once loaded on the replica that answered
+    loaded: bool  # on the replica that answered (a replica keeps MODELS_PER_REPLICA, least recently used dropped)
 
 
 api = FastAPI(
@@ -243,13 +246,14 @@ class StudentServer:
         self.tasks = {model_id: tasks.load_task(Path(folder)) for model_id, folder in self.args.models.items()}
         self.decode.set_max_batch_size(self.args.max_batch_size)
         self.decode.set_batch_wait_timeout_s(self.args.batch_wait_timeout_s)
-        self.loaded: set[str] = set()
+        # Runtimes this replica holds; an entry disappears when multiplexing drops (and frees) that runtime.
+        self.loaded: weakref.WeakValueDictionary[str, Runtime] = weakref.WeakValueDictionary()
 
     @serve.multiplexed(max_num_models_per_replica=MODELS_PER_REPLICA)
     async def load_model(self, model_id: str) -> Runtime:
         started = time.perf_counter()
         runtime = await asyncio.to_thread(load_runtime, Path(self.args.models[model_id]), threads=self.args.ort_threads)
-        self.loaded.add(model_id)
+        self.loaded[model_id] = runtime
         logger.info(f"loaded model {model_id} ({runtime.model_id} {runtime.version}, {runtime.providers[0]}) in {time.perf_counter() - started:.2f}s")
         return runtime
 
@@ -305,7 +309,11 @@ class StudentServer:
 
     @api.get("/v1/models")
     async def models(self) -> list[ModelInfo]:
-        return [ModelInfo(id=model_id, task=task.name, answer_style=task.answer_style, labels=task.labels, loaded=model_id in self.loaded) for model_id, task in self.tasks.items()]
+        infos = []
+        for model_id, task in self.tasks.items():
+            runtime = self.loaded.get(model_id)
+            infos.append(ModelInfo(id=model_id, task=task.name, answer_style=task.answer_style, labels=task.labels, version=runtime and runtime.version, loaded=runtime is not None))
+        return infos
 
 
 # ---------------------------------------------------------------- building and running the app
@@ -316,11 +324,15 @@ def check_models(models: dict[str, str]) -> dict[str, str]:
     checked = {}
     for model_id, folder in models.items():
         path = Path(folder).expanduser().resolve()
-        if not (path / "export_config.json").exists():
-            raise ValueError(f"model {model_id!r}: {path} is not an export folder (no export_config.json; run `stepwise export` first)")
+        if not (path / EXPORT_CONFIG).exists():
+            raise ValueError(f"model {model_id!r}: {path} is not an export folder (no {EXPORT_CONFIG}; run `stepwise export` first)")
         tasks.load_task(path)
         checked[model_id] = str(path)
     return checked
+
+
+def wants_gpu(models: dict[str, str]) -> bool:
+    return any(read_export_config(Path(folder)).get("target") in ("cuda", "tensorrt") for folder in models.values())
 
 
 def build_app(args: ServeArgs) -> serve.Application:
@@ -329,15 +341,18 @@ def build_app(args: ServeArgs) -> serve.Application:
         scaling: dict[str, Any] = {"num_replicas": args.replicas}
     else:
         scaling = {"autoscaling_config": {"min_replicas": args.min_replicas, "max_replicas": args.max_replicas, "target_ongoing_requests": args.target_ongoing_requests}}
+    models = check_models(args.models)
+    # Ray hides GPUs from actors that reserve none, and ONNX Runtime then silently falls back to the CPU.
+    gpus = args.replica_gpus if args.replica_gpus is not None else float(wants_gpu(models))
     deployment = StudentServer.options(
         max_ongoing_requests=args.max_ongoing_requests,
         max_queued_requests=args.max_queued_requests,
         backpressure_config=BackpressureConfig(status_code=503, retry_after_s=args.retry_after_s),
-        ray_actor_options={"num_cpus": args.replica_cpus},
+        ray_actor_options={"num_cpus": args.replica_cpus, "num_gpus": gpus},
         logging_config=LoggingConfig(encoding="JSON", enable_access_log=args.access_log),
         **scaling,
     )
-    return deployment.bind(args.model_copy(update={"models": check_models(args.models)}).model_dump())
+    return deployment.bind(args.model_copy(update={"models": models}).model_dump())
 
 
 def parse_models(specs: list[str]) -> dict[str, str]:
@@ -423,6 +438,7 @@ def main(
     max_items: int = DEFAULTS.max_items,
     max_input_chars: int = DEFAULTS.max_input_chars,
     replica_cpus: float = DEFAULTS.replica_cpus,
+    replica_gpus: float | None = DEFAULTS.replica_gpus,
     ort_threads: int = DEFAULTS.ort_threads,
     access_log: bool = DEFAULTS.access_log,
     ray_cpus: int = 2,
@@ -448,6 +464,7 @@ def main(
         max_items: most inputs in one request (413 beyond)
         max_input_chars: longest input in characters (413 beyond)
         replica_cpus: CPUs Ray reserves per replica
+        replica_gpus: GPUs per replica; default 1 when an export targets cuda or tensorrt, else 0
         ort_threads: ONNX Runtime intra-op threads per session
         access_log: a JSON access-log line per request (costs latency)
         ray_cpus: CPUs of the local Ray instance

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -64,3 +66,17 @@ def test_inputs_become_task_examples():
         app.to_example("Where?", cqa, "inputs.3", 100)
     with pytest.raises(HTTPException, match="inputs.0.choices.1: empty input"):
         app.to_example(app.InputItem(question="Where?", choices=["home", " "]), cqa, "inputs.0", 100)
+
+
+def test_replicas_reserve_a_gpu_when_the_export_targets_one(tiny_export_dir, tmp_path):
+    def actor_options(folder: Path, **settings) -> dict:
+        args = app.ServeArgs(models={"m": str(folder)}, **settings)
+        return app.build_app(args)._bound_deployment.ray_actor_options
+
+    assert actor_options(tiny_export_dir)["num_gpus"] == 0
+    gpu_export = tmp_path / "gpu-export"
+    shutil.copytree(tiny_export_dir, gpu_export)
+    config = json.loads((gpu_export / "export_config.json").read_text())
+    (gpu_export / "export_config.json").write_text(json.dumps(config | {"target": "cuda"}))
+    assert actor_options(gpu_export)["num_gpus"] == 1
+    assert actor_options(gpu_export, replica_gpus=0.5)["num_gpus"] == 0.5

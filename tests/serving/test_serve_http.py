@@ -70,6 +70,7 @@ def test_health_models_and_docs(client):
     models = {m["id"]: m for m in client.get("/v1/models").json()}
     assert set(models) == {"esnli", "esnli-b"}
     assert models["esnli"]["task"] == "esnli" and models["esnli"]["labels"] == tasks.NLI_LABELS
+    assert models["esnli"]["loaded"] is False and models["esnli"]["version"] is None  # nothing asked for yet
     assert "swagger" in client.get("/docs").text.lower()
     assert "/v1/predict" in client.get("/openapi.json").json()["paths"]
 
@@ -84,6 +85,8 @@ def test_labels_match_offline_prediction(client, tiny_export_dir, examples):
     offline = predict(runtime, examples, explain=True)
     body = client.post("/v1/predict", json={"model": "esnli", "explain": True, "inputs": [e.input for e in examples]}).json()
     assert body["predictions"] == [{"label": p.label, "rationale": p.rationale} for p in offline]
+    loaded = {m["id"]: m for m in client.get("/v1/models").json()}["esnli"]
+    assert loaded["loaded"] is True and loaded["version"] == runtime.version
 
 
 def test_model_chosen_by_body_or_header(client, examples):
