@@ -28,6 +28,9 @@ DEFAULT_LAYOUT = {"cpu": "split", "cuda": "merged", "tensorrt": "split"}
 # RMS layer norm (Pow, ReduceMean): keep those, and softmax, in fp32; the other matmuls run in fp16.
 FP16_BLOCKED_OPS = ["Add", "Pow", "ReduceMean", "Sqrt", "Div", "Softmax"]
 FP16_BLOCKED_NODE_MARKERS = ("/DenseReluDense/wo/",)
+# The LM head stays fp32: quantizing it moved labels most (trained tiny e-SNLI student, 200 valid examples:
+# greedy agreement 0.875 -> 0.970, fast-path 0.910 -> 0.955 with it kept in fp32).
+INT8_EXCLUDED_NODES = ["/lm_head/MatMul"]
 DEFAULT_MIN_AGREEMENT = {"fp32": 0.99, "fp16": 0.95, "int8": 0.9}
 
 
@@ -65,7 +68,7 @@ def cpu_has_vnni() -> bool:
 
 def quantize_int8(path: Path) -> Path:
     """Dynamic int8 (weights int8 per channel, activations quantized at run time) for the weight
-    matmuls. With VNNI the full u8*s8 range is safe; without it reduce the range (AVX2 saturation)."""
+    matmuls but the LM head. With VNNI the full u8*s8 range is safe; without it reduce the range (AVX2 saturation)."""
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
     quantized = path.with_name(path.stem + "_int8.onnx")
@@ -76,6 +79,7 @@ def quantize_int8(path: Path) -> Path:
         per_channel=True,
         reduce_range=not cpu_has_vnni(),
         op_types_to_quantize=["MatMul"],
+        nodes_to_exclude=INT8_EXCLUDED_NODES,
         extra_options={"MatMulConstBOnly": True},
     )
     return quantized
@@ -251,7 +255,7 @@ def main(
         "io_binding": target in ("cuda", "tensorrt"),
         "threads": threads,
         "session_config": {"graph_optimization_level": "ORT_ENABLE_ALL", "session.intra_op.allow_spinning": "0 on CPU"},
-        "quantization": {"method": "dynamic", "weights": "int8 per-channel", "ops": ["MatMul"], "vnni": cpu_has_vnni()} if kind == "int8" else None,
+        "quantization": {"method": "dynamic", "weights": "int8 per-channel", "ops": ["MatMul"], "excluded_nodes": INT8_EXCLUDED_NODES, "vnni": cpu_has_vnni()} if kind == "int8" else None,
         "fp16": {"blocked_ops": FP16_BLOCKED_OPS, "blocked_nodes": list(FP16_BLOCKED_NODE_MARKERS), "keep_io_types": True} if kind == "fp16" else None,
         "model": model_config,
         "max_input_tokens": max_input_tokens,
