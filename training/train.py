@@ -155,11 +155,6 @@ def evaluate(model, tokenizer, task: tasks.Task, examples: list[tasks.Example], 
 # ---------------------------------------------------------------- the output folder
 
 
-def load_student(folder: Path) -> tuple[T5ForConditionalGeneration, PreTrainedTokenizerBase, tasks.Task]:
-    """A trained student folder back as (model, tokenizer, task): only from_pretrained and task.json."""
-    return T5ForConditionalGeneration.from_pretrained(folder), AutoTokenizer.from_pretrained(folder), tasks.load_task(folder)
-
-
 def _write_json(path: Path, data: dict) -> None:
     tmp = path.with_name(f".{path.name}.tmp")
     tmp.write_text(json.dumps(data, indent=2) + "\n")
