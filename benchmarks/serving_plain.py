@@ -6,7 +6,7 @@ The serving benchmark's baseline, so that Ray Serve's own overhead shows apart f
 
 import asyncio
 import os
-import threading
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from fastapi import FastAPI
@@ -15,12 +15,8 @@ from export.runtime import load_runtime, predict
 from serving.app import DEFAULTS, PredictionOut, PredictRequest, PredictResponse, to_example
 
 runtime = load_runtime(Path(os.environ["STEPWISE_PLAIN_MODEL"]), threads=1)
-one_at_a_time = threading.Lock()  # the fast tokenizer is not thread-safe ("Already borrowed"); no batching either
-
-
-def predict_alone(examples, explain):
-    with one_at_a_time:
-        return predict(runtime, examples, explain)
+# One runtime thread fed first come, first served: the fast tokenizer is not thread-safe, and no batching.
+runtime_thread = ThreadPoolExecutor(1)
 app = FastAPI(title="stepwise student, plain FastAPI")
 
 
@@ -28,7 +24,7 @@ app = FastAPI(title="stepwise student, plain FastAPI")
 async def predict_endpoint(body: PredictRequest) -> PredictResponse:
     items = body.inputs if isinstance(body.inputs, list) else [body.inputs]
     examples = [to_example(item, runtime.task, f"inputs.{i}", DEFAULTS.max_input_chars) for i, item in enumerate(items)]
-    predictions = await asyncio.to_thread(predict_alone, examples, body.explain)
+    predictions = await asyncio.get_running_loop().run_in_executor(runtime_thread, predict, runtime, examples, body.explain)
     return PredictResponse(model=runtime.task.name, version=runtime.version, predictions=[PredictionOut(label=p.label, rationale=p.rationale) for p in predictions])
 
 
