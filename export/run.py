@@ -21,8 +21,9 @@ ONNX_FILES = {
     "decoder_merged": "decoder_model_merged.onnx",
 }
 COPIED_FILES = ("task.json", "train_config.json")
-# Measured on this 2-core CPU (README "## Export", benchmarks/export_layouts.py). TensorRT: split, since
-# the merged decoder's If node cuts the graph into separate TensorRT subgraphs around the branch.
+# CPU: split, measured (README "## Export", benchmarks/export_bench.py: int8 split 2.9x faster greedy at batch 1,
+# fp32 a tie). TensorRT: split, it cannot build one engine across the merged decoder's If node. CUDA EP:
+# merged, one decoder's weights in GPU memory instead of two (not measured: no GPU here).
 DEFAULT_LAYOUT = {"cpu": "split", "cuda": "merged", "tensorrt": "split"}
 # T5 overflows fp16 (activations past 65504) in the FFN output projection and in the residual stream /
 # RMS layer norm (Pow, ReduceMean): keep those, and softmax, in fp32; the other matmuls run in fp16.
