@@ -472,7 +472,7 @@ def main(
         run_dir: Ray's temporary folder and logs (logs/serve/ holds the JSON logs)
     """
     options = {k: v for k, v in locals().items() if k in ServeArgs.model_fields}
-    signal.signal(signal.SIGTERM, interrupt)
+    previous_handler = signal.signal(signal.SIGTERM, interrupt)
     try:
         url = start(parse_models(model), port=port, host=host, args=options, ray_dir=run_dir / "ray", ray_cpus=ray_cpus, metrics_port=metrics_port)
         print(f"[serve] {url}/v1/predict  docs {url}/docs  metrics http://127.0.0.1:{metrics_port}/metrics  logs {run_dir.resolve()}/ray/session_latest/logs/serve  (Ctrl-C stops)", flush=True)
@@ -480,6 +480,9 @@ def main(
             time.sleep(3600)
     except KeyboardInterrupt:
         print("[serve] shutting down", flush=True)
+    except (ValueError, FileNotFoundError) as problem:  # a bad folder or setting, found before Ray starts
+        raise SystemExit(f"stepwise serve: {problem}") from None
     finally:
         stop()
+        signal.signal(signal.SIGTERM, previous_handler)
     return 0

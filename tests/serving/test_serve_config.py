@@ -80,3 +80,10 @@ def test_replicas_reserve_a_gpu_when_the_export_targets_one(tiny_export_dir, tmp
     (gpu_export / "export_config.json").write_text(json.dumps(config | {"target": "cuda"}))
     assert actor_options(gpu_export)["num_gpus"] == 1
     assert actor_options(gpu_export, replica_gpus=0.5)["num_gpus"] == 0.5
+
+
+def test_stepwise_serve_refuses_bad_folders_and_settings_before_starting_ray(tiny_export_dir, tmp_path):
+    with pytest.raises(SystemExit, match="has no task.json"):
+        app.main(model=[str(tmp_path)])
+    with pytest.raises(SystemExit, match=r"max_ongoing_requests \(4\) must be at least max_batch_size \(16\)"):
+        app.main(model=[str(tiny_export_dir)], max_ongoing_requests=4)
