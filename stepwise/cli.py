@@ -165,6 +165,12 @@ def main(argv: list[str] | None = None) -> None:
     if envs.current_env() != env_name and os.environ.get("STEPWISE_INPROCESS") != "1":
         envs.exec_in_env(env_name, argv)
     fn = getattr(importlib.import_module(module_name), fn_name)
-    result = call_with_argv(fn, rest, prog=f"stepwise {command}")
+    try:
+        result = call_with_argv(fn, rest, prog=f"stepwise {command}")
+    except (ValueError, FileNotFoundError) as problem:
+        # Bad input names its problem in the message; a traceback would bury it (STEPWISE_DEBUG=1 keeps it).
+        if os.environ.get("STEPWISE_DEBUG") == "1":
+            raise
+        raise SystemExit(f"stepwise {command}: error: {problem}") from None
     if isinstance(result, int):
         raise SystemExit(result)

@@ -77,3 +77,11 @@ def test_data_command_routes_into_its_environment_and_prints_the_table(tmp_path)
     assert test_row[:5] == ["test", "9824", "9824", "100.00%", "72.99%"]
     report = json.loads((tmp_path / "d.json").read_text())
     assert [s["split"] for s in report["splits"]] == ["train", "valid", "test"]
+
+
+def test_bad_input_from_a_stage_is_one_line_not_a_traceback(tmp_path):
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "STEPWISE_INPROCESS", "STEPWISE_DEBUG")}
+    result = subprocess.run([sys.executable, "-m", "stepwise", "data", "--task", str(tmp_path / "missing.jsonl")],
+                            cwd=envs.ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 1
+    assert "stepwise data: error: unknown task" in result.stderr and "Traceback" not in result.stderr
