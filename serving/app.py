@@ -227,11 +227,16 @@ def replica_metrics() -> dict[str, Any]:
     }
 
 
+METRIC_ROUTES = {"/v1/predict", "/v1/models", "/healthz", "/docs", "/openapi.json"}
+
+
 @api.middleware("http")
 async def count_requests(request: Request, call_next):
     started = time.perf_counter()
     response = await call_next(request)
-    metrics, route = replica_metrics(), request.url.path
+    # The app's own paths only (under any route prefix), so scanners cannot blow up the label set.
+    path = request.scope["path"].removeprefix(request.scope.get("root_path", ""))
+    metrics, route = replica_metrics(), path if path in METRIC_ROUTES else "other"
     metrics["requests"].inc(tags={"route": route, "status": str(response.status_code)})
     metrics["latency"].observe((time.perf_counter() - started) * 1000, tags={"route": route})
     return response

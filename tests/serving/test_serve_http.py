@@ -137,8 +137,6 @@ def test_concurrent_requests_are_batched(served, tiny_export_dir, examples):
         asyncio.run(asyncio.sleep(0.5))
     assert batches > singles, f"{batches:.0f} batches, all of one input: no batching happened"
     assert batches < len(responses)
-    assert metric_samples(text, "ray_stepwise_requests_total", route="/v1/predict", status="200")
-    assert metric_samples(text, "ray_stepwise_request_latency_ms_count", route="/v1/predict")
 
 
 BAD_INPUTS = [
@@ -206,3 +204,22 @@ def test_logs_are_json(served, client):
     records = [json.loads(line) for line in lines]
     loads = [r for r in records if r.get("message", "").startswith("loaded model")]
     assert loads and all({"deployment", "replica", "levelname"} <= set(r) for r in loads)
+
+
+def wait_for_metric(url: str, name: str, **labels: str) -> list[tuple[dict[str, str], float]]:
+    """Samples of a metric once Ray has exported them (every second or so), or [] after 30 s."""
+    for _ in range(60):
+        samples = metric_samples(httpx.get(url, timeout=10).text, name, **labels)
+        if samples:
+            return samples
+        asyncio.run(asyncio.sleep(0.5))
+    return []
+
+
+def test_request_metrics_by_route_and_status(served):
+    assert wait_for_metric(served.metrics, "ray_stepwise_requests_total", route="/v1/predict", status="200")
+    assert wait_for_metric(served.metrics, "ray_stepwise_requests_total", route="/v1/predict", status="422")
+    assert wait_for_metric(served.metrics, "ray_stepwise_request_latency_ms_count", route="/v1/predict")
+    # Unknown paths (test_wrong_method_and_path) count as "other", so scanners cannot blow up the label set.
+    assert wait_for_metric(served.metrics, "ray_stepwise_requests_total", route="other", status="404")
+    assert not [labels for labels, _ in metric_samples(httpx.get(served.metrics, timeout=10).text, "ray_stepwise_requests_total") if labels["route"] == "/v2/predict"]
