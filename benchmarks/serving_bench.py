@@ -269,7 +269,7 @@ def main(
             server.terminate()
             server.wait(30)
 
-    settings = {"max_batch_size": max_batch_size, "batch_wait_timeout_s": batch_wait_timeout_s, "max_ongoing_requests": max(128, max_batch_size), "max_queued_requests": 512, "replica_cpus": 1.0}
+    settings = {"max_batch_size": max_batch_size, "batch_wait_timeout_s": batch_wait_timeout_s, "max_ongoing_requests": max(128, max_batch_size), "max_queued_requests": 512, "request_timeout_s": 120.0, "replica_cpus": 1.0}
     for target in [t for t in targets if t in SERVE_VARIANTS]:
         from serving import app
 
