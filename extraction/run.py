@@ -270,6 +270,7 @@ def main(
     teacher_meta = {k: config[k] for k in ("backend", "model", "sampling", "structured", "prompt_hash")}
 
     new: list[dict] = []
+    generation_started = time.time()
     if pending and ray:
         from extraction import ray_job
 
@@ -282,12 +283,14 @@ def main(
     elif pending:
         generate = build_teacher(spec, teacher, model, sampling, structured, prefix_caching, tensor_parallel_size, dtype, max_model_len,
                                  gpu_memory_utilization, enforce_eager, base_url, api_key, concurrency, timeout, retries)
+        generation_started = time.time()  # engine start-up is reported apart from generation
         new = extract_chunks(spec, generate, shots, pending, teacher_meta, out, chunk_size, shard_format, config, len(examples), done,
                              f"extract {spec.name}/{split}")
 
     wall = time.time() - started
     this_run = shards.count_records(new)
-    summary = {"records_this_run": len(new), "wall_s": round(wall, 3), "records_per_s": len(new) / wall if wall else None,
+    generation_s = time.time() - generation_started
+    summary = {"records_this_run": len(new), "wall_s": round(wall, 3), "generation_s": round(generation_s, 3), "records_per_s": len(new) / wall if wall else None,
                "tokens_out_per_s": this_run["tokens_out"] / wall if wall else None, "this_run": this_run}
     manifest = write_manifest(out, config, len(examples), done + new, summary)
     print_summary(manifest)

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import os
 import random
 import re
 from dataclasses import dataclass, field
@@ -78,8 +79,13 @@ def answer_regex(task: tasks.Task, example: tasks.Example, max_rationale_chars: 
 def load_vllm(model: str, seed: int, prefix_caching: bool, tensor_parallel_size: int, dtype: str, max_model_len: int,
               gpu_memory_utilization: float, enforce_eager: bool):
     from vllm import LLM
+    from vllm.platforms import current_platform
 
+    # On the CPU build, gpu_memory_utilization reserves that share of *host* RAM and refuses to start when
+    # other processes hold memory; a fixed KV cache (VLLM_CPU_KVCACHE_SPACE GiB, default 4) is the CPU knob.
+    cpu_cache = {"kv_cache_memory_bytes": int(float(os.environ.get("VLLM_CPU_KVCACHE_SPACE") or 4) * 2**30)} if current_platform.is_cpu() else {}
     return LLM(
+        **cpu_cache,
         model=model,
         tensor_parallel_size=tensor_parallel_size,
         dtype=dtype,
