@@ -128,18 +128,6 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def wait_healthy(url: str, timeout_s: float = 120) -> None:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        try:
-            if httpx.get(f"{url}/healthz", timeout=2).status_code == 200:
-                return
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.3)
-    raise TimeoutError(f"{url} did not become healthy")
-
-
 def start_plain(model: Path, port: int) -> subprocess.Popen:
     env = os.environ | {"STEPWISE_PLAIN_MODEL": str(model), "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
     command = [sys.executable, "-m", "uvicorn", "benchmarks.serving_plain:app", "--host", "127.0.0.1", "--port", str(port), "--no-access-log", "--log-level", "warning"]
@@ -258,11 +246,13 @@ def main(
         rows += run_points("direct", lambda c, explain, n: direct_load(lambda i: call(i, explain), c, n, time_limit_s), **points)
 
     if "plain" in targets:
+        from serving.app import wait_ready
+
         port = free_port()
         server = start_plain(model, port)
         try:
             url = f"http://127.0.0.1:{port}"
-            wait_healthy(url)
+            wait_ready(url, 120, process=server)
             asyncio.run(http_load(f"{url}/v1/predict", bodies[False], 4, 40, time_limit_s))  # warm-up
             rows += run_points("plain", lambda c, explain, n: asyncio.run(http_load(f"{url}/v1/predict", bodies[explain], c, n, time_limit_s)), **points)
         finally:

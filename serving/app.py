@@ -21,6 +21,7 @@ import logging
 import os
 import shutil
 import signal
+import subprocess
 import tempfile
 import time
 import urllib.request
@@ -413,9 +414,12 @@ def start(models: dict[str, Path], port: int = 8000, host: str = "127.0.0.1", ar
     return url
 
 
-def wait_ready(url: str, timeout_s: float) -> None:
+def wait_ready(url: str, timeout_s: float, process: subprocess.Popen | None = None) -> None:
+    """Return once GET /healthz answers 200; fail early if `process` (a server started elsewhere) exits."""
     deadline = time.monotonic() + timeout_s
     while True:
+        if process is not None and process.poll() is not None:
+            raise RuntimeError(f"the server process exited with {process.returncode} before {url} was ready")
         try:
             with urllib.request.urlopen(f"{url}/healthz", timeout=5) as response:
                 if response.status == 200:

@@ -155,6 +155,7 @@ def serve_and_query(out: Path, requests: int, port: int, force: bool) -> dict:
     import httpx
 
     from export.runtime import load_runtime, predict
+    from serving.app import wait_ready
 
     export_dir = out / "export"
     task = tasks.load_task(export_dir)
@@ -168,7 +169,10 @@ def serve_and_query(out: Path, requests: int, port: int, force: bool) -> dict:
                               cwd=envs.ROOT, env=env, start_new_session=True)
     url = f"http://127.0.0.1:{port}"
     try:
-        wait_healthy(url, server, timeout_s=240)
+        try:
+            wait_ready(url, timeout_s=240, process=server)
+        except (RuntimeError, TimeoutError) as problem:
+            raise SystemExit(f"[demo] `stepwise serve`: {problem}") from None
         body = lambda e: {"inputs": {"input": e.input, **({"choices": e.choices} if e.choices else {})}}  # noqa: E731
         with httpx.Client(base_url=url, timeout=60) as client:
             latencies, served = [], []
@@ -203,22 +207,6 @@ def stop_server(server: subprocess.Popen) -> None:
     except subprocess.TimeoutExpired:
         os.killpg(server.pid, signal.SIGKILL)
         server.wait()
-
-
-def wait_healthy(url: str, server: subprocess.Popen, timeout_s: float) -> None:
-    import httpx
-
-    deadline = time.time() + timeout_s
-    while time.time() < deadline:
-        if server.poll() is not None:
-            raise SystemExit(f"[demo] `stepwise serve` exited with {server.returncode} before it was ready")
-        try:
-            if httpx.get(f"{url}/healthz", timeout=2).status_code == 200:
-                return
-        except httpx.HTTPError:
-            pass
-        time.sleep(1)
-    raise SystemExit(f"[demo] the server at {url} was not healthy after {timeout_s:.0f} s")
 
 
 async def concurrent_burst(url: str, bodies: list[dict], concurrency: int) -> dict:
