@@ -353,7 +353,8 @@ Example (`"explain": true`): input `{example['input'][:160]!r}`, gold `{example[
 | teacher: {cost['teacher']} ({cost['tokens_in_per_record']:.0f} prompt + {cost['tokens_out_per_record']:.0f} generated tokens per input) | {cost['seconds_per_1k']:.1f} | {cost['peak_rss_mb']:.0f} |
 | student: {onnx}, label fast path, batch 16 | {student_seconds_per_1k:.2f} | {student_rss:.0f} |
 
-Teacher time: {cost['note']} ({cost['startup_s']:.0f} s). Figures come from one run on a shared 2-core CPU; compare ratios, not absolutes.
+Teacher time: {cost['note']} ({cost['startup_s']:.0f} s). Teacher memory includes the KV cache vLLM reserves up front
+(on a CPU, `VLLM_CPU_KVCACHE_SPACE` GiB, 4 by default in stepwise). Figures come from one run on a shared 2-core CPU; compare ratios, not absolutes.
 """
     report = out / "report.md"
     partial = report.with_suffix(".partial")
