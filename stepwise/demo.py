@@ -269,7 +269,7 @@ def write_report(out: Path, task: str, teacher: str, results: dict) -> Path:
     plots.mkdir(parents=True, exist_ok=True)
     spec = tasks.get_task(task)
     manifest = read_json(out / "extract" / "manifest.json")
-    train_metrics, bench, served, cost = results["train"], results["bench"], results["serve"], results["teacher_cost"]
+    train_metrics, bench, served, cost, parity = results["train"], results["bench"], results["serve"], results["teacher_cost"], results["parity"]
 
     accuracy = {mode: m["test"]["accuracy"] for mode, m in train_metrics.items()}
     figure, axis = plt.subplots(figsize=(6, 4))
@@ -330,7 +330,9 @@ A tiny T5 trained from scratch for minutes on a CPU is not the paper's pretraine
 that the pipeline learns, not as a reproduction (README, Training, has the GPU recipe for that).
 
 ## 3. Export (`stepwise export`, {bench['onnx']['precision']})
-Parity gate: {json.dumps({k: v for k, v in results['parity'].items() if not isinstance(v, (dict, list))})}
+Parity gate {'passed' if parity['passed'] else 'FAILED'} on {parity['examples']} validation examples: labels equal to PyTorch's for
+{parity['fast_path_agreement']:.1%} (label fast path, what serving uses) and {parity['greedy_agreement']:.1%} (greedy); accuracy
+{parity['accuracy_pytorch']:.3f} (PyTorch) -> {parity['accuracy_onnx']:.3f} (ONNX). Full report: `export/parity.json`.
 
 ## 4. Serving (`stepwise serve`, real HTTP on 127.0.0.1)
 {served['requests']} test requests one at a time: p50 {served['p50_ms']:.1f} ms, p95 {served['p95_ms']:.1f} ms; labels equal to offline
