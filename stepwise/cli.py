@@ -82,8 +82,10 @@ def parser_for(fn: Callable, prog: str) -> argparse.ArgumentParser:
             kwargs["choices"] = list(get_args(hint))
             kwargs["type"] = type(get_args(hint)[0])
         elif get_origin(hint) in (list, tuple):
-            kwargs["nargs"] = "+"
-            kwargs["type"] = get_args(hint)[0] if get_args(hint) else str
+            # `--x a b` and `--x a --x b` both collect; the default is filled in after parsing, since
+            # "extend" would append to a default list instead of replacing it.
+            kwargs.update(nargs="+", action="extend", type=get_args(hint)[0] if get_args(hint) else str)
+            kwargs.pop("default", None)
         else:
             kwargs["type"] = hint
         parser.add_argument(flag, **kwargs)
@@ -105,6 +107,7 @@ def _config_overrides(path: Path) -> dict[str, Any]:
 
 def call_with_argv(fn: Callable, argv: list[str], prog: str) -> Any:
     parser = parser_for(fn, prog)
+    overrides: dict[str, Any] = {}
     # A config file sets defaults; explicit flags still win.
     if "--config" in argv:
         config_path = Path(argv[argv.index("--config") + 1])
@@ -112,12 +115,15 @@ def call_with_argv(fn: Callable, argv: list[str], prog: str) -> Any:
         unknown = set(overrides) - set(inspect.signature(fn).parameters)
         if unknown:
             raise SystemExit(f"stepwise: unknown keys in {config_path}: {', '.join(sorted(unknown))}")
-        parser.set_defaults(**overrides)
+        parser.set_defaults(**{k: v for k, v in overrides.items() if not isinstance(v, list)})  # lists: below
         for action in parser._actions:
             if action.dest in overrides:
                 action.required = False
     args = vars(parser.parse_args(argv))
     args.pop("config")
+    for name, param in inspect.signature(fn).parameters.items():
+        if args.get(name) is None and (name in overrides or param.default is not inspect.Parameter.empty):
+            args[name] = overrides.get(name, param.default)
     return fn(**args)
 
 

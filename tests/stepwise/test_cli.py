@@ -29,6 +29,8 @@ def stage(task: str, steps: int = 10, rate: float = 0.5, mode: Literal["a", "b"]
 def test_options_come_from_the_signature():
     got = cli.call_with_argv(stage, ["--task", "cqa", "--steps", "3", "--mode", "b", "--out", "x", "--no-fast", "--names", "p", "q"], "t")
     assert got == dict(task="cqa", steps=3, rate=0.5, mode="b", out=Path("x"), fast=False, names=["p", "q"])
+    assert cli.call_with_argv(stage, ["--task", "t", "--names", "p", "--names", "q", "r"], "t")["names"] == ["p", "q", "r"]
+    assert cli.call_with_argv(stage, ["--task", "t"], "t")["names"] is None
     help_text = cli.parser_for(stage, "t").format_help()
     assert "how many steps, continued on a second line." in " ".join(help_text.split())
 
@@ -43,9 +45,10 @@ def test_bad_options_are_rejected_with_the_reason(capsys):
 
 def test_config_file_overrides_defaults_and_flags_win(tmp_path):
     config = tmp_path / "c.toml"
-    config.write_text('task = "esnli"\nsteps = 7\nrate = 0.1\n')
+    config.write_text('task = "esnli"\nsteps = 7\nrate = 0.1\nnames = ["a", "b"]\n')
     got = cli.call_with_argv(stage, ["--config", str(config), "--rate", "0.9"], "t")
-    assert (got["task"], got["steps"], got["rate"]) == ("esnli", 7, 0.9)
+    assert (got["task"], got["steps"], got["rate"], got["names"]) == ("esnli", 7, 0.9, ["a", "b"])
+    assert cli.call_with_argv(stage, ["--config", str(config), "--names", "c"], "t")["names"] == ["c"]
     bad = tmp_path / "bad.json"
     bad.write_text(json.dumps({"stepz": 1}))
     with pytest.raises(SystemExit, match="unknown keys in .*bad.json: stepz"):
