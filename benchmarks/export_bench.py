@@ -40,29 +40,14 @@ BACKENDS = {
 # ---------------------------------------------------------------- preparing the models
 
 
-def build_student_folder(out: Path, size: str = "tiny", task_name: str = TASK, vocab_size: int = 2000) -> Path:
-    """A random untied T5 of `size` with a tokenizer trained on the task's text, saved like a trained student."""
-    from stepwise import tasks
-    from training.tiny import build_student, train_tokenizer
-
-    if (out / "model.safetensors").exists():
-        return out
-    task = tasks.get_task(task_name)
-    train = tasks.load_split(task, "train")[:2000]
-    texts = [tasks.label_input(e) for e in train] + [tasks.rationale_input(e) for e in train] + [e.label for e in train]
-    tokenizer = train_tokenizer(texts, out, vocab_size=vocab_size)
-    build_student(tokenizer, size).save_pretrained(out)
-    tasks.save_task(task, out)
-    return out
-
-
 def prepare(workdir: Path, size: str) -> dict[str, Any]:
     """The student folder, its ONNX exports (each parity-gated) and its CTranslate2 int8 conversion."""
     from ctranslate2.converters import TransformersConverter
 
     from export.run import main as export_main
+    from training.tiny import build_student_folder
 
-    model_dir = build_student_folder(workdir / size / "student", size)
+    model_dir = build_student_folder(workdir / size / "student", size, TASK)
     paths: dict[str, Any] = {"pytorch-eager": str(model_dir)}
     parity: dict[str, Any] = {}
     for backend, (kind, variant) in BACKENDS.items():

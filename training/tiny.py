@@ -57,3 +57,19 @@ def build_student(tokenizer: T5TokenizerFast, size: StudentSize = "tiny", seed: 
         **SHAPES[size],
     )
     return T5ForConditionalGeneration(config)
+
+
+def build_student_folder(out: Path, size: StudentSize = "tiny", task_name: str = "esnli", vocab_size: int = 2000) -> Path:
+    """A random untied T5 of `size` with a tokenizer trained on the task's text, saved like a trained student
+    (for tests and benchmarks). An existing folder is reused."""
+    from stepwise import tasks
+
+    if (out / "model.safetensors").exists():
+        return out
+    task = tasks.get_task(task_name)
+    train = tasks.load_split(task, "train")[:2000]
+    texts = [tasks.label_input(e) for e in train] + [tasks.rationale_input(e) for e in train] + [e.label for e in train]
+    tokenizer = train_tokenizer(texts, out, vocab_size=vocab_size)
+    build_student(tokenizer, size).save_pretrained(out)
+    tasks.save_task(task, out)
+    return out
