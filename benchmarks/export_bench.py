@@ -44,8 +44,9 @@ def prepare(workdir: Path, size: str) -> dict[str, Any]:
     """The student folder, its ONNX exports (each parity-gated) and its CTranslate2 int8 conversion."""
     from ctranslate2.converters import TransformersConverter
 
-    from export.run import main as export_main
-    from training.tiny import build_student_folder
+    from stepwise.export.run import ParityOptions
+    from stepwise.export.run import main as export_main
+    from stepwise.training.tiny import build_student_folder
 
     model_dir = build_student_folder(workdir / size / "student", size, TASK)
     paths: dict[str, Any] = {"pytorch-eager": str(model_dir)}
@@ -55,7 +56,7 @@ def prepare(workdir: Path, size: str) -> dict[str, Any]:
             continue
         out = workdir / size / backend
         if not (out / "parity.json").exists():
-            export_main(model=model_dir, out=out, parity_limit=64, overwrite=True, **variant)
+            export_main(model=model_dir, out=out, parity=ParityOptions(parity_limit=64), overwrite=True, **variant)
         parity[backend] = json.loads((out / "parity.json").read_text())
         paths[backend] = str(out)
     ct2_dir = workdir / size / "ct2-int8"
@@ -80,14 +81,14 @@ def label_decoder(backend: str, path: Path, model_dir: Path, threads: int, label
     kind = BACKENDS[backend][0]
     task = tasks.load_task(model_dir)
     if kind == "ort":
-        from export.runtime import load_runtime, predict
+        from stepwise.export.runtime import load_runtime, predict
 
         runtime = load_runtime(path, threads=threads)
         return lambda examples, fast: [p.label for p in predict(runtime, examples, fast_path=fast)]
     if kind == "pytorch":
         import torch
 
-        from export import parity
+        from stepwise.export import parity
 
         torch.set_num_threads(threads)
         model, tokenizer = parity.load_torch_model(model_dir)
@@ -102,7 +103,7 @@ def label_decoder(backend: str, path: Path, model_dir: Path, threads: int, label
     import numpy as np
     from transformers import AutoTokenizer
 
-    from export.runtime import candidates_for
+    from stepwise.export.runtime import candidates_for
 
     translator = ctranslate2.Translator(str(path), device="cpu", compute_type="int8", inter_threads=1, intra_threads=threads)
     tokenizer = AutoTokenizer.from_pretrained(model_dir)

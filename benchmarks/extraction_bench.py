@@ -30,8 +30,8 @@ for key, value in {"VLLM_ENABLE_V1_MULTIPROCESSING": "0", "VLLM_CPU_KVCACHE_SPAC
                    "TMPDIR": str(RUN_DIR), "VLLM_NO_USAGE_STATS": "1", "TOKENIZERS_PARALLELISM": "false"}.items():
     os.environ.setdefault(key, value)
 
-from extraction import run, teachers  # noqa: E402
-from extraction.tiny_teacher import build_tiny_teacher  # noqa: E402
+from stepwise.extraction import run, teachers  # noqa: E402
+from stepwise.extraction.tiny_teacher import build_tiny_teacher  # noqa: E402
 from stepwise import tasks  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results" / "extraction.json"

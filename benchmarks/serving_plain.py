@@ -11,8 +11,8 @@ from pathlib import Path
 
 from fastapi import FastAPI
 
-from export.runtime import load_runtime, predict
-from serving.app import DEFAULTS, PredictionOut, PredictRequest, PredictResponse, to_example
+from stepwise.export.runtime import load_runtime, predict
+from stepwise.serving.app import DEFAULTS, PredictionOut, PredictRequest, PredictResponse, to_example
 
 runtime = load_runtime(Path(os.environ["STEPWISE_PLAIN_MODEL"]), threads=1)
 # One runtime thread fed first come, first served: the fast tokenizer is not thread-safe, and no batching.

@@ -16,7 +16,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from training import experiment
+from stepwise.training import experiment
 
 ROOT = Path(__file__).resolve().parent.parent
 

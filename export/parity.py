@@ -11,7 +11,7 @@ import torch
 from tqdm import tqdm
 from transformers import AutoTokenizer, T5ForConditionalGeneration
 
-from export import runtime as ort_runtime
+from stepwise.export import runtime as ort_runtime
 from stepwise import tasks
 
 

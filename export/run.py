@@ -9,10 +9,11 @@ import json
 import shutil
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
-from stepwise import tasks
+from stepwise import artifacts, tasks
 
 ONNX_FILES = {
     "encoder": "encoder_model.onnx",
@@ -20,7 +21,7 @@ ONNX_FILES = {
     "decoder_with_past": "decoder_with_past_model.onnx",
     "decoder_merged": "decoder_model_merged.onnx",
 }
-COPIED_FILES = ("task.json", "train_config.json")
+COPIED_FILES = (artifacts.TASK, artifacts.TRAIN_CONFIG)
 # CPU: split, measured (README "## Export", benchmarks/export_bench.py: int8 split 2.9x faster greedy at batch 1,
 # fp32 a tie). TensorRT: split, it cannot build one engine across the merged decoder's If node. CUDA EP:
 # merged, one decoder's weights in GPU memory instead of two (not measured: no GPU here).
@@ -37,17 +38,17 @@ DEFAULT_MIN_AGREEMENT = {"fp32": 0.99, "fp16": 0.95, "int8": 0.9}
 
 def check_model_folder(model: Path) -> tasks.Task:
     if not model.is_dir():
-        raise SystemExit(f"stepwise export: model folder not found: {model}")
-    missing = [f for f in ("config.json", "task.json") if not (model / f).exists()]
+        raise FileNotFoundError(f"model folder not found: {model}")
+    missing = [f for f in ("config.json", artifacts.TASK) if not (model / f).exists()]
     if not any((model / f).exists() for f in ("model.safetensors", "pytorch_model.bin")):
         missing.append("model.safetensors")
     if not any((model / f).exists() for f in ("tokenizer.json", "spiece.model")):
         missing.append("tokenizer.json or spiece.model")
     if missing:
-        raise SystemExit(f"stepwise export: {model} is not a trained student folder (missing {', '.join(missing)})")
+        raise ValueError(f"{model} is not a trained student folder (missing {', '.join(missing)})")
     config = json.loads((model / "config.json").read_text())
     if config.get("model_type") != "t5":
-        raise SystemExit(f"stepwise export: {model} holds a {config.get('model_type')!r} model; export supports T5 students")
+        raise ValueError(f"{model} holds a {config.get('model_type')!r} model; export supports T5 students")
     return tasks.load_task(model)
 
 
@@ -162,84 +163,70 @@ def folder_version(out: Path, files: dict[str, str]) -> str:
     return digest.hexdigest()[:12]
 
 
-def main(
-    model: Path,
-    out: Path,
-    quantize: Literal["none", "int8"] = "none",
-    precision: Literal["fp32", "fp16"] = "fp32",
-    target: Literal["cpu", "cuda", "tensorrt"] = "cpu",
-    decoder_layout: Literal["auto", "split", "merged"] = "auto",
-    threads: int = 0,
-    max_input_tokens: int = 0,
-    max_rationale_tokens: int = 0,
-    max_batch: int = 16,
-    parity_limit: int = 200,
-    parity_providers: list[str] | None = None,
-    min_agreement: float | None = None,
-    max_accuracy_drop: float = 0.02,
-    max_logit_diff: float = 1e-3,
-    overwrite: bool = False,
-) -> int:
-    """Export a trained student to ONNX with Optimum, optionally int8 (CPU) or fp16 (GPU), and gate it on parity.
+@dataclass(frozen=True)
+class ParityOptions:
+    """The parity gate: the export against its PyTorch model on the validation split, before it lands.
 
     Args:
-        model: trained student folder (config.json, model.safetensors, tokenizer, task.json)
-        out: export folder to write (self-contained: ONNX files, tokenizer, task.json, export_config.json, parity.json)
-        quantize: int8: dynamic int8 quantization of the weight matmuls (CPU target)
-        precision: fp16: half precision with T5's overflow-prone ops kept in fp32 (GPU targets)
-        target: where it will be served: cpu (CPU EP), cuda (CUDA EP, IO binding), tensorrt (TensorRT EP, then CUDA)
-        decoder_layout: split (decoder + decoder_with_past) or merged (one decoder with an If on the cache); auto picks per target
-        threads: intra-op threads per ONNX session written into the config (0: ONNX Runtime decides)
-        max_input_tokens: inputs are truncated to this many tokens (0: train_config.json's max_input_length, else 512)
-        max_rationale_tokens: generation limit for rationales (0: train_config.json's max_target_length, else 128)
-        max_batch: largest request batch serving will send (TensorRT shape profiles)
-        parity_limit: validation examples compared against PyTorch (0: skip the gate, not recommended)
+        parity_limit: validation examples compared against PyTorch (0: skip the gate; serving then refuses the export unless --allow-unverified)
         parity_providers: providers for the parity run; default the config's (falls back to CPU where the GPU is absent)
         min_agreement: minimum ONNX-vs-PyTorch label agreement; default 0.99 fp32, 0.95 fp16, 0.9 int8
         max_accuracy_drop: maximum validation accuracy the ONNX model may lose against PyTorch
         max_logit_diff: maximum absolute teacher-forced logit difference (fp32 only)
-        overwrite: replace an existing export folder
     """
-    model, out = Path(model), Path(out)
-    task = check_model_folder(model)
-    if quantize == "int8" and precision == "fp16":
-        raise SystemExit("stepwise export: choose one of --quantize int8 (CPU) and --precision fp16 (GPU)")
-    if quantize == "int8" and target != "cpu":
-        raise SystemExit("stepwise export: int8 dynamic quantization is a CPU target; use --precision fp16 for cuda/tensorrt")
-    layout = DEFAULT_LAYOUT[target] if decoder_layout == "auto" else decoder_layout
-    if target == "tensorrt" and layout == "merged":
-        raise SystemExit("stepwise export: the tensorrt target needs the split decoder layout (TensorRT cannot build engines across the merged decoder's If node)")
+
+    parity_limit: int = 200
+    parity_providers: list[str] | None = None
+    min_agreement: float | None = None
+    max_accuracy_drop: float = 0.02
+    max_logit_diff: float = 1e-3
+
+    def __post_init__(self) -> None:
+        if self.parity_limit < 0:
+            raise ValueError(f"--parity-limit must be 0 or more, got {self.parity_limit}")
+        if self.min_agreement is not None and not 0.0 <= self.min_agreement <= 1.0:
+            raise ValueError(f"--min-agreement must be in [0, 1], got {self.min_agreement}")
+
+
+def check_out(model: Path, out: Path, overwrite: bool) -> None:
+    """Refuse an output folder that would destroy something: the model itself (or a folder holding it, or
+    one inside it), or a non-empty folder that `stepwise export` did not write."""
+    model_path, out_path = model.resolve(), out.resolve()
+    if out_path == model_path or out_path in model_path.parents or model_path in out_path.parents:
+        raise ValueError(f"--out {out} is the model folder, holds it or lies inside it: choose a folder apart from {model}")
     if out.exists() and any(out.iterdir()):
         if not overwrite:
-            raise SystemExit(f"stepwise export: {out} exists and is not empty (pass --overwrite to replace it)")
-        shutil.rmtree(out)
-    kind = "int8" if quantize == "int8" else precision
-    started = time.time()
+            raise ValueError(f"{out} exists and is not empty (pass --overwrite to replace an earlier export)")
+        if not (out / artifacts.EXPORT_CONFIG).exists():
+            raise ValueError(f"{out} holds no {artifacts.EXPORT_CONFIG}: --overwrite replaces only a folder `stepwise export` wrote")
 
-    print(f"[export] {model} -> {out} ({kind}, {layout} decoder, target {target})", flush=True)
-    export_onnx(model, out)
+
+def write_export(model: Path, folder: Path, task: tasks.Task, kind: str, layout: str, target: str, threads: int, max_input_tokens: int,
+                 max_rationale_tokens: int, max_batch: int) -> artifacts.ExportConfig:
+    """ONNX files (converted to `kind`), tokenizer, task and export_config.json into `folder`."""
+    export_onnx(model, folder)
     for name in COPIED_FILES:
         if (model / name).exists():
-            shutil.copy2(model / name, out / name)
+            shutil.copy2(model / name, folder / name)
     keep = ["encoder", "decoder_merged"] if layout == "merged" else ["encoder", "decoder", "decoder_with_past"]
     files = {key: ONNX_FILES[key] for key in keep}
     for key, name in ONNX_FILES.items():
         if key not in keep:
-            (out / name).unlink(missing_ok=True)
+            (folder / name).unlink(missing_ok=True)
     convert = {"int8": quantize_int8, "fp16": convert_fp16}.get(kind)
     if convert:
         for key, name in list(files.items()):
-            converted = convert(out / name)
-            (out / name).unlink()
+            converted = convert(folder / name)
+            (folder / name).unlink()
             files[key] = converted.name
             print(f"[export] {kind}: {converted.name} ({converted.stat().st_size / 1e6:.1f} MB)", flush=True)
 
     from transformers import AutoConfig, AutoTokenizer
 
-    hf_config = AutoConfig.from_pretrained(out)
-    tokenizer = AutoTokenizer.from_pretrained(out)
+    hf_config = AutoConfig.from_pretrained(folder)
+    tokenizer = AutoTokenizer.from_pretrained(folder)
     model_config = {k: getattr(hf_config, k) for k in ("d_model", "num_heads", "d_kv", "num_decoder_layers", "vocab_size", "eos_token_id", "pad_token_id", "decoder_start_token_id")}
-    trained = json.loads((model / "train_config.json").read_text()) if (model / "train_config.json").exists() else {}
+    trained = artifacts.read_json(model / artifacts.TRAIN_CONFIG, "") if (model / artifacts.TRAIN_CONFIG).exists() else {}
     max_input_tokens = max_input_tokens or int(trained.get("max_input_length", 512))
     max_rationale_tokens = max_rationale_tokens or int(trained.get("max_target_length", 128))
     limits = token_limits(task, tokenizer, max_rationale_tokens) | {"input": max_input_tokens}
@@ -263,39 +250,114 @@ def main(
         "max_new_tokens": {"label": limits["label"], "rationale": limits["rationale"]},
         "exported_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }
-    export_config["version"] = folder_version(out, export_config["files"])
-    (out / "export_config.json").write_text(json.dumps(export_config, indent=2))
+    export_config["version"] = folder_version(folder, export_config["files"])
+    artifacts.write_json(folder / artifacts.EXPORT_CONFIG, export_config)
+    return export_config
 
-    report = parity_gate(out, model, task, kind, parity_limit, parity_providers, min_agreement, max_accuracy_drop, max_logit_diff)
+
+def place(staging: Path, out: Path) -> None:
+    """Move a finished export into place; an earlier export at `out` is swapped out, then removed."""
+    previous = out.with_name(f".{out.name}.previous")
+    shutil.rmtree(previous, ignore_errors=True)
+    if out.exists():
+        out.rename(previous)
+    staging.rename(out)
+    artifacts.fsync_dir(out.parent)
+    shutil.rmtree(previous, ignore_errors=True)
+
+
+def main(
+    model: Path,
+    out: Path,
+    quantize: Literal["none", "int8"] = "none",
+    precision: Literal["fp32", "fp16"] = "fp32",
+    target: Literal["cpu", "cuda", "tensorrt"] = "cpu",
+    decoder_layout: Literal["auto", "split", "merged"] = "auto",
+    threads: int = 0,
+    max_input_tokens: int = 0,
+    max_rationale_tokens: int = 0,
+    max_batch: int = 16,
+    parity: ParityOptions = ParityOptions(),
+    overwrite: bool = False,
+) -> Path:
+    """Export a trained student to ONNX with Optimum, optionally int8 (CPU) or fp16 (GPU), and gate it on parity.
+
+    The export is written into a staging folder beside --out and moves into place only once the parity gate
+    passes; a failed export is left in <out>.rejected for inspection and raises ParityFailed.
+
+    Args:
+        model: trained student folder (config.json, model.safetensors, tokenizer, task.json)
+        out: export folder to write (self-contained: ONNX files, tokenizer, task.json, export_config.json, parity.json)
+        quantize: int8: dynamic int8 quantization of the weight matmuls (CPU target)
+        precision: fp16: half precision with T5's overflow-prone ops kept in fp32 (GPU targets)
+        target: where it will be served: cpu (CPU EP), cuda (CUDA EP, IO binding), tensorrt (TensorRT EP, then CUDA)
+        decoder_layout: split (decoder + decoder_with_past) or merged (one decoder with an If on the cache); auto picks per target
+        threads: intra-op threads per ONNX session written into the config (0: ONNX Runtime decides)
+        max_input_tokens: inputs are truncated to this many tokens (0: train_config.json's max_input_length, else 512)
+        max_rationale_tokens: generation limit for rationales (0: train_config.json's max_target_length, else 128)
+        max_batch: largest request batch serving will send (TensorRT shape profiles)
+        parity: the parity gate's settings
+        overwrite: replace an earlier export at --out (only a folder `stepwise export` wrote)
+    """
+    model, out = Path(model), Path(out)
+    task = check_model_folder(model)
+    if quantize == "int8" and precision == "fp16":
+        raise ValueError("choose one of --quantize int8 (CPU) and --precision fp16 (GPU)")
+    if quantize == "int8" and target != "cpu":
+        raise ValueError("int8 dynamic quantization is a CPU target; use --precision fp16 for cuda/tensorrt")
+    layout = DEFAULT_LAYOUT[target] if decoder_layout == "auto" else decoder_layout
+    if target == "tensorrt" and layout == "merged":
+        raise ValueError("the tensorrt target needs the split decoder layout (TensorRT cannot build engines across the merged decoder's If node)")
+    check_out(model, out, overwrite)
+    kind = "int8" if quantize == "int8" else precision
+    started = time.time()
+    staging, rejected = out.with_name(f".{out.name}.staging"), out.with_name(f"{out.name}.rejected")
+    for stale in (staging, rejected):
+        shutil.rmtree(stale, ignore_errors=True)
+    staging.mkdir(parents=True)
+
+    print(f"[export] {model} -> {out} ({kind}, {layout} decoder, target {target})", flush=True)
+    try:
+        write_export(model, staging, task, kind, layout, target, threads, max_input_tokens, max_rationale_tokens, max_batch)
+        report = parity_gate(staging, model, task, kind, parity)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    if not (report["passed"] or report["skipped"]):  # a skipped gate lands, marked unverified
+        staging.rename(rejected)
+        raise artifacts.ParityFailed(rejected, report)
+    place(staging, out)
     print(f"[export] done in {time.time() - started:.0f} s: {out}", flush=True)
-    return 0 if report["passed"] else 1
+    return out
 
 
-def parity_gate(out: Path, model: Path, task: tasks.Task, precision: str, limit: int, providers: list[str] | None, min_agreement: float | None, max_accuracy_drop: float, max_logit_diff: float) -> dict[str, Any]:
+def parity_gate(out: Path, model: Path, task: tasks.Task, precision: str, options: ParityOptions) -> artifacts.ParityReport:
     """Compare the export with the PyTorch model on the validation split; write parity.json; say loudly when it fails."""
-    from export import parity
-    from export.runtime import PARITY_REPORT, load_runtime
+    from stepwise.export import parity
+    from stepwise.export.runtime import load_runtime
 
-    threshold = DEFAULT_MIN_AGREEMENT[precision] if min_agreement is None else min_agreement
-    if limit <= 0:
-        report: dict[str, Any] = {"skipped": True, "passed": True, "reason": "--parity-limit 0"}
-        (out / PARITY_REPORT).write_text(json.dumps(report, indent=2))
-        print("[export] WARNING: parity gate skipped (--parity-limit 0)", file=sys.stderr)
+    threshold = DEFAULT_MIN_AGREEMENT[precision] if options.min_agreement is None else options.min_agreement
+    if options.parity_limit == 0:
+        # Written as not passed: serving refuses an unverified export unless told --allow-unverified.
+        report: dict[str, Any] = {"skipped": True, "passed": False, "reason": "--parity-limit 0", "failures": []}
+        artifacts.write_json(out / artifacts.PARITY, report)
+        print("[export] WARNING: parity gate skipped (--parity-limit 0); `stepwise serve` will need --allow-unverified", file=sys.stderr)
         return report
-    examples = tasks.load_split(task, "valid")[:limit]
+    examples = tasks.load_split(task, "valid")[: options.parity_limit]
     if not examples:
-        raise SystemExit(f"stepwise export: task {task.name} has no validation examples for the parity gate")
-    runtime = load_runtime(out, providers=providers)
+        raise ValueError(f"task {task.name} has no validation examples for the parity gate")
+    runtime = load_runtime(out, providers=options.parity_providers)
     report = parity.compare(runtime, model, examples)
-    failures = parity.gate(report, precision, threshold, max_accuracy_drop, max_logit_diff)
+    failures = parity.gate(report, precision, threshold, options.max_accuracy_drop, options.max_logit_diff)
     report |= {
+        "skipped": False,
         "precision": precision,
         "providers": runtime.providers,
-        "thresholds": {"min_agreement": threshold, "max_accuracy_drop": max_accuracy_drop, "max_logit_diff": max_logit_diff if precision == "fp32" else None},
+        "thresholds": {"min_agreement": threshold, "max_accuracy_drop": options.max_accuracy_drop, "max_logit_diff": options.max_logit_diff if precision == "fp32" else None},
         "failures": failures,
         "passed": not failures,
     }
-    (out / PARITY_REPORT).write_text(json.dumps(report, indent=2))
+    artifacts.write_json(out / artifacts.PARITY, report)
     fast = f", fast-path agreement {report['fast_path_agreement']:.3f}" if report["fast_path_agreement"] is not None else ""
     print(
         f"[export] parity on {report['examples']} valid examples ({', '.join(runtime.providers)}): greedy agreement {report['greedy_agreement']:.3f}{fast}; "
@@ -304,5 +366,5 @@ def parity_gate(out: Path, model: Path, task: tasks.Task, precision: str, limit:
         flush=True,
     )
     if failures:
-        print(f"[export] PARITY FAILED ({out / PARITY_REPORT}): " + "; ".join(failures), file=sys.stderr, flush=True)
+        print("[export] PARITY FAILED: " + "; ".join(failures), file=sys.stderr, flush=True)
     return report

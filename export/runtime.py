@@ -23,10 +23,8 @@ import numpy as np
 import onnxruntime as ort
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
-from stepwise import tasks
+from stepwise import artifacts, tasks
 
-EXPORT_CONFIG = "export_config.json"
-PARITY_REPORT = "parity.json"
 GPU_PROVIDERS = ("CUDAExecutionProvider", "TensorrtExecutionProvider")
 
 
@@ -60,13 +58,6 @@ class Runtime:
 
 
 # ---------------------------------------------------------------- loading
-
-
-def read_export_config(export_dir: Path) -> dict[str, Any]:
-    path = Path(export_dir) / EXPORT_CONFIG
-    if not path.exists():
-        raise FileNotFoundError(f"{export_dir} has no {EXPORT_CONFIG}: not a folder written by `stepwise export`")
-    return json.loads(path.read_text())
 
 
 def session_options(config: dict[str, Any], threads: int | None, on_cpu: bool) -> ort.SessionOptions:
@@ -122,7 +113,7 @@ def load_runtime(export_dir: Path, providers: list[str] | None = None, threads: 
         io_binding: bind inputs/outputs to the device; default: the export config's, on a GPU provider only
     """
     export_dir = Path(export_dir)
-    config = read_export_config(export_dir)
+    config = artifacts.read_export_config(export_dir)
     on_cpu = provider_list(export_dir, config, providers, "encoder")[0][0] == "CPUExecutionProvider"
     options = session_options(config, threads, on_cpu)
     files = config["files"]

@@ -2,7 +2,7 @@
 
 `stepwise extract --task T --split S --teacher {replay,vllm,openai} --out DIR` (see `extraction.run`).
 
-Output folder (the contract the training stage reads; `read_records(DIR)` returns the records):
+Output folder (the contract the training stage reads; `stepwise.artifacts.read_records(DIR)` returns the records):
     manifest.json       config (task, split, backend, model, sampling, structured, prompt_hash) and its hash,
                         expected_records, shards, counts (records, ok, malformed, error, parse_rate,
                         teacher_accuracy, tokens_in, tokens_out, failure_reasons), complete, last_run summary
@@ -28,6 +28,6 @@ Record fields:
 This package imports with the standard library only; the engines load inside the backends.
 """
 
-from extraction.shards import iter_records, read_records
+from stepwise.artifacts import iter_records, read_records
 
 __all__ = ["iter_records", "read_records"]

@@ -17,7 +17,8 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from extraction import run, teachers
+from stepwise.extraction import records as extraction_records
+from stepwise.extraction import teachers
 from stepwise import tasks
 
 
@@ -33,8 +34,8 @@ class EngineActor:
 
     def __call__(self, batch: dict) -> dict:
         examples = [tasks.Example(**json.loads(text)) for text in batch["example"]]
-        records = run.process_chunk(self.task, self.generate, self.shots, examples, self.teacher_meta, self.out, self.shard_format)
-        return {"tally": [json.dumps(run.tally(r)) for r in records]}
+        records = extraction_records.process_chunk(self.task, self.generate, self.shots, examples, self.teacher_meta, self.out, self.shard_format)
+        return {"tally": [json.dumps(extraction_records.tally(r)) for r in records]}
 
 
 def extract_on_ray(task: tasks.Task, shots: list[str], pending: list[tasks.Example], teacher_meta: dict, engine: dict, out: Path,

@@ -9,7 +9,6 @@ same command continues where the shards end.
 from __future__ import annotations
 
 import hashlib
-import json
 import time
 from collections import Counter
 from dataclasses import asdict
@@ -18,8 +17,9 @@ from typing import Iterable, Iterator, Literal
 
 from tqdm import tqdm
 
-from extraction import shards, teachers
-from stepwise import tasks
+from stepwise.extraction import shards, teachers
+from stepwise.extraction.records import generate_records, tally
+from stepwise import artifacts, tasks
 
 REPLAY_MODEL = "palm-540b (shipped completions)"
 
@@ -53,21 +53,21 @@ def job_config(task: tasks.Task, split: str, backend: str, model: str, sampling:
 
 def prepare_output(out: Path, task: tasks.Task, config: dict, overwrite: bool) -> None:
     """Create `out`, or check that its existing shards were made by the same config."""
-    manifest = shards.read_manifest(out)
+    manifest = artifacts.read_manifest(out) if (out / artifacts.MANIFEST).exists() else None
     if manifest is not None and manifest["config_hash"] != shards.config_hash(config):
         if not overwrite:
             changed = sorted(k for k in config if manifest["config"].get(k) != config[k])
-            raise SystemExit(
-                f"stepwise extract: {out} holds output of a different teacher/prompt configuration "
+            raise ValueError(
+                f"{out} holds output of a different teacher/prompt configuration "
                 f"(differs in: {', '.join(changed)}); pass --overwrite to replace it, or choose another --out"
             )
-        for path in shards.shard_paths(out):
+        for path in artifacts.shard_paths(out):
             path.unlink()
-        (out / shards.MANIFEST).unlink()  # task.json is rewritten below
-    elif manifest is None and out.exists() and any(p.name != tasks.TASK_FILE for p in out.iterdir()) and not overwrite:
-        raise SystemExit(f"stepwise extract: {out} exists, is not empty and holds no {shards.MANIFEST}; choose another --out or pass --overwrite")
+        (out / artifacts.MANIFEST).unlink()  # task.json is rewritten below
+    elif manifest is None and out.exists() and any(p.name != artifacts.TASK for p in out.iterdir()) and not overwrite:
+        raise ValueError(f"{out} exists, is not empty and holds no {artifacts.MANIFEST}; choose another --out or pass --overwrite")
     out.mkdir(parents=True, exist_ok=True)
-    shards.remove_partial_files(out)
+    artifacts.remove_partial_files(out)
     tasks.save_task(task, out)
 
 
@@ -76,78 +76,13 @@ def write_manifest(out: Path, config: dict, expected: int, records: list[dict], 
         "config": config,
         "config_hash": shards.config_hash(config),
         "expected_records": expected,
-        "shards": len(shards.shard_paths(out)),
+        "shards": len(artifacts.shard_paths(out)),
         "counts": shards.count_records(records),
         "complete": len(records) == expected,
         "last_run": summary,
     }
-    shards.write_atomic(out / shards.MANIFEST, json.dumps(manifest, indent=2) + "\n")
+    artifacts.write_json(out / artifacts.MANIFEST, manifest)
     return manifest
-
-
-# ---------------------------------------------------------------- records
-
-
-def vote(task: tasks.Task, example: tasks.Example, completions: list[str]) -> tuple[tasks.Parsed, dict[str, int]]:
-    """Parse every sample; with several, the most common parsed label wins (self-consistency) and the
-    first rationale that reached it is kept."""
-    parsed = [tasks.parse_completion(task, c, example.choices) for c in completions]
-    ok = [p for p in parsed if p.status == "ok"]
-    if not ok:
-        return parsed[0], {}
-
-    def key(label: str) -> str:  # equal answers written differently count as one ("2*3" and "3 * 2")
-        value = tasks.evaluate_equation(label) if task.answer_style == "equation" else None
-        return f"{value:.6g}" if value is not None else tasks.normalize(label)
-
-    votes = Counter(key(p.label) for p in ok)
-    winner = votes.most_common(1)[0][0]
-    return next(p for p in ok if key(p.label) == winner), dict(votes)
-
-
-def make_record(task: tasks.Task, example: tasks.Example, generation: teachers.Generation, teacher_meta: dict) -> dict:
-    if generation.error:
-        parsed, votes, status = tasks.Parsed("", "", "malformed", generation.error), {}, "error"
-    else:
-        parsed, votes = vote(task, example, generation.completions)
-        status = parsed.status
-    correct = tasks.is_correct(task, parsed.label, example.label) if status == "ok" and example.label else False
-    return {
-        "id": example.id,
-        "input": example.input,
-        "label": example.label,
-        "choices": example.choices,
-        "completions": generation.completions,
-        "rationale": parsed.rationale,
-        "teacher_label": parsed.label,
-        "status": status,
-        "reason": parsed.reason,
-        "correct": correct,
-        "votes": votes,
-        "tokens_in": generation.tokens_in,
-        "tokens_out": generation.tokens_out,
-        "teacher": teacher_meta,
-    }
-
-
-def generate_records(task: tasks.Task, generate: teachers.Teacher, shots: list[str], examples: Iterable[tasks.Example], teacher_meta: dict) -> Iterator[dict]:
-    """Records as the teacher finishes them; prompts are built lazily, as the backend pulls work."""
-    work = ((e, tasks.few_shot_prompt(task, shots, e)) for e in examples)
-    for example, generation in generate(work):
-        yield make_record(task, example, generation, teacher_meta)
-
-
-def process_chunk(task: tasks.Task, generate: teachers.Teacher, shots: list[str], chunk: list[tasks.Example], teacher_meta: dict, out: Path,
-                  shard_format: str) -> list[dict]:
-    """One chunk through the teacher into one shard (what each Ray actor does per batch)."""
-    records = list(generate_records(task, generate, shots, chunk, teacher_meta))
-    shards.write_shard(out, records, shard_format)
-    return records
-
-
-def tally(record: dict) -> dict:
-    """The part of a record the counts need (kept in memory for the whole job)."""
-    return {k: record[k] for k in ("status", "reason", "label", "correct", "tokens_in", "tokens_out")}
 
 
 # ---------------------------------------------------------------- the stage
@@ -210,7 +145,7 @@ def main(
     ray_address: str = "",
     ray_actors: int = 1,
     overwrite: bool = False,
-) -> dict:
+) -> Path:
     """Bulk teacher rationales + labels for a task split, as resumable JSONL shards with a manifest.
 
     Args:
@@ -249,11 +184,11 @@ def main(
     examples = tasks.load_split(spec, split)[: limit or None]
     duplicated = [i for i, c in Counter(e.id for e in examples).items() if c > 1]
     if duplicated:
-        raise SystemExit(f"stepwise extract: {len(duplicated)} ids occur more than once in {spec.name}/{split}, e.g. {duplicated[0]!r}")
+        raise ValueError(f"{len(duplicated)} ids occur more than once in {spec.name}/{split}, e.g. {duplicated[0]!r}")
     if teacher != "replay" and not model:
-        raise SystemExit(f"stepwise extract: --teacher {teacher} needs --model")
+        raise ValueError(f"--teacher {teacher} needs --model")
     if ray and teacher != "vllm":
-        raise SystemExit("stepwise extract: --ray runs the vllm teacher; pass --teacher vllm")
+        raise ValueError("--ray runs the vllm teacher; pass --teacher vllm")
     shots = prompt_prefix(spec)
     sampling = {"n": n, "temperature": temperature, "top_p": top_p, "max_tokens": max_tokens, "seed": seed}
     config = job_config(spec, split, teacher, model or REPLAY_MODEL, sampling, structured, shots)
@@ -261,7 +196,7 @@ def main(
     prepare_output(out, spec, config, overwrite)
 
     wanted = {e.id for e in examples}
-    existing = {r["id"]: tally(r) for r in shards.iter_records(out)}  # may hold more ids than this --limit wants
+    existing = {r["id"]: tally(r) for r in artifacts.iter_records(out)}  # may hold more ids than this --limit wants
     done = [existing[i] for i in wanted if i in existing]
     pending = [e for e in examples if e.id not in existing]
     write_manifest(out, config, len(examples), done)
@@ -272,7 +207,7 @@ def main(
     new: list[dict] = []
     generation_started = time.time()
     if pending and ray:
-        from extraction import ray_job
+        from stepwise.extraction import ray_job
 
         engine = {
             "model": model, "sampling": sampling, "structured": structured, "prefix_caching": prefix_caching,
@@ -294,7 +229,7 @@ def main(
                "tokens_out_per_s": this_run["tokens_out"] / wall if wall else None, "this_run": this_run}
     manifest = write_manifest(out, config, len(examples), done + new, summary)
     print_summary(manifest)
-    return manifest
+    return out
 
 
 def build_teacher(spec: tasks.Task, teacher: str, model: str, sampling: dict, structured: bool, prefix_caching: bool, tensor_parallel_size: int,

@@ -1,13 +1,12 @@
-"""The extraction output on disk: atomic JSONL shards, a manifest, and the reader the training stage uses.
-
-Standard library only (pyarrow only for Parquet shards), so `read_records` imports in the student environment too.
+"""Writing the extraction output: atomic shards and the counts the manifest reports (reading is
+`stepwise.artifacts.read_records`, shared with the training stage).
 
 Layout of an output folder:
     manifest.json       config (+ its hash), counts, the last run's summary; rewritten atomically
     task.json           the task (stepwise.tasks.save_task), as in every stepwise artifact folder
     shard-<hash>.jsonl  one record per line; a shard is written whole (tmp file, fsync, rename) or not at all
     shard-<hash>.parquet  the same records with --shard-format parquet (pyarrow); there the nested `votes` and
-                        `teacher` fields are JSON text columns, decoded again by `read_records`
+                        `teacher` fields are JSON text columns, decoded again by `artifacts.read_records`
 
 The shards are the truth: the manifest's counts are recomputed from them, so a kill between writing a
 shard and updating the manifest loses nothing.
@@ -17,33 +16,15 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 from collections import Counter
 from pathlib import Path
-from typing import Iterator
 
-MANIFEST = "manifest.json"
-SHARD_FORMATS = ("jsonl", "parquet")
-JSON_TEXT_IN_PARQUET = ("votes", "teacher")  # nested dicts whose keys vary: kept as JSON text in Parquet
+from stepwise.artifacts import JSON_TEXT_IN_PARQUET, write_atomic
+
 
 
 def config_hash(config: dict) -> str:
     return hashlib.sha256(json.dumps(config, sort_keys=True).encode()).hexdigest()[:16]
-
-
-def write_atomic(path: Path, data: str | bytes) -> None:
-    """Write `data` to `path` so that a reader (or a restart after kill -9) sees all of it or nothing."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    with tmp.open("wb") as f:
-        f.write(data.encode() if isinstance(data, str) else data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    directory = os.open(path.parent, os.O_RDONLY)  # make the rename itself durable
-    try:
-        os.fsync(directory)
-    finally:
-        os.close(directory)
 
 
 def write_shard(out_dir: Path, records: list[dict], shard_format: str = "jsonl") -> Path:
@@ -66,43 +47,6 @@ def parquet_bytes(records: list[dict]) -> bytes:
     sink = pa.BufferOutputStream()
     pq.write_table(pa.Table.from_pylist(rows), sink)
     return sink.getvalue().to_pybytes()
-
-
-def shard_paths(out_dir: Path) -> list[Path]:
-    return sorted(p for fmt in SHARD_FORMATS for p in Path(out_dir).glob(f"shard-*.{fmt}"))
-
-
-def iter_records(out_dir: Path) -> Iterator[dict]:
-    for path in shard_paths(out_dir):
-        if path.suffix == ".parquet":
-            import pyarrow.parquet as pq
-
-            for row in pq.read_table(path).to_pylist():
-                yield {k: json.loads(v) if k in JSON_TEXT_IN_PARQUET else v for k, v in row.items()}
-            continue
-        with path.open() as f:
-            for line in f:
-                if line.strip():
-                    yield json.loads(line)
-
-
-def read_records(out_dir: str | Path) -> list[dict]:
-    """All records of an extraction output folder (see `extraction` for the fields)."""
-    out_dir = Path(out_dir)
-    if not (out_dir / MANIFEST).exists():
-        raise FileNotFoundError(f"{out_dir} is not an extraction output: no {MANIFEST} (run `stepwise extract` first)")
-    return list(iter_records(out_dir))
-
-
-def read_manifest(out_dir: Path) -> dict | None:
-    path = out_dir / MANIFEST
-    return json.loads(path.read_text()) if path.exists() else None
-
-
-def remove_partial_files(out_dir: Path) -> None:
-    """Temp files of a write that a kill interrupted; their records are regenerated."""
-    for tmp in out_dir.glob(".*.tmp"):
-        tmp.unlink()
 
 
 def count_records(records: list[dict]) -> dict:

@@ -41,8 +41,8 @@ from ray.serve.metrics import Counter, Histogram
 from ray.serve.schema import LoggingConfig
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from export.runtime import EXPORT_CONFIG, Prediction, Runtime, load_runtime, predict, read_export_config
-from stepwise import tasks
+from stepwise.export.runtime import Prediction, Runtime, load_runtime, predict
+from stepwise import artifacts, tasks
 
 ROOT = Path(__file__).resolve().parent.parent
 APP_NAME = "stepwise"
@@ -332,19 +332,19 @@ def check_models(models: dict[str, str]) -> dict[str, str]:
     checked = {}
     for model_id, folder in models.items():
         path = Path(folder).expanduser().resolve()
-        if not (path / EXPORT_CONFIG).exists():
-            raise ValueError(f"model {model_id!r}: {path} is not an export folder (no {EXPORT_CONFIG}; run `stepwise export` first)")
+        if not (path / artifacts.EXPORT_CONFIG).exists():
+            raise ValueError(f"model {model_id!r}: {path} is not an export folder (no {artifacts.EXPORT_CONFIG}; run `stepwise export` first)")
         tasks.load_task(path)
         checked[model_id] = str(path)
     return checked
 
 
 def wants_gpu(models: dict[str, str]) -> bool:
-    return any(read_export_config(Path(folder)).get("target") in ("cuda", "tensorrt") for folder in models.values())
+    return any(artifacts.read_export_config(Path(folder))["target"] in ("cuda", "tensorrt") for folder in models.values())
 
 
 def build_app(args: ServeArgs) -> serve.Application:
-    """The Serve application (import path `serving.app:build_app` for `serve run` / `serve deploy`)."""
+    """The Serve application (import path `stepwise.serving.app:build_app` for `serve run` / `serve deploy`)."""
     if args.max_replicas is None:
         scaling: dict[str, Any] = {"num_replicas": args.replicas}
     else:

@@ -8,6 +8,7 @@ creating the environment on first use.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import importlib
 import inspect
 import json
@@ -17,19 +18,19 @@ import sys
 import types
 import typing
 from pathlib import Path
-from typing import Any, Callable, Literal, get_args, get_origin
+from typing import Any, Callable, Literal, NamedTuple, get_args, get_origin
 
-from stepwise import envs
+from stepwise import artifacts, envs
 
 # stage -> (module, function, environment). Only stages that exist are listed.
 STAGES: dict[str, tuple[str, str, str]] = {
     "data": ("stepwise.data_report", "main", "student"),
     "demo": ("stepwise.demo", "main", "student"),
-    "export": ("export.run", "main", "student"),
-    "serve": ("serving.app", "main", "student"),
-    "extract": ("extraction.run", "main", "teacher"),
-    "train": ("training.train", "main", "student"),
-    "experiment": ("training.experiment", "main", "student"),
+    "export": ("stepwise.export.run", "main", "student"),
+    "serve": ("stepwise.serving.app", "main", "student"),
+    "extract": ("stepwise.extraction.run", "main", "teacher"),
+    "train": ("stepwise.training.train", "main", "student"),
+    "experiment": ("stepwise.training.experiment", "main", "student"),
 }
 
 
@@ -61,21 +62,54 @@ def _doc_args(fn: Callable) -> dict[str, str]:
     return helps
 
 
-def parser_for(fn: Callable, prog: str) -> argparse.ArgumentParser:
-    """An argparse parser whose options mirror `fn`'s keyword parameters and type hints."""
-    doc = inspect.getdoc(fn) or ""
-    parser = argparse.ArgumentParser(prog=prog, description=doc.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+class Option(NamedTuple):
+    name: str  # the keyword (and, with dashes, the flag)
+    hint: Any
+    default: Any  # inspect.Parameter.empty when required
+    help: str
+    group: str | None  # the dataclass parameter this option fills, if any
+
+
+def options_of(fn: Callable) -> list[Option]:
+    """Every option of `fn`: one per plain parameter, and one per field of a dataclass parameter (an
+    argument group: several related options that validate themselves together)."""
     helps = _doc_args(fn)
     hints = typing.get_type_hints(fn)
+    found = []
     for name, param in inspect.signature(fn).parameters.items():
         hint = _unwrap_optional(hints.get(name, str))
-        flag = "--" + name.replace("_", "-")
-        kwargs: dict[str, Any] = {"dest": name, "help": helps.get(name, " ")}
-        required = param.default is inspect.Parameter.empty
-        if required:
+        if dataclasses.is_dataclass(hint):
+            field_helps, field_hints = _doc_args(hint), typing.get_type_hints(hint)
+            for field in dataclasses.fields(hint):
+                default = field.default if field.default is not dataclasses.MISSING else (
+                    field.default_factory() if field.default_factory is not dataclasses.MISSING else inspect.Parameter.empty)
+                found.append(Option(field.name, _unwrap_optional(field_hints[field.name]), default, field_helps.get(field.name, " "), name))
+        else:
+            found.append(Option(name, hint, param.default, helps.get(name, " "), None))
+    return found
+
+
+def parser_for(fn: Callable, prog: str) -> argparse.ArgumentParser:
+    """An argparse parser whose options mirror `fn`'s keyword parameters and type hints (dataclass
+    parameters become argument groups)."""
+    doc = inspect.getdoc(fn) or ""
+    parser = argparse.ArgumentParser(prog=prog, description=doc.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    hints = typing.get_type_hints(fn)
+    groups: dict[str, Any] = {}
+    for option in options_of(fn):
+        if option.group is None:
+            where = parser
+        else:
+            if option.group not in groups:
+                group_doc = inspect.getdoc(_unwrap_optional(hints[option.group])) or ""
+                groups[option.group] = parser.add_argument_group(option.group, group_doc.split("\n\n")[0])
+            where = groups[option.group]
+        kwargs: dict[str, Any] = {"dest": option.name, "help": option.help}
+        if option.default is inspect.Parameter.empty:
             kwargs["required"] = True
         else:
-            kwargs["default"] = param.default
+            kwargs["default"] = option.default
+        hint = option.hint
         if hint is bool:
             kwargs["action"] = argparse.BooleanOptionalAction
         elif get_origin(hint) is Literal:
@@ -88,12 +122,13 @@ def parser_for(fn: Callable, prog: str) -> argparse.ArgumentParser:
             kwargs.pop("default", None)
         else:
             kwargs["type"] = hint
-        parser.add_argument(flag, **kwargs)
+        where.add_argument("--" + option.name.replace("_", "-"), **kwargs)
     parser.add_argument("--config", type=Path, default=None, help="JSON or TOML file whose keys override the defaults above")
     return parser
 
 
-def _config_overrides(path: Path) -> dict[str, Any]:
+def read_config(path: Path, fn: Callable) -> dict[str, Any]:
+    """Option values from a JSON or TOML file: option names as keys, or a table per argument group."""
     if not path.exists():
         raise SystemExit(f"stepwise: config file not found: {path}")
     if path.suffix == ".toml":
@@ -102,7 +137,19 @@ def _config_overrides(path: Path) -> dict[str, Any]:
         data = tomllib.loads(path.read_text())
     else:
         data = json.loads(path.read_text())
-    return {k.replace("-", "_"): v for k, v in data.items()}
+    known = {o.name: o for o in options_of(fn)}
+    groups = {o.group for o in known.values() if o.group}
+    flat: dict[str, Any] = {}
+    for key, value in data.items():
+        key = key.replace("-", "_")
+        if key in groups and isinstance(value, dict):
+            flat |= {k.replace("-", "_"): v for k, v in value.items()}
+        else:
+            flat[key] = value
+    unknown = set(flat) - set(known)
+    if unknown:
+        raise SystemExit(f"stepwise: unknown keys in {path}: {', '.join(sorted(unknown))}")
+    return flat
 
 
 def call_with_argv(fn: Callable, argv: list[str], prog: str) -> Any:
@@ -110,21 +157,27 @@ def call_with_argv(fn: Callable, argv: list[str], prog: str) -> Any:
     overrides: dict[str, Any] = {}
     # A config file sets defaults; explicit flags still win.
     if "--config" in argv:
-        config_path = Path(argv[argv.index("--config") + 1])
-        overrides = _config_overrides(config_path)
-        unknown = set(overrides) - set(inspect.signature(fn).parameters)
-        if unknown:
-            raise SystemExit(f"stepwise: unknown keys in {config_path}: {', '.join(sorted(unknown))}")
+        overrides = read_config(Path(argv[argv.index("--config") + 1]), fn)
         parser.set_defaults(**{k: v for k, v in overrides.items() if not isinstance(v, list)})  # lists: below
         for action in parser._actions:
             if action.dest in overrides:
                 action.required = False
     args = vars(parser.parse_args(argv))
     args.pop("config")
-    for name, param in inspect.signature(fn).parameters.items():
-        if args.get(name) is None and (name in overrides or param.default is not inspect.Parameter.empty):
-            args[name] = overrides.get(name, param.default)
-    return fn(**args)
+    kwargs: dict[str, Any] = {}
+    grouped: dict[str, dict[str, Any]] = {}
+    for option in options_of(fn):
+        value = args[option.name]
+        if value is None and (option.name in overrides or option.default is not inspect.Parameter.empty):
+            value = overrides.get(option.name, option.default)
+        if option.group is None:
+            kwargs[option.name] = value
+        else:
+            grouped.setdefault(option.group, {})[option.name] = value
+    hints = typing.get_type_hints(fn)
+    for group, values in grouped.items():
+        kwargs[group] = _unwrap_optional(hints[group])(**values)  # the group validates itself (ValueError)
+    return fn(**kwargs)
 
 
 def run_tests(pytest_args: list[str]) -> int:
@@ -173,10 +226,11 @@ def main(argv: list[str] | None = None) -> None:
     fn = getattr(importlib.import_module(module_name), fn_name)
     try:
         result = call_with_argv(fn, rest, prog=f"stepwise {command}")
-    except (ValueError, FileNotFoundError) as problem:
-        # Bad input names its problem in the message; a traceback would bury it (STEPWISE_DEBUG=1 keeps it).
+    except (ValueError, FileNotFoundError, artifacts.ParityFailed) as problem:
+        # Library code raises; here, and only here, an error becomes a one-line message and an exit code
+        # (a traceback would bury what the message names; STEPWISE_DEBUG=1 keeps it).
         if os.environ.get("STEPWISE_DEBUG") == "1":
             raise
         raise SystemExit(f"stepwise {command}: error: {problem}") from None
-    if isinstance(result, int):
-        raise SystemExit(result)
+    if isinstance(result, Path):
+        print(f"[stepwise {command}] output: {result}", flush=True)

@@ -92,7 +92,7 @@ def teacher_cost(out: Path, task: str, teacher: str, extract_run: dict, limit: i
         return write_json(result_path, cost_from_manifest(manifest, extract_run, "the teacher model of the run"))
     model_dir = out / "tiny-teacher"
     if not (model_dir / "config.json").exists():
-        build = "import sys; from pathlib import Path; from extraction.tiny_teacher import build_tiny_teacher; build_tiny_teacher(Path(sys.argv[1]))"
+        build = "import sys; from pathlib import Path; from stepwise.extraction.tiny_teacher import build_tiny_teacher; build_tiny_teacher(Path(sys.argv[1]))"
         subprocess.run([str(envs.ensure_env("teacher")), "-c", build, str(model_dir)], check=True, cwd=envs.ROOT,
                        env=envs.quiet_runtime_env() | {"PYTHONPATH": str(envs.ROOT)})
     folder = out / "teacher-cost"
@@ -154,8 +154,8 @@ def serve_and_query(out: Path, requests: int, port: int, force: bool) -> dict:
         return cached
     import httpx
 
-    from export.runtime import load_runtime, predict
-    from serving.app import wait_ready
+    from stepwise.export.runtime import load_runtime, predict
+    from stepwise.serving.app import wait_ready
 
     export_dir = out / "export"
     task = tasks.load_task(export_dir)

@@ -20,6 +20,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Literal
 
+from stepwise import artifacts
+
 ROOT = Path(__file__).resolve().parent.parent
 SPLITS = ("train", "valid", "test")
 VALID_FRACTION = 0.1  # the paper holds out 10% of train for validation where a task has none
@@ -103,19 +105,13 @@ def get_task(name_or_path: str) -> Task:
     return Task(path.stem, style, source=str(path.resolve()))
 
 
-TASK_FILE = "task.json"  # written into every model, export and extraction folder
-
-
 def save_task(task: Task, folder: Path) -> None:
-    Path(folder).mkdir(parents=True, exist_ok=True)
-    (Path(folder) / TASK_FILE).write_text(task.to_json())
+    """task.json, written into every model, export and extraction folder."""
+    artifacts.write_atomic(Path(folder) / artifacts.TASK, task.to_json())
 
 
 def load_task(folder: Path) -> Task:
-    path = Path(folder) / TASK_FILE
-    if not path.exists():
-        raise FileNotFoundError(f"{folder} has no {TASK_FILE}: not a stepwise model, export or extraction folder")
-    return Task(**json.loads(path.read_text()))
+    return Task(**artifacts.read_json(Path(folder) / artifacts.TASK, "not a stepwise model, export or extraction folder"))
 
 
 def in_valid_split(example_id: str) -> bool:

@@ -15,7 +15,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 @pytest.fixture(scope="session")
 def tiny_student_dir(tmp_path_factory) -> Path:
     """Student environment only (needs torch/transformers/sentencepiece)."""
-    from training.tiny import build_student_folder
+    from stepwise.training.tiny import build_student_folder
 
     return build_student_folder(tmp_path_factory.mktemp("tiny-student"), "tiny", "esnli", vocab_size=1000)
 
@@ -23,9 +23,7 @@ def tiny_student_dir(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def tiny_export_dir(tiny_student_dir, tmp_path_factory) -> Path:
     """`stepwise export` of tiny_student_dir (fp32, CPU target, parity-gated on 32 valid examples). Student environment only."""
-    from export.run import main as export_main
+    from stepwise.export.run import ParityOptions
+    from stepwise.export.run import main as export_main
 
-    out = tmp_path_factory.mktemp("tiny-export") / "onnx"
-    if export_main(model=tiny_student_dir, out=out, parity_limit=32) != 0:
-        raise RuntimeError(f"tiny export failed its parity gate: {out / 'parity.json'}")
-    return out
+    return export_main(model=tiny_student_dir, out=tmp_path_factory.mktemp("tiny-export") / "onnx", parity=ParityOptions(parity_limit=32))

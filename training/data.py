@@ -3,8 +3,7 @@ fraction, and the (input, label, rationale) triples the student learns from.
 
 The extraction output folder is the contract: JSONL shards (or Parquet, when pyarrow is installed) plus
 manifest.json and task.json, one record per input with id, input, label, choices, rationale,
-teacher_label, status ("ok", or why not) and reason. It is read here directly, without importing the
-extraction package (that one may import vLLM, which the student environment does not have).
+teacher_label, status ("ok", or why not) and reason. It is read through `stepwise.artifacts`, the contract both environments share.
 """
 
 from __future__ import annotations
@@ -15,7 +14,7 @@ from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
-from stepwise import tasks
+from stepwise import artifacts, tasks
 
 RECORD_FIELDS = ("id", "status")  # the minimum a record needs to be joined and filtered
 
@@ -27,46 +26,25 @@ class StudentExample:
     rationale: str | None  # the teacher's rationale (step-by-step only)
 
 
-def read_records(folder: Path) -> dict[str, dict]:
-    """Records of an extraction output folder by id. Shards are every *.jsonl (and *.parquet) file in it;
-    manifest.json and task.json are not shards. Where a rerun left two records for one id, an ok one wins."""
-    folder = Path(folder)
-    if not folder.is_dir():
-        raise FileNotFoundError(f"rationales folder {folder} does not exist (run `stepwise extract` first, or drop --rationales for standard-finetune)")
-    rows: list[dict] = []
-    for path in sorted(p for p in folder.glob("*.jsonl") if not p.name.startswith(".")):
-        with path.open() as f:
-            for number, line in enumerate(f, 1):
-                if not line.strip():
-                    continue
-                try:
-                    rows.append(json.loads(line))
-                except json.JSONDecodeError as error:
-                    raise ValueError(f"{path}:{number}: not a JSON record ({error.msg})") from None
-    parquet_files = sorted(folder.glob("*.parquet"))
-    if parquet_files:
-        try:
-            import pyarrow.parquet as pq
-        except ImportError:
-            raise ImportError(f"{folder} holds Parquet shards but pyarrow is not installed in this environment") from None
-        for path in parquet_files:
-            rows += pq.read_table(path).to_pylist()
-    if not rows:
-        raise ValueError(f"rationales folder {folder} holds no records (*.jsonl or *.parquet shards)")
+def records_by_id(folder: Path) -> dict[str, dict]:
+    """An extraction folder's records by id (`artifacts.read_records`). Where a rerun left two records for one
+    id, an ok one wins."""
     records: dict[str, dict] = {}
-    for row in rows:
+    for row in artifacts.read_records(folder):
         missing = [name for name in RECORD_FIELDS if name not in row]
         if missing:
             raise ValueError(f"rationales folder {folder}: a record lacks {', '.join(missing)}: {json.dumps(row)[:120]}")
         previous = records.get(str(row["id"]))
         if previous is None or previous["status"] != "ok":
             records[str(row["id"])] = row
+    if not records:
+        raise ValueError(f"rationales folder {folder} holds no records (*.jsonl or *.parquet shards)")
     return records
 
 
 def check_task_matches(folder: Path, task: tasks.Task) -> None:
     """Refuse rationales extracted for another task (the folder's task.json says which)."""
-    if (Path(folder) / tasks.TASK_FILE).exists():
+    if (Path(folder) / artifacts.TASK).exists():
         extracted_for = tasks.load_task(folder)
         if extracted_for.name != task.name:
             raise ValueError(f"rationales in {folder} were extracted for task {extracted_for.name!r}, not {task.name!r}")
@@ -112,19 +90,3 @@ def training_examples(task: tasks.Task, records: dict[str, dict] | None, needs_t
     if not examples:
         raise ValueError(f"no usable training examples for task {task.name!r} ({dict(counts)})")
     return examples, dict(counts)
-
-
-def write_shipped_teacher_records(task: tasks.Task, folder: Path, limit: int | None = None) -> Path:
-    """The shipped PaLM-540B completions of the train split, parsed into the extraction record format:
-    a real teacher's output for tests and CPU benchmarks on a machine where no teacher can run."""
-    folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
-    lines = []
-    for example in tasks.load_split(task, "train")[:limit]:
-        parsed = tasks.parse_completion(task, example.teacher_completion, example.choices)
-        record = {"id": example.id, "input": example.input, "label": example.label, "choices": example.choices, "rationale": parsed.rationale, "teacher_label": parsed.label, "status": parsed.status, "reason": parsed.reason}
-        lines.append(json.dumps(record, ensure_ascii=False) + "\n")
-    (folder / "shard-shipped.jsonl").write_text("".join(lines))
-    (folder / "manifest.json").write_text(json.dumps({"teacher": "shipped PaLM-540B completions", "records": len(lines)}, indent=2))
-    tasks.save_task(task, folder)
-    return folder

@@ -11,7 +11,8 @@ import json
 import statistics
 from pathlib import Path
 
-from training import train
+from stepwise import artifacts
+from stepwise.training import train
 
 RUN_COLUMNS = ["mode", "data_fraction", "seed", "steps", "train_minutes", "best_step", "train_examples", "valid_accuracy", "test_accuracy", "test_examples"]
 
@@ -26,7 +27,7 @@ def run_grid(task: str, out: Path, modes: list[str], fractions: list[float], see
         for fraction in fractions:
             for seed in seeds:
                 folder = train.main(task=task, out=Path(out) / f"{mode}_frac{fraction}_seed{seed}", mode=mode, data_fraction=fraction, seed=seed, **train_options)
-                metrics = json.loads((folder / train.METRICS_FILE).read_text())
+                metrics = artifacts.read_metrics(folder)
                 rows.append({
                     "mode": mode, "data_fraction": fraction, "seed": seed, "steps": metrics["steps"],
                     "train_minutes": metrics["train_minutes"], "best_step": metrics["best_step"],

@@ -29,15 +29,14 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 from transformers import AutoTokenizer, PreTrainedTokenizerBase, T5ForConditionalGeneration
 
-from stepwise import tasks
-from training.data import StudentExample, check_task_matches, read_records, training_examples
-from training.tiny import SHAPES, build_student, train_tokenizer
+from stepwise import artifacts, tasks
+from stepwise.training.data import StudentExample, check_task_matches, records_by_id, training_examples
+from stepwise.training.tiny import SHAPES, build_student, train_tokenizer
 
 Mode = Literal["step-by-step", "standard-finetune", "standard-distill"]
 MODES: tuple[str, ...] = ("step-by-step", "standard-finetune", "standard-distill")
 IGNORE = -100  # target positions that carry no loss (padding)
-CHECKPOINT = "checkpoint"
-CONFIG_FILE, METRICS_FILE, LOG_FILE = "train_config.json", "metrics.json", "log.csv"
+CHECKPOINT = artifacts.CHECKPOINT
 LOG_COLUMNS = ["step", "elapsed_s", "lr", "loss", "label_loss", "rationale_loss", "valid_accuracy"]
 
 
@@ -155,15 +154,9 @@ def evaluate(model, tokenizer, task: tasks.Task, examples: list[tasks.Example], 
 # ---------------------------------------------------------------- the output folder
 
 
-def _write_json(path: Path, data: dict) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(data, indent=2) + "\n")
-    tmp.replace(path)
-
-
 def _prepare_out(out: Path, config: dict, force: bool) -> Literal["fresh", "resume", "done"]:
     """What to do with `out`: reuse a finished run of the same config, resume its checkpoint, or start over."""
-    config_path = out / CONFIG_FILE
+    config_path = out / artifacts.TRAIN_CONFIG
     if force and config_path.exists():
         shutil.rmtree(out)
     elif config_path.exists():
@@ -171,14 +164,14 @@ def _prepare_out(out: Path, config: dict, force: bool) -> Literal["fresh", "resu
         if previous != config:
             changed = sorted(k for k in set(previous) | set(config) if previous.get(k) != config.get(k))
             raise ValueError(f"{out} holds a training run with other options (differs in: {', '.join(changed)}); pass --force to replace it or choose another --out")
-        if (out / METRICS_FILE).exists():
+        if (out / artifacts.METRICS).exists():
             return "done"
         if (out / CHECKPOINT / "state.pt").exists():
             return "resume"
     elif out.exists() and any(out.iterdir()):
         raise ValueError(f"{out} is not empty and is not a stepwise training folder: choose another --out")
     out.mkdir(parents=True, exist_ok=True)
-    _write_json(config_path, config)
+    artifacts.write_json(config_path, config)
     return "fresh"
 
 
@@ -198,7 +191,7 @@ def _save_checkpoint(out: Path, model: T5ForConditionalGeneration, state: dict) 
 
 def _restart_log(out: Path, upto_step: int) -> None:
     """Keep the log rows up to the checkpoint's step (rows written after it are trained again)."""
-    path = out / LOG_FILE
+    path = out / artifacts.TRAIN_LOG
     rows = []
     if path.exists():
         with path.open() as f:
@@ -210,7 +203,7 @@ def _restart_log(out: Path, upto_step: int) -> None:
 
 
 def _append_log(out: Path, row: dict) -> None:
-    with (out / LOG_FILE).open("a", newline="") as f:
+    with (out / artifacts.TRAIN_LOG).open("a", newline="") as f:
         csv.DictWriter(f, LOG_COLUMNS).writerow(row)
 
 
@@ -290,7 +283,7 @@ def main(
     records = None
     if rationales is not None:
         check_task_matches(rationales, task_def)
-        records = read_records(rationales)
+        records = records_by_id(rationales)
     with_rationale = mode == "step-by-step"
     teacher_labels = mode == "standard-distill" or (mode == "step-by-step" and label_source == "teacher")
     examples, counts = training_examples(task_def, records, teacher_labels, with_rationale, data_fraction, seed)
@@ -406,7 +399,7 @@ def main(
         "valid": {"accuracy": best["accuracy"], "examples": len(valid)},
         "test": evaluate(model, tokenizer, task_def, test, max_input_length, max_new_tokens, eval_batch_size) if test else None,
     }
-    _write_json(out / METRICS_FILE, metrics)
+    artifacts.write_json(out / artifacts.METRICS, metrics)
     shutil.rmtree(out / CHECKPOINT, ignore_errors=True)  # finished: the folder is the model, not a training state
     test_text = f"{metrics['test']['accuracy']:.4f} on {len(test)}" if test else "n/a (no test split)"
     print(f"[train] done: {step} steps in {trained_minutes:.1f} min; valid accuracy {best['accuracy']:.4f} (step {best['step']}), test {test_text}; saved {out}", flush=True)

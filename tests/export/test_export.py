@@ -12,9 +12,10 @@ from pathlib import Path
 
 import pytest
 
-from export import parity
-from export.run import main as export_main
-from export.runtime import configured_providers, load_runtime, predict
+from stepwise.export import parity
+from stepwise.export.run import ParityOptions
+from stepwise.export.run import main as export_main
+from stepwise.export.runtime import configured_providers, load_runtime, predict
 from stepwise import tasks
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -53,16 +54,33 @@ def test_gate_names_each_failure():
 
 
 def test_bad_input_gives_clear_errors(tiny_student_dir, tiny_export_dir, tmp_path):
-    with pytest.raises(SystemExit, match="model folder not found"):
+    with pytest.raises(FileNotFoundError, match="model folder not found"):
         export_main(model=tmp_path / "nope", out=tmp_path / "out")
-    with pytest.raises(SystemExit, match="not a trained student folder"):
+    with pytest.raises(ValueError, match="not a trained student folder"):
         export_main(model=tiny_export_dir, out=tmp_path / "out")  # an export folder has no weights
-    with pytest.raises(SystemExit, match="exists and is not empty"):
+    with pytest.raises(ValueError, match="exists and is not empty"):
         export_main(model=tiny_student_dir, out=tiny_export_dir)
-    with pytest.raises(SystemExit, match="split decoder layout"):
+    with pytest.raises(ValueError, match="split decoder layout"):
         export_main(model=tiny_student_dir, out=tmp_path / "out", target="tensorrt", decoder_layout="merged")
-    with pytest.raises(SystemExit, match="choose one of"):
+    with pytest.raises(ValueError, match="choose one of"):
         export_main(model=tiny_student_dir, out=tmp_path / "out", quantize="int8", precision="fp16")
+    with pytest.raises(ValueError, match="parity-limit"):
+        ParityOptions(parity_limit=-1)
+
+
+def test_overwrite_never_deletes_the_model_or_a_foreign_folder(tiny_student_dir, tmp_path):
+    model = Path(shutil.copytree(tiny_student_dir, tmp_path / "runs" / "s"))
+    before = sorted(p.name for p in model.iterdir())
+    for out in (model, model / "onnx", model.parent):  # the model, a folder inside it, a folder holding it
+        with pytest.raises(ValueError, match="is the model folder, holds it or lies inside it"):
+            export_main(model=model, out=out, overwrite=True)
+    assert sorted(p.name for p in model.iterdir()) == before
+    foreign = tmp_path / "notes"
+    foreign.mkdir()
+    (foreign / "todo.txt").write_text("keep me")
+    with pytest.raises(ValueError, match="replaces only a folder `stepwise export` wrote"):
+        export_main(model=model, out=foreign, overwrite=True)
+    assert (foreign / "todo.txt").read_text() == "keep me"
 
 
 @pytest.mark.slow
@@ -85,8 +103,24 @@ def test_cli_fails_loudly_when_parity_fails(tiny_student_dir, tmp_path):
     out = tmp_path / "strict"
     done = run_cli("--model", str(tiny_student_dir), "--out", str(out), "--parity-limit", "16", "--max-logit-diff", "1e-12")
     assert done.returncode == 1
-    assert "PARITY FAILED" in done.stderr and "max abs logit difference" in done.stderr
-    assert json.loads((out / "parity.json").read_text())["passed"] is False
+    assert "PARITY FAILED" in done.stderr and "parity gate failed" in done.stderr and "max abs logit difference" in done.stderr
+    assert "Traceback" not in done.stderr
+    assert not out.exists(), "a failed export must not land where serving would load it"
+    rejected = tmp_path / "strict.rejected"
+    assert json.loads((rejected / "parity.json").read_text())["passed"] is False  # kept for inspection
+    assert not list(tmp_path.glob(".strict.*")), "no staging folder left behind"
+
+
+@pytest.mark.slow
+def test_skipped_gate_is_written_as_unverified_and_overwrite_replaces_an_export(tiny_student_dir, tmp_path):
+    out = tmp_path / "unverified"
+    assert export_main(model=tiny_student_dir, out=out, parity=ParityOptions(parity_limit=0)) == out
+    report = json.loads((out / "parity.json").read_text())
+    assert report["skipped"] is True and report["passed"] is False
+    version = json.loads((out / "export_config.json").read_text())["exported_at"]
+    assert export_main(model=tiny_student_dir, out=out, parity=ParityOptions(parity_limit=8), overwrite=True) == out
+    assert json.loads((out / "parity.json").read_text())["passed"] is True
+    assert json.loads((out / "export_config.json").read_text())["exported_at"] >= version
 
 
 @pytest.mark.slow
@@ -94,7 +128,7 @@ def test_fp16_gpu_export_writes_tensorrt_options_and_runs_on_cpu(tiny_student_di
     """The GPU artifact: fp16 with T5's overflow-prone ops kept in fp32, TensorRT EP options in the config.
     No GPU here: ONNX Runtime falls back to the CPU EP, where the fp16 model must still agree with PyTorch."""
     out = tmp_path / "trt"
-    assert export_main(model=tiny_student_dir, out=out, precision="fp16", target="tensorrt", parity_limit=16) == 0
+    assert export_main(model=tiny_student_dir, out=out, precision="fp16", target="tensorrt", parity=ParityOptions(parity_limit=16)) == out
     config = json.loads((out / "export_config.json").read_text())
     trt = config["providers"][0]
     assert [p["name"] for p in config["providers"]] == ["TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider"]
@@ -119,7 +153,7 @@ def test_fp16_gpu_export_writes_tensorrt_options_and_runs_on_cpu(tiny_student_di
 def test_choice_task_scores_each_examples_choices_and_open_task_generates(choice_and_open_students, tmp_path):
     for name, student in choice_and_open_students.items():
         out = tmp_path / name
-        assert export_main(model=student, out=out, parity_limit=16, decoder_layout="merged") == 0
+        assert export_main(model=student, out=out, parity=ParityOptions(parity_limit=16), decoder_layout="merged") == out
         runtime = load_runtime(out, threads=1)
         examples = tasks.load_split(runtime.task, "valid")[:8]
         predictions = predict(runtime, examples)

@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 from transformers import AutoTokenizer
 
-from export import parity
-from export.runtime import Prediction, candidate_batch, load_runtime, predict, score_candidates, sequence_log_likelihood
+from stepwise.export import parity
+from stepwise.export.runtime import Prediction, candidate_batch, load_runtime, predict, score_candidates, sequence_log_likelihood
 from stepwise import tasks
 
 

@@ -36,7 +36,7 @@ def pytest_sessionfinish(session, exitstatus):
 
 @pytest.fixture(scope="session")
 def tiny_teacher(tmp_path_factory) -> Path:
-    from extraction.tiny_teacher import build_tiny_teacher
+    from stepwise.extraction.tiny_teacher import build_tiny_teacher
 
     return build_tiny_teacher(tmp_path_factory.mktemp("tiny-teacher"))
 

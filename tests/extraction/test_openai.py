@@ -11,7 +11,7 @@ import time
 import httpx
 import pytest
 
-from extraction import read_records
+from stepwise.extraction import read_records
 from stepwise import cli, tasks
 
 

@@ -7,7 +7,8 @@ from collections import Counter
 
 import pytest
 
-from extraction import read_records, shards
+from stepwise import artifacts
+from stepwise.extraction import read_records, shards
 from stepwise import cli, tasks
 
 pytestmark = pytest.mark.slow
@@ -27,7 +28,7 @@ def test_ray_data_actor_pool_extracts_and_resumes(tiny_teacher, tmp_path, local_
     args = ["extract", "--task", "esnli", "--split", "valid", "--teacher", "vllm", "--model", str(tiny_teacher), "--ray", "--ray-actors", "1",
             "--chunk-size", "3", "--max-tokens", "16", "--enforce-eager", "--out", str(out)]
     cli.main([*args, "--limit", "9"])
-    assert len(shards.shard_paths(out)) == 3
+    assert len(artifacts.shard_paths(out)) == 3
     # the same job with more inputs continues: only the new ones go through the engines
     cli.main([*args, "--limit", "12"])
     records = read_records(out)

@@ -6,7 +6,7 @@ import re
 
 import pytest
 
-from extraction import run, shards, teachers
+from stepwise.extraction import records, shards, teachers
 from stepwise import tasks
 
 CQA = tasks.get_task("cqa")
@@ -20,7 +20,7 @@ def test_majority_vote_picks_the_most_common_label_and_its_rationale():
         "no answer here",
         "A bedroom holds a bed. So the answer is (b) bedroom.\n\nQ: next",
     ]
-    record = run.make_record(CQA, EXAMPLE, teachers.Generation(completions, 10, 40), {"backend": "test"})
+    record = records.make_record(CQA, EXAMPLE, teachers.Generation(completions, 10, 40), {"backend": "test"})
     assert record["teacher_label"] == "bedroom" and record["rationale"] == "People sleep in bedrooms."
     assert record["votes"] == {"sea": 1, "bedroom": 2} and record["status"] == "ok" and record["correct"]
 
@@ -29,17 +29,17 @@ def test_equal_equations_vote_together():
     svamp = tasks.get_task("svamp")
     example = tasks.Example("s1", "6 apples?", "( 2.0 * 3.0 )")
     completions = ["x. The answer is (2 * 3).", "y. The answer is (3 * 2).", "z. The answer is (5).", "w. The answer is (5)."]
-    parsed, votes = run.vote(svamp, example, completions)
+    parsed, votes = records.vote(svamp, example, completions)
     assert parsed.label == "(2 * 3)" and sorted(votes.values()) == [2, 2]
 
 
 def test_no_parseable_sample_is_malformed_with_the_reason():
-    record = run.make_record(CQA, EXAMPLE, teachers.Generation(["rambling"]), {})
+    record = records.make_record(CQA, EXAMPLE, teachers.Generation(["rambling"]), {})
     assert record["status"] == "malformed" and "no answer sentence" in record["reason"] and not record["correct"]
 
 
 def test_a_teacher_error_is_recorded_not_raised():
-    record = run.make_record(CQA, EXAMPLE, teachers.Generation(error="server error after 2 retries: ConnectError"), {})
+    record = records.make_record(CQA, EXAMPLE, teachers.Generation(error="server error after 2 retries: ConnectError"), {})
     assert record["status"] == "error" and record["reason"].startswith("server error") and record["completions"] == []
     counts = shards.count_records([record, dict(record, status="ok", reason="", correct=True)])
     assert counts["failure_reasons"] == {"server error after 2 retries": 1} and counts["parse_rate"] == 0.5

@@ -6,7 +6,8 @@ import json
 
 import pytest
 
-from extraction import read_records, shards
+from stepwise import artifacts
+from stepwise.extraction import read_records, shards
 from stepwise import cli, tasks
 
 
@@ -42,7 +43,7 @@ def test_resume_regenerates_only_what_is_missing(tmp_path, capsys):
     args = ["--task", "cqa", "--split", "valid", "--limit", "100", "--chunk-size", "7", "--out", str(out)]
     extract(*args)
     before = {r["id"]: r for r in read_records(out)}
-    lost = shards.shard_paths(out)[3]  # as if the run had died before writing this chunk
+    lost = artifacts.shard_paths(out)[3]  # as if the run had died before writing this chunk
     lost_ids = {json.loads(line)["id"] for line in lost.read_text().splitlines()}
     lost.unlink()
     (out / ".shard-deadbeef.jsonl.123.tmp").write_text('{"id": "half a line')  # a write cut short by kill -9
@@ -83,6 +84,6 @@ def test_parquet_shards_hold_the_same_records_and_resume_across_formats(tmp_path
     extract(*args, "--limit", "40", "--out", str(tmp_path / "jsonl"))
     extract(*args, "--limit", "20", "--shard-format", "parquet", "--out", str(tmp_path / "mixed"))
     extract(*args, "--limit", "40", "--out", str(tmp_path / "mixed"))  # continues in JSONL
-    assert {p.suffix for p in shards.shard_paths(tmp_path / "mixed")} == {".parquet", ".jsonl"}
+    assert {p.suffix for p in artifacts.shard_paths(tmp_path / "mixed")} == {".parquet", ".jsonl"}
     mixed, plain = (sorted(read_records(tmp_path / name), key=lambda r: r["id"]) for name in ("mixed", "jsonl"))
     assert mixed == plain

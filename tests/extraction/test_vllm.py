@@ -12,7 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from extraction import read_records, shards
+from stepwise import artifacts
+from stepwise.extraction import read_records, shards
 from stepwise import cli, tasks
 
 pytestmark = pytest.mark.slow
@@ -25,7 +26,7 @@ def test_vllm_extracts_64_inputs(tiny_teacher, tmp_path):
                          "--limit", "64", "--chunk-size", "16", "--max-tokens", "32", "--temperature", "0.7", "--enforce-eager", "--out", str(out)])
     records = read_records(out)
     wanted = [e.id for e in tasks.load_split(tasks.get_task("cqa"), "train")[:64]]
-    assert sorted(r["id"] for r in records) == sorted(wanted) and len(shards.shard_paths(out)) == 4
+    assert sorted(r["id"] for r in records) == sorted(wanted) and len(artifacts.shard_paths(out)) == 4
     for record in records:
         assert len(record["completions"]) == 1 and record["status"] in ("ok", "malformed")
         assert record["tokens_in"] > 100 and 0 < record["tokens_out"] <= 32
@@ -46,15 +47,15 @@ def test_prompts_longer_than_the_context_become_error_records(tiny_teacher, tmp_
 
 def kill_after_new_shards(command: list[str], env: dict, out: Path, new: int) -> int:
     """Start a real `stepwise extract`, SIGKILL it once `new` more shards exist; return the shard count then."""
-    before = len(shards.shard_paths(out)) if out.exists() else 0
+    before = len(artifacts.shard_paths(out)) if out.exists() else 0
     process = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 180
-    while len(shards.shard_paths(out)) < before + new and process.poll() is None and time.time() < deadline:
+    while len(artifacts.shard_paths(out)) < before + new and process.poll() is None and time.time() < deadline:
         time.sleep(0.02)
     assert process.poll() is None, "the run ended before it could be killed: raise --limit"
     process.send_signal(signal.SIGKILL)
     process.wait()
-    return len(shards.shard_paths(out))
+    return len(artifacts.shard_paths(out))
 
 
 def test_kill_9_then_rerun_gives_exactly_one_record_per_input(tiny_teacher, tmp_path, child_env):

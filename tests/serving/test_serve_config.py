@@ -12,7 +12,7 @@ from fastapi import HTTPException
 from pydantic import ValidationError
 from ray.serve.schema import ServeDeploySchema
 
-from serving import app
+from stepwise.serving import app
 from stepwise import tasks
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -22,7 +22,7 @@ def test_serve_config_file_is_valid_and_builds(tiny_export_dir):
     config = yaml.safe_load((ROOT / "serving" / "serve_config.yaml").read_text())
     schema = ServeDeploySchema.model_validate(config)
     (application,) = schema.applications
-    assert application.import_path == "serving.app:build_app"
+    assert application.import_path == "stepwise.serving.app:build_app"
     args = app.ServeArgs.model_validate(application.args | {"models": {"esnli": str(tiny_export_dir)}})
     options = app.build_app(args)._bound_deployment._deployment_config
     assert options.max_ongoing_requests == args.max_ongoing_requests >= args.max_batch_size

@@ -14,8 +14,8 @@ from types import SimpleNamespace
 import httpx
 import pytest
 
-from export.runtime import load_runtime, predict
-from serving import app
+from stepwise.export.runtime import load_runtime, predict
+from stepwise.serving import app
 from stepwise import tasks
 
 pytestmark = pytest.mark.slow

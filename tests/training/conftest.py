@@ -7,11 +7,10 @@ from pathlib import Path
 
 import pytest
 
-from stepwise import tasks
 
 
 @pytest.fixture(scope="session")
 def esnli_rationales(tmp_path_factory) -> Path:
-    from training.data import write_shipped_teacher_records
+    from stepwise.extraction.run import main as extract
 
-    return write_shipped_teacher_records(tasks.get_task("esnli"), tmp_path_factory.mktemp("esnli-rationales"))
+    return extract(task="esnli", out=tmp_path_factory.mktemp("esnli-rationales") / "extract", teacher="replay")

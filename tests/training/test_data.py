@@ -7,7 +7,7 @@ import json
 import pytest
 
 from stepwise import tasks
-from training.data import check_task_matches, data_fraction, read_records, training_examples
+from stepwise.training.data import check_task_matches, data_fraction, records_by_id, training_examples
 
 ESNLI = tasks.get_task("esnli")
 
@@ -40,7 +40,7 @@ def test_reader_skips_records_the_teacher_failed_on(tmp_path):
     ]
     records.append({"id": train[4].id, "input": train[4].input, "label": train[4].label, "choices": None, "rationale": "", "teacher_label": "", "status": "malformed", "reason": "no answer sentence"})
     folder = _write_folder(tmp_path / "rationales", records)  # train[5] has no record at all
-    by_id = read_records(folder)
+    by_id = records_by_id(folder)
     assert set(by_id) == {e.id for e in train[:5]}  # manifest.json and task.json are not shards
 
     examples, counts = training_examples(ESNLI, by_id, needs_teacher_label=False, needs_rationale=True, fraction=1.0, seed=0)
@@ -57,17 +57,18 @@ def test_reader_skips_records_the_teacher_failed_on(tmp_path):
 
 def test_bad_rationale_folders_are_named_clearly(tmp_path):
     with pytest.raises(FileNotFoundError, match="does not exist"):
-        read_records(tmp_path / "missing")
+        records_by_id(tmp_path / "missing")
     bad = tmp_path / "bad"
     bad.mkdir()
+    (bad / "manifest.json").write_text("{}")
     (bad / "shard-x.jsonl").write_text('{"id": "a", "status": "ok"}\nnot json\n')
     with pytest.raises(ValueError, match=r"shard-x.jsonl:2"):
-        read_records(bad)
+        records_by_id(bad)
     with pytest.raises(ValueError, match="pass --rationales"):
         training_examples(ESNLI, None, needs_teacher_label=False, needs_rationale=True, fraction=1.0, seed=0)
     other = _write_folder(tmp_path / "other", [{"id": "svamp-train-000001", "status": "ok"}])
     with pytest.raises(ValueError, match="wrong --task or --rationales"):
-        training_examples(ESNLI, read_records(other), needs_teacher_label=False, needs_rationale=True, fraction=1.0, seed=0)
+        training_examples(ESNLI, records_by_id(other), needs_teacher_label=False, needs_rationale=True, fraction=1.0, seed=0)
 
 
 def test_rationales_of_another_task_are_refused(tmp_path):

@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from training import experiment
+from stepwise.training import experiment
 
 pytestmark = pytest.mark.slow
 

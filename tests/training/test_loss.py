@@ -7,8 +7,8 @@ import torch
 from transformers import AutoTokenizer, T5ForConditionalGeneration
 
 from stepwise import tasks
-from training.data import StudentExample
-from training.train import IGNORE, batch_loss, collate, epoch_batches, lr_factor, tokenize_examples
+from stepwise.training.data import StudentExample
+from stepwise.training.train import IGNORE, batch_loss, collate, epoch_batches, lr_factor, tokenize_examples
 
 
 @pytest.fixture(scope="module")

@@ -16,7 +16,7 @@ import pytest
 from transformers import AutoTokenizer, T5ForConditionalGeneration
 
 from stepwise import tasks
-from training.train import predict
+from stepwise.training.train import predict
 
 ROOT = Path(__file__).resolve().parents[2]
 pytestmark = pytest.mark.slow

@@ -1,0 +1,201 @@
+"""The artifact contract: the folders the stages hand each other, their file names, and the one way to
+write and read them. Standard library only (pyarrow for Parquet shards), so it imports in both environments.
+
+    extraction folder   manifest.json, task.json, shard-<hash>.jsonl | shard-<hash>.parquet
+    model folder        Hugging Face model files, task.json, train_config.json, metrics.json, log.csv
+                        (checkpoint/ while a run is unfinished)
+    export folder       *.onnx, tokenizer files, task.json, train_config.json, export_config.json, parity.json
+
+Every file is written whole or not at all (`write_atomic`): a reader, or a rerun after kill -9, never sees
+half of one.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any, TypedDict, TypeVar
+
+TASK = "task.json"
+MANIFEST = "manifest.json"
+TRAIN_CONFIG = "train_config.json"
+METRICS = "metrics.json"
+TRAIN_LOG = "log.csv"
+CHECKPOINT = "checkpoint"
+EXPORT_CONFIG = "export_config.json"
+PARITY = "parity.json"
+SHARD_FORMATS = ("jsonl", "parquet")
+JSON_TEXT_IN_PARQUET = ("votes", "teacher")  # nested dicts whose keys vary: JSON text columns in Parquet
+
+
+# ---------------------------------------------------------------- writing
+
+
+def write_atomic(path: Path, data: str | bytes) -> Path:
+    """Write `data` to `path` so that a reader (or a restart after kill -9) sees all of it or nothing."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    with tmp.open("wb") as f:
+        f.write(data.encode() if isinstance(data, str) else data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    fsync_dir(path.parent)
+    return path
+
+
+def fsync_dir(folder: Path) -> None:
+    """Make a rename inside `folder` durable."""
+    descriptor = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(descriptor)
+    finally:
+        os.close(descriptor)
+
+
+def write_json(path: Path, data: Any) -> Path:
+    return write_atomic(path, json.dumps(data, indent=2, ensure_ascii=False) + "\n")
+
+
+def remove_partial_files(folder: Path) -> None:
+    """Temp files of a write that a kill interrupted."""
+    for tmp in Path(folder).glob(".*.tmp"):
+        tmp.unlink(missing_ok=True)
+
+
+# ---------------------------------------------------------------- typed readers
+
+
+class Manifest(TypedDict):
+    config: dict[str, Any]  # everything that changes what a record says (task, split, teacher, sampling, prompt)
+    config_hash: str
+    expected_records: int
+    shards: int
+    counts: dict[str, Any]  # records, ok, malformed, error, parse_rate, teacher_accuracy, tokens_in/out, ...
+    complete: bool
+    last_run: dict[str, Any] | None
+
+
+class Metrics(TypedDict):
+    task: str
+    mode: str
+    steps: int
+    train_minutes: float
+    best_step: int
+    train_examples: dict[str, int]
+    valid: dict[str, Any]  # accuracy, examples
+    test: dict[str, Any] | None
+
+
+class ParityReport(TypedDict):
+    passed: bool
+    skipped: bool
+    examples: int
+    served_path: str  # "fast_path" or "greedy"
+    greedy_agreement: float
+    fast_path_agreement: float | None
+    accuracy_pytorch: float
+    accuracy_onnx: float
+    accuracy_delta: float
+    max_abs_logit_diff: float
+    failures: list[str]
+
+
+class ExportConfig(TypedDict):
+    model_id: str
+    version: str
+    target: str  # cpu, cuda, tensorrt
+    precision: str  # fp32, fp16, int8
+    decoder_layout: str  # split or merged
+    files: dict[str, str]  # encoder, decoder, decoder_with_past -> file name
+    providers: list[dict[str, Any]]
+    model: dict[str, Any]  # d_model, num_heads, d_kv, num_decoder_layers, vocab_size, special token ids
+    max_input_tokens: int
+    max_new_tokens: dict[str, int]  # label, rationale
+
+
+class ParityFailed(Exception):
+    """An export that did not match its PyTorch model; carries the parity report that says how."""
+
+    def __init__(self, folder: Path, report: ParityReport):
+        self.folder, self.report = Path(folder), report
+        super().__init__(f"parity gate failed ({folder / PARITY}): " + "; ".join(report["failures"]))
+
+
+Typed = TypeVar("Typed", Manifest, Metrics, ParityReport, ExportConfig)
+
+
+def read_json(path: Path, what: str) -> Any:
+    """A JSON artifact; a missing or unreadable one is an error that says what the file should have been."""
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"{path.parent} has no {path.name}: {what}")
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as problem:
+        raise ValueError(f"{path} is not valid JSON ({problem.msg} at line {problem.lineno}): {what}") from None
+
+
+def _read_typed(folder: Path, name: str, kind: type[Typed], what: str) -> Typed:
+    data = read_json(Path(folder) / name, what)
+    missing = sorted(set(kind.__required_keys__) - set(data))
+    if missing:
+        raise ValueError(f"{Path(folder) / name} lacks {', '.join(missing)}: {what} (written by another stepwise version?)")
+    return data
+
+
+def read_manifest(folder: Path) -> Manifest:
+    return _read_typed(folder, MANIFEST, Manifest, "not an extraction folder (run `stepwise extract` first)")
+
+
+def read_metrics(folder: Path) -> Metrics:
+    return _read_typed(folder, METRICS, Metrics, "not a finished training run (run `stepwise train` first)")
+
+
+def read_parity(folder: Path) -> ParityReport:
+    return _read_typed(folder, PARITY, ParityReport, "an export folder without a parity report (rerun `stepwise export`)")
+
+
+def read_export_config(folder: Path) -> ExportConfig:
+    return _read_typed(folder, EXPORT_CONFIG, ExportConfig, "not a folder written by `stepwise export`")
+
+
+# ---------------------------------------------------------------- extraction records
+
+
+def shard_paths(folder: Path) -> list[Path]:
+    return sorted(p for fmt in SHARD_FORMATS for p in Path(folder).glob(f"shard-*.{fmt}"))
+
+
+def iter_records(folder: Path) -> Iterator[dict]:
+    """Every record of an extraction folder's shards (JSONL, or Parquet with its JSON text columns decoded)."""
+    for path in shard_paths(folder):
+        if path.suffix == ".parquet":
+            try:
+                import pyarrow.parquet as pq
+            except ImportError:
+                raise ImportError(f"{folder} holds Parquet shards but pyarrow is not installed in this environment") from None
+            for row in pq.read_table(path).to_pylist():
+                yield {k: json.loads(v) if k in JSON_TEXT_IN_PARQUET and isinstance(v, str) else v for k, v in row.items()}
+            continue
+        with path.open() as f:
+            for number, line in enumerate(f, 1):
+                if not line.strip():
+                    continue
+                try:
+                    yield json.loads(line)
+                except json.JSONDecodeError as problem:
+                    raise ValueError(f"{path}:{number}: not a JSON record ({problem.msg})") from None
+
+
+def read_records(folder: Path) -> list[dict]:
+    """All records of an extraction folder (see `stepwise.extraction` for their fields)."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise FileNotFoundError(f"extraction folder {folder} does not exist (run `stepwise extract` first)")
+    if not (folder / MANIFEST).exists():
+        raise FileNotFoundError(f"{folder} is not an extraction folder: no {MANIFEST} (run `stepwise extract` first)")
+    return list(iter_records(folder))
