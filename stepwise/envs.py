@@ -10,6 +10,7 @@ run reuse what the first installed.
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import subprocess
 import sys
@@ -67,7 +68,15 @@ def install_steps(name: str, gpu: bool) -> list[list[str]]:
 
 
 def recipe_stamp(name: str, gpu: bool) -> str:
-    text = (ROOT / "pyproject.toml").read_text() + repr(install_steps(name, gpu))
+    """What the environment was built from: the project's requirements and package layout, and the install
+    steps. Not the checkout's path: a venv built from one checkout serves another (`exec_in_env` puts the
+    running checkout's code first on the path)."""
+    import tomllib
+
+    pyproject = tomllib.loads((ROOT / "pyproject.toml").read_text())
+    recipe = {"project": {k: pyproject["project"].get(k) for k in ("dependencies", "optional-dependencies", "requires-python")},
+              "layout": pyproject.get("tool", {}).get("setuptools"), "steps": install_steps(name, gpu)}
+    text = json.dumps(recipe, sort_keys=True).replace(str(ROOT), "<checkout>")
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
