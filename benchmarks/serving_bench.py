@@ -245,7 +245,7 @@ def main(
         rows += run_points("direct", lambda c, explain, n: direct_load(lambda i: call(i, explain), c, n, time_limit_s), **points)
 
     if "plain" in targets:
-        from stepwise.serving.app import wait_ready
+        from stepwise.serving.lifecycle import wait_ready
 
         port = free_port()
         server = start_plain(model, port)
@@ -258,18 +258,21 @@ def main(
             server.terminate()
             server.wait(30)
 
-    settings = {"max_batch_size": max_batch_size, "batch_wait_timeout_s": batch_wait_timeout_s, "max_ongoing_requests": max(128, max_batch_size), "max_queued_requests": 512, "request_timeout_s": 120.0, "replica_cpus": 1.0}
+    from stepwise.serving.settings import Batching, Limits, Overload, Scaling, ServeArgs
+
+    settings = ServeArgs(models={"esnli": str(model)}, batching=Batching(max_batch_size, batch_wait_timeout_s, max(128, max_batch_size)),
+                         limits=Limits(request_timeout_s=120.0), overload=Overload(max_queued_requests=512), scaling=Scaling(replica_cpus=1.0))
     for target in [t for t in targets if t in SERVE_VARIANTS]:
-        from stepwise.serving import app
+        from stepwise.serving import lifecycle
 
         saved = dict(os.environ)
         os.environ.update(SERVE_VARIANTS[target])  # read by the proxy and replica processes at start
-        url = app.start({"esnli": model}, port=free_port(), args=settings, ray_dir=workdir / "ray")
+        url = lifecycle.start(settings, port=free_port(), run_dir=workdir)
         try:
             asyncio.run(http_load(f"{url}/v1/predict", bodies[False], 4, 40, time_limit_s))
             rows += run_points(target, lambda c, explain, n: asyncio.run(http_load(f"{url}/v1/predict", bodies[explain], c, n, time_limit_s)), **points)
         finally:
-            app.stop()
+            lifecycle.stop()
             os.environ.clear()
             os.environ.update(saved)
 
@@ -278,7 +281,7 @@ def main(
     result = {
         "machine": f"{platform.machine()}, {os.cpu_count()} CPUs (shared with other work: compare rows of one run, not absolute numbers)",
         "model": {"export": str(model), "d_model": config["model"]["d_model"], "precision": config["precision"], "decoder_layout": config["decoder_layout"], "max_rationale_tokens": config["max_new_tokens"]["rationale"]},
-        "serve_settings": settings,
+        "serve_settings": settings.to_dict(),
         "ort_threads": 1,
         "rows": rows,
     }

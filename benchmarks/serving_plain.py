@@ -12,9 +12,11 @@ from pathlib import Path
 from fastapi import FastAPI
 
 from stepwise.export.runtime import load_runtime, predict
-from stepwise.serving.app import DEFAULTS, PredictionOut, PredictRequest, PredictResponse, to_example
+from stepwise.serving.schema import PredictionOut, PredictResponse, predict_request_model, to_example
+from stepwise.serving.settings import Limits
 
 runtime = load_runtime(Path(os.environ["STEPWISE_PLAIN_MODEL"]), threads=1)
+PredictRequest = predict_request_model(Limits(), [runtime.task.name], runtime.task.answer_style == "choice")
 # One runtime thread fed first come, first served: the fast tokenizer is not thread-safe, and no batching.
 runtime_thread = ThreadPoolExecutor(1)
 app = FastAPI(title="stepwise student, plain FastAPI")
@@ -23,7 +25,7 @@ app = FastAPI(title="stepwise student, plain FastAPI")
 @app.post("/v1/predict")
 async def predict_endpoint(body: PredictRequest) -> PredictResponse:
     items = body.inputs if isinstance(body.inputs, list) else [body.inputs]
-    examples = [to_example(item, runtime.task, f"inputs.{i}", DEFAULTS.max_input_chars) for i, item in enumerate(items)]
+    examples = [to_example(item, runtime.task, f"inputs.{i}") for i, item in enumerate(items)]
     predictions = await asyncio.get_running_loop().run_in_executor(runtime_thread, predict, runtime, examples, body.explain)
     return PredictResponse(model=runtime.task.name, version=runtime.version, predictions=[PredictionOut(label=p.label, rationale=p.rationale) for p in predictions])
 

@@ -27,7 +27,7 @@ STAGES: dict[str, tuple[str, str, str]] = {
     "data": ("stepwise.data_report", "main", "student"),
     "demo": ("stepwise.demo", "main", "student"),
     "export": ("stepwise.export.run", "main", "student"),
-    "serve": ("stepwise.serving.app", "main", "student"),
+    "serve": ("stepwise.serving.run", "main", "student"),
     "extract": ("stepwise.extraction.run", "main", "teacher"),
     "train": ("stepwise.training.train", "main", "student"),
     "experiment": ("stepwise.training.experiment", "main", "student"),

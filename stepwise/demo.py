@@ -155,7 +155,7 @@ def serve_and_query(out: Path, requests: int, port: int, force: bool) -> dict:
     import httpx
 
     from stepwise.export.runtime import load_runtime, predict
-    from stepwise.serving.app import wait_ready
+    from stepwise.serving.lifecycle import wait_ready
 
     export_dir = out / "export"
     task = tasks.load_task(export_dir)

@@ -1,8 +1,10 @@
-"""`stepwise serve` as a user runs it: a separate process that answers HTTP, then Ctrl-C shuts everything
-down: exit code 0, the port free again, no Ray process left behind."""
+"""`stepwise serve` as a user and an operator run it: a separate process that answers HTTP with nothing of Ray
+reachable beyond loopback, then SIGTERM (what systemd, Docker and Kubernetes send) or Ctrl-C shuts everything
+down: exit code 0, both ports free again, no Ray process left behind, and a restart on the same ports answers."""
 
 from __future__ import annotations
 
+import ipaddress
 import os
 import signal
 import socket
@@ -44,37 +46,99 @@ def processes_using(folder: Path) -> list[psutil.Process]:
     return found
 
 
-def test_stepwise_serve_answers_then_ctrl_c_shuts_down_cleanly(tiny_export_dir, tmp_path_factory):
-    # A short folder: Ray's socket paths under it must stay within 107 bytes.
-    port, run_dir = free_port(), tmp_path_factory.mktemp("cli")
-    env = os.environ | {"PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
-    command = [sys.executable, "-m", "stepwise", "serve", "--model", str(tiny_export_dir), "--port", str(port), "--metrics-port", str(free_port()), "--run-dir", str(run_dir)]
+def start_server(export: Path, port: int, metrics_port: int, run_dir: Path, *extra: str) -> subprocess.Popen:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_AUTH")} | {"PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    command = [sys.executable, "-m", "stepwise", "serve", "--model", str(export), "--port", str(port), "--metrics-port", str(metrics_port), "--run-dir", str(run_dir), *extra]
     server = subprocess.Popen(command, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    try:
-        url, deadline = f"http://127.0.0.1:{port}", time.monotonic() + 180
-        while True:
-            assert server.poll() is None, server.stdout.read()
-            try:
-                if httpx.get(f"{url}/healthz", timeout=2).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            assert time.monotonic() < deadline, "stepwise serve did not become ready"
-            time.sleep(0.5)
-        # The model id defaults to the export's task name; a single served model needs no id in the request.
-        answer = httpx.post(f"{url}/v1/predict", json={"inputs": {"premise": "A dog runs.", "hypothesis": "An animal moves."}}, timeout=30).json()
-        assert answer["model"] == "esnli" and answer["predictions"][0]["label"] in tasks.NLI_LABELS
-        assert processes_using(run_dir), "Ray should be running from the run folder"
+    deadline = time.monotonic() + 180
+    while True:
+        assert server.poll() is None, server.stdout.read()
+        try:
+            if httpx.get(f"http://127.0.0.1:{port}/healthz", timeout=2).status_code == 200:
+                return server
+        except httpx.HTTPError:
+            pass
+        assert time.monotonic() < deadline, "stepwise serve did not become ready"
+        time.sleep(0.5)
 
-        server.send_signal(signal.SIGINT)
-        output, _ = server.communicate(timeout=90)
-    finally:
-        if server.poll() is None:
-            server.kill()
+
+def listening(server: subprocess.Popen) -> list[tuple[str, int, str]]:
+    """(address, port, process name) of every listening TCP socket of the server and all its descendants."""
+    root = psutil.Process(server.pid)
+    found = []
+    for process in [root, *root.children(recursive=True)]:
+        try:
+            found += [(c.laddr.ip, c.laddr.port, process.name()) for c in process.net_connections(kind="tcp") if c.status == psutil.CONN_LISTEN]
+        except (psutil.NoSuchProcess, psutil.AccessDenied):
+            pass
+    return found
+
+
+def loopback(address: str) -> bool:
+    ip = ipaddress.ip_address(address)
+    return ip.is_loopback or bool(getattr(ip, "ipv4_mapped", None) and ip.ipv4_mapped.is_loopback)  # ::ffff:127.0.0.1
+
+
+def stop_and_check(server: subprocess.Popen, how: int, ports: tuple[int, ...], run_dir: Path) -> None:
+    server.send_signal(how)
+    output, _ = server.communicate(timeout=90)
     assert server.returncode == 0, output
-    assert "shutting down" in output
-    assert port_is_free(port)
+    assert "shutting down" in output and "Traceback" not in output
+    assert all(port_is_free(p) for p in ports), [p for p in ports if not port_is_free(p)]
     deadline = time.monotonic() + 30
     while processes_using(run_dir) and time.monotonic() < deadline:  # raylet children exit a moment later
         time.sleep(0.5)
     assert not processes_using(run_dir), [p.info["cmdline"][:3] for p in processes_using(run_dir)]
+
+
+def test_sigterm_shuts_down_cleanly_and_nothing_listens_beyond_loopback(tiny_export_dir, tmp_path_factory):
+    # A short folder: Ray's socket paths under it must stay within 107 bytes.
+    port, metrics_port, run_dir = free_port(), free_port(), tmp_path_factory.mktemp("cli")
+    server = start_server(tiny_export_dir, port, metrics_port, run_dir)
+    try:
+        # The model id defaults to the export's task name; a single served model needs no id in the request.
+        answer = httpx.post(f"http://127.0.0.1:{port}/v1/predict", json={"inputs": {"premise": "A dog runs.", "hypothesis": "An animal moves."}}, timeout=30).json()
+        assert answer["model"] == "esnli" and answer["predictions"][0]["label"] in tasks.NLI_LABELS
+        sockets = listening(server)
+        assert len(sockets) >= 8, sockets  # the proxy, GCS, raylet, workers, agents, metrics: all of them counted
+        assert (port in {p for _, p, _ in sockets}) and (metrics_port in {p for _, p, _ in sockets})
+        assert [s for s in sockets if not loopback(s[0])] == []
+        stop_and_check(server, signal.SIGTERM, (port, metrics_port), run_dir)
+    finally:
+        if server.poll() is None:
+            server.kill()
+    # The same ports again at once: nothing of the first server holds them.
+    again = start_server(tiny_export_dir, port, metrics_port, run_dir)
+    try:
+        assert httpx.post(f"http://127.0.0.1:{port}/v1/predict", json={"inputs": "a dog runs"}, timeout=30).status_code == 200
+        stop_and_check(again, signal.SIGINT, (port, metrics_port), run_dir)
+    finally:
+        if again.poll() is None:
+            again.kill()
+
+
+def test_serving_beyond_loopback_keeps_ray_local_and_turns_on_token_auth(tiny_export_dir, tmp_path_factory):
+    port, metrics_port, run_dir = free_port(), free_port(), tmp_path_factory.mktemp("public")
+    server = start_server(tiny_export_dir, port, metrics_port, run_dir, "--host", "0.0.0.0")
+    try:
+        public = [s for s in listening(server) if not loopback(s[0])]
+        assert [(address, p) for address, p, _ in public] == [("0.0.0.0", port)]  # the HTTP API, and nothing of Ray
+        token = run_dir / "ray-auth-token"
+        assert token.stat().st_mode & 0o077 == 0 and len(token.read_text()) == 64
+        stop_and_check(server, signal.SIGTERM, (port, metrics_port), run_dir)
+    finally:
+        if server.poll() is None:
+            server.kill()
+
+
+def test_a_taken_port_is_a_one_line_error_before_ray_starts(tiny_export_dir, tmp_path):
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        env = os.environ | {"PYTHONPATH": str(ROOT)}
+        done = subprocess.run([sys.executable, "-m", "stepwise", "serve", "--model", str(tiny_export_dir), "--port", str(port), "--run-dir", str(tmp_path)],
+                              cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 1
+    assert f"stepwise serve: error: HTTP port {port} on 127.0.0.1 is not available" in done.stderr and "Traceback" not in done.stderr
+    assert not processes_using(tmp_path)

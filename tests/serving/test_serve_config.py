@@ -1,8 +1,10 @@
-"""Settings and request parsing of the serving app, without starting Ray."""
+"""Settings, the request schema and request parsing of the serving app, without starting Ray."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import re
 import shutil
 from pathlib import Path
 
@@ -12,78 +14,152 @@ from fastapi import HTTPException
 from pydantic import ValidationError
 from ray.serve.schema import ServeDeploySchema
 
-from stepwise.serving import app
-from stepwise import tasks
+from stepwise import artifacts, tasks
+from stepwise.serving import app, lifecycle, run, schema
+from stepwise.serving.settings import GROUPS, Batching, Limits, Scaling, ServeArgs
 
 ROOT = Path(__file__).resolve().parents[2]
 
 
 def test_serve_config_file_is_valid_and_builds(tiny_export_dir):
     config = yaml.safe_load((ROOT / "serving" / "serve_config.yaml").read_text())
-    schema = ServeDeploySchema.model_validate(config)
-    (application,) = schema.applications
+    (application,) = ServeDeploySchema.model_validate(config).applications
     assert application.import_path == "stepwise.serving.app:build_app"
-    args = app.ServeArgs.model_validate(application.args | {"models": {"esnli": str(tiny_export_dir)}})
-    options = app.build_app(args)._bound_deployment._deployment_config
-    assert options.max_ongoing_requests == args.max_ongoing_requests >= args.max_batch_size
-    assert options.max_queued_requests == args.max_queued_requests
-    # Every `stepwise serve` setting is in the config file and vice versa.
-    assert set(application.args) == set(app.ServeArgs.model_fields)
+    args = ServeArgs.from_dict(application.args | {"models": {"esnli": str(tiny_export_dir)}})
+    options = app.build_app(application.args | {"models": {"esnli": str(tiny_export_dir)}})._bound_deployment._deployment_config
+    assert options.max_ongoing_requests == args.batching.max_ongoing_requests >= args.batching.max_batch_size
+    assert options.max_queued_requests == args.overload.max_queued_requests
+    # Every setting is in the config file, with the defaults `stepwise serve` uses.
+    assert set(application.args) == {f.name for f in dataclasses.fields(ServeArgs)}
+    for name, group in GROUPS.items():
+        assert application.args[name] == dataclasses.asdict(group()), name
 
 
 def test_autoscaling_settings_become_the_deployment_config(tiny_export_dir):
-    args = app.ServeArgs(models={"esnli": str(tiny_export_dir)}, min_replicas=1, max_replicas=3, target_ongoing_requests=4)
-    scaling = app.build_app(args)._bound_deployment._deployment_config.autoscaling_config
-    assert (scaling.min_replicas, scaling.max_replicas, scaling.target_ongoing_requests) == (1, 3, 4)
+    args = ServeArgs(models={"esnli": str(tiny_export_dir)}, scaling=Scaling(min_replicas=1, max_replicas=3, target_ongoing_requests=4))
+    autoscaling = app.build_app(args)._bound_deployment._deployment_config.autoscaling_config
+    assert (autoscaling.min_replicas, autoscaling.max_replicas, autoscaling.target_ongoing_requests) == (1, 3, 4)
 
 
 def test_settings_that_cannot_work_are_refused():
-    with pytest.raises(ValidationError, match="max_ongoing_requests .5. must be at least max_batch_size .16."):
-        app.ServeArgs(models={"a": "b"}, max_ongoing_requests=5, max_batch_size=16)
-    with pytest.raises(ValidationError, match="max_replicas .1. is below min_replicas .2."):
-        app.ServeArgs(models={"a": "b"}, min_replicas=2, max_replicas=1)
-    with pytest.raises(ValidationError, match="models"):
-        app.ServeArgs(models={})
+    with pytest.raises(ValueError, match=r"max_ongoing_requests \(5\) must be at least max_batch_size \(16\)"):
+        Batching(max_ongoing_requests=5, max_batch_size=16)
+    with pytest.raises(ValueError, match=r"max_replicas \(1\) is below min_replicas \(2\)"):
+        Scaling(min_replicas=2, max_replicas=1)
+    with pytest.raises(ValueError, match="no models"):
+        ServeArgs(models={})
+    with pytest.raises(ValueError, match="max_choices must be at most 26"):
+        Limits(max_choices=30)
+    with pytest.raises(ValueError, match="unknown limits settings: max_itemz"):
+        ServeArgs.from_dict({"models": {"a": "b"}, "limits": {"max_itemz": 3}})
 
 
 def test_model_specs_and_folders(tiny_export_dir, tmp_path):
-    assert app.parse_models([str(tiny_export_dir), f"other={tiny_export_dir}"]) == {"esnli": str(tiny_export_dir), "other": str(tiny_export_dir)}
+    assert run.parse_models([str(tiny_export_dir), f"other={tiny_export_dir}"]) == {"esnli": str(tiny_export_dir), "other": str(tiny_export_dir)}
     with pytest.raises(ValueError, match="given twice"):
-        app.parse_models([str(tiny_export_dir), str(tiny_export_dir)])
+        run.parse_models([str(tiny_export_dir), str(tiny_export_dir)])
     tasks.save_task(tasks.get_task("esnli"), tmp_path)  # a task.json but no ONNX export
     with pytest.raises(ValueError, match="not an export folder"):
-        app.check_models({"esnli": str(tmp_path)})
+        app.check_models({"esnli": str(tmp_path)}, allow_unverified=False)
+
+
+@pytest.mark.parametrize("report,reason", [
+    (None, "has no parity.json"),
+    ({"skipped": True, "passed": False, "failures": []}, "parity gate skipped"),
+    ({"skipped": False, "passed": False, "failures": ["greedy_agreement 0.5 < 0.99"]}, "failed its parity gate (greedy_agreement 0.5 < 0.99)"),
+])
+def test_unverified_exports_are_refused_unless_allowed(tiny_export_dir, tmp_path, report, reason):
+    export = Path(shutil.copytree(tiny_export_dir, tmp_path / "export"))
+    (export / artifacts.PARITY).unlink()
+    if report is not None:
+        artifacts.write_json(export / artifacts.PARITY, report)
+    with pytest.raises(ValueError, match=rf"{re.escape(reason)}.*--allow-unverified"):
+        app.check_models({"esnli": str(export)}, allow_unverified=False)
+    assert app.check_models({"esnli": str(export)}, allow_unverified=True) == {"esnli": str(export)}
+
+
+def request(body: dict, limits: Limits = Limits(max_items=4, max_input_chars=50), choice_task: bool = True):
+    return schema.predict_request_model(limits, ["esnli", "cqa"], choice_task).model_validate(body)
+
+
+def test_request_schema_states_the_limits_the_server_enforces():
+    model = schema.predict_request_model(Limits(max_items=4, max_input_chars=50, max_choices=3), ["esnli"], any_choice_task=True)
+    text = json.dumps(model.model_json_schema())
+    for constraint in ('"maxItems": 4', '"maxLength": 50', '"maxItems": 3', '"minLength": 1', '"pattern": "\\\\S"', '"additionalProperties": false', '"const": "esnli"'):
+        assert constraint in text, constraint
+
+
+@pytest.mark.parametrize("body,status,message", [
+    ({"inputs": "ok \ud800"}, 422, "inputs: not valid Unicode text"),
+    ({"inputs": [{"premise": "a", "hypothesis": "b \udfff"}]}, 422, "inputs.0.hypothesis: not valid Unicode text"),
+    ({"inputs": ["a"] * 5}, 413, "inputs: 5 items, more than max_items=4"),
+    ({"inputs": {"question": "q", "choices": ["x" * 201]}}, 413, "inputs.choices.0: 201 characters, more than max_choice_chars=200"),
+    ({"inputs": {"premise": "a"}}, 422, "inputs.hypothesis: required field missing"),
+    ({"inputs": {"premise": "a", "hypothesis": "b", "input": "c"}}, 422, "inputs.input: unknown field"),
+    ({"inputs": "a", "model": "svamp"}, 404, "model 'svamp' is not served; models: 'esnli' or 'cqa'"),
+])
+def test_request_problems_become_a_status_and_a_message_naming_the_field(body, status, message):
+    with pytest.raises(ValidationError) as caught:
+        request(body)
+    problems = [dict(p, loc=("body", *p["loc"])) for p in caught.value.errors()]  # as FastAPI reports them
+    got_status, got_message = schema.describe_problems(problems, Limits(max_items=4, max_input_chars=50))
+    assert got_status == status and got_message.startswith(message), got_message
 
 
 def test_inputs_become_task_examples():
     esnli, cqa = tasks.get_task("esnli"), tasks.get_task("cqa")
-    nli = app.to_example(app.InputItem(premise="A dog runs.", hypothesis="An animal moves."), esnli, "inputs", 100)
+    nli = schema.to_example(request({"inputs": {"premise": "A dog runs.", "hypothesis": "An animal moves."}}).inputs, esnli, "inputs")
     assert nli.input == tasks.nli_input("A dog runs.", "An animal moves.") and nli.choices is None
-    question = app.to_example(app.InputItem(question="Where?", choices=["home", "park"]), cqa, "inputs", 100)
+    question = schema.to_example(request({"inputs": {"question": "Where?", "choices": ["home", "park"]}}).inputs, cqa, "inputs")
     assert question.input == tasks.cqa_input("Where?", ["home", "park"]) and question.choices == ["home", "park"]
-    assert app.to_example(app.InputItem(input="Where?", choices=["home", "park"]), cqa, "inputs", 100).input == question.input
+    assert schema.to_example(request({"inputs": {"input": "Where?", "choices": ["home", "park"]}}).inputs, cqa, "inputs").input == question.input
     with pytest.raises(HTTPException, match="multiple-choice"):
-        app.to_example("Where?", cqa, "inputs.3", 100)
-    with pytest.raises(HTTPException, match="inputs.0.choices.1: empty input"):
-        app.to_example(app.InputItem(question="Where?", choices=["home", " "]), cqa, "inputs.0", 100)
+        schema.to_example("Where?", cqa, "inputs.3")
+    with pytest.raises(HTTPException, match="labels are fixed"):
+        schema.to_example(request({"inputs": {"input": "q", "choices": ["a", "b"]}}).inputs, esnli, "inputs")
 
 
 def test_replicas_reserve_a_gpu_when_the_export_targets_one(tiny_export_dir, tmp_path):
-    def actor_options(folder: Path, **settings) -> dict:
-        args = app.ServeArgs(models={"m": str(folder)}, **settings)
-        return app.build_app(args)._bound_deployment.ray_actor_options
+    def actor_options(folder: Path, **scaling) -> dict:
+        return app.build_app(ServeArgs(models={"m": str(folder)}, scaling=Scaling(**scaling)))._bound_deployment.ray_actor_options
 
     assert actor_options(tiny_export_dir)["num_gpus"] == 0
-    gpu_export = tmp_path / "gpu-export"
-    shutil.copytree(tiny_export_dir, gpu_export)
-    config = json.loads((gpu_export / "export_config.json").read_text())
-    (gpu_export / "export_config.json").write_text(json.dumps(config | {"target": "cuda"}))
+    gpu_export = Path(shutil.copytree(tiny_export_dir, tmp_path / "gpu-export"))
+    config = json.loads((gpu_export / artifacts.EXPORT_CONFIG).read_text())
+    (gpu_export / artifacts.EXPORT_CONFIG).write_text(json.dumps(config | {"target": "cuda"}))
     assert actor_options(gpu_export)["num_gpus"] == 1
     assert actor_options(gpu_export, replica_gpus=0.5)["num_gpus"] == 0.5
 
 
-def test_stepwise_serve_refuses_bad_folders_and_settings_before_starting_ray(tiny_export_dir, tmp_path):
-    with pytest.raises(SystemExit, match="has no task.json"):
-        app.main(model=[str(tmp_path)])
-    with pytest.raises(SystemExit, match=r"max_ongoing_requests \(4\) must be at least max_batch_size \(16\)"):
-        app.main(model=[str(tiny_export_dir)], max_ongoing_requests=4)
+def test_network_settings_keep_ray_on_loopback_and_require_auth_beyond_it(tmp_path, monkeypatch):
+    monkeypatch.delenv("RAY_AUTH_MODE", raising=False)
+    monkeypatch.delenv("RAY_AUTH_TOKEN", raising=False)
+    monkeypatch.delenv("RAY_AUTH_TOKEN_PATH", raising=False)
+    local = lifecycle.network_settings("127.0.0.1", tmp_path)
+    assert local["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] == "0" and local["RAY_AUTH_MODE"] == "disabled"
+    public = lifecycle.network_settings("0.0.0.0", tmp_path)
+    assert public["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] == "0" and public["RAY_AUTH_MODE"] == "token"
+    token = Path(public["RAY_AUTH_TOKEN_PATH"])
+    assert len(token.read_text()) == 64 and token.stat().st_mode & 0o077 == 0  # readable by its owner only
+    monkeypatch.setenv("RAY_AUTH_MODE", "disabled")
+    with pytest.raises(ValueError, match="beyond loopback, which needs Ray's token authentication"):
+        lifecycle.network_settings("0.0.0.0", tmp_path)
+
+
+def test_stepwise_serve_refuses_bad_folders_settings_and_taken_ports_before_starting_ray(tiny_export_dir, tmp_path):
+    import socket
+
+    import ray
+
+    with pytest.raises(FileNotFoundError, match="has no task.json"):
+        run.main(model=[str(tmp_path)])
+    with pytest.raises(ValueError, match=r"max_ongoing_requests \(4\) must be at least max_batch_size \(16\)"):
+        run.main(model=[str(tiny_export_dir)], batching=Batching(max_ongoing_requests=4))
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        port = taken.getsockname()[1]
+        with pytest.raises(ValueError, match=f"HTTP port {port} on 127.0.0.1 is not available"):
+            run.main(model=[str(tiny_export_dir)], port=port, run_dir=tmp_path / "run")
+        with pytest.raises(ValueError, match=f"metrics port {port} on 127.0.0.1 is not available"):
+            run.main(model=[str(tiny_export_dir)], port=0, metrics_port=port, run_dir=tmp_path / "run")
+    assert not ray.is_initialized()

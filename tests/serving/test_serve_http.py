@@ -1,12 +1,14 @@
 """The real Serve app on 127.0.0.1, used over HTTP: one Ray + Serve instance for the module, running three
-applications of the tiny exported student: the normal one (two model ids, for multiplexing), one with tight
-overload limits, one with a request timeout too short for any request."""
+applications of the tiny exported student: the normal one (two model ids, for multiplexing, and a third whose
+export folder breaks under the running server), one with tight overload limits, one with a request timeout
+too short for any request."""
 
 from __future__ import annotations
 
 import asyncio
 import json
 import os
+import shutil
 import socket
 from pathlib import Path
 from types import SimpleNamespace
@@ -14,9 +16,10 @@ from types import SimpleNamespace
 import httpx
 import pytest
 
+from stepwise import artifacts, tasks
 from stepwise.export.runtime import load_runtime, predict
-from stepwise.serving import app
-from stepwise import tasks
+from stepwise.serving import app, lifecycle, schema
+from stepwise.serving.settings import Batching, Limits, Overload, Scaling, ServeArgs
 
 pytestmark = pytest.mark.slow
 
@@ -27,26 +30,29 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+LIMITS = Limits(max_items=8, max_input_chars=600, max_body_bytes=100_000)
+SMALL = Scaling(replica_cpus=0.25)
+
+
 @pytest.fixture(scope="module")
 def served(tiny_export_dir: Path, tmp_path_factory) -> SimpleNamespace:
     from ray import serve
 
     os.environ.setdefault("RAY_metrics_report_interval_ms", "1000")
     run = tmp_path_factory.mktemp("serve")
+    broken = Path(shutil.copytree(tiny_export_dir, run / "broken-export"))
     metrics_port = free_port()
-    url = app.start(
-        {"esnli": tiny_export_dir, "esnli-b": tiny_export_dir},
-        port=free_port(),
-        args={"max_batch_size": 8, "batch_wait_timeout_s": 0.02, "max_items": 8, "max_input_chars": 600, "replica_cpus": 0.25},
-        ray_dir=run / "ray",
-        metrics_port=metrics_port,
-    )
+    models = {"esnli": str(tiny_export_dir), "esnli-b": str(tiny_export_dir), "broken": str(broken)}
+    args = ServeArgs(models=models, batching=Batching(max_batch_size=8, batch_wait_timeout_s=0.02), limits=LIMITS, scaling=SMALL)
+    url = lifecycle.start(args, port=free_port(), run_dir=run, metrics_port=metrics_port)
+    # Models load on first use: this one's encoder disappears under the running server.
+    (broken / artifacts.read_export_config(broken)["files"]["encoder"]).unlink()
     one_model = {"esnli": str(tiny_export_dir)}
-    tight = app.ServeArgs(models=one_model, max_batch_size=1, max_ongoing_requests=1, max_queued_requests=1, retry_after_s=2, replica_cpus=0.25)
+    tight = ServeArgs(models=one_model, batching=Batching(max_batch_size=1, max_ongoing_requests=1), overload=Overload(max_queued_requests=1, retry_after_s=2), scaling=SMALL)
     serve.run(app.build_app(tight), name="tight", route_prefix="/tight")
-    serve.run(app.build_app(app.ServeArgs(models=one_model, request_timeout_s=0.001, replica_cpus=0.25)), name="slow", route_prefix="/slow")
+    serve.run(app.build_app(ServeArgs(models=one_model, limits=Limits(request_timeout_s=0.001), scaling=SMALL)), name="slow", route_prefix="/slow")
     yield SimpleNamespace(url=url, metrics=f"http://127.0.0.1:{metrics_port}/metrics", logs=run / "ray" / "session_latest" / "logs" / "serve")
-    app.stop()
+    lifecycle.stop()
 
 
 @pytest.fixture(scope="module")
@@ -66,9 +72,9 @@ def premise_hypothesis(example: tasks.Example) -> dict[str, str]:
 
 
 def test_health_models_and_docs(client):
-    assert client.get("/healthz").json() == {"status": "ok", "models": ["esnli", "esnli-b"]}
+    assert client.get("/healthz").json() == {"status": "ok", "models": ["esnli", "esnli-b", "broken"]}
     models = {m["id"]: m for m in client.get("/v1/models").json()}
-    assert set(models) == {"esnli", "esnli-b"}
+    assert set(models) == {"esnli", "esnli-b", "broken"}
     assert models["esnli"]["task"] == "esnli" and models["esnli"]["labels"] == tasks.NLI_LABELS
     assert models["esnli"]["loaded"] is False and models["esnli"]["version"] is None  # nothing asked for yet
     assert "swagger" in client.get("/docs").text.lower()
@@ -91,14 +97,16 @@ def test_labels_match_offline_prediction(client, tiny_export_dir, examples):
 
 def test_model_chosen_by_body_or_header(client, examples):
     text = examples[0].input
-    assert client.post("/v1/predict", json={"inputs": text}, headers={app.MODEL_HEADER: "esnli-b"}).json()["model"] == "esnli-b"
+    assert client.post("/v1/predict", json={"inputs": text}, headers={schema.MODEL_HEADER: "esnli-b"}).json()["model"] == "esnli-b"
     assert client.post("/v1/predict", json={"inputs": text, "model": "esnli"}).json()["model"] == "esnli"
-    conflict = client.post("/v1/predict", json={"inputs": text, "model": "esnli"}, headers={app.MODEL_HEADER: "esnli-b"})
+    conflict = client.post("/v1/predict", json={"inputs": text, "model": "esnli"}, headers={schema.MODEL_HEADER: "esnli-b"})
     assert conflict.status_code == 400 and "header" in conflict.json()["error"]
     unknown = client.post("/v1/predict", json={"inputs": text, "model": "svamp"})
     assert unknown.status_code == 404 and "'svamp' is not served" in unknown.json()["error"]
     missing = client.post("/v1/predict", json={"inputs": text})
     assert missing.status_code == 422 and "model: required" in missing.json()["error"]
+    unknown_header = client.post("/v1/predict", json={"inputs": text}, headers={schema.MODEL_HEADER: "cqa"})
+    assert unknown_header.status_code == 404 and "'cqa' is not served" in unknown_header.json()["error"]
 
 
 def metric_samples(metrics_text: str, name: str, **labels: str) -> list[tuple[dict[str, str], float]]:
@@ -150,9 +158,12 @@ BAD_INPUTS = [
     ("unknown field", {"model": "esnli", "inputs": "a", "temperature": 0.7}, 422, "temperature: unknown field"),
     ("empty list", {"model": "esnli", "inputs": []}, 422, "inputs: empty list"),
     ("empty string", {"model": "esnli", "inputs": "   "}, 422, "inputs: empty input"),
-    ("empty object", {"model": "esnli", "inputs": {}}, 422, "give 'input', 'premise' and 'hypothesis', or 'question' and 'choices'"),
-    ("premise without hypothesis", {"model": "esnli", "inputs": [{"premise": "a"}]}, 422, "inputs.0: give both 'premise' and 'hypothesis'"),
-    ("choices for a fixed label set", {"model": "esnli", "inputs": {"question": "q", "choices": ["a", "b"]}}, 422, "labels are fixed"),
+    ("empty object", {"model": "esnli", "inputs": {}}, 422, "inputs.input: required field missing"),
+    ("premise without hypothesis", {"model": "esnli", "inputs": [{"premise": "a"}]}, 422, "inputs.0.hypothesis: required field missing"),
+    ("choices for a fixed label set", {"model": "esnli", "inputs": {"question": "q", "choices": ["a", "b"]}}, 422, "an object with choices, question is not an input form these models take"),
+    ("choices beside an input", {"model": "esnli", "inputs": {"input": "q", "choices": ["a"]}}, 422, "inputs.choices: unknown field"),
+    ("a lone surrogate", b'{"model": "esnli", "inputs": "ok \\ud800"}', 422, "inputs: not valid Unicode text"),
+    ("an unknown model", {"model": "svamp", "inputs": "a"}, 404, "model 'svamp' is not served"),
     ("oversized input", {"model": "esnli", "inputs": "x" * 601}, 413, "601 characters, more than max_input_chars=600"),
     ("oversized field", {"model": "esnli", "inputs": [{"premise": "x" * 700, "hypothesis": "b"}]}, 413, "inputs.0.premise: 700 characters"),
     ("too many items", {"model": "esnli", "inputs": ["a"] * 9}, 413, "9 items, more than max_items=8"),
@@ -167,6 +178,42 @@ def test_bad_input_gets_a_4xx_naming_the_problem(client, body, status, message):
         response = client.post("/v1/predict", json=body)
     assert response.status_code == status, response.text
     assert message in response.json()["error"]
+
+
+def test_a_bad_input_fails_only_its_own_request(served, examples):
+    """As seen: a lone surrogate sent among 15 concurrent good requests made most of them fail with 500."""
+    bad = b'{"model": "esnli", "inputs": "ok \\ud800"}'
+
+    async def round_of_16() -> tuple[list[int], int]:
+        async with httpx.AsyncClient(base_url=served.url, timeout=60) as c:
+            good = [c.post("/v1/predict", json={"model": "esnli", "inputs": e.input}) for e in examples * 2][:15]
+            responses = await asyncio.gather(*good, c.post("/v1/predict", content=bad, headers={"content-type": "application/json"}))
+        return [r.status_code for r in responses[:15]], responses[15].status_code
+
+    for _ in range(10):
+        good, offender = asyncio.run(round_of_16())
+        assert good == [200] * 15 and offender == 422
+
+
+def test_a_model_that_fails_to_load_gets_a_500_and_others_keep_answering(client, examples):
+    response = client.post("/v1/predict", json={"model": "broken", "inputs": examples[0].input})
+    assert response.status_code == 500 and "is missing" in response.json()["error"]
+    assert client.post("/v1/predict", json={"model": "esnli", "inputs": examples[0].input}).status_code == 200
+
+
+def test_body_over_the_cap_is_refused_before_it_is_parsed(served):
+    huge = b'{"inputs": "' + b"x" * 20_000_000 + b'"}'
+    response = httpx.post(f"{served.url}/v1/predict", content=huge, headers={"content-type": "application/json"}, timeout=60)
+    assert response.status_code == 413 and "max_body_bytes=100000" in response.json()["error"]
+
+    def chunks():  # no Content-Length: counted while it streams in
+        yield b'{"inputs": "'
+        for _ in range(200):
+            yield b"x" * 1000
+        yield b'"}'
+
+    response = httpx.post(f"{served.url}/v1/predict", content=chunks(), headers={"content-type": "application/json"}, timeout=60)
+    assert response.status_code == 413 and "max_body_bytes" in response.json()["error"]
 
 
 def test_wrong_method_and_path(client):
@@ -219,6 +266,8 @@ def wait_for_metric(url: str, name: str, **labels: str) -> list[tuple[dict[str, 
 def test_request_metrics_by_route_and_status(served):
     assert wait_for_metric(served.metrics, "ray_stepwise_requests_total", route="/v1/predict", status="200")
     assert wait_for_metric(served.metrics, "ray_stepwise_requests_total", route="/v1/predict", status="422")
+    assert wait_for_metric(served.metrics, "ray_stepwise_requests_total", route="/v1/predict", status="413")
+    assert wait_for_metric(served.metrics, "ray_stepwise_requests_total", route="/v1/predict", status="500")  # the broken model
     assert wait_for_metric(served.metrics, "ray_stepwise_request_latency_ms_count", route="/v1/predict")
     # Unknown paths (test_wrong_method_and_path) count as "other", so scanners cannot blow up the label set.
     assert wait_for_metric(served.metrics, "ray_stepwise_requests_total", route="other", status="404")

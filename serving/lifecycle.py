@@ -1,0 +1,182 @@
+"""Starting and stopping a served app in this process: a local Ray closed to the network, Serve, the app,
+and the one shutdown path that Ctrl-C and SIGTERM both take.
+
+Network: Ray runs as a single-node instance whose every server (GCS, raylet, workers, agents, metrics)
+listens on 127.0.0.1; only Serve's HTTP port listens where `--host` says. Serving beyond loopback turns on
+Ray's token authentication (a token file in the run folder, unless RAY_AUTH_TOKEN(_PATH) is set), and is
+refused with RAY_AUTH_MODE=disabled. Ray reads these settings when it is imported, so `network_settings`
+runs before `import ray` (this module imports Ray only inside its functions).
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+import secrets
+import shutil
+import signal
+import socket
+import subprocess
+import tempfile
+import threading
+import time
+import urllib.request
+from pathlib import Path
+from typing import Any
+
+from stepwise import envs
+from stepwise.serving.settings import SINGLE_NODE, ServeArgs
+
+APP_NAME = "stepwise"
+_started_ray = False
+_ports: list[tuple[str, int]] = []  # what `start` bound, checked free again by `stop`
+
+
+def is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def network_settings(host: str, run_dir: Path) -> dict[str, str]:
+    """The environment Ray must start under for `host`: loopback-only Ray, and token auth beyond loopback."""
+    settings = {SINGLE_NODE: "0", "RAY_USAGE_STATS_ENABLED": "0"}
+    if is_loopback(host):
+        settings["RAY_AUTH_MODE"] = os.environ.get("RAY_AUTH_MODE", "disabled")
+        return settings
+    if os.environ.get("RAY_AUTH_MODE", "token") != "token":
+        raise ValueError(f"--host {host} serves beyond loopback, which needs Ray's token authentication, but RAY_AUTH_MODE={os.environ['RAY_AUTH_MODE']}: unset it (or set token)")
+    settings["RAY_AUTH_MODE"] = "token"
+    if not (os.environ.get("RAY_AUTH_TOKEN") or os.environ.get("RAY_AUTH_TOKEN_PATH")):
+        token = Path(run_dir).resolve() / "ray-auth-token"
+        token.parent.mkdir(parents=True, exist_ok=True)
+        if not token.exists():
+            token.touch(mode=0o600)
+            token.write_text(secrets.token_hex(32))
+        settings["RAY_AUTH_TOKEN_PATH"] = str(token)
+    return settings
+
+
+def apply_network_settings(settings: dict[str, str]) -> None:
+    """Put `settings` into this process (and its children). If Ray is imported already, make it re-read them,
+    as Ray's own token-auth setup does."""
+    import sys
+
+    os.environ.update(settings)
+    if "ray" in sys.modules:
+        import ray._private.ray_constants as ray_constants
+        from ray._raylet import Config
+
+        ray_constants.ENABLE_RAY_CLUSTER = settings[SINGLE_NODE] != "0"
+        Config.initialize("")
+
+
+def port_error(host: str, port: int) -> str:
+    """Why (host, port) cannot be bound now ("" when it can)."""
+    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as probe:
+        try:
+            probe.bind((host, port))
+            return ""
+        except OSError as problem:
+            return problem.strerror or str(problem)
+
+
+def check_port_free(host: str, port: int, what: str) -> None:
+    problem = port_error(host, port)
+    if problem:
+        raise ValueError(f"{what} port {port} on {host} is not available ({problem}): another `stepwise serve`? choose another port")
+
+
+def short_ray_dir(ray_dir: Path) -> Path:
+    """Ray's sockets live under its temp dir and a Unix socket path holds at most 107 bytes, which a deep
+    run folder overflows: then Ray runs in a short /tmp folder and `ray_dir` links to it (logs stay findable)."""
+    if len(str(ray_dir)) <= 40:
+        return ray_dir
+    short = Path(tempfile.mkdtemp(prefix="stepwise-ray-"))
+    ray_dir.parent.mkdir(parents=True, exist_ok=True)
+    if ray_dir.is_symlink() or ray_dir.exists():
+        ray_dir.unlink() if ray_dir.is_symlink() else shutil.rmtree(ray_dir)
+    ray_dir.symlink_to(short, target_is_directory=True)
+    return short
+
+
+def start(args: ServeArgs, port: int = 8000, host: str = "127.0.0.1", run_dir: Path = Path("runs/serve"), ray_cpus: int = 2,
+          metrics_port: int | None = None, ready_timeout_s: float = 120.0) -> str:
+    """Start Ray (unless already up), Serve and the app in this process; return the base URL once /healthz
+    answers. Metrics: http://127.0.0.1:<metrics_port>/metrics."""
+    global _started_ray
+    import sys
+
+    starts_ray = "ray" not in sys.modules or not sys.modules["ray"].is_initialized()
+    if starts_ray:
+        check_port_free(host, port, "HTTP")
+        if metrics_port:
+            check_port_free("127.0.0.1", metrics_port, "metrics")
+        _ports[:] = [(host, port)] + ([("127.0.0.1", metrics_port)] if metrics_port else [])
+        apply_network_settings(network_settings(host, run_dir))
+        os.environ.setdefault("ORT_DISABLE_TELEMETRY", "1")
+        # Replicas are new processes: they find this checkout's code through PYTHONPATH.
+        os.environ["PYTHONPATH"] = os.pathsep.join(p for p in (str(envs.ROOT), os.environ.get("PYTHONPATH", "")) if p)
+    from stepwise.serving.app import build_app
+
+    app = build_app(args)  # checks the model folders before anything starts
+    import ray
+    from ray import serve
+    from ray.serve.schema import LoggingConfig
+
+    if starts_ray:
+        ray_dir = short_ray_dir((Path(run_dir) / "ray").resolve())
+        ray.init(num_cpus=ray_cpus, include_dashboard=False, _temp_dir=str(ray_dir), _metrics_export_port=metrics_port, log_to_driver=False)
+        _started_ray = True
+        if threading.current_thread() is threading.main_thread():
+            # ray.init installs a SIGTERM handler that exits without shutting Serve down; from here on SIGTERM
+            # (systemd, Docker, Kubernetes) takes the Ctrl-C path, also while Serve is still starting.
+            signal.signal(signal.SIGTERM, interrupt)
+    # The proxy's own timeout is a backstop; the app answers 504 at request_timeout_s first.
+    http_options = {"host": host, "port": port, "request_timeout_s": args.limits.request_timeout_s + 30}
+    serve.start(http_options=http_options, logging_config=LoggingConfig(encoding="JSON", enable_access_log=args.access_log))
+    serve.run(app, name=APP_NAME, route_prefix="/")
+    url = f"http://{'127.0.0.1' if host in ('0.0.0.0', '::') else host}:{port}"
+    wait_ready(url, ready_timeout_s)
+    return url
+
+
+def interrupt(signum: int, frame: Any) -> None:
+    raise KeyboardInterrupt
+
+
+def wait_ready(url: str, timeout_s: float, process: subprocess.Popen | None = None) -> None:
+    """Return once GET /healthz answers 200; fail early if `process` (a server started elsewhere) exits."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        if process is not None and process.poll() is not None:
+            raise RuntimeError(f"the server process exited with {process.returncode} before {url} was ready")
+        try:
+            with urllib.request.urlopen(f"{url}/healthz", timeout=5) as response:
+                if response.status == 200:
+                    return
+        except OSError:
+            pass
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"{url}/healthz did not answer within {timeout_s:.0f}s")
+        time.sleep(0.2)
+
+
+def stop() -> None:
+    """Shut Serve down (proxy, replicas) and Ray too when `start` started it; frees the ports."""
+    global _started_ray
+    import ray
+    from ray import serve
+
+    if ray.is_initialized():
+        serve.shutdown()
+        if _started_ray:
+            ray.shutdown()
+            _started_ray = False
+            # Ray's agents exit a moment after shutdown returns: wait (briefly) until a restart can bind the ports.
+            deadline = time.monotonic() + 15
+            while any(port_error(*address) for address in _ports) and time.monotonic() < deadline:
+                time.sleep(0.2)

@@ -1,0 +1,71 @@
+"""`stepwise serve`: exported students over HTTP on Ray Serve until Ctrl-C or SIGTERM.
+
+    stepwise serve --model runs/export-esnli                       # one student, model id = its task name
+    stepwise serve --model runs/export-esnli cqa=runs/export-cqa   # several; requests choose by model id
+"""
+
+from __future__ import annotations
+
+import signal
+import time
+from pathlib import Path
+
+from stepwise import tasks
+from stepwise.serving import lifecycle
+from stepwise.serving.settings import Batching, Limits, Overload, Scaling, ServeArgs
+
+
+def parse_models(specs: list[str]) -> dict[str, str]:
+    """`DIR` (id: the folder's task name) or `ID=DIR` -> {id: DIR}."""
+    models: dict[str, str] = {}
+    for spec in specs:
+        model_id, folder = spec.split("=", 1) if "=" in spec else (tasks.load_task(Path(spec)).name, spec)
+        if model_id in models:
+            raise ValueError(f"model id {model_id!r} given twice: name them with ID=DIR")
+        models[model_id] = folder
+    return models
+
+
+def main(
+    model: list[str],
+    port: int = 8000,
+    host: str = "127.0.0.1",
+    batching: Batching = Batching(),
+    limits: Limits = Limits(),
+    overload: Overload = Overload(),
+    scaling: Scaling = Scaling(),
+    access_log: bool = False,
+    allow_unverified: bool = False,
+    ray_cpus: int = 2,
+    metrics_port: int = 9464,
+    run_dir: Path = Path("runs/serve"),
+) -> Path:
+    """Serve exported students over HTTP on Ray Serve until Ctrl-C or SIGTERM.
+
+    Args:
+        model: export folders, as DIR (model id = its task name) or ID=DIR; several for several students
+        port: HTTP port
+        host: address to listen on; beyond loopback (e.g. 0.0.0.0) Ray's token authentication is turned on
+        batching: dynamic batching
+        limits: what one request may ask for
+        overload: backpressure
+        scaling: replicas and their threads
+        access_log: a JSON access-log line per request (costs latency)
+        allow_unverified: serve exports whose parity gate failed, was skipped or never ran
+        ray_cpus: CPUs of the local Ray instance
+        metrics_port: Prometheus metrics at http://127.0.0.1:PORT/metrics
+        run_dir: Ray's temporary folder and logs (ray/session_latest/logs/serve/ holds the JSON logs)
+    """
+    args = ServeArgs(models=parse_models(model), batching=batching, limits=limits, overload=overload, scaling=scaling,
+                     access_log=access_log, allow_unverified=allow_unverified)
+    try:
+        url = lifecycle.start(args, port=port, host=host, run_dir=run_dir, ray_cpus=ray_cpus, metrics_port=metrics_port)  # SIGTERM: as Ctrl-C
+        print(f"[serve] {url}/v1/predict  docs {url}/docs  metrics http://127.0.0.1:{metrics_port}/metrics  logs {run_dir.resolve()}/ray/session_latest/logs/serve  (Ctrl-C stops)", flush=True)
+        while True:
+            time.sleep(3600)
+    except KeyboardInterrupt:
+        print("[serve] shutting down", flush=True)
+    finally:
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)  # a second SIGTERM must not cut the shutdown short
+        lifecycle.stop()
+    return run_dir

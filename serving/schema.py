@@ -1,0 +1,174 @@
+"""The HTTP API's contract: request and response models, the error body and its status codes, and how a
+request input becomes a task example.
+
+The request model is built per app from its limits and models, so /openapi.json states what the server
+enforces (non-empty text, most items, most characters, the allowed fields and model ids) and a request the
+schema accepts is one the server accepts, for the model it names.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Any, Literal, Union
+
+from fastapi import HTTPException
+from pydantic import BaseModel, ConfigDict, Discriminator, Field, StringConstraints, Tag, create_model
+
+from stepwise import tasks
+from stepwise.serving.settings import Limits
+
+MODEL_HEADER = "serve_multiplexed_model_id"  # Serve routes a request to a replica that has this model loaded
+NOT_BLANK = r"\S"  # also makes pydantic refuse text that is not valid Unicode (a lone surrogate such as \ud800)
+
+
+class ErrorBody(BaseModel):
+    error: str = Field(description="what is wrong, naming the field")
+
+
+class PredictionOut(BaseModel):
+    label: str
+    rationale: str | None = None
+
+
+class PredictResponse(BaseModel):
+    model: str
+    version: str
+    predictions: list[PredictionOut]
+
+
+class ModelInfo(BaseModel):
+    id: str
+    task: str
+    answer_style: str
+    labels: list[str]
+    version: str | None = Field(description="known once loaded on the replica that answered")
+    loaded: bool = Field(description="on the replica that answered (a replica keeps a few models, least recently used dropped)")
+
+
+class Health(BaseModel):
+    status: Literal["ok"]
+    models: list[str]
+
+
+ERRORS = {
+    400: "the body is not valid JSON",
+    404: "unknown model id (see /v1/models), or unknown path",
+    413: "the body, an input, a choice or the number of inputs is over the server's limits",
+    422: "the body does not have the request's shape: missing or unknown fields, empty or invalid text, choices where the model's labels are fixed",
+    500: "decoding failed for this request's inputs (other requests in its batch are unaffected)",
+    503: "overloaded: retry after the Retry-After header's seconds (answered by Serve's proxy)",
+    504: "still decoding after the server's request timeout",
+}
+PREDICT_RESPONSES: dict[int | str, dict[str, Any]] = {status: {"model": ErrorBody, "description": text} for status, text in ERRORS.items()}
+
+
+# ---------------------------------------------------------------- the request, built per app
+
+
+def input_shape(item: Any) -> str:
+    """Which input form a request item is (the union's discriminator): the tag of its model below."""
+    if isinstance(item, dict):
+        if "premise" in item or "hypothesis" in item:
+            return "premise_hypothesis"
+        return "question_choices" if "question" in item else "input_object"
+    return "string"  # a string, or anything else: validated (and refused) as one
+
+
+def predict_request_model(limits: Limits, model_ids: list[str], any_choice_task: bool) -> type[BaseModel]:
+    """The POST /v1/predict body for an app serving `model_ids` under `limits`."""
+    text = Annotated[str, StringConstraints(min_length=1, max_length=limits.max_input_chars, pattern=NOT_BLANK)]
+    choice = Annotated[str, StringConstraints(min_length=1, max_length=limits.max_choice_chars, pattern=NOT_BLANK)]
+    choices = Annotated[list[choice], Field(min_length=1, max_length=limits.max_choices)]
+    strict = ConfigDict(extra="forbid")
+    nli = create_model("PremiseHypothesis", __config__=strict, premise=(text, ...), hypothesis=(text, ...))
+    shapes: list[Any] = [Annotated[text, Tag("string")], Annotated[nli, Tag("premise_hypothesis")]]
+    if any_choice_task:
+        plain = create_model("TextInput", __config__=strict, input=(text, ...), choices=(choices | None, None))
+        question = create_model("QuestionChoices", __config__=strict, question=(text, ...), choices=(choices, ...))
+        shapes += [Annotated[plain, Tag("input_object")], Annotated[question, Tag("question_choices")]]
+    else:
+        shapes.append(Annotated[create_model("TextInput", __config__=strict, input=(text, ...)), Tag("input_object")])
+    item = Annotated[Union[tuple(shapes)], Discriminator(input_shape)]
+    many = Annotated[list[item], Field(min_length=1, max_length=limits.max_items)]
+    inputs = Annotated[Union[Annotated[item, Tag("one")], Annotated[many, Tag("many")]], Discriminator(lambda v: "many" if isinstance(v, list) else "one")]
+    model = Literal[tuple(model_ids)] | None  # type: ignore[valid-type]
+    return create_model(
+        "PredictRequest",
+        __config__=ConfigDict(extra="forbid", json_schema_extra={"examples": [{"inputs": {"premise": "A man plays a guitar.", "hypothesis": "A person makes music."}}]}),
+        inputs=(inputs, Field(description="one input or a list: text, {premise, hypothesis}, {input[, choices]} or {question, choices}")),
+        model=(model, Field(None, description=f"model id (see /v1/models), or the {MODEL_HEADER} header; may be left out when one model is served")),
+        explain=(bool, Field(False, strict=True, description="also generate each input's rationale (slower)")),
+    )
+
+
+# ---------------------------------------------------------------- validation errors as one message
+
+
+TAGS = {"string", "premise_hypothesis", "input_object", "question_choices", "one", "many"}
+
+
+def describe_problems(problems: list[dict[str, Any]], limits: Limits) -> tuple[int, str]:
+    """Pydantic's errors as (status, one readable message naming the fields): 400 for a body that is not JSON,
+    404 for an unknown model, 413 for what is over a limit, else 422."""
+    invalid_json = next((p for p in problems if p["type"] == "json_invalid"), None)
+    if invalid_json:
+        return 400, f"malformed JSON: {invalid_json.get('ctx', {}).get('error', 'cannot parse the body')} (at character {invalid_json['loc'][-1]})"
+    statuses, messages = [], []
+    for problem in problems:
+        status, message = describe(problem, limits)
+        statuses.append(status)
+        messages.append(message)
+    status = 404 if 404 in statuses else 413 if 413 in statuses else 422
+    return status, "; ".join(dict.fromkeys(m for s, m in zip(statuses, messages) if s == status))
+
+
+def describe(problem: dict[str, Any], limits: Limits) -> tuple[int, str]:
+    path = [str(part) for part in problem["loc"][1:] if isinstance(part, int) or part not in TAGS]
+    field, kind, value = ".".join(path), problem["type"], problem.get("input")
+    if not field:
+        return 422, "body: expected a JSON object with 'inputs'" + (" (the request has no body)" if kind == "missing" else "")
+    if path[0] == "model" and kind == "literal_error":
+        return 404, f"model {value!r} is not served; models: {problem['ctx']['expected']}"
+    in_choices = "choices" in path[:-1] or path[-1] == "choices"
+    if kind == "string_too_long":
+        limit = "max_choice_chars" if in_choices else "max_input_chars"
+        return 413, f"{field}: {len(value)} characters, more than {limit}={getattr(limits, limit)}"
+    if kind == "too_long":
+        limit = "max_choices" if in_choices else "max_items"
+        return 413, f"{field}: {len(value)} items, more than {limit}={getattr(limits, limit)}"
+    if kind == "missing":
+        return 422, f"{field}: required field missing"
+    if kind == "extra_forbidden":
+        return 422, f"{field}: unknown field"
+    if kind == "string_unicode":
+        return 422, f"{field}: not valid Unicode text (a lone surrogate such as \\ud800?)"
+    if kind in ("string_pattern_mismatch", "string_too_short"):
+        return 422, f"{field}: empty input"
+    if kind == "too_short":
+        return 422, f"{field}: empty list"
+    if kind == "union_tag_invalid":
+        keys = ", ".join(sorted(value)) if isinstance(value, dict) else type(value).__name__
+        return 422, f"{field}: an object with {keys} is not an input form these models take ({problem['ctx']['expected_tags']})"
+    if kind == "string_type" and (path == ["inputs"] or (len(path) == 2 and path[1].isdigit())):
+        return 422, f"{field}: expected a string, an object or a list of them, got {type(value).__name__}"
+    return 422, f"{field}: {problem['msg']}"
+
+
+# ---------------------------------------------------------------- from request input to a task example
+
+
+def to_example(item: Any, task: tasks.Task, where: str) -> tasks.Example:
+    """A validated request item as the task example the student sees, or a 422 naming what does not fit
+    this model (the shapes themselves were checked by the request model)."""
+    if isinstance(item, str):
+        text, choices = item, None
+    elif hasattr(item, "premise"):
+        text, choices = tasks.nli_input(item.premise, item.hypothesis), None
+    else:
+        question = getattr(item, "question", None) or item.input
+        choices = getattr(item, "choices", None)
+        text = tasks.cqa_input(question, choices) if choices else question
+    if task.answer_style == "choice" and not choices:
+        raise HTTPException(422, f"{where}: this model answers multiple-choice questions ({task.name}): give 'choices'")
+    if task.answer_style != "choice" and choices:
+        raise HTTPException(422, f"{where}.choices: this model's labels are fixed ({task.name}: {', '.join(task.labels) or 'free text'}); drop 'choices'")
+    return tasks.Example(id=where, input=text, label="", choices=choices)

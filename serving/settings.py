@@ -1,0 +1,155 @@
+"""What a served app is configured with: the models and four argument groups (batching, limits, overload,
+scaling). The same settings come from `stepwise serve` flags, from `args:` in serving/serve_config.yaml
+(nested by group), or from Python (`ServeArgs(models=..., limits=Limits(max_items=8))`); each group checks
+itself, so a bad value fails before any replica starts."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any
+
+SINGLE_NODE = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"  # "0": Ray's single-node mode, every Ray server on loopback
+MAX_CHOICES = 26  # choices are shown to the student lettered (a) to (z)
+
+
+@dataclass(frozen=True)
+class Batching:
+    """Dynamic batching: concurrent requests for one model are decoded together.
+
+    Args:
+        max_batch_size: most inputs one replica decodes together
+        batch_wait_timeout_s: how long a batch waits to fill; 0 takes whatever is queued (lowest latency)
+        max_ongoing_requests: requests one replica works on at once (at least max_batch_size, or batches never fill)
+    """
+
+    max_batch_size: int = 16
+    batch_wait_timeout_s: float = 0.0
+    max_ongoing_requests: int = 64
+
+    def __post_init__(self) -> None:
+        _at_least(self, max_batch_size=1, max_ongoing_requests=1, batch_wait_timeout_s=0)
+        if self.max_ongoing_requests < self.max_batch_size:
+            raise ValueError(f"max_ongoing_requests ({self.max_ongoing_requests}) must be at least max_batch_size ({self.max_batch_size}), or batches never fill")
+
+
+@dataclass(frozen=True)
+class Limits:
+    """What one request may ask for; beyond it the request is refused (413/422) before any decoding.
+
+    Args:
+        max_body_bytes: largest request body, checked before the JSON is read (413)
+        max_items: most inputs in one request (413)
+        max_input_chars: longest input text or field, in characters (413)
+        max_choices: most answer choices of one input (413)
+        max_choice_chars: longest answer choice, in characters (413)
+        max_choice_tokens: longest answer choice, in tokens of the model's tokenizer (413): bounds the scoring work per input
+        request_timeout_s: a request still decoding after this many seconds gets 504
+    """
+
+    max_body_bytes: int = 1_000_000
+    max_items: int = 64
+    max_input_chars: int = 4000
+    max_choices: int = 16
+    max_choice_chars: int = 200
+    max_choice_tokens: int = 32
+    request_timeout_s: float = 10.0
+
+    def __post_init__(self) -> None:
+        _at_least(self, max_body_bytes=1, max_items=1, max_input_chars=1, max_choices=1, max_choice_chars=1, max_choice_tokens=1)
+        if self.request_timeout_s <= 0:
+            raise ValueError(f"request_timeout_s must be positive, got {self.request_timeout_s}")
+        if self.max_choices > MAX_CHOICES:
+            raise ValueError(f"max_choices must be at most {MAX_CHOICES} (choices are lettered a-z), got {self.max_choices}")
+
+
+@dataclass(frozen=True)
+class Overload:
+    """Backpressure: what happens when more requests arrive than the replicas work on.
+
+    Args:
+        max_queued_requests: requests waiting for a replica before new ones get 503 (-1: unbounded)
+        retry_after_s: Retry-After header of a 503 on overload
+    """
+
+    max_queued_requests: int = 128
+    retry_after_s: float = 1.0
+
+    def __post_init__(self) -> None:
+        _at_least(self, max_queued_requests=-1, retry_after_s=0)
+
+
+@dataclass(frozen=True)
+class Scaling:
+    """Replicas and what each one holds.
+
+    Args:
+        replicas: replicas when not autoscaling
+        min_replicas: autoscaling floor (with --max-replicas)
+        max_replicas: autoscaling ceiling; setting it turns autoscaling on
+        target_ongoing_requests: autoscaling target of ongoing requests per replica
+        replica_cpus: CPUs Ray reserves per replica
+        replica_gpus: GPUs per replica; default 1 when an export targets cuda or tensorrt, else 0
+        ort_threads: ONNX Runtime intra-op threads per session
+    """
+
+    replicas: int = 1
+    min_replicas: int = 1
+    max_replicas: int | None = None
+    target_ongoing_requests: float = 8.0
+    replica_cpus: float = 1.0
+    replica_gpus: float | None = None
+    ort_threads: int = 1
+
+    def __post_init__(self) -> None:
+        _at_least(self, replicas=1, min_replicas=0, ort_threads=1)
+        if self.max_replicas is not None and self.max_replicas < max(1, self.min_replicas):
+            raise ValueError(f"max_replicas ({self.max_replicas}) is below min_replicas ({self.min_replicas}) or 1")
+        if self.replica_cpus <= 0 or self.target_ongoing_requests <= 0 or (self.replica_gpus or 0) < 0:
+            raise ValueError("replica_cpus and target_ongoing_requests must be positive, replica_gpus not negative")
+
+
+GROUPS = {"batching": Batching, "limits": Limits, "overload": Overload, "scaling": Scaling}
+
+
+@dataclass(frozen=True)
+class ServeArgs:
+    """Everything the app builder takes. `models` maps a model id to an export folder."""
+
+    models: dict[str, str]
+    batching: Batching = field(default_factory=Batching)
+    limits: Limits = field(default_factory=Limits)
+    overload: Overload = field(default_factory=Overload)
+    scaling: Scaling = field(default_factory=Scaling)
+    access_log: bool = False
+    allow_unverified: bool = False
+
+    def __post_init__(self) -> None:
+        if not self.models:
+            raise ValueError("no models to serve: give at least one export folder")
+
+    @classmethod
+    def from_dict(cls, args: dict[str, Any]) -> ServeArgs:
+        """From `args:` of a Serve config file (groups as nested mappings) or `to_dict`; unknown keys are errors."""
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(args) - known)
+        if unknown:
+            raise ValueError(f"unknown serve settings: {', '.join(unknown)} (known: {', '.join(sorted(known))})")
+        values = dict(args)
+        for name, group in GROUPS.items():
+            given = values.get(name) or {}
+            if isinstance(given, dict):
+                fields = {f.name for f in dataclasses.fields(group)}
+                if set(given) - fields:
+                    raise ValueError(f"unknown {name} settings: {', '.join(sorted(set(given) - fields))} (known: {', '.join(sorted(fields))})")
+                values[name] = group(**given)
+        return cls(**values)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def _at_least(group: Any, **floors: float) -> None:
+    for name, floor in floors.items():
+        if getattr(group, name) < floor:
+            raise ValueError(f"{name} must be at least {floor}, got {getattr(group, name)}")
