@@ -22,7 +22,7 @@ import weakref
 from collections import defaultdict
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any, Awaitable, Callable, NamedTuple
+from typing import Any, Awaitable, Callable, Literal, NamedTuple
 
 from fastapi import FastAPI, Header, HTTPException, Request
 from fastapi.exceptions import RequestValidationError
@@ -273,6 +273,7 @@ def build_api(server: StudentServer) -> FastAPI:
     """The replica's HTTP API, its request schema built from the server's limits and models."""
     limits = server.args.limits
     request_model = schema.predict_request_model(limits, list(server.tasks), any(t.answer_style == "choice" for t in server.tasks.values()))
+    model_id = Literal[tuple(server.tasks)] | None  # type: ignore[valid-type]
     api = FastAPI(
         title="stepwise student",
         description="Labels (and, on request, rationales) from a distilled step-by-step student (ONNX Runtime on Ray Serve).",
@@ -300,7 +301,7 @@ def build_api(server: StudentServer) -> FastAPI:
     @api.post("/v1/predict", response_model=schema.PredictResponse, response_model_exclude_none=True, responses=schema.PREDICT_RESPONSES)
     async def predict_endpoint(
         body: request_model,  # type: ignore[valid-type]
-        model_header: str | None = Header(None, alias=schema.MODEL_HEADER, convert_underscores=False, description="model id; also routes to a replica holding that model"),
+        model_header: model_id = Header(None, alias=schema.MODEL_HEADER, convert_underscores=False, description="model id; also routes to a replica holding that model"),  # type: ignore[valid-type]
     ) -> schema.PredictResponse:
         """Label(s) for one input or a list; with "explain": true, rationales too."""
         return await server.predict(body, model_header)

@@ -126,7 +126,7 @@ def describe(problem: dict[str, Any], limits: Limits) -> tuple[int, str]:
     field, kind, value = ".".join(path), problem["type"], problem.get("input")
     if not field:
         return 422, "body: expected a JSON object with 'inputs'" + (" (the request has no body)" if kind == "missing" else "")
-    if path[0] == "model" and kind == "literal_error":
+    if path[0] in ("model", MODEL_HEADER) and kind == "literal_error":
         return 404, f"model {value!r} is not served; models: {problem['ctx']['expected']}"
     in_choices = "choices" in path[:-1] or path[-1] == "choices"
     if kind == "string_too_long":

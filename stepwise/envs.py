@@ -52,7 +52,7 @@ def install_steps(name: str, gpu: bool) -> list[list[str]]:
     """pip invocations (arguments after `python -m pip`) that build environment `name`."""
     pip = ["install", "--progress-bar", "off"]
     if name == "student":
-        extras = "student,test,bench,student-gpu" if gpu else "student,test,bench"
+        extras = "student,test,student-test,bench" + (",student-gpu" if gpu else "")
         steps = [pip + ["torch==2.13.0"]] if not gpu else []
         steps.append(pip + ["-e", f"{ROOT}[{extras}]"])
         if gpu:  # onnxruntime and onnxruntime-gpu both provide the module; keep only the GPU one

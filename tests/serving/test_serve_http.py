@@ -10,6 +10,8 @@ import json
 import os
 import shutil
 import socket
+import subprocess
+import sys
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -51,6 +53,7 @@ def served(tiny_export_dir: Path, tmp_path_factory) -> SimpleNamespace:
     tight = ServeArgs(models=one_model, batching=Batching(max_batch_size=1, max_ongoing_requests=1), overload=Overload(max_queued_requests=1, retry_after_s=2), scaling=SMALL)
     serve.run(app.build_app(tight), name="tight", route_prefix="/tight")
     serve.run(app.build_app(ServeArgs(models=one_model, limits=Limits(request_timeout_s=0.001), scaling=SMALL)), name="slow", route_prefix="/slow")
+    serve.run(app.build_app(ServeArgs(models=one_model, limits=LIMITS, scaling=SMALL)), name="contract", route_prefix="/contract")
     yield SimpleNamespace(url=url, metrics=f"http://127.0.0.1:{metrics_port}/metrics", logs=run / "ray" / "session_latest" / "logs" / "serve")
     lifecycle.stop()
 
@@ -214,6 +217,17 @@ def test_body_over_the_cap_is_refused_before_it_is_parsed(served):
 
     response = httpx.post(f"{served.url}/v1/predict", content=chunks(), headers={"content-type": "application/json"}, timeout=60)
     assert response.status_code == 413 and "max_body_bytes" in response.json()["error"]
+
+
+def test_the_openapi_contract_is_the_servers(served, tmp_path):
+    """schemathesis (an outside fuzzer) against /openapi.json: every generated request, valid or not, gets a
+    documented status and body; schema-valid ones are accepted, schema-invalid ones refused."""
+    config = Path(__file__).with_name("schemathesis.toml")
+    done = subprocess.run([str(Path(sys.executable).with_name("schemathesis")), "--config-file", str(config), "run", f"{served.url}/contract/openapi.json",
+                           "--checks", "all", "--max-examples", "100", "--seed", "1", "--request-timeout", "60"],
+                          cwd=tmp_path, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stdout[-4000:]
+    assert "No issues found" in done.stdout and " 0 generated" not in done.stdout
 
 
 def test_wrong_method_and_path(client):
