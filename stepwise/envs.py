@@ -12,6 +12,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import subprocess
 import sys
 import time
@@ -48,23 +49,37 @@ def current_env() -> str | None:
     return None
 
 
+def extras(name: str, gpu: bool) -> list[str]:
+    """The pyproject extras environment `name` installs."""
+    if name == "student":
+        return ["student", "test", "student-test", "bench"] + (["student-gpu"] if gpu else [])
+    return ["teacher-gpu" if gpu else "teacher", "test"]
+
+
+def requirements(name: str, gpu: bool) -> list[str]:
+    """Every requirement string of environment `name`'s extras, as pyproject.toml lists them."""
+    import tomllib
+
+    listed = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["optional-dependencies"]
+    return [requirement for extra in extras(name, gpu) for requirement in listed[extra]]
+
+
+def pinned(name: str, gpu: bool, package: str) -> str:
+    """Environment `name`'s requirement for `package` (e.g. "torch==2.13.0")."""
+    return next(r for r in requirements(name, gpu) if re.split(r"[\[=<>~! ]", r, maxsplit=1)[0] == package)
+
+
 def install_steps(name: str, gpu: bool) -> list[list[str]]:
     """pip invocations (arguments after `python -m pip`) that build environment `name`."""
     pip = ["install", "--progress-bar", "off"]
-    if name == "student":
-        extras = "student,test,student-test,bench" + (",student-gpu" if gpu else "")
-        steps = [pip + ["torch==2.13.0"]] if not gpu else []
-        steps.append(pip + ["-e", f"{ROOT}[{extras}]"])
-        if gpu:  # onnxruntime and onnxruntime-gpu both provide the module; keep only the GPU one
-            steps += [["uninstall", "-y", "onnxruntime"], pip + ["--force-reinstall", "--no-deps", "onnxruntime-gpu==1.32.0"]]
-        return steps
-    if gpu:
-        return [pip + ["-e", f"{ROOT}[teacher-gpu,test]"]]
-    return [
-        pip + ["torch==2.13.0"],
-        pip + ["-e", f"{ROOT}[teacher,test]"],
-        ["uninstall", "-y", *TEACHER_CPU_UNUSED],
-    ]
+    # CPU: the torch wheel on disk first, so that nothing can pull a CUDA torch (several GB) in its place.
+    steps = [] if gpu else [pip + [pinned(name, gpu, "torch")]]
+    steps.append(pip + ["-e", f"{ROOT}[{','.join(extras(name, gpu))}]"])
+    if name == "student" and gpu:  # onnxruntime and onnxruntime-gpu both provide the module; keep only the GPU one
+        steps += [["uninstall", "-y", "onnxruntime"], pip + ["--force-reinstall", "--no-deps", pinned(name, gpu, "onnxruntime-gpu")]]
+    if name == "teacher" and not gpu:
+        steps.append(["uninstall", "-y", *TEACHER_CPU_UNUSED])
+    return steps
 
 
 def recipe_stamp(name: str, gpu: bool) -> str:
