@@ -7,7 +7,7 @@ import json
 import pytest
 
 from stepwise import artifacts
-from stepwise.extraction import read_records, shards
+from stepwise.extraction import read_records
 from stepwise import cli, tasks
 
 
