@@ -53,7 +53,8 @@ def time_raw(llm, prompts: list[str], params) -> tuple[float, int, int]:
     return wall, sum(len(o.prompt_token_ids) for o in outputs), sum(len(c.token_ids) for o in outputs for c in o.outputs)
 
 
-def time_pipeline(llm, task: tasks.Task, shots: list[str], examples: list[tasks.Example], sampling: teachers.Sampling, chunk_size: int, out: Path) -> tuple[float, int, int]:
+def time_pipeline(llm, task: tasks.Task, shots: list[str], examples: list[tasks.Example], sampling: teachers.Sampling,
+                  chunk_size: int, out: Path) -> tuple[float, int, int]:
     """The stage's own loop (`run.extract_chunks`) on a prebuilt engine, into a fresh output folder."""
     llm.reset_prefix_cache()
     config = run.job_config(task, "train", "vllm", "tiny", asdict(sampling), False, shots)
@@ -73,7 +74,8 @@ def bench_vllm(model: Path, task_name: str, count: int, max_tokens: int, chunk_s
     params = SamplingParams(**asdict(sampling), stop=tasks.stop_strings(task))
     rows = []
     for prefix_caching in (True, False):
-        llm = teachers.load_vllm(str(model), teachers.VllmEngine(prefix_caching=prefix_caching, dtype="float32", enforce_eager=True), sampling.seed)
+        engine = teachers.VllmEngine(prefix_caching=prefix_caching, dtype="float32", enforce_eager=True)
+        llm = teachers.load_vllm(str(model), engine, sampling.seed)
         llm.generate(prompts[:8], params, use_tqdm=False)  # warm-up
         times: dict[str, list[tuple[float, int, int]]] = {"raw": []} | {f"chunk{c}": [] for c in chunk_sizes}
         for _ in range(repeats):  # alternate, so drift on a shared machine hits every side

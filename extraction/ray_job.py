@@ -44,7 +44,8 @@ class RayCluster:
 class EngineActor:
     """Ray Data's stateful-actor form: the engine loads once per actor, then serves many batches."""
 
-    def __init__(self, task_fields: dict, shots: list[str], teacher_meta: dict, model: str, engine: dict, sampling: dict, out: str, shard_format: str):
+    def __init__(self, task_fields: dict, shots: list[str], teacher_meta: dict, model: str, engine: dict,
+                 sampling: dict, out: str, shard_format: str):
         self.task = tasks.Task(**task_fields)
         self.shots, self.teacher_meta, self.out, self.shard_format = shots, teacher_meta, Path(out), shard_format
         engine_options, sampling_options = teachers.VllmEngine(**engine), teachers.Sampling(**sampling)
@@ -57,8 +58,9 @@ class EngineActor:
         return {"tally": [json.dumps(extraction_records.tally(r)) for r in records]}
 
 
-def extract_on_ray(task: tasks.Task, shots: list[str], pending: list[tasks.Example], teacher_meta: dict, model: str, engine: teachers.VllmEngine,
-                   sampling: teachers.Sampling, cluster: RayCluster, out: Path, chunk_size: int, shard_format: str) -> list[dict]:
+def extract_on_ray(task: tasks.Task, shots: list[str], pending: list[tasks.Example], teacher_meta: dict, model: str,
+                   engine: teachers.VllmEngine, sampling: teachers.Sampling, cluster: RayCluster, out: Path,
+                   chunk_size: int, shard_format: str) -> list[dict]:
     """Run `pending` through `cluster.ray_actors` vLLM engine actors; return the tallies of the records written."""
     import ray
 
@@ -75,8 +77,9 @@ def extract_on_ray(task: tasks.Task, shots: list[str], pending: list[tasks.Examp
             concurrency=actors,
             num_cpus=1,
             num_gpus=gpus_per_actor,
-            fn_constructor_kwargs={"task_fields": asdict(task), "shots": shots, "teacher_meta": teacher_meta, "model": model, "engine": asdict(engine),
-                                   "sampling": asdict(sampling), "out": str(out.resolve()), "shard_format": shard_format},
+            fn_constructor_kwargs={"task_fields": asdict(task), "shots": shots, "teacher_meta": teacher_meta,
+                                   "model": model, "engine": asdict(engine), "sampling": asdict(sampling),
+                                   "out": str(out.resolve()), "shard_format": shard_format},
         )
         tallies = []
         with tqdm(total=len(pending), unit="rec", desc=f"extract {task.name} on ray ({actors} engines)", dynamic_ncols=True) as bar:

@@ -50,7 +50,9 @@ def teacher_model(task: tasks.Task, teacher: str, model: str) -> str:
     return model
 
 
-def job_config(task: tasks.Task, split: str, backend: str, model: str, sampling: dict, structured: bool, shots: list[str]) -> dict:
+def job_config(
+    task: tasks.Task, split: str, backend: str, model: str, sampling: dict, structured: bool, shots: list[str]
+) -> dict:
     """Everything that changes what a record says; output made under another config is refused."""
     return {
         "task": asdict(task),
@@ -92,11 +94,16 @@ def load_examples(task: tasks.Task, split: str, limit: int) -> list[tasks.Exampl
         raise ValueError(f"task {task.name} has no {split} examples{where}: choose another --split")
     duplicated = [i for i, c in Counter(e.id for e in examples).items() if c > 1]
     if duplicated:
-        raise ValueError(f"{len(duplicated)} ids occur more than once in {task.name}/{split}, e.g. {duplicated[0]!r}: give every row its own 'id'")
+        raise ValueError(
+            f"{len(duplicated)} ids occur more than once in {task.name}/{split}, e.g. {duplicated[0]!r}: "
+            "give every row its own 'id'"
+        )
     return examples
 
 
-def check_teacher(task: tasks.Task, examples: list[tasks.Example], teacher: str, model: str, engine: VllmEngine, cluster: RayCluster) -> None:
+def check_teacher(
+    task: tasks.Task, examples: list[tasks.Example], teacher: str, model: str, engine: VllmEngine, cluster: RayCluster
+) -> None:
     """Refuse a teacher that cannot work on these examples, before anything is written."""
     if teacher in LLM_TEACHERS and not model:
         raise ValueError(f"--teacher {teacher} needs --model")
@@ -106,19 +113,31 @@ def check_teacher(task: tasks.Task, examples: list[tasks.Example], teacher: str,
         raise ValueError("--structured constrains the vllm engine's output; pass --teacher vllm")
     where = task.source or task.name
     if teacher == "replay" and all(e.teacher_completion is None for e in examples):
-        raise ValueError(f"--teacher replay: none of the {len(examples)} examples has a teacher completion: add a 'completion' column "
-                         f"(a teacher's raw text) to {where}, or use --teacher dataset (its 'rationale' column), vllm or openai")
+        raise ValueError(
+            f"--teacher replay: none of the {len(examples)} examples has a teacher completion: add a 'completion' "
+            f"column (a teacher's raw text) to {where}, or use --teacher dataset (its 'rationale' column), vllm "
+            "or openai"
+        )
     if teacher == "dataset" and not any(e.rationale for e in examples):
-        raise ValueError(f"--teacher dataset: none of the {len(examples)} examples has a rationale: add a 'rationale' column to {where}, "
-                         "or use --teacher replay (its 'completion' column), vllm or openai")
+        raise ValueError(
+            f"--teacher dataset: none of the {len(examples)} examples has a rationale: add a 'rationale' column to "
+            f"{where}, or use --teacher replay (its 'completion' column), vllm or openai"
+        )
 
 
 def refuse_foreign_folder(out: Path, overwrite: bool) -> None:
     """A non-empty folder that holds no extraction output is not ours to write into (checked before the lock,
     which is a file in the folder)."""
     ours = (artifacts.TASK, artifacts.EXTRACT_LOCK)
-    if out.is_dir() and not (out / artifacts.MANIFEST).exists() and not overwrite and any(p.name not in ours for p in out.iterdir()):
-        raise ValueError(f"{out} exists, is not empty and holds no {artifacts.MANIFEST}; choose another --out or pass --overwrite")
+    if (
+        out.is_dir()
+        and not (out / artifacts.MANIFEST).exists()
+        and not overwrite
+        and any(p.name not in ours for p in out.iterdir())
+    ):
+        raise ValueError(
+            f"{out} exists, is not empty and holds no {artifacts.MANIFEST}; choose another --out or pass --overwrite"
+        )
 
 
 def prepare_output(out: Path, task: tasks.Task, config: dict, overwrite: bool) -> None:
@@ -182,20 +201,27 @@ def resume_plan(out: Path, examples: list[tasks.Example], retry_errors: bool) ->
     pending = [e for e in examples if e.id not in done]
     if done or redo:
         again = f" ({', '.join(f'{n} {why}' for why, n in redo.items())})" if redo else ""
-        print(f"[extract] resuming: {len(done)} of {len(examples)} records already in {out}, {len(pending)} to go{again}", flush=True)
+        print(
+            f"[extract] resuming: {len(done)} of {len(examples)} records already in {out}, {len(pending)} to go{again}",
+            flush=True,
+        )
     return list(done.values()), pending
 
 
 # ---------------------------------------------------------------- run
 
 
-def build_teacher(task: tasks.Task, teacher: str, model: str, sampling: Sampling, engine: VllmEngine, client: OpenAIClient) -> teachers.Teacher:
+def build_teacher(
+    task: tasks.Task, teacher: str, model: str, sampling: Sampling, engine: VllmEngine, client: OpenAIClient
+) -> teachers.Teacher:
     if teacher == "replay":
         return teachers.replay_teacher(task)
     if teacher == "dataset":
         return teachers.dataset_teacher(task)
     if teacher == "vllm":
-        return teachers.vllm_teacher(task, teachers.load_vllm(model, engine, sampling.seed), sampling, engine.structured)
+        return teachers.vllm_teacher(
+            task, teachers.load_vllm(model, engine, sampling.seed), sampling, engine.structured
+        )
     return teachers.openai_teacher(task, model, sampling, client)
 
 
@@ -218,23 +244,47 @@ def extract_chunks(job: Job, generate: teachers.Teacher, pending: list[tasks.Exa
             if len(chunk) == job.chunk_size:
                 flush()
                 elapsed = max(time.time() - started, 1e-9)
-                bar.set_postfix(tok_s=f"{sum(r['tokens_out'] for r in new) / elapsed:.0f}", ok=sum(r["status"] == "ok" for r in new), refresh=False)
+                bar.set_postfix(
+                    tok_s=f"{sum(r['tokens_out'] for r in new) / elapsed:.0f}",
+                    ok=sum(r["status"] == "ok" for r in new),
+                    refresh=False,
+                )
             bar.update(1)
         if chunk:
             flush()
     return new
 
 
-def generate_pending(job: Job, pending: list[tasks.Example], done: list[dict], teacher: str, model: str, sampling: Sampling,
-                     engine: VllmEngine, client: OpenAIClient, cluster: RayCluster) -> tuple[list[dict], float]:
+def generate_pending(
+    job: Job,
+    pending: list[tasks.Example],
+    done: list[dict],
+    teacher: str,
+    model: str,
+    sampling: Sampling,
+    engine: VllmEngine,
+    client: OpenAIClient,
+    cluster: RayCluster,
+) -> tuple[list[dict], float]:
     """The teacher over `pending`, on a Ray cluster or in this process: the tallies of the new records, and when
     generation started (in this process, after the engine's start-up, which is reported apart)."""
     if not pending:
         return [], time.time()
     if cluster.ray:
         started = time.time()
-        return ray_job.extract_on_ray(job.task, job.shots, pending, job.teacher_meta, model, engine, sampling, cluster, job.out, job.chunk_size,
-                                      job.shard_format), started
+        return ray_job.extract_on_ray(
+            job.task,
+            job.shots,
+            pending,
+            job.teacher_meta,
+            model,
+            engine,
+            sampling,
+            cluster,
+            job.out,
+            job.chunk_size,
+            job.shard_format,
+        ), started
     generate = build_teacher(job.task, teacher, model, sampling, engine, client)
     started = time.time()
     return extract_chunks(job, generate, pending, done), started
@@ -247,9 +297,14 @@ def finish(job: Job, done: list[dict], new: list[dict], started: float, generati
     """The final manifest, with this run's summary, and the closing lines."""
     wall = time.time() - started
     this_run = shards.count_records(new)
-    summary = {"records_this_run": len(new), "wall_s": round(wall, 3), "generation_s": round(time.time() - generation_started, 3),
-               "records_per_s": len(new) / wall if wall else None, "tokens_out_per_s": this_run["tokens_out"] / wall if wall else None,
-               "this_run": this_run}
+    summary = {
+        "records_this_run": len(new),
+        "wall_s": round(wall, 3),
+        "generation_s": round(time.time() - generation_started, 3),
+        "records_per_s": len(new) / wall if wall else None,
+        "tokens_out_per_s": this_run["tokens_out"] / wall if wall else None,
+        "this_run": this_run,
+    }
     print_summary(write_manifest(job, done + new, summary))
     return job.out
 
@@ -262,8 +317,9 @@ def print_summary(manifest: dict) -> None:
 
     sources = ", ".join(f"{source} {n}" for source, n in counts.get("rationale_sources", {}).items())
     print(
-        f"[extract] {counts['records']}/{manifest['expected_records']} records ({'complete' if manifest['complete'] else 'incomplete'}), "
-        f"{manifest['shards']} shards; parse rate {pct(counts['parse_rate'])}, teacher accuracy vs gold {pct(counts['teacher_accuracy'])}; "
+        f"[extract] {counts['records']}/{manifest['expected_records']} records "
+        f"({'complete' if manifest['complete'] else 'incomplete'}), {manifest['shards']} shards; "
+        f"parse rate {pct(counts['parse_rate'])}, teacher accuracy vs gold {pct(counts['teacher_accuracy'])}; "
         f"rationales from {sources or '-'}; tokens in/out {counts['tokens_in']}/{counts['tokens_out']}; "
         f"this run: {run.get('records_this_run', 0)} records in {run.get('wall_s', 0):.1f} s "
         f"({run.get('records_per_s') or 0:.1f} records/s, {run.get('tokens_out_per_s') or 0:.0f} tokens/s out)",
@@ -298,16 +354,21 @@ def main(
     """Bulk teacher rationales + labels for a task split, as resumable JSONL shards with a manifest.
 
     Args:
-        task: svamp, cqa, esnli, or a custom dataset (JSONL/CSV/Parquet file, folder of split files, or a Hugging Face datasets folder).
+        task: svamp, cqa, esnli, or a custom dataset (JSONL/CSV/Parquet file, folder of split files, or a Hugging
+            Face datasets folder).
         out: output folder (shards + manifest.json); rerun the same command to resume after a crash.
         split: train, valid or test.
-        teacher: replay (each example's teacher completion: the shipped PaLM outputs, or a custom dataset's 'completion' column), dataset (a custom dataset's 'rationale' column, as it is), vllm (in-process engine) or openai (a compatible server).
+        teacher: replay (each example's teacher completion: the shipped PaLM outputs, or a custom dataset's
+            'completion' column), dataset (a custom dataset's 'rationale' column, as it is), vllm (in-process
+            engine) or openai (a compatible server).
         model: model folder or name for vllm/openai.
-        labels: a custom task's closed label set (overrides its task file's and the inferred one); give the same to every stage.
+        labels: a custom task's closed label set (overrides its task file's and the inferred one); give the same
+            to every stage.
         limit: only the first N examples of the split (0: all).
         chunk_size: finished records per shard (also the batch each Ray actor takes).
         shard_format: jsonl, or parquet (pyarrow); a resumed run reads both.
-        retry_errors: a resumed run does again the records that failed with an error (server down, prompt too long, ...).
+        retry_errors: a resumed run does again the records that failed with an error (server down, prompt too
+            long, ...).
         overwrite: replace output made under a different teacher/prompt configuration.
     """
     started = time.time()
@@ -317,12 +378,16 @@ def main(
     examples = load_examples(spec, split, limit)
     check_teacher(spec, examples, teacher, model, engine, cluster)
     shots = prompt_prefix(spec)
-    config = job_config(spec, split, teacher, teacher_model(spec, teacher, model), asdict(sampling), engine.structured, shots)
+    config = job_config(
+        spec, split, teacher, teacher_model(spec, teacher, model), asdict(sampling), engine.structured, shots
+    )
     job = Job(spec, split, shots, config, Path(out), chunk_size, shard_format, len(examples))
     refuse_foreign_folder(job.out, overwrite)
     with shards.folder_lock(job.out):
         prepare_output(job.out, spec, config, overwrite)
         done, pending = resume_plan(job.out, examples, retry_errors)
         write_manifest(job, done)
-        new, generation_started = generate_pending(job, pending, done, teacher, model, sampling, engine, client, cluster)
+        new, generation_started = generate_pending(
+            job, pending, done, teacher, model, sampling, engine, client, cluster
+        )
         return finish(job, done, new, started, generation_started)

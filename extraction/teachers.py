@@ -71,7 +71,8 @@ class Sampling:
         if self.temperature < 0:
             raise ValueError(f"--temperature must be 0 or more, got {self.temperature}")
         if self.n > 1 and self.temperature == 0:
-            raise ValueError(f"--n {self.n} with --temperature 0 draws the same greedy completion {self.n} times: pass --temperature > 0 (e.g. 0.7)")
+            raise ValueError(f"--n {self.n} with --temperature 0 draws the same greedy completion {self.n} times: "
+                             "pass --temperature > 0 (e.g. 0.7)")
         if not 0 < self.top_p <= 1:
             raise ValueError(f"--top-p must be in (0, 1], got {self.top_p}")
         if self.max_tokens < 1:
@@ -83,7 +84,8 @@ class VllmEngine:
     """The in-process vLLM engine (--teacher vllm; one per Ray actor with --ray).
 
     Args:
-        structured: constrain each completion to a rationale line plus a parseable answer sentence (a label of the task's set, one of the example's choices, or a computable equation)
+        structured: constrain each completion to a rationale line plus a parseable answer sentence (a label of the
+            task's set, one of the example's choices, or a computable equation)
         prefix_caching: cache the shared few-shot prefix across prompts
         tensor_parallel_size: GPUs per engine
         dtype: model dtype
@@ -144,8 +146,8 @@ class OpenAIClient:
 def replay_teacher(task: tasks.Task) -> Teacher:
     """Each example's own teacher completion, to be parsed like a fresh one."""
     if task.source:
-        missing = (f"no teacher completion in the data: put the teacher's raw text in a 'completion' column of {task.source}, "
-                   "or use --teacher dataset (the 'rationale' column), vllm or openai")
+        missing = (f"no teacher completion in the data: put the teacher's raw text in a 'completion' column of "
+                   f"{task.source}, or use --teacher dataset (the 'rationale' column), vllm or openai")
     else:
         missing = "no shipped teacher completion: use --teacher vllm or openai for this example"
 
@@ -161,7 +163,8 @@ def replay_teacher(task: tasks.Task) -> Teacher:
 
 def dataset_teacher(task: tasks.Task) -> Teacher:
     """Each example's own rationale with its gold label, as they are (no model, nothing to parse)."""
-    missing = f"no rationale in the data: fill the 'rationale' column of {task.source or task.name}, or use --teacher replay, vllm or openai"
+    missing = (f"no rationale in the data: fill the 'rationale' column of {task.source or task.name}, "
+               "or use --teacher replay, vllm or openai")
 
     def generate(work: Work) -> Results:
         for example, _ in work:
@@ -251,7 +254,8 @@ def vllm_teacher(task: tasks.Task, llm, sampling: Sampling, structured: bool) ->
                     prompt_ids = tokenizer.encode(prompt)
                     # The engine would reject a prompt that cannot fit: record it and go on.
                     if len(prompt_ids) + sampling.max_tokens > context:
-                        yield example, Generation(error=f"prompt too long: {len(prompt_ids)} tokens + {sampling.max_tokens} new > max_model_len {context}")
+                        too_long = f"{len(prompt_ids)} tokens + {sampling.max_tokens} new > max_model_len {context}"
+                        yield example, Generation(error=f"prompt too long: {too_long}")
                         continue
                     request_id = f"stepwise-{next(request_ids)}"
                     engine.add_request(request_id, {"prompt_token_ids": prompt_ids}, params_for(example))

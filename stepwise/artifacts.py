@@ -1,7 +1,8 @@
 """The artifact contract: the folders the stages hand each other, their file names, and the one way to
 write and read them. Standard library only (pyarrow for Parquet shards), so it imports in both environments.
 
-    extraction folder   manifest.json, task.json, shard-<hash>.jsonl | shard-<hash>.parquet (.extract.lock while a run writes)
+    extraction folder   manifest.json, task.json, shard-<hash>.jsonl | shard-<hash>.parquet, .extract.lock (the
+                        lock a run holds while it writes)
     model folder        Hugging Face model files, task.json, train_config.json, metrics.json, log.csv
                         (checkpoint/ while a run is unfinished)
     export folder       *.onnx, tokenizer files, task.json, train_config.json, export_config.json, parity.json
@@ -183,7 +184,8 @@ def read_shard(path: Path) -> Iterator[dict]:
         try:
             import pyarrow.parquet as pq
         except ImportError:
-            raise ImportError(f"{path.parent} holds Parquet shards but pyarrow is not installed in this environment") from None
+            missing = f"{path.parent} holds Parquet shards but pyarrow is not installed in this environment"
+            raise ImportError(missing) from None
         for row in pq.read_table(path).to_pylist():
             yield {k: json.loads(v) if k in JSON_TEXT_IN_PARQUET and isinstance(v, str) else v for k, v in row.items()}
         return

@@ -25,7 +25,9 @@ def word_percentiles(texts: list[str]) -> list[int]:
 def label_counts(task: tasks.Task, examples: list[tasks.Example]) -> Counter:
     """Gold labels by count; for a multiple-choice task by the answer's position, (a), (b), ..."""
     if task.answer_style == "choice":
-        return Counter(f"({tasks.LETTERS[e.choices.index(e.label)]})" for e in examples if e.choices and e.label in e.choices)
+        return Counter(
+            f"({tasks.LETTERS[e.choices.index(e.label)]})" for e in examples if e.choices and e.label in e.choices
+        )
     return Counter(e.label for e in examples)
 
 
@@ -57,16 +59,22 @@ def main(task: str, labels: list[str] | None = None, json_out: Path | None = Non
     completions that come with the data, and the lengths of their rationales and of the data's own ones.
 
     Args:
-        task: svamp, cqa, esnli, or a custom dataset (JSONL/CSV/Parquet file, folder of split files, or a Hugging Face datasets folder).
+        task: svamp, cqa, esnli, or a custom dataset (JSONL/CSV/Parquet file, folder of split files, or a Hugging
+            Face datasets folder).
         labels: a custom task's closed label set (overrides its task file's and the inferred one).
         json_out: also write the numbers to this JSON file.
     """
     spec = tasks.get_task(task, labels)
     rows = [split_stats(spec, split) for split in tasks.SPLITS]
     label_set = f"; labels {'/'.join(spec.labels)}" if spec.labels else ""
-    print(f"task {spec.name} ({spec.answer_style} answers{label_set}); teacher accuracy counts malformed completions as wrong")
-    header = (f"{'split':<6} {'examples':>8} {'teacher':>8} {'parsed':>7} {'accuracy':>8}  {'teacher rationale words':<23} "
-              f"{'data rationales':>15}  {'their words':<11}  top malformed reasons")
+    print(
+        f"task {spec.name} ({spec.answer_style} answers{label_set}); "
+        "teacher accuracy counts malformed completions as wrong"
+    )
+    header = (
+        f"{'split':<6} {'examples':>8} {'teacher':>8} {'parsed':>7} {'accuracy':>8}  {'teacher rationale words':<23} "
+        f"{'data rationales':>15}  {'their words':<11}  top malformed reasons"
+    )
     print(header)
     print("-" * len(header))
     for r in rows:
@@ -75,12 +83,19 @@ def main(task: str, labels: list[str] | None = None, json_out: Path | None = Non
         lengths = "/".join(map(str, r["rationale_words_p10_p50_p90"])) if r["teacher_outputs"] else "-"
         given = "/".join(map(str, r["dataset_rationale_words_p10_p50_p90"])) if r["dataset_rationales"] else "-"
         reasons = "; ".join(f"{k} x{v}" for k, v in r["malformed_reasons"].items())
-        print(f"{r['split']:<6} {r['examples']:>8} {r['teacher_outputs']:>8} {rate:>7} {acc:>8}  {lengths:<23} {r['dataset_rationales']:>15}  {given:<11}  {reasons}")
+        print(
+            f"{r['split']:<6} {r['examples']:>8} {r['teacher_outputs']:>8} {rate:>7} {acc:>8}  {lengths:<23} "
+            f"{r['dataset_rationales']:>15}  {given:<11}  {reasons}"
+        )
     print("labels (gold, most common first):")
     for r in rows:
-        shown = ", ".join(f"{label} {n} ({n / r['examples']:.0%})" for label, n in list(r["labels"].items())[:SHOWN_LABELS])
+        shown = ", ".join(
+            f"{label} {n} ({n / r['examples']:.0%})" for label, n in list(r["labels"].items())[:SHOWN_LABELS]
+        )
         more = f", ... ({len(r['labels'])} distinct)" if len(r["labels"]) > SHOWN_LABELS else ""
         print(f"  {r['split']:<6} {shown or '-'}{more}")
     if json_out:
-        artifacts.write_json(json_out, {"task": spec.name, "answer_style": spec.answer_style, "label_set": spec.labels, "splits": rows})
+        artifacts.write_json(
+            json_out, {"task": spec.name, "answer_style": spec.answer_style, "label_set": spec.labels, "splits": rows}
+        )
     return json_out

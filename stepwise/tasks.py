@@ -129,7 +129,8 @@ def get_task(name_or_path: str, labels: list[str] | None = None) -> Task:
     configured by its task file and `labels` (which overrides the task file's)."""
     if name_or_path in BUILTIN:
         if labels:
-            raise ValueError(f"--labels is for custom tasks: {name_or_path} has its own ({', '.join(BUILTIN[name_or_path].labels) or 'none'})")
+            own = ", ".join(BUILTIN[name_or_path].labels) or "none"
+            raise ValueError(f"--labels is for custom tasks: {name_or_path} has its own ({own})")
         return BUILTIN[name_or_path]
     path = Path(name_or_path.removeprefix("custom:"))
     if not path.exists():
@@ -144,8 +145,8 @@ def get_task(name_or_path: str, labels: list[str] | None = None) -> Task:
     has_choices = any(row.get("choices") for rows in table.values() for row in rows)
     train_labels = [_text(row.get("label")) for row in table["train"]]
     style, label_set = _answer_style(path, settings, has_choices, train_labels)
-    return Task(settings.get("name") or path.stem, style, label_set, str(path.resolve()), settings.get("exemplar_count", 10),
-                settings.get("input_template", ""))
+    name, exemplar_count = settings.get("name") or path.stem, settings.get("exemplar_count", 10)
+    return Task(name, style, label_set, str(path.resolve()), exemplar_count, settings.get("input_template", ""))
 
 
 def save_task(task: Task, folder: Path) -> None:
@@ -191,7 +192,7 @@ def _read_jsonl(path: Path) -> list[dict]:
             try:
                 row = json.loads(line)
             except json.JSONDecodeError as problem:
-                raise ValueError(f"{path}:{number}: not a JSON object ({problem.msg}); expected one JSON object per line") from None
+                raise ValueError(f"{path}:{number}: not a JSON object ({problem.msg}); expected one per line") from None
             if not isinstance(row, dict):
                 raise ValueError(f"{path}:{number}: expected a JSON object per line, got {type(row).__name__}")
             rows.append(row)
@@ -250,8 +251,8 @@ def format_input(task: Task, fields: Mapping[str, Any]) -> str:
     values = {name: _text(fields.get(name), strip=False) for name in names}
     for name in names:
         if not values[name].strip():
-            uses = f" (task {task.name}'s input is built from {', '.join(map(repr, names))})" if task.input_template else ""
-            raise ValueError(f"missing or empty field {name!r}{uses}")
+            uses = f" (task {task.name}'s input is built from {', '.join(map(repr, names))})"
+            raise ValueError(f"missing or empty field {name!r}{uses if task.input_template else ''}")
     return task.input_template.format_map(values) if task.input_template else values["input"]
 
 
@@ -266,8 +267,8 @@ def _template_fields(template: str) -> list[str]:
         if name is None:
             continue
         if not name.isidentifier() or spec or conversion:
-            raise ValueError(f"input_template {template!r}: placeholder {{{name}{'!' + conversion if conversion else ''}{':' + spec if spec else ''}}} "
-                             "is not a plain {column} name")
+            written = name + ("!" + conversion if conversion else "") + (":" + spec if spec else "")
+            raise ValueError(f"input_template {template!r}: placeholder {{{written}}} is not a plain {{column}} name")
         if name not in names:
             names.append(name)
     if not names:
@@ -285,7 +286,8 @@ def _text(value: Any, strip: bool = True) -> str:
 
 
 def task_file_paths(path: Path) -> list[Path]:
-    """Where a custom dataset's task file may be: beside a file (`data.task.json` for `data.jsonl`), or inside a folder."""
+    """Where a custom dataset's task file may be: beside a file (`data.task.json` for `data.jsonl`), or inside a
+    folder."""
     if path.is_dir():
         return [path / "task.json", path / "task.toml"]
     return [path.with_suffix(".task.json"), path.with_suffix(".task.toml")]
@@ -306,7 +308,7 @@ def read_task_file(path: Path) -> dict[str, Any]:
             settings = tomllib.loads(file.read_text())
         else:
             settings = json.loads(file.read_text())
-    except (ValueError, UnicodeDecodeError) as problem:  # json.JSONDecodeError and tomllib.TOMLDecodeError are ValueErrors
+    except (ValueError, UnicodeDecodeError) as problem:  # JSON's and TOML's decode errors are ValueErrors
         raise ValueError(f"task file {file} is not valid {file.suffix[1:].upper()}: {problem}") from None
     if not isinstance(settings, dict):
         raise ValueError(f"task file {file}: expected a JSON object of settings ({', '.join(TASK_FILE_KEYS)})")
@@ -318,14 +320,15 @@ def read_task_file(path: Path) -> dict[str, Any]:
             settings["labels"] = _checked_labels(settings["labels"], "labels")
         if "input_template" in settings:
             if not isinstance(settings["input_template"], str):
-                raise ValueError("input_template must be text such as \"Premise: {premise}\\nHypothesis: {hypothesis}\"")
+                raise ValueError('input_template must be text such as "Premise: {premise}\\nHypothesis: {hypothesis}"')
             _template_fields(settings["input_template"])
         if "answer_style" in settings and settings["answer_style"] not in ANSWER_STYLES:
             raise ValueError(f"answer_style {settings['answer_style']!r} is not one of {', '.join(ANSWER_STYLES)}")
         if "name" in settings and not (isinstance(settings["name"], str) and settings["name"].strip()):
             raise ValueError("name must be non-empty text")
-        if "exemplar_count" in settings and not (type(settings["exemplar_count"]) is int and settings["exemplar_count"] >= 0):
-            raise ValueError(f"exemplar_count must be a whole number >= 0, got {settings['exemplar_count']!r}")
+        count = settings.get("exemplar_count", 0)
+        if type(count) is not int or count < 0:
+            raise ValueError(f"exemplar_count must be a whole number >= 0, got {count!r}")
     except ValueError as problem:
         raise ValueError(f"task file {file}: {problem}") from None
     return settings
@@ -341,7 +344,7 @@ def _checked_labels(labels: Any, where: str) -> list[str]:
         raise ValueError(f"{where}: label {bad[0]!r} is empty or spans several lines")
     repeated = [label for label, count in Counter(map(normalize, cleaned)).items() if count > 1]
     if repeated:
-        raise ValueError(f"{where}: label {repeated[0]!r} is listed twice (labels are compared lower-cased, without a final '.')")
+        raise ValueError(f"{where}: label {repeated[0]!r} is listed twice (labels compare lower-cased, no final '.')")
     if len(cleaned) < 2:
         raise ValueError(f"{where}: a label set needs at least two labels, got {cleaned}")
     return cleaned
@@ -353,7 +356,9 @@ def infer_label_set(labels: list[str]) -> list[str]:
     all on one line. Labels compare normalised; each is spelled as it first appears; the set is sorted."""
     given = [label for label in labels if normalize(label)]
     counts = Counter(map(normalize, given))
-    if not 2 <= len(counts) <= INFERRED_LABELS_MAX or min(counts.values()) < INFERRED_LABEL_MIN_COUNT or any("\n" in label for label in given):
+    if not 2 <= len(counts) <= INFERRED_LABELS_MAX or min(counts.values()) < INFERRED_LABEL_MIN_COUNT:
+        return []
+    if any("\n" in label for label in given):  # a label must fit the "Answer: <label>" line
         return []
     spelling: dict[str, str] = {}
     for label in given:
@@ -361,12 +366,13 @@ def infer_label_set(labels: list[str]) -> list[str]:
     return sorted(spelling.values())
 
 
-def _answer_style(path: Path, settings: dict, has_choices: bool, train_labels: list[str]) -> tuple[AnswerStyle, list[str]]:
+def _answer_style(path: Path, settings: dict, has_choices: bool, train_labels: list[str]) -> tuple[AnswerStyle, list]:
     declared, labels = settings.get("answer_style"), settings.get("labels")
     where = f"custom task {path}"
     if has_choices:
         if labels or declared not in (None, "choice"):
-            raise ValueError(f"{where}: rows have 'choices', so each row's answer is one of its choices; drop labels/answer_style from the task file")
+            raise ValueError(f"{where}: rows have 'choices', so each row's answer is one of its choices; "
+                             "drop labels/answer_style from the task file")
         return "choice", []
     if declared == "choice":
         raise ValueError(f"{where}: answer_style 'choice' needs a 'choices' column")
@@ -394,13 +400,16 @@ def _custom_table(path: Path) -> dict[str, list[dict]]:
     if path.is_dir():
         table: dict[str, list[dict]] = {}
         for split in SPLITS:
-            files = [path / f"{name}{suffix}" for name in (split, *[a for a, s in SPLIT_ALIASES.items() if s == split]) for suffix in TABLE_SUFFIXES]
-            files = [f for f in files if f.exists()]
+            names = [split, *[alias for alias, target in SPLIT_ALIASES.items() if target == split]]
+            files = [path / f"{name}{suffix}" for name in names for suffix in TABLE_SUFFIXES]
+            files = [file for file in files if file.exists()]
             if len(files) > 1:
-                raise ValueError(f"custom task folder {path}: several {split} files ({', '.join(f.name for f in files)}); keep one")
+                found = ", ".join(f.name for f in files)
+                raise ValueError(f"custom task folder {path}: several {split} files ({found}); keep one")
             table[split] = [dict(row, _row=i) for i, row in enumerate(_read_table(files[0]))] if files else []
         if not any(table.values()):
-            raise ValueError(f"custom task folder {path}: no train/valid/test files ({'/'.join(TABLE_SUFFIXES)}) and not a Hugging Face datasets folder")
+            raise ValueError(f"custom task folder {path}: no train/valid/test files ({'/'.join(TABLE_SUFFIXES)}), "
+                             "and not a Hugging Face datasets folder")
         return table
     return _split_by_column(path, _read_table(path))
 
@@ -411,7 +420,8 @@ def _split_by_column(where: Path, rows: list[dict]) -> dict[str, list[dict]]:
         given = _text(row.get("split")) or "train"
         split = SPLIT_ALIASES.get(given, given)
         if split not in table:
-            raise ValueError(f"custom task {where}, row {i + 1}: split {given!r} is not one of train, valid (validation), test")
+            raise ValueError(f"custom task {where}, row {i + 1}: split {given!r} is not one of train, "
+                             "valid (validation), test")
         table[split].append(dict(row, _row=i))
     return table
 
@@ -431,7 +441,8 @@ def _read_table(path: Path) -> list[dict]:
         try:
             import pyarrow.parquet as pq
         except ImportError:
-            raise ValueError(f"{path}: reading Parquet needs pyarrow, which this environment lacks (pip install pyarrow)") from None
+            raise ValueError(f"{path}: reading Parquet needs pyarrow, which this environment lacks "
+                             "(pip install pyarrow)") from None
         return pq.read_table(path).to_pylist()
     raise ValueError(f"custom task {path}: expected a .jsonl, .json, .csv or .parquet file, or a folder")
 
@@ -442,15 +453,17 @@ def _hf_table(path: Path) -> dict[str, list[dict]]:
     try:
         import datasets
     except ImportError:
-        raise ValueError(f"{path} is a Hugging Face datasets folder: reading it needs the `datasets` package, "
-                         "which this environment lacks (pip install datasets), or export it to JSONL or Parquet") from None
+        raise ValueError(f"{path} is a Hugging Face datasets folder: reading it needs the `datasets` package, which "
+                         "this environment lacks (pip install datasets), or export it to JSONL or Parquet") from None
 
     def rows_of(dataset: Any) -> list[dict]:
-        names = {column: feature.names for column, feature in dataset.features.items() if isinstance(feature, datasets.ClassLabel)}
+        features = dataset.features.items()
+        names = {column: feature.names for column, feature in features if isinstance(feature, datasets.ClassLabel)}
         rows = dataset.to_list()
         for row in rows:
             for column, labels in names.items():  # -1 marks an unlabelled row
-                row[column] = labels[row[column]] if isinstance(row[column], int) and 0 <= row[column] < len(labels) else None
+                value = row[column]
+                row[column] = labels[value] if isinstance(value, int) and 0 <= value < len(labels) else None
         return rows
 
     loaded = datasets.load_from_disk(str(path))
@@ -471,7 +484,8 @@ def _custom_example(task: Task, row: dict, split: str) -> Example:
         text = format_input(task, row)
     except ValueError as problem:
         columns = ", ".join(repr(c) for c in row if c != "_row")
-        hint = "" if task.input_template else f", or join your columns with an input_template in {task_file_paths(Path(task.source))[0].name}"
+        task_file = task_file_paths(Path(task.source))[0].name
+        hint = "" if task.input_template else f", or join your columns with an input_template in {task_file}"
         raise ValueError(f"{where}: {problem}; the row has {columns}: fill the field{hint}") from None
     label = _text(row.get("label"))
     if not label:
@@ -486,12 +500,14 @@ def _custom_example(task: Task, row: dict, split: str) -> Example:
     if task.labels:
         known = [name for name in task.labels if normalize(name) == normalize(label)]
         if not known:
-            raise ValueError(f"{where}: label {label!r} is not one of the task's labels {'/'.join(task.labels)}: fix the row, "
-                             f"or declare the whole set (labels in {task_file_paths(Path(task.source))[0].name}, or --labels)")
+            task_file = task_file_paths(Path(task.source))[0].name
+            raise ValueError(f"{where}: label {label!r} is not one of the task's labels {'/'.join(task.labels)}: "
+                             f"fix the row, or declare the whole set (labels in {task_file}, or --labels)")
         label = known[0]
     example_id = _text(row.get("id")) or f"{task.name}-{split}-{row['_row']:06d}"
     text = cqa_input(text, choices) if choices else text
-    return Example(example_id, text, label, choices, _text(row.get("rationale")) or None, _text(row.get("completion"), strip=False) or None)
+    rationale, completion = _text(row.get("rationale")) or None, _text(row.get("completion"), strip=False) or None
+    return Example(example_id, text, label, choices, rationale, completion)
 
 
 def _load_custom(task: Task, split: str) -> list[Example]:

@@ -41,6 +41,7 @@ def custom_nli_rows() -> list[dict]:
     for split, count in (("train", 240), ("valid", 30), ("test", 60)):
         for example in tasks.load_split(esnli, split)[:count]:
             premise, hypothesis = example.input.removeprefix("Premise: ").split("\nHypothesis: ")
-            rows.append({"id": example.id, "premise": premise, "hypothesis": hypothesis, "input": example.input, "label": example.label,
-                         "rationale": example.rationale, "completion": example.teacher_completion, "split": split})
+            rows.append({"id": example.id, "premise": premise, "hypothesis": hypothesis, "input": example.input,
+                         "label": example.label, "rationale": example.rationale,
+                         "completion": example.teacher_completion, "split": split})
     return rows

@@ -39,7 +39,8 @@ def test_no_parseable_sample_is_malformed_with_the_reason():
 
 
 def test_a_teacher_error_is_recorded_not_raised():
-    record = records.make_record(CQA, EXAMPLE, teachers.Generation(error="server error after 2 retries: ConnectError"), {"backend": "openai"})
+    failed = teachers.Generation(error="server error after 2 retries: ConnectError")
+    record = records.make_record(CQA, EXAMPLE, failed, {"backend": "openai"})
     assert record["status"] == "error" and record["reason"].startswith("server error") and record["completions"] == []
     counts = shards.count_records([record, dict(record, status="ok", reason="", correct=True)])
     assert counts["failure_reasons"] == {"server error after 2 retries": 1} and counts["parse_rate"] == 0.5

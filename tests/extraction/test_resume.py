@@ -33,7 +33,9 @@ def one_record_per_id(out) -> Counter:
 def test_error_records_are_retried_and_complete_means_none_remain(tmp_path, custom_nli_rows, capsys):
     test_ids = [r["id"] for r in custom_nli_rows if r["split"] == "test"]
     lacking = set(test_ids[3:5])
-    path = write_jsonl(tmp_path / "nli.jsonl", [dict(r, completion=None) if r["id"] in lacking else r for r in custom_nli_rows])
+    path = write_jsonl(
+        tmp_path / "nli.jsonl", [dict(r, completion=None) if r["id"] in lacking else r for r in custom_nli_rows]
+    )
     out = tmp_path / "out"
     args = ["--task", str(path), "--split", "test", "--chunk-size", "8", "--out", str(out)]
     extract(*args)
@@ -57,13 +59,21 @@ def test_error_records_are_retried_and_complete_means_none_remain(tmp_path, cust
 def test_a_second_run_into_a_folder_being_written_is_refused(tmp_path, child_env):
     out = tmp_path / "out"
     args = ["extract", "--task", "cqa", "--split", "train", "--limit", "3000", "--chunk-size", "1", "--out", str(out)]
-    first = subprocess.Popen([sys.executable, "-m", "stepwise", *args], env=child_env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    first = subprocess.Popen(
+        [sys.executable, "-m", "stepwise", *args],
+        env=child_env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     try:
         deadline = time.time() + 120
         while len(artifacts.shard_paths(out)) < 2 and first.poll() is None and time.time() < deadline:
             time.sleep(0.05)
         assert first.poll() is None, f"the first run ended before the second could start: {first.stderr.read()[-2000:]}"
-        with pytest.raises(SystemExit, match=rf"{out} is being written by another `stepwise extract` \(pid {first.pid}\); wait for it"):
+        with pytest.raises(
+            SystemExit, match=rf"{out} is being written by another `stepwise extract` \(pid {first.pid}\); wait for it"
+        ):
             cli.main(args)
         assert first.poll() is None, "the refused run must not disturb the first"
     finally:

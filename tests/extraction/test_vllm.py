@@ -89,9 +89,9 @@ def test_self_consistency_with_structured_output(tiny_teacher, tmp_path, task_na
     assert len(records) == 6
     for record in records:
         assert len(record["completions"]) == 3
-        # every sample has the shape the regex allows (the engine honoured it): one rationale line, then an answer the
-        # parser accepts, so even a random model gives a parseable answer. (The 300-character bound is not checked on
-        # the text: a random model's invalid UTF-8 bytes decode to more replacement characters than the bytes it counted.)
+        # every sample has the shape the regex allows (the engine honoured it): one rationale line, then an answer
+        # the parser accepts, so even a random model gives a parseable answer. (The 300-character bound is not checked
+        # on the text: a random model's invalid UTF-8 bytes decode to more replacement characters than it counted.)
         example = tasks.Example(record["id"], record["input"], record["label"], record["choices"])
         shape = teachers.answer_regex(task, example, max_rationale_chars=1200)
         assert all(re.fullmatch(shape, c) for c in record["completions"]), record["completions"]

@@ -236,11 +236,17 @@ def test_a_few_repeated_labels_become_a_closed_label_set(tmp_path, custom_nli_ro
     assert task.closed_label_set and tasks.input_fields(task) == ["input"]
     train = tasks.load_split(task, "train")
     assert {e.label for e in train} == set(task.labels) and train[0].input == custom_nli_rows[0]["input"]
-    assert train[0].teacher_completion == custom_nli_rows[0]["completion"] and train[0].rationale == custom_nli_rows[0]["rationale"]
+    assert (
+        train[0].teacher_completion == custom_nli_rows[0]["completion"]
+        and train[0].rationale == custom_nli_rows[0]["rationale"]
+    )
     # a custom label task asks Q:/A: and answers on a line of its own; the prompt stops at the next "Q:"
     shots = tasks.exemplars(task, train)
-    assert len(shots) == 10 and all(s.startswith("Q: Premise: ") and s.rsplit("\n", 1)[1] in [f"Answer: {x}" for x in task.labels] for s in shots)
-    assert tasks.few_shot_prompt(task, shots, train[0]).endswith(f"Q: {train[0].input}\nA:") and tasks.stop_strings(task) == ["\n\nQ:", "\nQ:"]
+    assert len(shots) == 10 and all(
+        s.startswith("Q: Premise: ") and s.rsplit("\n", 1)[1] in [f"Answer: {x}" for x in task.labels] for s in shots
+    )
+    assert tasks.few_shot_prompt(task, shots, train[0]).endswith(f"Q: {train[0].input}\nA:")
+    assert tasks.stop_strings(task) == ["\n\nQ:", "\nQ:"]
     for shot in shots:  # every exemplar parses back to its own label
         parsed = tasks.parse_completion(task, shot.split("\nA:", 1)[1])
         assert parsed.status == "ok" and shot.endswith(f"Answer: {parsed.label}")
@@ -249,13 +255,16 @@ def test_a_few_repeated_labels_become_a_closed_label_set(tmp_path, custom_nli_ro
 @pytest.mark.parametrize(
     "completion,status,label_or_reason",
     [
-        ("A man is a person.\nAnswer: Entailment.\n\nPremise: a run-on\nReasonings: x\nAnswer: neutral", "ok", "entailment"),  # the first answer
+        # the first answer wins: what follows it runs on into another example
+        ("A man is a person.\nAnswer: Entailment.\n\nPremise: run-on\nAnswer: neutral", "ok", "entailment"),
         ("Nothing says so. So the answer is neutral.\n\nQ: next", "ok", "neutral"),
-        ("A man is a person.\nAnswer: maybe", "malformed", "label is not one of contradiction/entailment/neutral: 'maybe'"),
+        ("A man.\nAnswer: maybe", "malformed", "label is not one of contradiction/entailment/neutral: 'maybe'"),
         ("A man is a person.", "malformed", "no answer sentence"),
     ],
 )
-def test_a_label_outside_the_set_is_malformed_with_the_reason(tmp_path, custom_nli_rows, completion, status, label_or_reason):
+def test_a_label_outside_the_set_is_malformed_with_the_reason(
+    tmp_path, custom_nli_rows, completion, status, label_or_reason
+):
     task = tasks.get_task(str(write_jsonl(tmp_path / "nli.jsonl", custom_nli_rows)))
     parsed = tasks.parse_completion(task, completion)
     assert parsed.status == status
@@ -264,26 +273,36 @@ def test_a_label_outside_the_set_is_malformed_with_the_reason(tmp_path, custom_n
 
 def test_the_task_file_declares_labels_and_joins_input_fields(tmp_path, custom_nli_rows):
     path = write_jsonl(tmp_path / "nli.jsonl", custom_nli_rows, drop=("input",))
-    (tmp_path / "nli.task.json").write_text(json.dumps({
-        "name": "my-nli", "labels": ["entailment", "neutral", "contradiction"], "input_template": "Premise: {premise}\nHypothesis: {hypothesis}"}))
+    labels = ["entailment", "neutral", "contradiction"]
+    settings = {"name": "my-nli", "labels": labels, "input_template": "Premise: {premise}\nHypothesis: {hypothesis}"}
+    (tmp_path / "nli.task.json").write_text(json.dumps(settings))
     task = tasks.get_task(str(path))
-    assert (task.name, task.answer_style, task.labels) == ("my-nli", "label", ["entailment", "neutral", "contradiction"])
+    assert (task.name, task.answer_style, task.labels) == ("my-nli", "label", labels)
     assert tasks.input_fields(task) == ["premise", "hypothesis"]
-    assert [e.input for e in tasks.load_split(task, "test")] == [r["input"] for r in custom_nli_rows if r["split"] == "test"]
+    assert [e.input for e in tasks.load_split(task, "test")] == [
+        r["input"] for r in custom_nli_rows if r["split"] == "test"
+    ]
     assert tasks.format_input(task, {"hypothesis": "b", "premise": "a", "extra": 1}) == "Premise: a\nHypothesis: b"
-    with pytest.raises(ValueError, match=r"missing or empty field 'hypothesis' \(task my-nli's input is built from 'premise', 'hypothesis'\)"):
+    with pytest.raises(
+        ValueError,
+        match=r"missing or empty field 'hypothesis' \(task my-nli's input is built from 'premise', 'hypothesis'\)",
+    ):
         tasks.format_input(task, {"premise": "a", "hypothesis": " "})
-    assert tasks.load_task(_saved(task, tmp_path)) == task  # the task travels with every artifact: labels and template included
+    # the task travels with every artifact: labels and template included
+    assert tasks.load_task(_saved(task, tmp_path)) == task
     # --labels overrides the task file; a gold label outside it names the row and what to do
     relabelled = tasks.get_task(str(path), labels=["entailment", "not entailment"])
-    with pytest.raises(ValueError, match=r"train row \d+: label '(neutral|contradiction)' is not one of the task's labels entailment/not entailment.*--labels"):
+    outside = r"train row \d+: label '(neutral|contradiction)' is not one of the task's labels"
+    with pytest.raises(ValueError, match=f"{outside} entailment/not entailment.*--labels"):
         tasks.load_split(relabelled, "train")
 
 
 def test_a_toml_task_file_and_a_folder_of_csv_splits(tmp_path):
     folder = tmp_path / "reviews"
     folder.mkdir()
-    (folder / "train.csv").write_text("title,body,label\n" + "".join(f"T{i},body {i},{'Positive' if i % 2 else 'negative'}\n" for i in range(20)))
+    (folder / "train.csv").write_text(
+        "title,body,label\n" + "".join(f"T{i},body {i},{'Positive' if i % 2 else 'negative'}\n" for i in range(20))
+    )
     (folder / "test.csv").write_text("title,body,label\nT,b,positive\n")
     (folder / "task.toml").write_text('input_template = "Title: {title}\\nBody: {body}"\nexemplar_count = 4\n')
     task = tasks.get_task(str(folder))
@@ -316,20 +335,42 @@ def test_answer_style_free_in_the_task_file_turns_inference_off(tmp_path, custom
 @pytest.mark.parametrize(
     "task_file,rows,message",
     [
-        ('{"labels": ["a", "b"], "colour": 1}', None, r"nli.task.json: unknown key 'colour'; the keys are name, labels"),
+        (
+            '{"labels": ["a", "b"], "colour": 1}',
+            None,
+            r"nli.task.json: unknown key 'colour'; the keys are name, labels",
+        ),
         ('{"labels": ["a", "b"],}', None, r"nli.task.json is not valid JSON"),
         ('{"labels": ["a"]}', None, "a label set needs at least two labels"),
         ('{"labels": ["Yes", "yes."]}', None, "label 'yes' is listed twice"),
-        ('{"input_template": "{premise!r} and {0}"}', None, r"placeholder \{premise!r\} is not a plain \{column\} name"),
+        (
+            '{"input_template": "{premise!r} and {0}"}',
+            None,
+            r"placeholder \{premise!r\} is not a plain \{column\} name",
+        ),
         ('{"input_template": "Premise: {premise"}', None, "input_template 'Premise: {premise'"),
         ('{"answer_style": "label"}', None, "answer_style 'label' needs labels"),
-        ('{"input_template": "P: {premise}\\nH: {hypo}"}', None, r"train row 1: missing or empty field 'hypo'.*the row has 'id', 'premise'"),
-        (None, [{"input": "q", "label": "a", "split": "training"}], r"row 1: split 'training' is not one of train, valid \(validation\), test"),
+        (
+            '{"input_template": "P: {premise}\\nH: {hypo}"}',
+            None,
+            r"train row 1: missing or empty field 'hypo'.*the row has 'id', 'premise'",
+        ),
+        (
+            None,
+            [{"input": "q", "label": "a", "split": "training"}],
+            r"row 1: split 'training' is not one of train, valid \(validation\), test",
+        ),
         (None, [{"input": "q", "label": "a", "split": "test"}], "no train rows"),
-        (None, [{"premise": "p", "label": "a"}], r"missing or empty field 'input'.*or join your columns with an input_template in nli.task.json"),
+        (
+            None,
+            [{"premise": "p", "label": "a"}],
+            r"missing or empty field 'input'.*or join your columns with an input_template in nli.task.json",
+        ),
     ],
 )
-def test_bad_custom_data_gets_a_one_line_error_naming_the_file_and_row(tmp_path, custom_nli_rows, task_file, rows, message):
+def test_bad_custom_data_gets_a_one_line_error_naming_the_file_and_row(
+    tmp_path, custom_nli_rows, task_file, rows, message
+):
     path = write_jsonl(tmp_path / "nli.jsonl", rows or custom_nli_rows, drop=("input",))
     if task_file:
         (tmp_path / "nli.task.json").write_text(task_file)
@@ -358,14 +399,29 @@ def test_parquet_and_hugging_face_folders_read_like_jsonl(tmp_path, custom_nli_r
 
     datasets = pytest.importorskip("datasets")
     # a DatasetDict (one folder per split, "validation" named the Hugging Face way) with a class-label column
-    features = datasets.Features({"id": datasets.Value("string"), "input": datasets.Value("string"), "rationale": datasets.Value("string"),
-                                  "completion": datasets.Value("string"), "label": datasets.ClassLabel(names=["entailment", "neutral", "contradiction"])})
+    features = datasets.Features(
+        {
+            "id": datasets.Value("string"),
+            "input": datasets.Value("string"),
+            "rationale": datasets.Value("string"),
+            "completion": datasets.Value("string"),
+            "label": datasets.ClassLabel(names=["entailment", "neutral", "contradiction"]),
+        }
+    )
     columns = list(features)
-    by_split = {name: [{c: r[c] for c in columns} for r in custom_nli_rows if r["split"] == split] for name, split in (("train", "train"), ("validation", "test"))}
-    datasets.DatasetDict({name: datasets.Dataset.from_list(rows, features=features) for name, rows in by_split.items()}).save_to_disk(str(tmp_path / "hf"))
+    by_split = {
+        name: [{c: r[c] for c in columns} for r in custom_nli_rows if r["split"] == split]
+        for name, split in (("train", "train"), ("validation", "test"))
+    }
+    datasets.DatasetDict(
+        {name: datasets.Dataset.from_list(rows, features=features) for name, rows in by_split.items()}
+    ).save_to_disk(str(tmp_path / "hf"))
     from_hf = tasks.get_task(str(tmp_path / "hf"))
     assert (from_hf.name, from_hf.answer_style, from_hf.labels) == ("hf", "label", reference.labels)
-    assert tasks.load_split(from_hf, "valid") == tasks.load_split(reference, "test") and tasks.load_split(from_hf, "test") == []
+    assert (
+        tasks.load_split(from_hf, "valid") == tasks.load_split(reference, "test")
+        and tasks.load_split(from_hf, "test") == []
+    )
     # a single Dataset keeps its split column
     datasets.Dataset.from_list(custom_nli_rows).save_to_disk(str(tmp_path / "one"))
     assert tasks.load_split(tasks.get_task(str(tmp_path / "one")), "test") == tasks.load_split(reference, "test")
@@ -388,8 +444,10 @@ def test_a_missing_optional_reader_is_a_clear_error(tmp_path, monkeypatch, packa
 
 
 def test_the_fingerprint_follows_the_input_and_choices():
+    fingerprint = tasks.input_fingerprint
     example = tasks.Example("a", "Where is a bed?", "bedroom", ["sea", "bedroom"])
-    same = tasks.Example("a", "Where is a bed?", "sea", ["sea", "bedroom"], rationale="other", teacher_completion="other")
-    assert tasks.input_fingerprint(example) == tasks.input_fingerprint(same)  # the label and what came with it are not the input
-    assert tasks.input_fingerprint(example) != tasks.input_fingerprint(tasks.Example("a", "Where is a bed? ", "bedroom", ["sea", "bedroom"]))
-    assert tasks.input_fingerprint(example) != tasks.input_fingerprint(tasks.Example("a", "Where is a bed?", "bedroom", ["sea", "moon"]))
+    # the label and what came with the example (rationale, completion) are not the input
+    same = tasks.Example("a", "Where is a bed?", "sea", ["sea", "bedroom"], rationale="x", teacher_completion="y")
+    assert fingerprint(example) == fingerprint(same)
+    assert fingerprint(example) != fingerprint(tasks.Example("a", "Where is a bed? ", "bedroom", ["sea", "bedroom"]))
+    assert fingerprint(example) != fingerprint(tasks.Example("a", "Where is a bed?", "bedroom", ["sea", "moon"]))
