@@ -21,6 +21,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from dataclasses import asdict
 from pathlib import Path
 
 # vLLM reads these at import: engine in this process, one thread, a small KV cache, caches in the run folder.
@@ -52,15 +53,15 @@ def time_raw(llm, prompts: list[str], params) -> tuple[float, int, int]:
     return wall, sum(len(o.prompt_token_ids) for o in outputs), sum(len(c.token_ids) for o in outputs for c in o.outputs)
 
 
-def time_pipeline(llm, task: tasks.Task, shots: list[str], examples: list[tasks.Example], sampling: dict, chunk_size: int, out: Path) -> tuple[float, int, int]:
+def time_pipeline(llm, task: tasks.Task, shots: list[str], examples: list[tasks.Example], sampling: teachers.Sampling,
+                  chunk_size: int, out: Path) -> tuple[float, int, int]:
     """The stage's own loop (`run.extract_chunks`) on a prebuilt engine, into a fresh output folder."""
     llm.reset_prefix_cache()
-    config = run.job_config(task, "train", "vllm", "tiny", sampling, False, shots)
-    meta = {k: config[k] for k in ("backend", "model", "sampling", "structured", "prompt_hash")}
+    config = run.job_config(task, "train", "vllm", "tiny", asdict(sampling), False, shots)
+    job = run.Job(task, "train", shots, config, out, chunk_size, "jsonl", len(examples))
     started = time.perf_counter()
     run.prepare_output(out, task, config, overwrite=True)
-    tallies = run.extract_chunks(task, teachers.vllm_teacher(task, llm, sampling, False), shots, examples, meta, out, chunk_size, "jsonl", config,
-                                 len(examples), [], "bench")
+    tallies = run.extract_chunks(job, teachers.vllm_teacher(task, llm, sampling, False), examples, [])
     wall = time.perf_counter() - started
     return wall, sum(t["tokens_in"] for t in tallies), sum(t["tokens_out"] for t in tallies)
 
@@ -69,11 +70,12 @@ def bench_vllm(model: Path, task_name: str, count: int, max_tokens: int, chunk_s
     from vllm import SamplingParams
 
     task, shots, examples, prompts = job(task_name, count)
-    sampling = {"n": 1, "temperature": 0.0, "top_p": 1.0, "max_tokens": max_tokens, "seed": 0}
-    params = SamplingParams(**sampling, stop=tasks.stop_strings(task))
+    sampling = teachers.Sampling(max_tokens=max_tokens)
+    params = SamplingParams(**asdict(sampling), stop=tasks.stop_strings(task))
     rows = []
     for prefix_caching in (True, False):
-        llm = teachers.load_vllm(str(model), 0, prefix_caching, 1, "float32", 0, 0.9, True)
+        engine = teachers.VllmEngine(prefix_caching=prefix_caching, dtype="float32", enforce_eager=True)
+        llm = teachers.load_vllm(str(model), engine, sampling.seed)
         llm.generate(prompts[:8], params, use_tqdm=False)  # warm-up
         times: dict[str, list[tuple[float, int, int]]] = {"raw": []} | {f"chunk{c}": [] for c in chunk_sizes}
         for _ in range(repeats):  # alternate, so drift on a shared machine hits every side

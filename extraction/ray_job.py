@@ -12,7 +12,7 @@ ray.data.llm is not used: it pins a CUDA vLLM build, while this environment carr
 from __future__ import annotations
 
 import json
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from tqdm import tqdm
@@ -22,15 +22,35 @@ from stepwise.extraction import teachers
 from stepwise import tasks
 
 
+@dataclass(frozen=True)
+class RayCluster:
+    """Scale-out: the vllm job on a Ray cluster with Ray Data (a pool of vLLM engine actors).
+
+    Args:
+        ray: run the vllm job on a Ray cluster with Ray Data
+        ray_address: Ray cluster address ("" starts a local one; "auto" joins a running one)
+        ray_actors: number of vLLM engine actors (one per GPU on a GPU cluster)
+    """
+
+    ray: bool = False
+    ray_address: str = ""
+    ray_actors: int = 1
+
+    def __post_init__(self) -> None:
+        if self.ray_actors < 1:
+            raise ValueError(f"--ray-actors must be 1 or more, got {self.ray_actors}")
+
+
 class EngineActor:
     """Ray Data's stateful-actor form: the engine loads once per actor, then serves many batches."""
 
-    def __init__(self, task_fields: dict, shots: list[str], teacher_meta: dict, engine: dict, out: str, shard_format: str):
+    def __init__(self, task_fields: dict, shots: list[str], teacher_meta: dict, model: str, engine: dict,
+                 sampling: dict, out: str, shard_format: str):
         self.task = tasks.Task(**task_fields)
         self.shots, self.teacher_meta, self.out, self.shard_format = shots, teacher_meta, Path(out), shard_format
-        llm = teachers.load_vllm(engine["model"], engine["sampling"]["seed"], engine["prefix_caching"], engine["tensor_parallel_size"],
-                                 engine["dtype"], engine["max_model_len"], engine["gpu_memory_utilization"], engine["enforce_eager"])
-        self.generate = teachers.vllm_teacher(self.task, llm, engine["sampling"], engine["structured"])
+        engine_options, sampling_options = teachers.VllmEngine(**engine), teachers.Sampling(**sampling)
+        llm = teachers.load_vllm(model, engine_options, sampling_options.seed)
+        self.generate = teachers.vllm_teacher(self.task, llm, sampling_options, engine_options.structured)
 
     def __call__(self, batch: dict) -> dict:
         examples = [tasks.Example(**json.loads(text)) for text in batch["example"]]
@@ -38,16 +58,18 @@ class EngineActor:
         return {"tally": [json.dumps(extraction_records.tally(r)) for r in records]}
 
 
-def extract_on_ray(task: tasks.Task, shots: list[str], pending: list[tasks.Example], teacher_meta: dict, engine: dict, out: Path,
-                   chunk_size: int, shard_format: str, address: str, actors: int) -> list[dict]:
-    """Run `pending` through `actors` vLLM engine actors; return the tallies of the records written."""
+def extract_on_ray(task: tasks.Task, shots: list[str], pending: list[tasks.Example], teacher_meta: dict, model: str,
+                   engine: teachers.VllmEngine, sampling: teachers.Sampling, cluster: RayCluster, out: Path,
+                   chunk_size: int, shard_format: str) -> list[dict]:
+    """Run `pending` through `cluster.ray_actors` vLLM engine actors; return the tallies of the records written."""
     import ray
 
+    actors = cluster.ray_actors
     started_here = not ray.is_initialized()
     if started_here:
-        ray.init(address=address or None, include_dashboard=False)
+        ray.init(address=cluster.ray_address or None, include_dashboard=False)
     try:
-        gpus_per_actor = engine["tensor_parallel_size"] if ray.cluster_resources().get("GPU", 0) > 0 else 0
+        gpus_per_actor = engine.tensor_parallel_size if ray.cluster_resources().get("GPU", 0) > 0 else 0
         dataset = ray.data.from_items([{"example": json.dumps(asdict(e))} for e in pending])
         results = dataset.map_batches(
             EngineActor,
@@ -55,8 +77,9 @@ def extract_on_ray(task: tasks.Task, shots: list[str], pending: list[tasks.Examp
             concurrency=actors,
             num_cpus=1,
             num_gpus=gpus_per_actor,
-            fn_constructor_kwargs={"task_fields": asdict(task), "shots": shots, "teacher_meta": teacher_meta, "engine": engine, "out": str(out.resolve()),
-                                   "shard_format": shard_format},
+            fn_constructor_kwargs={"task_fields": asdict(task), "shots": shots, "teacher_meta": teacher_meta,
+                                   "model": model, "engine": asdict(engine), "sampling": asdict(sampling),
+                                   "out": str(out.resolve()), "shard_format": shard_format},
         )
         tallies = []
         with tqdm(total=len(pending), unit="rec", desc=f"extract {task.name} on ray ({actors} engines)", dynamic_ncols=True) as bar:

@@ -10,6 +10,9 @@ from typing import Iterable, Iterator
 from stepwise import tasks
 from stepwise.extraction import shards, teachers
 
+# Where a record's rationale came from, by teacher backend: generated now by an LLM, a teacher's raw text given
+# with the data (the `completion` column, or the shipped PaLM outputs), or the data's own `rationale` column.
+RATIONALE_SOURCES = {"vllm": "teacher", "openai": "teacher", "replay": "completion", "dataset": "dataset"}
 
 
 def vote(task: tasks.Task, example: tasks.Example, completions: list[str]) -> tuple[tasks.Parsed, dict[str, int]]:
@@ -32,6 +35,8 @@ def vote(task: tasks.Task, example: tasks.Example, completions: list[str]) -> tu
 def make_record(task: tasks.Task, example: tasks.Example, generation: teachers.Generation, teacher_meta: dict) -> dict:
     if generation.error:
         parsed, votes, status = tasks.Parsed("", "", "malformed", generation.error), {}, "error"
+    elif generation.given is not None:
+        parsed, votes, status = generation.given, {}, generation.given.status
     else:
         parsed, votes = vote(task, example, generation.completions)
         status = parsed.status
@@ -51,6 +56,8 @@ def make_record(task: tasks.Task, example: tasks.Example, generation: teachers.G
         "tokens_in": generation.tokens_in,
         "tokens_out": generation.tokens_out,
         "teacher": teacher_meta,
+        "rationale_source": RATIONALE_SOURCES[teacher_meta["backend"]],
+        "fingerprint": tasks.input_fingerprint(example),
     }
 
 
@@ -71,4 +78,5 @@ def process_chunk(task: tasks.Task, generate: teachers.Teacher, shots: list[str]
 
 def tally(record: dict) -> dict:
     """The part of a record the counts need (kept in memory for the whole job)."""
-    return {k: record[k] for k in ("status", "reason", "label", "correct", "tokens_in", "tokens_out")}
+    kept = {k: record[k] for k in ("id", "status", "reason", "label", "correct", "tokens_in", "tokens_out")}
+    return kept | {"rationale_source": record.get("rationale_source", "")}  # absent from records of older versions

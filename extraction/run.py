@@ -1,9 +1,9 @@
 """`stepwise extract`: teacher rationales and labels for one task split, written as resumable shards.
 
-The recipe: load the split -> skip ids already in finished shards -> stream the rest through the teacher
-(prompts built lazily: few-shot prefix + question) -> parse each completion (+ majority vote over samples)
--> every `chunk_size` finished records: one atomic shard, then the manifest. kill -9 at any moment and the
-same command continues where the shards end.
+The recipe: setup (load the split, check the teacher, hold the output folder) -> plan (which records are done;
+`error` records and records whose input changed are dropped, to be done again) -> run (stream the rest through
+the teacher, prompts built lazily; every `chunk_size` finished records: one atomic shard, then the manifest) ->
+finish (the manifest and a summary). kill -9 at any moment and the same command continues where the shards end.
 """
 
 from __future__ import annotations
@@ -11,17 +11,20 @@ from __future__ import annotations
 import hashlib
 import time
 from collections import Counter
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Iterable, Iterator, Literal
+from typing import Literal
 
 from tqdm import tqdm
 
-from stepwise.extraction import shards, teachers
-from stepwise.extraction.records import generate_records, tally
 from stepwise import artifacts, tasks
+from stepwise.extraction import ray_job, shards, teachers
+from stepwise.extraction.ray_job import RayCluster
+from stepwise.extraction.records import generate_records, tally
+from stepwise.extraction.teachers import OpenAIClient, Sampling, VllmEngine
 
 REPLAY_MODEL = "palm-540b (shipped completions)"
+LLM_TEACHERS = ("vllm", "openai")
 
 
 # ---------------------------------------------------------------- prompts and config
@@ -38,17 +41,103 @@ def prompt_hash(task: tasks.Task, shots: list[str]) -> str:
     return hashlib.sha256(template.encode()).hexdigest()[:16]
 
 
-def job_config(task: tasks.Task, split: str, backend: str, model: str, sampling: dict, structured: bool, shots: list[str]) -> dict:
+def teacher_model(task: tasks.Task, teacher: str, model: str) -> str:
+    """What the manifest and every record name as the teacher."""
+    if teacher == "replay":
+        return "the data's 'completion' column" if task.source else REPLAY_MODEL
+    if teacher == "dataset":
+        return "the data's 'rationale' column"
+    return model
+
+
+def job_config(
+    task: tasks.Task, split: str, backend: str, model: str, sampling: dict, structured: bool, shots: list[str]
+) -> dict:
     """Everything that changes what a record says; output made under another config is refused."""
     return {
         "task": asdict(task),
         "split": split,
         "backend": backend,
         "model": model,
-        "sampling": sampling if backend != "replay" else {},
+        "sampling": sampling if backend in LLM_TEACHERS else {},
         "structured": structured and backend == "vllm",
         "prompt_hash": prompt_hash(task, shots),
     }
+
+
+@dataclass(frozen=True)
+class Job:
+    """One extraction job: the task split the teacher runs over and where its records go."""
+
+    task: tasks.Task
+    split: str
+    shots: list[str]  # the few-shot prefix of every prompt
+    config: dict  # job_config
+    out: Path
+    chunk_size: int
+    shard_format: str
+    expected: int  # records the finished job holds
+
+    @property
+    def teacher_meta(self) -> dict:
+        """The part of the config every record carries."""
+        return {k: self.config[k] for k in ("backend", "model", "sampling", "structured", "prompt_hash")}
+
+
+# ---------------------------------------------------------------- setup
+
+
+def load_examples(task: tasks.Task, split: str, limit: int) -> list[tasks.Example]:
+    examples = tasks.load_split(task, split)[: limit or None]
+    if not examples:
+        where = f" ({task.source} has no rows whose 'split' is {split!r})" if task.source else ""
+        raise ValueError(f"task {task.name} has no {split} examples{where}: choose another --split")
+    duplicated = [i for i, c in Counter(e.id for e in examples).items() if c > 1]
+    if duplicated:
+        raise ValueError(
+            f"{len(duplicated)} ids occur more than once in {task.name}/{split}, e.g. {duplicated[0]!r}: "
+            "give every row its own 'id'"
+        )
+    return examples
+
+
+def check_teacher(
+    task: tasks.Task, examples: list[tasks.Example], teacher: str, model: str, engine: VllmEngine, cluster: RayCluster
+) -> None:
+    """Refuse a teacher that cannot work on these examples, before anything is written."""
+    if teacher in LLM_TEACHERS and not model:
+        raise ValueError(f"--teacher {teacher} needs --model")
+    if cluster.ray and teacher != "vllm":
+        raise ValueError("--ray runs the vllm teacher; pass --teacher vllm")
+    if engine.structured and teacher != "vllm":
+        raise ValueError("--structured constrains the vllm engine's output; pass --teacher vllm")
+    where = task.source or task.name
+    if teacher == "replay" and all(e.teacher_completion is None for e in examples):
+        raise ValueError(
+            f"--teacher replay: none of the {len(examples)} examples has a teacher completion: add a 'completion' "
+            f"column (a teacher's raw text) to {where}, or use --teacher dataset (its 'rationale' column), vllm "
+            "or openai"
+        )
+    if teacher == "dataset" and not any(e.rationale for e in examples):
+        raise ValueError(
+            f"--teacher dataset: none of the {len(examples)} examples has a rationale: add a 'rationale' column to "
+            f"{where}, or use --teacher replay (its 'completion' column), vllm or openai"
+        )
+
+
+def refuse_foreign_folder(out: Path, overwrite: bool) -> None:
+    """A non-empty folder that holds no extraction output is not ours to write into (checked before the lock,
+    which is a file in the folder)."""
+    ours = (artifacts.TASK, artifacts.EXTRACT_LOCK)
+    if (
+        out.is_dir()
+        and not (out / artifacts.MANIFEST).exists()
+        and not overwrite
+        and any(p.name not in ours for p in out.iterdir())
+    ):
+        raise ValueError(
+            f"{out} exists, is not empty and holds no {artifacts.MANIFEST}; choose another --out or pass --overwrite"
+        )
 
 
 def prepare_output(out: Path, task: tasks.Task, config: dict, overwrite: bool) -> None:
@@ -64,32 +153,79 @@ def prepare_output(out: Path, task: tasks.Task, config: dict, overwrite: bool) -
         for path in artifacts.shard_paths(out):
             path.unlink()
         (out / artifacts.MANIFEST).unlink()  # task.json is rewritten below
-    elif manifest is None and out.exists() and any(p.name != artifacts.TASK for p in out.iterdir()) and not overwrite:
-        raise ValueError(f"{out} exists, is not empty and holds no {artifacts.MANIFEST}; choose another --out or pass --overwrite")
     out.mkdir(parents=True, exist_ok=True)
     artifacts.remove_partial_files(out)
     tasks.save_task(task, out)
 
 
-def write_manifest(out: Path, config: dict, expected: int, records: list[dict], summary: dict | None = None) -> dict:
+def write_manifest(job: Job, records: list[dict], summary: dict | None = None) -> dict:
+    counts = shards.count_records(records)
     manifest = {
-        "config": config,
-        "config_hash": shards.config_hash(config),
-        "expected_records": expected,
-        "shards": len(artifacts.shard_paths(out)),
-        "counts": shards.count_records(records),
-        "complete": len(records) == expected,
+        "config": job.config,
+        "config_hash": shards.config_hash(job.config),
+        "expected_records": job.expected,
+        "shards": len(artifacts.shard_paths(job.out)),
+        "counts": counts,
+        "complete": len(records) == job.expected and counts["error"] == 0,  # an error record is still to do
         "last_run": summary,
     }
-    artifacts.write_json(out / artifacts.MANIFEST, manifest)
+    artifacts.write_json(job.out / artifacts.MANIFEST, manifest)
     return manifest
 
 
-# ---------------------------------------------------------------- the stage
+# ---------------------------------------------------------------- plan
 
 
-def extract_chunks(task: tasks.Task, generate: teachers.Teacher, shots: list[str], pending: list[tasks.Example], teacher_meta: dict, out: Path,
-                   chunk_size: int, shard_format: str, config: dict, expected: int, done: list[dict], desc: str) -> list[dict]:
+def resume_plan(out: Path, examples: list[tasks.Example], retry_errors: bool) -> tuple[list[dict], list[tasks.Example]]:
+    """The tallies of the records already done, and the examples still to do: those without a record, with an
+    `error` record (unless retry_errors is off), or whose record was made from another input (its fingerprint
+    differs: the data was edited). Records to redo are dropped from their shards first: an id is in one shard."""
+    wanted = {e.id: e for e in examples}
+    done: dict[str, dict] = {}
+    stale: dict[Path, set[str]] = {}
+    redo: Counter = Counter()
+    for path in artifacts.shard_paths(out):
+        for record in artifacts.read_shard(path):
+            example = wanted.get(record["id"])
+            if example is None:  # beyond this run's --limit: kept as it is
+                continue
+            if record.get("fingerprint") != tasks.input_fingerprint(example):
+                redo["input changed"] += 1
+            elif record["status"] == "error" and retry_errors:
+                redo["error retried"] += 1
+            else:
+                done[record["id"]] = tally(record)
+                continue
+            stale.setdefault(path, set()).add(record["id"])
+    shards.drop_records(stale)
+    pending = [e for e in examples if e.id not in done]
+    if done or redo:
+        again = f" ({', '.join(f'{n} {why}' for why, n in redo.items())})" if redo else ""
+        print(
+            f"[extract] resuming: {len(done)} of {len(examples)} records already in {out}, {len(pending)} to go{again}",
+            flush=True,
+        )
+    return list(done.values()), pending
+
+
+# ---------------------------------------------------------------- run
+
+
+def build_teacher(
+    task: tasks.Task, teacher: str, model: str, sampling: Sampling, engine: VllmEngine, client: OpenAIClient
+) -> teachers.Teacher:
+    if teacher == "replay":
+        return teachers.replay_teacher(task)
+    if teacher == "dataset":
+        return teachers.dataset_teacher(task)
+    if teacher == "vllm":
+        return teachers.vllm_teacher(
+            task, teachers.load_vllm(model, engine, sampling.seed), sampling, engine.structured
+        )
+    return teachers.openai_teacher(task, model, sampling, client)
+
+
+def extract_chunks(job: Job, generate: teachers.Teacher, pending: list[tasks.Example], done: list[dict]) -> list[dict]:
     """The single-process loop: the teacher streams through `pending`; every `chunk_size` finished
     records become one atomic shard and a manifest update (a kill loses at most the unwritten chunk)."""
     new: list[dict] = []
@@ -97,150 +233,80 @@ def extract_chunks(task: tasks.Task, generate: teachers.Teacher, shots: list[str
     started = time.time()
 
     def flush() -> None:
-        shards.write_shard(out, chunk, shard_format)
+        shards.write_shard(job.out, chunk, job.shard_format)
         new.extend(tally(r) for r in chunk)
-        write_manifest(out, config, expected, done + new)
+        write_manifest(job, done + new)
         chunk.clear()
 
-    with tqdm(total=len(pending), unit="rec", desc=desc, dynamic_ncols=True) as bar:
-        for record in generate_records(task, generate, shots, pending, teacher_meta):
+    with tqdm(total=len(pending), unit="rec", desc=f"extract {job.task.name}/{job.split}", dynamic_ncols=True) as bar:
+        for record in generate_records(job.task, generate, job.shots, pending, job.teacher_meta):
             chunk.append(record)
-            if len(chunk) == chunk_size:
+            if len(chunk) == job.chunk_size:
                 flush()
                 elapsed = max(time.time() - started, 1e-9)
-                bar.set_postfix(tok_s=f"{sum(r['tokens_out'] for r in new) / elapsed:.0f}", ok=sum(r["status"] == "ok" for r in new), refresh=False)
+                bar.set_postfix(
+                    tok_s=f"{sum(r['tokens_out'] for r in new) / elapsed:.0f}",
+                    ok=sum(r["status"] == "ok" for r in new),
+                    refresh=False,
+                )
             bar.update(1)
         if chunk:
             flush()
     return new
 
 
-def main(
-    task: str,
-    out: Path,
-    split: str = "train",
-    teacher: Literal["replay", "vllm", "openai"] = "replay",
-    model: str = "",
-    limit: int = 0,
-    chunk_size: int = 256,
-    shard_format: Literal["jsonl", "parquet"] = "jsonl",
-    n: int = 1,
-    temperature: float = 0.0,
-    top_p: float = 1.0,
-    max_tokens: int = 256,
-    seed: int = 0,
-    structured: bool = False,
-    prefix_caching: bool = True,
-    tensor_parallel_size: int = 1,
-    dtype: str = "auto",
-    max_model_len: int = 0,
-    gpu_memory_utilization: float = 0.9,
-    enforce_eager: bool = False,
-    base_url: str = "http://127.0.0.1:8000",
-    api_key: str = "",
-    concurrency: int = 16,
-    timeout: float = 120.0,
-    retries: int = 4,
-    ray: bool = False,
-    ray_address: str = "",
-    ray_actors: int = 1,
-    overwrite: bool = False,
-) -> Path:
-    """Bulk teacher rationales + labels for a task split, as resumable JSONL shards with a manifest.
-
-    Args:
-        task: svamp, cqa, esnli, or the path of a custom JSONL/CSV dataset.
-        out: output folder (shards + manifest.json); rerun the same command to resume after a crash.
-        split: train, valid or test.
-        teacher: replay (the shipped PaLM outputs), vllm (in-process engine) or openai (a compatible server).
-        model: model folder or name for vllm/openai.
-        limit: only the first N examples of the split (0: all).
-        chunk_size: finished records per shard (also the batch each Ray actor takes).
-        shard_format: jsonl, or parquet (pyarrow); a resumed run reads both.
-        n: samples per input; with n > 1 the majority label wins (self-consistency; use --temperature > 0).
-        temperature: sampling temperature (0: greedy).
-        top_p: nucleus sampling.
-        max_tokens: new tokens per completion.
-        seed: sampling seed.
-        structured: vllm only: constrain each completion to a rationale line plus a parseable answer sentence.
-        prefix_caching: vllm only: cache the shared few-shot prefix across prompts.
-        tensor_parallel_size: vllm: GPUs per engine.
-        dtype: vllm: model dtype (auto, bfloat16, float16, float32).
-        max_model_len: vllm: context length (0: the model's).
-        gpu_memory_utilization: vllm: share of GPU memory for weights + KV cache.
-        enforce_eager: vllm: skip graph capture / torch.compile (faster start-up).
-        base_url: openai: server root, e.g. http://127.0.0.1:8000.
-        api_key: openai: bearer token, if the server wants one.
-        concurrency: openai: requests in flight at once.
-        timeout: openai: seconds per request before it is retried.
-        retries: openai: retries per request (exponential backoff) before the record is an error.
-        ray: run the vllm job on a Ray cluster with Ray Data (a pool of vLLM engine actors).
-        ray_address: Ray cluster address ("" starts a local one; "auto" joins a running one).
-        ray_actors: number of vLLM engine actors (one per GPU on a GPU cluster).
-        overwrite: replace output made under a different teacher/prompt configuration.
-    """
+def generate_pending(
+    job: Job,
+    pending: list[tasks.Example],
+    done: list[dict],
+    teacher: str,
+    model: str,
+    sampling: Sampling,
+    engine: VllmEngine,
+    client: OpenAIClient,
+    cluster: RayCluster,
+) -> tuple[list[dict], float]:
+    """The teacher over `pending`, on a Ray cluster or in this process: the tallies of the new records, and when
+    generation started (in this process, after the engine's start-up, which is reported apart)."""
+    if not pending:
+        return [], time.time()
+    if cluster.ray:
+        started = time.time()
+        return ray_job.extract_on_ray(
+            job.task,
+            job.shots,
+            pending,
+            job.teacher_meta,
+            model,
+            engine,
+            sampling,
+            cluster,
+            job.out,
+            job.chunk_size,
+            job.shard_format,
+        ), started
+    generate = build_teacher(job.task, teacher, model, sampling, engine, client)
     started = time.time()
-    spec = tasks.get_task(task)
-    examples = tasks.load_split(spec, split)[: limit or None]
-    duplicated = [i for i, c in Counter(e.id for e in examples).items() if c > 1]
-    if duplicated:
-        raise ValueError(f"{len(duplicated)} ids occur more than once in {spec.name}/{split}, e.g. {duplicated[0]!r}")
-    if teacher != "replay" and not model:
-        raise ValueError(f"--teacher {teacher} needs --model")
-    if ray and teacher != "vllm":
-        raise ValueError("--ray runs the vllm teacher; pass --teacher vllm")
-    shots = prompt_prefix(spec)
-    sampling = {"n": n, "temperature": temperature, "top_p": top_p, "max_tokens": max_tokens, "seed": seed}
-    config = job_config(spec, split, teacher, model or REPLAY_MODEL, sampling, structured, shots)
-    out = Path(out)
-    prepare_output(out, spec, config, overwrite)
+    return extract_chunks(job, generate, pending, done), started
 
-    wanted = {e.id for e in examples}
-    existing = {r["id"]: tally(r) for r in artifacts.iter_records(out)}  # may hold more ids than this --limit wants
-    done = [existing[i] for i in wanted if i in existing]
-    pending = [e for e in examples if e.id not in existing]
-    write_manifest(out, config, len(examples), done)
-    if done:
-        print(f"[extract] resuming: {len(done)} of {len(examples)} records already in {out}, {len(pending)} to go", flush=True)
-    teacher_meta = {k: config[k] for k in ("backend", "model", "sampling", "structured", "prompt_hash")}
 
-    new: list[dict] = []
-    generation_started = time.time()
-    if pending and ray:
-        from stepwise.extraction import ray_job
+# ---------------------------------------------------------------- finish
 
-        engine = {
-            "model": model, "sampling": sampling, "structured": structured, "prefix_caching": prefix_caching,
-            "tensor_parallel_size": tensor_parallel_size, "dtype": dtype, "max_model_len": max_model_len,
-            "gpu_memory_utilization": gpu_memory_utilization, "enforce_eager": enforce_eager,
-        }
-        new = ray_job.extract_on_ray(spec, shots, pending, teacher_meta, engine, out, chunk_size, shard_format, ray_address, ray_actors)
-    elif pending:
-        generate = build_teacher(spec, teacher, model, sampling, structured, prefix_caching, tensor_parallel_size, dtype, max_model_len,
-                                 gpu_memory_utilization, enforce_eager, base_url, api_key, concurrency, timeout, retries)
-        generation_started = time.time()  # engine start-up is reported apart from generation
-        new = extract_chunks(spec, generate, shots, pending, teacher_meta, out, chunk_size, shard_format, config, len(examples), done,
-                             f"extract {spec.name}/{split}")
 
+def finish(job: Job, done: list[dict], new: list[dict], started: float, generation_started: float) -> Path:
+    """The final manifest, with this run's summary, and the closing lines."""
     wall = time.time() - started
     this_run = shards.count_records(new)
-    generation_s = time.time() - generation_started
-    summary = {"records_this_run": len(new), "wall_s": round(wall, 3), "generation_s": round(generation_s, 3), "records_per_s": len(new) / wall if wall else None,
-               "tokens_out_per_s": this_run["tokens_out"] / wall if wall else None, "this_run": this_run}
-    manifest = write_manifest(out, config, len(examples), done + new, summary)
-    print_summary(manifest)
-    return out
-
-
-def build_teacher(spec: tasks.Task, teacher: str, model: str, sampling: dict, structured: bool, prefix_caching: bool, tensor_parallel_size: int,
-                  dtype: str, max_model_len: int, gpu_memory_utilization: float, enforce_eager: bool, base_url: str, api_key: str,
-                  concurrency: int, timeout: float, retries: int) -> teachers.Teacher:
-    if teacher == "replay":
-        return teachers.replay_teacher()
-    if teacher == "vllm":
-        llm = teachers.load_vllm(model, sampling["seed"], prefix_caching, tensor_parallel_size, dtype, max_model_len, gpu_memory_utilization, enforce_eager)
-        return teachers.vllm_teacher(spec, llm, sampling, structured)
-    return teachers.openai_teacher(spec, base_url, model, sampling, concurrency, timeout, retries, api_key)
+    summary = {
+        "records_this_run": len(new),
+        "wall_s": round(wall, 3),
+        "generation_s": round(time.time() - generation_started, 3),
+        "records_per_s": len(new) / wall if wall else None,
+        "tokens_out_per_s": this_run["tokens_out"] / wall if wall else None,
+        "this_run": this_run,
+    }
+    print_summary(write_manifest(job, done + new, summary))
+    return job.out
 
 
 def print_summary(manifest: dict) -> None:
@@ -249,12 +315,79 @@ def print_summary(manifest: dict) -> None:
     def pct(x: float | None) -> str:
         return "-" if x is None else f"{x:.1%}"
 
+    sources = ", ".join(f"{source} {n}" for source, n in counts.get("rationale_sources", {}).items())
     print(
-        f"[extract] {counts['records']}/{manifest['expected_records']} records ({'complete' if manifest['complete'] else 'incomplete'}), "
-        f"{manifest['shards']} shards; parse rate {pct(counts['parse_rate'])}, teacher accuracy vs gold {pct(counts['teacher_accuracy'])}; "
-        f"tokens in/out {counts['tokens_in']}/{counts['tokens_out']}; this run: {run.get('records_this_run', 0)} records in {run.get('wall_s', 0):.1f} s "
+        f"[extract] {counts['records']}/{manifest['expected_records']} records "
+        f"({'complete' if manifest['complete'] else 'incomplete'}), {manifest['shards']} shards; "
+        f"parse rate {pct(counts['parse_rate'])}, teacher accuracy vs gold {pct(counts['teacher_accuracy'])}; "
+        f"rationales from {sources or '-'}; tokens in/out {counts['tokens_in']}/{counts['tokens_out']}; "
+        f"this run: {run.get('records_this_run', 0)} records in {run.get('wall_s', 0):.1f} s "
         f"({run.get('records_per_s') or 0:.1f} records/s, {run.get('tokens_out_per_s') or 0:.0f} tokens/s out)",
         flush=True,
     )
     if counts["failure_reasons"]:
         print("[extract] failures: " + "; ".join(f"{k} x{v}" for k, v in counts["failure_reasons"].items()), flush=True)
+    if counts["error"]:
+        print(f"[extract] {counts['error']} error records remain: rerun the same command to retry them", flush=True)
+
+
+# ---------------------------------------------------------------- the stage
+
+
+def main(
+    task: str,
+    out: Path,
+    split: str = "train",
+    teacher: Literal["replay", "dataset", "vllm", "openai"] = "replay",
+    model: str = "",
+    labels: list[str] | None = None,
+    limit: int = 0,
+    chunk_size: int = 256,
+    shard_format: Literal["jsonl", "parquet"] = "jsonl",
+    retry_errors: bool = True,
+    overwrite: bool = False,
+    sampling: Sampling = Sampling(),
+    engine: VllmEngine = VllmEngine(),
+    client: OpenAIClient = OpenAIClient(),
+    cluster: RayCluster = RayCluster(),
+) -> Path:
+    """Bulk teacher rationales + labels for a task split, as resumable JSONL shards with a manifest.
+
+    Args:
+        task: svamp, cqa, esnli, or a custom dataset (JSONL/CSV/Parquet file, folder of split files, or a Hugging
+            Face datasets folder).
+        out: output folder (shards + manifest.json); rerun the same command to resume after a crash.
+        split: train, valid or test.
+        teacher: replay (each example's teacher completion: the shipped PaLM outputs, or a custom dataset's
+            'completion' column), dataset (a custom dataset's 'rationale' column, as it is), vllm (in-process
+            engine) or openai (a compatible server).
+        model: model folder or name for vllm/openai.
+        labels: a custom task's closed label set (overrides its task file's and the inferred one); give the same
+            to every stage.
+        limit: only the first N examples of the split (0: all).
+        chunk_size: finished records per shard (also the batch each Ray actor takes).
+        shard_format: jsonl, or parquet (pyarrow); a resumed run reads both.
+        retry_errors: a resumed run does again the records that failed with an error (server down, prompt too
+            long, ...).
+        overwrite: replace output made under a different teacher/prompt configuration.
+    """
+    started = time.time()
+    if chunk_size < 1:
+        raise ValueError(f"--chunk-size must be 1 or more, got {chunk_size}")
+    spec = tasks.get_task(task, labels)
+    examples = load_examples(spec, split, limit)
+    check_teacher(spec, examples, teacher, model, engine, cluster)
+    shots = prompt_prefix(spec)
+    config = job_config(
+        spec, split, teacher, teacher_model(spec, teacher, model), asdict(sampling), engine.structured, shots
+    )
+    job = Job(spec, split, shots, config, Path(out), chunk_size, shard_format, len(examples))
+    refuse_foreign_folder(job.out, overwrite)
+    with shards.folder_lock(job.out):
+        prepare_output(job.out, spec, config, overwrite)
+        done, pending = resume_plan(job.out, examples, retry_errors)
+        write_manifest(job, done)
+        new, generation_started = generate_pending(
+            job, pending, done, teacher, model, sampling, engine, client, cluster
+        )
+        return finish(job, done, new, started, generation_started)

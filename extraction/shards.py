@@ -7,20 +7,25 @@ Layout of an output folder:
     shard-<hash>.jsonl  one record per line; a shard is written whole (tmp file, fsync, rename) or not at all
     shard-<hash>.parquet  the same records with --shard-format parquet (pyarrow); there the nested `votes` and
                         `teacher` fields are JSON text columns, decoded again by `artifacts.read_records`
+    .extract.lock       held (flock) by the run writing the folder, so a second run cannot write into it too
 
 The shards are the truth: the manifest's counts are recomputed from them, so a kill between writing a
-shard and updating the manifest loses nothing.
+shard and updating the manifest loses nothing. An id is in one shard only: a record that is redone (an
+error retried, an input that changed) is first dropped from its shard.
 """
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import json
+import os
 from collections import Counter
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
-from stepwise.artifacts import JSON_TEXT_IN_PARQUET, write_atomic
-
+from stepwise import artifacts
 
 
 def config_hash(config: dict) -> str:
@@ -31,19 +36,58 @@ def write_shard(out_dir: Path, records: list[dict], shard_format: str = "jsonl")
     """One chunk's records as one shard, named by the ids it holds (a rerun of the same chunk rewrites
     the same file, so two shards never share an id)."""
     ids = "\n".join(r["id"] for r in records)
-    path = out_dir / f"shard-{hashlib.sha256(ids.encode()).hexdigest()[:16]}.{shard_format}"
-    if shard_format == "parquet":
-        write_atomic(path, parquet_bytes(records))
-    else:
-        write_atomic(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
-    return path
+    return _write_records(out_dir / f"shard-{hashlib.sha256(ids.encode()).hexdigest()[:16]}.{shard_format}", records)
+
+
+def _write_records(path: Path, records: list[dict]) -> Path:
+    if path.suffix == ".parquet":
+        return artifacts.write_atomic(path, parquet_bytes(records))
+    return artifacts.write_atomic(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
+
+
+def drop_records(stale: dict[Path, set[str]]) -> None:
+    """Remove records from their shards (shard path -> ids to drop), before the ids are done again: each shard is
+    rewritten in place without them (atomically), or deleted when nothing is left. After a kill midway every
+    shard is whole, old or new, so the next run finds the ids still stale or already gone."""
+    for path, ids in stale.items():
+        kept = [r for r in artifacts.read_shard(path) if r["id"] not in ids]
+        if kept:
+            _write_records(path, kept)
+        else:
+            path.unlink()
+            artifacts.fsync_dir(path.parent)
+
+
+@contextmanager
+def folder_lock(out_dir: Path) -> Iterator[None]:
+    """Hold the output folder for one run: a second run into it fails at once, naming the first. The lock is
+    the operating system's (flock), so it goes with its process, kill -9 included; a shared filesystem must
+    support flock for it to hold across machines."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    handle = (out_dir / artifacts.EXTRACT_LOCK).open("a+")
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        handle.seek(0)
+        holder = handle.read().strip() or "a process"
+        handle.close()
+        raise ValueError(f"{out_dir} is being written by another `stepwise extract` ({holder}); wait for it to finish, "
+                         "or choose another --out") from None
+    try:
+        handle.seek(0)
+        handle.truncate()
+        handle.write(f"pid {os.getpid()}")
+        handle.flush()
+        yield
+    finally:
+        handle.close()  # closing the file releases the lock
 
 
 def parquet_bytes(records: list[dict]) -> bytes:
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    rows = [{k: json.dumps(v) if k in JSON_TEXT_IN_PARQUET else v for k, v in r.items()} for r in records]
+    rows = [{k: json.dumps(v) if k in artifacts.JSON_TEXT_IN_PARQUET else v for k, v in r.items()} for r in records]
     sink = pa.BufferOutputStream()
     pq.write_table(pa.Table.from_pylist(rows), sink)
     return sink.getvalue().to_pybytes()
@@ -66,4 +110,5 @@ def count_records(records: list[dict]) -> dict:
         "tokens_in": sum(r.get("tokens_in", 0) for r in records),
         "tokens_out": sum(r.get("tokens_out", 0) for r in records),
         "failure_reasons": dict(reasons.most_common()),
+        "rationale_sources": dict(Counter(r.get("rationale_source", "") for r in records).most_common()),
     }

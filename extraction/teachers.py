@@ -3,12 +3,18 @@ of (example, prompt) pairs and results come back as (example, Generation) pairs 
 (not necessarily in input order). Each backend pulls only a bounded window of work ahead, so a long split
 streams through and is never held in the engine at once.
 
-- replay: the shipped PaLM-540B completion of each example (no model needed);
+- replay: the teacher completion that comes with each example (the shipped PaLM-540B outputs, or a custom
+  dataset's `completion` column), parsed like a fresh one; no model needed;
+- dataset: the rationale that comes with each example (a custom dataset's `rationale` column) and its gold
+  label, taken as they are; no model needed;
 - vllm: the in-process engine (vllm.LLM's LLMEngine), kept full by topping up its queue as requests
   finish; prefix caching for the shared few-shot prefix;
 - openai: any OpenAI-compatible /v1/completions server, bounded concurrency, retries with backoff, timeouts.
 
 A backend never raises for one bad input: the failure comes back as `Generation.error` and is recorded.
+
+The option groups (`Sampling`, `VllmEngine`, `OpenAIClient`) are the `stepwise extract` flags that configure
+the backends; each checks its own values.
 """
 
 from __future__ import annotations
@@ -18,8 +24,8 @@ import itertools
 import os
 import random
 import re
-from dataclasses import dataclass, field
-from typing import Callable, Iterable, Iterator
+from dataclasses import asdict, dataclass, field
+from typing import Callable, Iterable, Iterator, Literal
 
 from stepwise import tasks
 
@@ -30,6 +36,7 @@ class Generation:
     tokens_in: int = 0
     tokens_out: int = 0
     error: str = ""  # set when the teacher produced nothing usable (prompt too long, server error, ...)
+    given: tasks.Parsed | None = None  # a rationale and label taken from the data as they are (no completion to parse)
 
 
 Work = Iterable[tuple[tasks.Example, str]]
@@ -37,13 +44,134 @@ Results = Iterator[tuple[tasks.Example, Generation]]
 Teacher = Callable[[Work], Results]
 
 
-def replay_teacher() -> Teacher:
+# ---------------------------------------------------------------- option groups
+
+
+@dataclass(frozen=True)
+class Sampling:
+    """How the teacher samples (vllm and openai).
+
+    Args:
+        n: samples per input; with n > 1 the majority label wins (self-consistency; use --temperature > 0)
+        temperature: sampling temperature (0: greedy)
+        top_p: nucleus sampling
+        max_tokens: new tokens per completion
+        seed: sampling seed
+    """
+
+    n: int = 1
+    temperature: float = 0.0
+    top_p: float = 1.0
+    max_tokens: int = 256
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.n < 1:
+            raise ValueError(f"--n must be 1 or more, got {self.n}")
+        if self.temperature < 0:
+            raise ValueError(f"--temperature must be 0 or more, got {self.temperature}")
+        if self.n > 1 and self.temperature == 0:
+            raise ValueError(f"--n {self.n} with --temperature 0 draws the same greedy completion {self.n} times: "
+                             "pass --temperature > 0 (e.g. 0.7)")
+        if not 0 < self.top_p <= 1:
+            raise ValueError(f"--top-p must be in (0, 1], got {self.top_p}")
+        if self.max_tokens < 1:
+            raise ValueError(f"--max-tokens must be 1 or more, got {self.max_tokens}")
+
+
+@dataclass(frozen=True)
+class VllmEngine:
+    """The in-process vLLM engine (--teacher vllm; one per Ray actor with --ray).
+
+    Args:
+        structured: constrain each completion to a rationale line plus a parseable answer sentence (a label of the
+            task's set, one of the example's choices, or a computable equation)
+        prefix_caching: cache the shared few-shot prefix across prompts
+        tensor_parallel_size: GPUs per engine
+        dtype: model dtype
+        max_model_len: context length (0: the model's)
+        gpu_memory_utilization: share of GPU memory for weights + KV cache
+        enforce_eager: skip graph capture / torch.compile (faster start-up)
+    """
+
+    structured: bool = False
+    prefix_caching: bool = True
+    tensor_parallel_size: int = 1
+    dtype: Literal["auto", "bfloat16", "float16", "float32"] = "auto"
+    max_model_len: int = 0
+    gpu_memory_utilization: float = 0.9
+    enforce_eager: bool = False
+
+    def __post_init__(self) -> None:
+        if self.tensor_parallel_size < 1:
+            raise ValueError(f"--tensor-parallel-size must be 1 or more, got {self.tensor_parallel_size}")
+        if self.max_model_len < 0:
+            raise ValueError(f"--max-model-len must be 0 (the model's) or more, got {self.max_model_len}")
+        if not 0 < self.gpu_memory_utilization <= 1:
+            raise ValueError(f"--gpu-memory-utilization must be in (0, 1], got {self.gpu_memory_utilization}")
+
+
+@dataclass(frozen=True)
+class OpenAIClient:
+    """The client of an OpenAI-compatible /v1/completions server (--teacher openai).
+
+    Args:
+        base_url: server root, e.g. http://127.0.0.1:8000
+        api_key: bearer token, if the server wants one
+        concurrency: requests in flight at once
+        timeout: seconds per request before it is retried
+        retries: retries per request (exponential backoff) before the record is an error
+    """
+
+    base_url: str = "http://127.0.0.1:8000"
+    api_key: str = ""
+    concurrency: int = 16
+    timeout: float = 120.0
+    retries: int = 4
+
+    def __post_init__(self) -> None:
+        if not self.base_url.startswith(("http://", "https://")):
+            raise ValueError(f"--base-url must start with http:// or https://, got {self.base_url!r}")
+        if self.concurrency < 1:
+            raise ValueError(f"--concurrency must be 1 or more, got {self.concurrency}")
+        if self.timeout <= 0:
+            raise ValueError(f"--timeout must be more than 0 seconds, got {self.timeout}")
+        if self.retries < 0:
+            raise ValueError(f"--retries must be 0 or more, got {self.retries}")
+
+
+# ---------------------------------------------------------------- teachers that read the data
+
+
+def replay_teacher(task: tasks.Task) -> Teacher:
+    """Each example's own teacher completion, to be parsed like a fresh one."""
+    if task.source:
+        missing = (f"no teacher completion in the data: put the teacher's raw text in a 'completion' column of "
+                   f"{task.source}, or use --teacher dataset (the 'rationale' column), vllm or openai")
+    else:
+        missing = "no shipped teacher completion: use --teacher vllm or openai for this example"
+
     def generate(work: Work) -> Results:
         for example, _ in work:
             if example.teacher_completion is None:
-                yield example, Generation(error="replay: no shipped teacher completion for this example")
+                yield example, Generation(error=missing)
             else:
                 yield example, Generation([example.teacher_completion])
+
+    return generate
+
+
+def dataset_teacher(task: tasks.Task) -> Teacher:
+    """Each example's own rationale with its gold label, as they are (no model, nothing to parse)."""
+    missing = (f"no rationale in the data: fill the 'rationale' column of {task.source or task.name}, "
+               "or use --teacher replay, vllm or openai")
+
+    def generate(work: Work) -> Results:
+        for example, _ in work:
+            if example.rationale is None or not example.rationale.strip():
+                yield example, Generation(error=missing)
+            else:
+                yield example, Generation(given=tasks.Parsed(example.rationale.strip(), example.label, "ok"))
 
     return generate
 
@@ -76,8 +204,7 @@ def answer_regex(task: tasks.Task, example: tasks.Example, max_rationale_chars: 
 # ---------------------------------------------------------------- vLLM in-process
 
 
-def load_vllm(model: str, seed: int, prefix_caching: bool, tensor_parallel_size: int, dtype: str, max_model_len: int,
-              gpu_memory_utilization: float, enforce_eager: bool):
+def load_vllm(model: str, engine: VllmEngine, seed: int):
     from vllm import LLM
     from vllm.platforms import current_platform
 
@@ -87,17 +214,17 @@ def load_vllm(model: str, seed: int, prefix_caching: bool, tensor_parallel_size:
     return LLM(
         **cpu_cache,
         model=model,
-        tensor_parallel_size=tensor_parallel_size,
-        dtype=dtype,
-        max_model_len=max_model_len or None,
-        gpu_memory_utilization=gpu_memory_utilization,
-        enforce_eager=enforce_eager,
-        enable_prefix_caching=prefix_caching,
+        tensor_parallel_size=engine.tensor_parallel_size,
+        dtype=engine.dtype,
+        max_model_len=engine.max_model_len or None,
+        gpu_memory_utilization=engine.gpu_memory_utilization,
+        enforce_eager=engine.enforce_eager,
+        enable_prefix_caching=engine.prefix_caching,
         seed=seed,
     )
 
 
-def vllm_teacher(task: tasks.Task, llm, sampling: dict, structured: bool) -> Teacher:
+def vllm_teacher(task: tasks.Task, llm, sampling: Sampling, structured: bool) -> Teacher:
     """Generation with an engine from `load_vllm`, streamed: requests go into the engine's queue while
     earlier ones decode, up to twice the batch the scheduler runs at once, so the batch stays full."""
     from vllm import SamplingParams
@@ -106,11 +233,11 @@ def vllm_teacher(task: tasks.Task, llm, sampling: dict, structured: bool) -> Tea
     engine = llm.llm_engine
     tokenizer = llm.get_tokenizer()
     context = engine.model_config.max_model_len
-    window = max(1, 2 * engine.vllm_config.scheduler_config.max_num_seqs // sampling["n"])
+    window = max(1, 2 * engine.vllm_config.scheduler_config.max_num_seqs // sampling.n)
     request_ids = itertools.count()
     # The seed seeds the engine (load_vllm); a per-request seed crashes vLLM 0.32's CPU runner as soon as a
     # seeded request's prefill is chunked ("CPU Generator does not use offset").
-    per_request = {k: v for k, v in sampling.items() if k != "seed"}
+    per_request = {k: v for k, v in asdict(sampling).items() if k != "seed"}
 
     def params_for(example: tasks.Example) -> SamplingParams:
         constraint = StructuredOutputsParams(regex=answer_regex(task, example)) if structured else None
@@ -126,8 +253,9 @@ def vllm_teacher(task: tasks.Task, llm, sampling: dict, structured: bool) -> Tea
                     pulled += 1
                     prompt_ids = tokenizer.encode(prompt)
                     # The engine would reject a prompt that cannot fit: record it and go on.
-                    if len(prompt_ids) + sampling["max_tokens"] > context:
-                        yield example, Generation(error=f"prompt too long: {len(prompt_ids)} tokens + {sampling['max_tokens']} new > max_model_len {context}")
+                    if len(prompt_ids) + sampling.max_tokens > context:
+                        too_long = f"{len(prompt_ids)} tokens + {sampling.max_tokens} new > max_model_len {context}"
+                        yield example, Generation(error=f"prompt too long: {too_long}")
                         continue
                     request_id = f"stepwise-{next(request_ids)}"
                     engine.add_request(request_id, {"prompt_token_ids": prompt_ids}, params_for(example))
@@ -154,20 +282,13 @@ def vllm_teacher(task: tasks.Task, llm, sampling: dict, structured: bool) -> Tea
 RETRYABLE_STATUS = {408, 409, 425, 429, 500, 502, 503, 504}
 
 
-def openai_teacher(task: tasks.Task, base_url: str, model: str, sampling: dict, concurrency: int, timeout: float, retries: int, api_key: str) -> Teacher:
+def openai_teacher(task: tasks.Task, model: str, sampling: Sampling, client_options: OpenAIClient) -> Teacher:
     import httpx
 
-    url = base_url.rstrip("/") + "/v1/completions"
-    headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
-    body = {
-        "model": model,
-        "n": sampling["n"],
-        "temperature": sampling["temperature"],
-        "top_p": sampling["top_p"],
-        "max_tokens": sampling["max_tokens"],
-        "seed": sampling["seed"],
-        "stop": tasks.stop_strings(task),
-    }
+    url = client_options.base_url.rstrip("/") + "/v1/completions"
+    headers = {"Authorization": f"Bearer {client_options.api_key}"} if client_options.api_key else {}
+    body = {"model": model, **asdict(sampling), "stop": tasks.stop_strings(task)}
+    concurrency, retries = client_options.concurrency, client_options.retries
 
     async def complete(client: httpx.AsyncClient, gate: asyncio.Semaphore, prompt: str) -> Generation:
         last = ""
@@ -197,7 +318,7 @@ def openai_teacher(task: tasks.Task, base_url: str, model: str, sampling: dict, 
         loop = asyncio.new_event_loop()
         gate = asyncio.Semaphore(concurrency)
         limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
-        client = httpx.AsyncClient(timeout=httpx.Timeout(timeout), limits=limits)
+        client = httpx.AsyncClient(timeout=httpx.Timeout(client_options.timeout), limits=limits)
         running: dict[asyncio.Task, tasks.Example] = {}
         try:
             while True:

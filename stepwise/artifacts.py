@@ -1,7 +1,8 @@
 """The artifact contract: the folders the stages hand each other, their file names, and the one way to
 write and read them. Standard library only (pyarrow for Parquet shards), so it imports in both environments.
 
-    extraction folder   manifest.json, task.json, shard-<hash>.jsonl | shard-<hash>.parquet
+    extraction folder   manifest.json, task.json, shard-<hash>.jsonl | shard-<hash>.parquet, .extract.lock (the
+                        lock a run holds while it writes)
     model folder        Hugging Face model files, task.json, train_config.json, metrics.json, log.csv
                         (checkpoint/ while a run is unfinished)
     export folder       *.onnx, tokenizer files, task.json, train_config.json, export_config.json, parity.json
@@ -26,6 +27,7 @@ TRAIN_LOG = "log.csv"
 CHECKPOINT = "checkpoint"
 EXPORT_CONFIG = "export_config.json"
 PARITY = "parity.json"
+EXTRACT_LOCK = ".extract.lock"  # held (flock) by the one `stepwise extract` run writing a folder
 SHARD_FORMATS = ("jsonl", "parquet")
 JSON_TEXT_IN_PARQUET = ("votes", "teacher")  # nested dicts whose keys vary: JSON text columns in Parquet
 
@@ -173,22 +175,28 @@ def shard_paths(folder: Path) -> list[Path]:
 def iter_records(folder: Path) -> Iterator[dict]:
     """Every record of an extraction folder's shards (JSONL, or Parquet with its JSON text columns decoded)."""
     for path in shard_paths(folder):
-        if path.suffix == ".parquet":
+        yield from read_shard(path)
+
+
+def read_shard(path: Path) -> Iterator[dict]:
+    """The records of one shard file."""
+    if path.suffix == ".parquet":
+        try:
+            import pyarrow.parquet as pq
+        except ImportError:
+            missing = f"{path.parent} holds Parquet shards but pyarrow is not installed in this environment"
+            raise ImportError(missing) from None
+        for row in pq.read_table(path).to_pylist():
+            yield {k: json.loads(v) if k in JSON_TEXT_IN_PARQUET and isinstance(v, str) else v for k, v in row.items()}
+        return
+    with path.open() as f:
+        for number, line in enumerate(f, 1):
+            if not line.strip():
+                continue
             try:
-                import pyarrow.parquet as pq
-            except ImportError:
-                raise ImportError(f"{folder} holds Parquet shards but pyarrow is not installed in this environment") from None
-            for row in pq.read_table(path).to_pylist():
-                yield {k: json.loads(v) if k in JSON_TEXT_IN_PARQUET and isinstance(v, str) else v for k, v in row.items()}
-            continue
-        with path.open() as f:
-            for number, line in enumerate(f, 1):
-                if not line.strip():
-                    continue
-                try:
-                    yield json.loads(line)
-                except json.JSONDecodeError as problem:
-                    raise ValueError(f"{path}:{number}: not a JSON record ({problem.msg})") from None
+                yield json.loads(line)
+            except json.JSONDecodeError as problem:
+                raise ValueError(f"{path}:{number}: not a JSON record ({problem.msg})") from None
 
 
 def read_records(folder: Path) -> list[dict]:

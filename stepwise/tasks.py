@@ -3,7 +3,27 @@
 both environments (the teacher's vLLM one and the student's ONNX one).
 
 Built-in tasks read `../shared/datasets` (the paper's SVAMP, CommonsenseQA and e-SNLI with the PaLM-540B
-completions its authors released); a custom task reads a user's JSONL or CSV.
+completions its authors released); a custom task reads a user's JSONL, CSV or Parquet file, a folder of split
+files, or a Hugging Face `datasets` folder (`save_to_disk`), with an optional task file beside it.
+
+A custom dataset's columns:
+    input         the student's input text, or several columns joined by the task file's `input_template`
+    label         the gold answer
+    choices       optional: the answer choices of a multiple-choice row (a list, or `a|b|c` in CSV)
+    rationale     optional: a human or pre-made rationale (`stepwise extract --teacher dataset`)
+    completion    optional: a teacher's raw chain-of-thought text (`stepwise extract --teacher replay`)
+    split         optional: train, valid (or validation) or test; rows without one are train
+    id            optional: a stable id (else the row's position)
+
+The task file (`<data stem>.task.json` or `.task.toml` beside a file; `task.json` or `task.toml` inside a
+folder) may set `name`, `labels`, `input_template` (e.g. "Premise: {premise}\nHypothesis: {hypothesis}"),
+`answer_style` and `exemplar_count`.
+
+Closed label sets: a custom task without `choices` has one when the task file or `--labels` declares it, or
+when its train labels take at most 32 distinct values and each appears at least twice (normalised text);
+otherwise its answers are free text (`answer_style = "free"` in the task file turns inference off). A task
+with a label set has answer_style "label": the parser rejects any other label, structured output is
+constrained to the set, and the student scores the set instead of generating a label.
 """
 
 from __future__ import annotations
@@ -16,9 +36,12 @@ import math
 import operator
 import os
 import re
+import string
+from collections import Counter
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 from stepwise import artifacts
 
@@ -28,9 +51,18 @@ VALID_FRACTION = 0.1  # the paper holds out 10% of train for validation where a 
 LABEL_PREFIX = "predict: "
 RATIONALE_PREFIX = "explain: "
 NLI_LABELS = ["entailment", "neutral", "contradiction"]
+NLI_TEMPLATE = "Premise: {premise}\nHypothesis: {hypothesis}"
 LETTERS = "abcdefghijklmnopqrstuvwxyz"
+# A custom task's label set is inferred when its train labels take at most this many distinct values...
+INFERRED_LABELS_MAX = 32
+# ...and each of them appears at least this often (a label seen once is more likely a free answer).
+INFERRED_LABEL_MIN_COUNT = 2
+TASK_FILE_KEYS = ("name", "labels", "input_template", "answer_style", "exemplar_count")
+TABLE_SUFFIXES = (".jsonl", ".json", ".csv", ".parquet")
+SPLIT_ALIASES = {"validation": "valid"}  # Hugging Face's name for the validation split
 
 AnswerStyle = Literal["equation", "choice", "label", "free"]
+ANSWER_STYLES = ("equation", "choice", "label", "free")
 
 
 @dataclass
@@ -42,6 +74,7 @@ class Task:
     labels: list[str] = field(default_factory=list)  # the closed label set of a `label` task
     source: str = ""  # a data file or folder for a custom task
     exemplar_count: int = 10
+    input_template: str = ""  # how named fields become the input text ("": one field, `input`); see format_input
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), indent=2)
@@ -80,7 +113,7 @@ def datasets_dir() -> Path:
 BUILTIN = {
     "svamp": Task("svamp", "equation"),
     "cqa": Task("cqa", "choice"),
-    "esnli": Task("esnli", "label", labels=list(NLI_LABELS)),
+    "esnli": Task("esnli", "label", labels=list(NLI_LABELS), input_template=NLI_TEMPLATE),
 }
 # Shipped files per task: our split -> (file split, teacher batch size). esnli ships no train split,
 # so its valid file is cut into train and valid, as the paper's authors trained on what they had.
@@ -91,18 +124,29 @@ SHIPPED = {
 }
 
 
-def get_task(name_or_path: str) -> Task:
-    """A built-in task by name, or a custom task from a JSONL/CSV file or a folder of split files."""
+def get_task(name_or_path: str, labels: list[str] | None = None) -> Task:
+    """A built-in task by name, or a custom task from a data file or folder (see the module docstring),
+    configured by its task file and `labels` (which overrides the task file's)."""
     if name_or_path in BUILTIN:
+        if labels:
+            own = ", ".join(BUILTIN[name_or_path].labels) or "none"
+            raise ValueError(f"--labels is for custom tasks: {name_or_path} has its own ({own})")
         return BUILTIN[name_or_path]
     path = Path(name_or_path.removeprefix("custom:"))
     if not path.exists():
         raise ValueError(f"unknown task {name_or_path!r}: not one of {sorted(BUILTIN)} and no such file or folder")
-    rows = [row for split in SPLITS for row in _custom_rows(path, split)]
-    if not rows:
-        raise ValueError(f"custom task {path}: no rows found")
-    style: AnswerStyle = "choice" if any(r.get("choices") for r in rows) else "free"
-    return Task(path.stem, style, source=str(path.resolve()))
+    settings = read_task_file(path)
+    if labels:
+        settings["labels"] = _checked_labels(labels, "--labels")
+    table = _custom_table(path)
+    if not table["train"]:
+        found = ", ".join(f"{split} {len(rows)}" for split, rows in table.items())
+        raise ValueError(f"custom task {path}: no train rows ({found}); rows without a 'split' column are train")
+    has_choices = any(row.get("choices") for rows in table.values() for row in rows)
+    train_labels = [_text(row.get("label")) for row in table["train"]]
+    style, label_set = _answer_style(path, settings, has_choices, train_labels)
+    name, exemplar_count = settings.get("name") or path.stem, settings.get("exemplar_count", 10)
+    return Task(name, style, label_set, str(path.resolve()), exemplar_count, settings.get("input_template", ""))
 
 
 def save_task(task: Task, folder: Path) -> None:
@@ -132,9 +176,27 @@ def load_split(task: Task, split: str) -> list[Example]:
     return [e for e in examples if in_valid_split(e.id) == (split == "valid")]
 
 
+def input_fingerprint(example: Example) -> str:
+    """A short hash of the text a teacher saw of an example (its input and choices). Extraction keeps it in
+    every record; a resumed extraction redoes, and training skips, a record whose example has changed since."""
+    text = "\x1f".join([example.input, *(example.choices or [])])
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
 def _read_jsonl(path: Path) -> list[dict]:
+    rows = []
     with path.open() as f:
-        return [json.loads(line) for line in f if line.strip()]
+        for number, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as problem:
+                raise ValueError(f"{path}:{number}: not a JSON object ({problem.msg}); expected one per line") from None
+            if not isinstance(row, dict):
+                raise ValueError(f"{path}:{number}: expected a JSON object per line, got {type(row).__name__}")
+            rows.append(row)
+    return rows
 
 
 def _teacher_completions(task: str, file_split: str, batch: int, count: int) -> list[str | None]:
@@ -170,47 +232,287 @@ def cqa_input(question: str, choices: list[str]) -> str:
 
 
 def nli_input(premise: str, hypothesis: str) -> str:
-    return f"Premise: {premise}\nHypothesis: {hypothesis}"
+    return NLI_TEMPLATE.format(premise=premise, hypothesis=hypothesis)
 
 
-def _custom_rows(path: Path, split: str) -> list[dict]:
-    """Rows of a custom dataset for one split: a folder holds <split>.jsonl/.csv; a single file
-    holds rows with an optional `split` column (rows without one are train)."""
+# ---------------------------------------------------------------- named input fields
+
+
+def input_fields(task: Task) -> list[str]:
+    """The named fields one input is made of: those of the task's input template, or just `input`."""
+    return _template_fields(task.input_template) if task.input_template else ["input"]
+
+
+def format_input(task: Task, fields: Mapping[str, Any]) -> str:
+    """The input text from named fields (a data row, or a request's JSON object): the task's input template
+    filled in, or the `input` field as it is. Fields the task does not use are ignored. Raises ValueError
+    naming the first field that is missing or empty."""
+    names = input_fields(task)
+    values = {name: _text(fields.get(name), strip=False) for name in names}
+    for name in names:
+        if not values[name].strip():
+            uses = f" (task {task.name}'s input is built from {', '.join(map(repr, names))})"
+            raise ValueError(f"missing or empty field {name!r}{uses if task.input_template else ''}")
+    return task.input_template.format_map(values) if task.input_template else values["input"]
+
+
+def _template_fields(template: str) -> list[str]:
+    """The field names of an input template, in order; only plain `{name}` placeholders are allowed."""
+    names: list[str] = []
+    try:
+        parts = list(string.Formatter().parse(template))
+    except ValueError as problem:
+        raise ValueError(f"input_template {template!r}: {problem} (write a literal brace as {{{{ or }}}})") from None
+    for _, name, spec, conversion in parts:
+        if name is None:
+            continue
+        if not name.isidentifier() or spec or conversion:
+            written = name + ("!" + conversion if conversion else "") + (":" + spec if spec else "")
+            raise ValueError(f"input_template {template!r}: placeholder {{{written}}} is not a plain {{column}} name")
+        if name not in names:
+            names.append(name)
+    if not names:
+        raise ValueError(f"input_template {template!r} names no field: write the columns as {{column}}")
+    return names
+
+
+def _text(value: Any, strip: bool = True) -> str:
+    """A cell as text: "" for a missing cell (None); numbers and labels such as 0 become "0", not ""."""
+    text = "" if value is None else str(value)
+    return text.strip() if strip else text
+
+
+# ---------------------------------------------------------------- custom tasks: task file and label set
+
+
+def task_file_paths(path: Path) -> list[Path]:
+    """Where a custom dataset's task file may be: beside a file (`data.task.json` for `data.jsonl`), or inside a
+    folder."""
     if path.is_dir():
-        files = [path / f"{split}.{ext}" for ext in ("jsonl", "json", "csv")]
-        return [dict(r, _row=i) for f in files if f.exists() for i, r in enumerate(_read_table(f))]
-    rows = [dict(r, _row=i) for i, r in enumerate(_read_table(path))]
-    return [r for r in rows if (r.get("split") or "train") == split]
+        return [path / "task.json", path / "task.toml"]
+    return [path.with_suffix(".task.json"), path.with_suffix(".task.toml")]
+
+
+def read_task_file(path: Path) -> dict[str, Any]:
+    """The settings of a custom dataset's task file ({} when it has none), checked key by key."""
+    found = [p for p in task_file_paths(path) if p.exists()]
+    if not found:
+        return {}
+    if len(found) > 1:
+        raise ValueError(f"custom task {path}: two task files ({found[0].name} and {found[1].name}); keep one")
+    file = found[0]
+    try:
+        if file.suffix == ".toml":
+            import tomllib
+
+            settings = tomllib.loads(file.read_text())
+        else:
+            settings = json.loads(file.read_text())
+    except (ValueError, UnicodeDecodeError) as problem:  # JSON's and TOML's decode errors are ValueErrors
+        raise ValueError(f"task file {file} is not valid {file.suffix[1:].upper()}: {problem}") from None
+    if not isinstance(settings, dict):
+        raise ValueError(f"task file {file}: expected a JSON object of settings ({', '.join(TASK_FILE_KEYS)})")
+    unknown = sorted(set(settings) - set(TASK_FILE_KEYS))
+    if unknown:
+        raise ValueError(f"task file {file}: unknown key {unknown[0]!r}; the keys are {', '.join(TASK_FILE_KEYS)}")
+    try:
+        if "labels" in settings:
+            settings["labels"] = _checked_labels(settings["labels"], "labels")
+        if "input_template" in settings:
+            if not isinstance(settings["input_template"], str):
+                raise ValueError('input_template must be text such as "Premise: {premise}\\nHypothesis: {hypothesis}"')
+            _template_fields(settings["input_template"])
+        if "answer_style" in settings and settings["answer_style"] not in ANSWER_STYLES:
+            raise ValueError(f"answer_style {settings['answer_style']!r} is not one of {', '.join(ANSWER_STYLES)}")
+        if "name" in settings and not (isinstance(settings["name"], str) and settings["name"].strip()):
+            raise ValueError("name must be non-empty text")
+        count = settings.get("exemplar_count", 0)
+        if type(count) is not int or count < 0:
+            raise ValueError(f"exemplar_count must be a whole number >= 0, got {count!r}")
+    except ValueError as problem:
+        raise ValueError(f"task file {file}: {problem}") from None
+    return settings
+
+
+def _checked_labels(labels: Any, where: str) -> list[str]:
+    """A declared label set: at least two distinct, non-empty, one-line labels (compared normalised)."""
+    if not isinstance(labels, list) or not all(isinstance(label, str) for label in labels):
+        raise ValueError(f"{where} must be a list of label texts, got {labels!r}")
+    cleaned = [label.strip() for label in labels]
+    bad = [label for label in cleaned if not normalize(label) or "\n" in label]
+    if bad:
+        raise ValueError(f"{where}: label {bad[0]!r} is empty or spans several lines")
+    repeated = [label for label, count in Counter(map(normalize, cleaned)).items() if count > 1]
+    if repeated:
+        raise ValueError(f"{where}: label {repeated[0]!r} is listed twice (labels compare lower-cased, no final '.')")
+    if len(cleaned) < 2:
+        raise ValueError(f"{where}: a label set needs at least two labels, got {cleaned}")
+    return cleaned
+
+
+def infer_label_set(labels: list[str]) -> list[str]:
+    """The closed label set that a custom task's train labels imply, or [] for free answers: at most
+    INFERRED_LABELS_MAX distinct labels, each seen at least INFERRED_LABEL_MIN_COUNT times, at least two of them,
+    all on one line. Labels compare normalised; each is spelled as it first appears; the set is sorted."""
+    given = [label for label in labels if normalize(label)]
+    counts = Counter(map(normalize, given))
+    if not 2 <= len(counts) <= INFERRED_LABELS_MAX or min(counts.values()) < INFERRED_LABEL_MIN_COUNT:
+        return []
+    if any("\n" in label for label in given):  # a label must fit the "Answer: <label>" line
+        return []
+    spelling: dict[str, str] = {}
+    for label in given:
+        spelling.setdefault(normalize(label), label)
+    return sorted(spelling.values())
+
+
+def _answer_style(path: Path, settings: dict, has_choices: bool, train_labels: list[str]) -> tuple[AnswerStyle, list]:
+    declared, labels = settings.get("answer_style"), settings.get("labels")
+    where = f"custom task {path}"
+    if has_choices:
+        if labels or declared not in (None, "choice"):
+            raise ValueError(f"{where}: rows have 'choices', so each row's answer is one of its choices; "
+                             "drop labels/answer_style from the task file")
+        return "choice", []
+    if declared == "choice":
+        raise ValueError(f"{where}: answer_style 'choice' needs a 'choices' column")
+    if labels:
+        if declared not in (None, "label"):
+            raise ValueError(f"{where}: a label set makes answer_style 'label', not {declared!r}")
+        return "label", labels
+    if declared == "label":
+        raise ValueError(f"{where}: answer_style 'label' needs labels: list them in the task file or pass --labels")
+    if declared is not None:
+        return declared, []
+    inferred = infer_label_set(train_labels)
+    return ("label", inferred) if inferred else ("free", [])
+
+
+# ---------------------------------------------------------------- custom tasks: rows
+
+
+def _custom_table(path: Path) -> dict[str, list[dict]]:
+    """A custom dataset's raw rows per split, each with `_row` (its position, for error messages): a Hugging Face
+    datasets folder, a folder of <split>.<jsonl|json|csv|parquet> files, or one file whose optional `split` column
+    says where each row goes."""
+    if path.is_dir() and ((path / "dataset_dict.json").exists() or (path / "state.json").exists()):
+        return _hf_table(path)
+    if path.is_dir():
+        table: dict[str, list[dict]] = {}
+        for split in SPLITS:
+            names = [split, *[alias for alias, target in SPLIT_ALIASES.items() if target == split]]
+            files = [path / f"{name}{suffix}" for name in names for suffix in TABLE_SUFFIXES]
+            files = [file for file in files if file.exists()]
+            if len(files) > 1:
+                found = ", ".join(f.name for f in files)
+                raise ValueError(f"custom task folder {path}: several {split} files ({found}); keep one")
+            table[split] = [dict(row, _row=i) for i, row in enumerate(_read_table(files[0]))] if files else []
+        if not any(table.values()):
+            raise ValueError(f"custom task folder {path}: no train/valid/test files ({'/'.join(TABLE_SUFFIXES)}), "
+                             "and not a Hugging Face datasets folder")
+        return table
+    return _split_by_column(path, _read_table(path))
+
+
+def _split_by_column(where: Path, rows: list[dict]) -> dict[str, list[dict]]:
+    table: dict[str, list[dict]] = {split: [] for split in SPLITS}
+    for i, row in enumerate(rows):
+        given = _text(row.get("split")) or "train"
+        split = SPLIT_ALIASES.get(given, given)
+        if split not in table:
+            raise ValueError(f"custom task {where}, row {i + 1}: split {given!r} is not one of train, "
+                             "valid (validation), test")
+        table[split].append(dict(row, _row=i))
+    return table
 
 
 def _read_table(path: Path) -> list[dict]:
     if path.suffix == ".csv":
         with path.open(newline="") as f:
             return list(csv.DictReader(f))
+    if path.suffix == ".json" and path.read_text().lstrip().startswith("["):  # a JSON array of rows
+        rows = json.loads(path.read_text())
+        if not all(isinstance(row, dict) for row in rows):
+            raise ValueError(f"{path}: expected a JSON array of objects (one per row)")
+        return rows
     if path.suffix in (".jsonl", ".json"):
         return _read_jsonl(path)
-    raise ValueError(f"custom task {path}: expected a .jsonl or .csv file")
+    if path.suffix == ".parquet":
+        try:
+            import pyarrow.parquet as pq
+        except ImportError:
+            raise ValueError(f"{path}: reading Parquet needs pyarrow, which this environment lacks "
+                             "(pip install pyarrow)") from None
+        return pq.read_table(path).to_pylist()
+    raise ValueError(f"custom task {path}: expected a .jsonl, .json, .csv or .parquet file, or a folder")
 
 
-def _custom_example(task: Task, row: dict, split_name: str) -> Example:
-    where = f"custom task {task.source}, {split_name} row {row['_row'] + 1}"
-    for column in ("input", "label"):
-        if not str(row.get(column) or "").strip():
-            raise ValueError(f"{where}: missing or empty {column!r}")
+def _hf_table(path: Path) -> dict[str, list[dict]]:
+    """Rows of a Hugging Face `datasets` folder written by `save_to_disk` (a DatasetDict: one split per entry;
+    a Dataset: rows with an optional `split` column). Class-label columns come back as their names."""
+    try:
+        import datasets
+    except ImportError:
+        raise ValueError(f"{path} is a Hugging Face datasets folder: reading it needs the `datasets` package, which "
+                         "this environment lacks (pip install datasets), or export it to JSONL or Parquet") from None
+
+    def rows_of(dataset: Any) -> list[dict]:
+        features = dataset.features.items()
+        names = {column: feature.names for column, feature in features if isinstance(feature, datasets.ClassLabel)}
+        rows = dataset.to_list()
+        for row in rows:
+            for column, labels in names.items():  # -1 marks an unlabelled row
+                value = row[column]
+                row[column] = labels[value] if isinstance(value, int) and 0 <= value < len(labels) else None
+        return rows
+
+    loaded = datasets.load_from_disk(str(path))
+    if not isinstance(loaded, datasets.DatasetDict):
+        return _split_by_column(path, rows_of(loaded))
+    table: dict[str, list[dict]] = {split: [] for split in SPLITS}
+    for name, dataset in loaded.items():
+        split = SPLIT_ALIASES.get(name, name)
+        if split not in table:
+            raise ValueError(f"custom task {path}: split {name!r} is not one of train, valid (validation), test")
+        table[split] = [dict(row, _row=i) for i, row in enumerate(rows_of(dataset))]
+    return table
+
+
+def _custom_example(task: Task, row: dict, split: str) -> Example:
+    where = f"custom task {task.source}, {split} row {row['_row'] + 1}"
+    try:
+        text = format_input(task, row)
+    except ValueError as problem:
+        columns = ", ".join(repr(c) for c in row if c != "_row")
+        task_file = task_file_paths(Path(task.source))[0].name
+        hint = "" if task.input_template else f", or join your columns with an input_template in {task_file}"
+        raise ValueError(f"{where}: {problem}; the row has {columns}: fill the field{hint}") from None
+    label = _text(row.get("label"))
+    if not label:
+        raise ValueError(f"{where}: missing or empty 'label': every row needs its gold answer")
     choices = row.get("choices") or None
     if isinstance(choices, str):  # CSV: choices separated by |
         choices = [c.strip() for c in choices.split("|") if c.strip()]
-    label = str(row["label"]).strip()
-    if choices and label not in choices:
-        raise ValueError(f"{where}: label {label!r} is not one of its choices {choices}")
-    example_id = str(row.get("id") or f"{task.name}-{split_name}-{row['_row']:06d}")
-    text = cqa_input(str(row["input"]), choices) if choices else str(row["input"])
-    return Example(example_id, text, label, choices, row.get("rationale") or None)
+    if choices is not None:
+        choices = [_text(c) for c in choices]
+        if label not in choices:
+            raise ValueError(f"{where}: label {label!r} is not one of its choices {choices}")
+    if task.labels:
+        known = [name for name in task.labels if normalize(name) == normalize(label)]
+        if not known:
+            task_file = task_file_paths(Path(task.source))[0].name
+            raise ValueError(f"{where}: label {label!r} is not one of the task's labels {'/'.join(task.labels)}: "
+                             f"fix the row, or declare the whole set (labels in {task_file}, or --labels)")
+        label = known[0]
+    example_id = _text(row.get("id")) or f"{task.name}-{split}-{row['_row']:06d}"
+    text = cqa_input(text, choices) if choices else text
+    rationale, completion = _text(row.get("rationale")) or None, _text(row.get("completion"), strip=False) or None
+    return Example(example_id, text, label, choices, rationale, completion)
 
 
 def _load_custom(task: Task, split: str) -> list[Example]:
-    path = Path(task.source)
-    rows = {s: [_custom_example(task, r, s) for r in _custom_rows(path, s)] for s in SPLITS}
+    table = _custom_table(Path(task.source))
+    rows = {s: [_custom_example(task, r, s) for r in table[s]] for s in SPLITS}
     if rows["valid"] or split == "test":  # a missing test split stays empty; training then reports valid
         return rows[split]
     # No valid rows given: hold out 10% of train, as for the built-in tasks.
@@ -231,9 +533,15 @@ def rationale_input(example: Example) -> str:
 # ---------------------------------------------------------------- teacher prompts and parsing
 
 
+def _nli_layout(task: Task) -> bool:
+    """The built-in e-SNLI keeps the layout of the PaLM prompts its shipped completions came from (the input,
+    then "Reasonings:"); every other task, custom label tasks included, asks "Q: <input>" / "A:"."""
+    return task.answer_style == "label" and not task.source
+
+
 def _question_block(task: Task, example: Example) -> str:
-    """The exemplar/question layout the PaLM prompts used (visible in the shipped run-ons)."""
-    if task.answer_style == "label":
+    """The exemplar/question layout of the prompts (the PaLM ones, visible in the shipped run-ons)."""
+    if _nli_layout(task):
         return f"{example.input}\nReasonings:"
     return f"Q: {example.input}\nA:"
 
@@ -241,7 +549,7 @@ def _question_block(task: Task, example: Example) -> str:
 def answer_sentence(task: Task, label: str, choices: list[str] | None = None) -> str:
     if task.answer_style == "equation":
         return f"The answer is {label}."  # equations carry their own parentheses: "(84 / 2)"
-    if task.answer_style == "label":
+    if task.answer_style == "label":  # a line of its own: "A: <rationale>\nAnswer: <label>"
         return f"\nAnswer: {label}"
     if choices:
         return f"So the answer is ({LETTERS[choices.index(label)]}) {label}."
@@ -250,7 +558,7 @@ def answer_sentence(task: Task, label: str, choices: list[str] | None = None) ->
 
 def stop_strings(task: Task) -> list[str]:
     """Where a completion runs on into the next few-shot example; also the engine's stop strings."""
-    return ["\n\nPremise:", "\nPremise:"] if task.answer_style == "label" else ["\n\nQ:", "\nQ:"]
+    return ["\n\nPremise:", "\nPremise:"] if _nli_layout(task) else ["\n\nQ:", "\nQ:"]
 
 
 def exemplars(task: Task, pool: list[Example]) -> list[str]:
@@ -288,9 +596,11 @@ _ANSWER_PATTERNS = {
     "equation": re.compile(r"The answer is\s*(.+?)\s*\.?\s*$", re.S),
     "choice": re.compile(r"So the answer is\s*(?:\(([a-z])\))?\s*(.*?)\s*\.?\s*$", re.S | re.I),
     "free": re.compile(r"So the answer is\s*(.+?)\s*\.?\s*$", re.S | re.I),
-    "label": re.compile(r"Answer:[ \t]*([^\n]*)", re.S),  # the label is the rest of that line
 }
-_ANSWER_SPLITS = {"equation": "The answer is", "choice": "So the answer is", "free": "So the answer is", "label": "Answer:"}
+_ANSWER_SPLITS = {"equation": "The answer is", "choice": "So the answer is", "free": "So the answer is"}
+# A label task's answer: "Answer: <label>" (the prompts' form) or "So the answer is <label>." (a common
+# chain-of-thought ending), the label being the rest of that line.
+_LABEL_ANSWER = re.compile(r"(?:Answer:|So the answer is)[ \t]*([^\n]*)")
 
 
 def cut_run_on(task: Task, completion: str) -> str:
@@ -305,6 +615,8 @@ def parse_completion(task: Task, completion: str | None, choices: list[str] | No
     if completion is None or not completion.strip():
         return Parsed("", "", "malformed", "empty completion")
     text = cut_run_on(task, completion)
+    if task.answer_style == "label":
+        return _parse_label(task, text)
     marker = _ANSWER_SPLITS[task.answer_style]
     at = text.rfind(marker)
     if at < 0:
@@ -330,13 +642,23 @@ def parse_completion(task: Task, completion: str | None, choices: list[str] | No
                 return Parsed(rationale, found[0], "ok")
             return Parsed(rationale, "", "malformed", f"answer is none of the choices: {text_answer[:60]!r}")
         return Parsed(rationale, text_answer, "ok") if text_answer else Parsed(rationale, "", "malformed", "empty answer")
-    if task.answer_style == "label":
-        label = normalize(match.group(1))
-        if label not in task.labels:
-            return Parsed(rationale, "", "malformed", f"label is not one of {'/'.join(task.labels)}: {match.group(1)[:40]!r}")
-        return Parsed(rationale, label, "ok")
     label = match.group(1).strip()
     return Parsed(rationale, label, "ok") if label else Parsed(rationale, "", "malformed", "empty answer")
+
+
+def _parse_label(task: Task, text: str) -> Parsed:
+    """A label task's completion: the rationale, then the first answer line; whatever follows it is a run-on
+    into another example (a custom task's completions may come from a prompt whose stop strings are unknown)."""
+    match = _LABEL_ANSWER.search(text)
+    if not match:
+        return Parsed(text, "", "malformed", "no answer sentence: expected 'Answer: <label>'")
+    rationale, said = text[: match.start()].strip(), match.group(1).strip()
+    if not rationale:
+        return Parsed("", "", "malformed", "answer without a rationale")
+    found = [label for label in task.labels if normalize(label) == normalize(said)]
+    if not found:
+        return Parsed(rationale, "", "malformed", f"label is not one of {'/'.join(task.labels)}: {said[:40]!r}")
+    return Parsed(rationale, found[0], "ok")
 
 
 # ---------------------------------------------------------------- metrics

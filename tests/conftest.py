@@ -27,3 +27,21 @@ def tiny_export_dir(tiny_student_dir, tmp_path_factory) -> Path:
     from stepwise.export.run import main as export_main
 
     return export_main(model=tiny_student_dir, out=tmp_path_factory.mktemp("tiny-export") / "onnx", parity=ParityOptions(parity_limit=32))
+
+
+@pytest.fixture(scope="session")
+def custom_nli_rows() -> list[dict]:
+    """A custom 3-class NLI dataset as a user would bring it, made from shipped e-SNLI rows: id, premise,
+    hypothesis, input (the two joined), label (as text), rationale (the human explanation), completion (PaLM's
+    raw chain-of-thought output, run-on included) and split (240 train, 30 valid, 60 test)."""
+    from stepwise import tasks
+
+    esnli = tasks.get_task("esnli")
+    rows = []
+    for split, count in (("train", 240), ("valid", 30), ("test", 60)):
+        for example in tasks.load_split(esnli, split)[:count]:
+            premise, hypothesis = example.input.removeprefix("Premise: ").split("\nHypothesis: ")
+            rows.append({"id": example.id, "premise": premise, "hypothesis": hypothesis, "input": example.input,
+                         "label": example.label, "rationale": example.rationale,
+                         "completion": example.teacher_completion, "split": split})
+    return rows

@@ -3,7 +3,8 @@ fraction, and the (input, label, rationale) triples the student learns from.
 
 The extraction output folder is the contract: JSONL shards (or Parquet, when pyarrow is installed) plus
 manifest.json and task.json, one record per input with id, input, label, choices, rationale,
-teacher_label, status ("ok", or why not) and reason. It is read through `stepwise.artifacts`, the contract both environments share.
+teacher_label, status ("ok", or why not), reason and fingerprint (of the input it was made from). It is
+read through `stepwise.artifacts`, the contract both environments share.
 """
 
 from __future__ import annotations
@@ -43,11 +44,19 @@ def records_by_id(folder: Path) -> dict[str, dict]:
 
 
 def check_task_matches(folder: Path, task: tasks.Task) -> None:
-    """Refuse rationales extracted for another task (the folder's task.json says which)."""
-    if (Path(folder) / artifacts.TASK).exists():
-        extracted_for = tasks.load_task(folder)
-        if extracted_for.name != task.name:
-            raise ValueError(f"rationales in {folder} were extracted for task {extracted_for.name!r}, not {task.name!r}")
+    """Refuse rationales extracted for another task, or for the same data read another way (another label set,
+    answer style or input template: e.g. --labels given to one stage only). The folder's task.json says which."""
+    if not (Path(folder) / artifacts.TASK).exists():
+        return
+    extracted_for = tasks.load_task(folder)
+    if extracted_for.name != task.name:
+        raise ValueError(f"rationales in {folder} were extracted for task {extracted_for.name!r}, not {task.name!r}")
+    compared = ("answer_style", "labels", "input_template") if task.source else ()  # a built-in task never differs
+    for name in compared:
+        theirs, ours = getattr(extracted_for, name), getattr(task, name)
+        if theirs != ours:
+            raise ValueError(f"rationales in {folder} were extracted with {name} {theirs!r}, this task has {ours!r}: "
+                             "give both stages the same task file or --labels")
 
 
 def data_fraction(examples: list, fraction: float, seed: int) -> list:
@@ -61,9 +70,18 @@ def data_fraction(examples: list, fraction: float, seed: int) -> list:
     return [examples[i] for i in keep]
 
 
+def input_changed(record: dict, example: tasks.Example) -> bool:
+    """The record was made from another input than the example now has (the data was edited since extraction).
+    Records of older versions carry no fingerprint: their input text is compared instead."""
+    if "fingerprint" in record:
+        return record["fingerprint"] != tasks.input_fingerprint(example)
+    return record.get("input") is not None and record["input"] != example.input
+
+
 def training_examples(task: tasks.Task, records: dict[str, dict] | None, needs_teacher_label: bool, needs_rationale: bool, fraction: float, seed: int) -> tuple[list[StudentExample], dict]:
     """The train split's fraction, with the teacher's label and/or rationale joined by id where the mode
-    needs them. Inputs the teacher failed on (status not ok) or never saw are skipped and counted."""
+    needs them. Inputs the teacher failed on (status not ok), never saw, or saw in another version (the data
+    changed since: `skipped_input_changed`) are skipped and counted."""
     train = tasks.load_split(task, "train")
     selected = data_fraction(train, fraction, seed)
     counts: Counter = Counter(train_split=len(train), selected=len(selected))
@@ -81,8 +99,9 @@ def training_examples(task: tasks.Task, records: dict[str, dict] | None, needs_t
             if record["status"] != "ok" or (needs_rationale and not record.get("rationale")) or (needs_teacher_label and not record.get("teacher_label")):
                 counts["skipped_not_ok"] += 1
                 continue
-            if record.get("input") is not None and record["input"] != example.input:
-                counts["input_text_differs"] += 1  # same id, other formatting: the task layer's input is used
+            if input_changed(record, example):  # its rationale explains another input: never train on it
+                counts["skipped_input_changed"] += 1
+                continue
         label = record["teacher_label"] if needs_teacher_label else example.label
         rationale = record["rationale"] if needs_rationale else None
         examples.append(StudentExample(example.input, label, rationale))

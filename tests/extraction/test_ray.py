@@ -8,7 +8,7 @@ from collections import Counter
 import pytest
 
 from stepwise import artifacts
-from stepwise.extraction import read_records, shards
+from stepwise.extraction import read_records
 from stepwise import cli, tasks
 
 pytestmark = pytest.mark.slow

@@ -20,7 +20,7 @@ def test_majority_vote_picks_the_most_common_label_and_its_rationale():
         "no answer here",
         "A bedroom holds a bed. So the answer is (b) bedroom.\n\nQ: next",
     ]
-    record = records.make_record(CQA, EXAMPLE, teachers.Generation(completions, 10, 40), {"backend": "test"})
+    record = records.make_record(CQA, EXAMPLE, teachers.Generation(completions, 10, 40), {"backend": "vllm"})
     assert record["teacher_label"] == "bedroom" and record["rationale"] == "People sleep in bedrooms."
     assert record["votes"] == {"sea": 1, "bedroom": 2} and record["status"] == "ok" and record["correct"]
 
@@ -34,12 +34,13 @@ def test_equal_equations_vote_together():
 
 
 def test_no_parseable_sample_is_malformed_with_the_reason():
-    record = records.make_record(CQA, EXAMPLE, teachers.Generation(["rambling"]), {})
+    record = records.make_record(CQA, EXAMPLE, teachers.Generation(["rambling"]), {"backend": "vllm"})
     assert record["status"] == "malformed" and "no answer sentence" in record["reason"] and not record["correct"]
 
 
 def test_a_teacher_error_is_recorded_not_raised():
-    record = records.make_record(CQA, EXAMPLE, teachers.Generation(error="server error after 2 retries: ConnectError"), {})
+    failed = teachers.Generation(error="server error after 2 retries: ConnectError")
+    record = records.make_record(CQA, EXAMPLE, failed, {"backend": "openai"})
     assert record["status"] == "error" and record["reason"].startswith("server error") and record["completions"] == []
     counts = shards.count_records([record, dict(record, status="ok", reason="", correct=True)])
     assert counts["failure_reasons"] == {"server error after 2 retries": 1} and counts["parse_rate"] == 0.5

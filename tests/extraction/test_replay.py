@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 
 from stepwise import artifacts
-from stepwise.extraction import read_records, shards
+from stepwise.extraction import read_records
 from stepwise import cli, tasks
 
 
@@ -87,3 +88,21 @@ def test_parquet_shards_hold_the_same_records_and_resume_across_formats(tmp_path
     assert {p.suffix for p in artifacts.shard_paths(tmp_path / "mixed")} == {".parquet", ".jsonl"}
     mixed, plain = (sorted(read_records(tmp_path / name), key=lambda r: r["id"]) for name in ("mixed", "jsonl"))
     assert mixed == plain
+
+
+@pytest.mark.parametrize(
+    "flags,message",
+    [
+        (["--teacher", "vllm", "--model", "m", "--n", "3"], "--n 3 with --temperature 0 draws the same greedy completion"),
+        (["--teacher", "openai", "--model", "m", "--base-url", "localhost:8000"], "--base-url must start with http://"),
+        (["--structured"], "--structured constrains the vllm engine's output; pass --teacher vllm"),
+        (["--ray"], "--ray runs the vllm teacher"),
+        (["--teacher", "vllm", "--model", "m", "--ray", "--ray-actors", "0"], "--ray-actors must be 1 or more"),
+        (["--teacher", "vllm"], "--teacher vllm needs --model"),
+        (["--split", "test", "--labels", "a", "b"], "--labels is for custom tasks"),
+    ],
+)
+def test_option_groups_check_their_flags_before_anything_is_written(tmp_path, flags, message):
+    with pytest.raises(SystemExit, match=re.escape(message)):
+        extract("--task", "svamp", "--out", str(tmp_path / "out"), *flags)
+    assert not (tmp_path / "out").exists()

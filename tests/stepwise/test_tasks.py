@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import sys
 
 import pytest
 
@@ -201,7 +202,7 @@ def test_custom_csv_folder_task_free_labels(tmp_path):
     "content,message",
     [
         ('{"input": "q"}\n', "missing or empty 'label'"),
-        ('{"input": "", "label": "a"}\n', "missing or empty 'input'"),
+        ('{"input": "", "label": "a"}\n', "missing or empty field 'input'"),
         ('{"input": "q", "label": "d", "choices": ["a", "b"]}\n', "is not one of its choices"),
     ],
 )
@@ -218,3 +219,235 @@ def test_unknown_task_and_split_are_clear_errors():
         tasks.get_task("nope")
     with pytest.raises(ValueError, match="unknown split 'dev'"):
         tasks.load_split(tasks.get_task("cqa"), "dev")
+
+
+# ---------------------------------------------------------------- your own data (custom_nli_rows: tests/conftest.py)
+
+
+def write_jsonl(path, rows, drop=()):
+    path.write_text("".join(json.dumps({k: v for k, v in row.items() if k not in drop}) + "\n" for row in rows))
+    return path
+
+
+def test_a_few_repeated_labels_become_a_closed_label_set(tmp_path, custom_nli_rows):
+    path = write_jsonl(tmp_path / "nli.jsonl", custom_nli_rows, drop=("premise", "hypothesis"))
+    task = tasks.get_task(str(path))
+    assert (task.name, task.answer_style, task.labels) == ("nli", "label", ["contradiction", "entailment", "neutral"])
+    assert task.closed_label_set and tasks.input_fields(task) == ["input"]
+    train = tasks.load_split(task, "train")
+    assert {e.label for e in train} == set(task.labels) and train[0].input == custom_nli_rows[0]["input"]
+    assert (
+        train[0].teacher_completion == custom_nli_rows[0]["completion"]
+        and train[0].rationale == custom_nli_rows[0]["rationale"]
+    )
+    # a custom label task asks Q:/A: and answers on a line of its own; the prompt stops at the next "Q:"
+    shots = tasks.exemplars(task, train)
+    assert len(shots) == 10 and all(
+        s.startswith("Q: Premise: ") and s.rsplit("\n", 1)[1] in [f"Answer: {x}" for x in task.labels] for s in shots
+    )
+    assert tasks.few_shot_prompt(task, shots, train[0]).endswith(f"Q: {train[0].input}\nA:")
+    assert tasks.stop_strings(task) == ["\n\nQ:", "\nQ:"]
+    for shot in shots:  # every exemplar parses back to its own label
+        parsed = tasks.parse_completion(task, shot.split("\nA:", 1)[1])
+        assert parsed.status == "ok" and shot.endswith(f"Answer: {parsed.label}")
+
+
+@pytest.mark.parametrize(
+    "completion,status,label_or_reason",
+    [
+        # the first answer wins: what follows it runs on into another example
+        ("A man is a person.\nAnswer: Entailment.\n\nPremise: run-on\nAnswer: neutral", "ok", "entailment"),
+        ("Nothing says so. So the answer is neutral.\n\nQ: next", "ok", "neutral"),
+        ("A man.\nAnswer: maybe", "malformed", "label is not one of contradiction/entailment/neutral: 'maybe'"),
+        ("A man is a person.", "malformed", "no answer sentence"),
+    ],
+)
+def test_a_label_outside_the_set_is_malformed_with_the_reason(
+    tmp_path, custom_nli_rows, completion, status, label_or_reason
+):
+    task = tasks.get_task(str(write_jsonl(tmp_path / "nli.jsonl", custom_nli_rows)))
+    parsed = tasks.parse_completion(task, completion)
+    assert parsed.status == status
+    assert (parsed.label if status == "ok" else parsed.reason).startswith(label_or_reason)
+
+
+def test_the_task_file_declares_labels_and_joins_input_fields(tmp_path, custom_nli_rows):
+    path = write_jsonl(tmp_path / "nli.jsonl", custom_nli_rows, drop=("input",))
+    labels = ["entailment", "neutral", "contradiction"]
+    settings = {"name": "my-nli", "labels": labels, "input_template": "Premise: {premise}\nHypothesis: {hypothesis}"}
+    (tmp_path / "nli.task.json").write_text(json.dumps(settings))
+    task = tasks.get_task(str(path))
+    assert (task.name, task.answer_style, task.labels) == ("my-nli", "label", labels)
+    assert tasks.input_fields(task) == ["premise", "hypothesis"]
+    assert [e.input for e in tasks.load_split(task, "test")] == [
+        r["input"] for r in custom_nli_rows if r["split"] == "test"
+    ]
+    assert tasks.format_input(task, {"hypothesis": "b", "premise": "a", "extra": 1}) == "Premise: a\nHypothesis: b"
+    with pytest.raises(
+        ValueError,
+        match=r"missing or empty field 'hypothesis' \(task my-nli's input is built from 'premise', 'hypothesis'\)",
+    ):
+        tasks.format_input(task, {"premise": "a", "hypothesis": " "})
+    # the task travels with every artifact: labels and template included
+    assert tasks.load_task(_saved(task, tmp_path)) == task
+    # --labels overrides the task file; a gold label outside it names the row and what to do
+    relabelled = tasks.get_task(str(path), labels=["entailment", "not entailment"])
+    outside = r"train row \d+: label '(neutral|contradiction)' is not one of the task's labels"
+    with pytest.raises(ValueError, match=f"{outside} entailment/not entailment.*--labels"):
+        tasks.load_split(relabelled, "train")
+
+
+def test_a_toml_task_file_and_a_folder_of_csv_splits(tmp_path):
+    folder = tmp_path / "reviews"
+    folder.mkdir()
+    (folder / "train.csv").write_text(
+        "title,body,label\n" + "".join(f"T{i},body {i},{'Positive' if i % 2 else 'negative'}\n" for i in range(20))
+    )
+    (folder / "test.csv").write_text("title,body,label\nT,b,positive\n")
+    (folder / "task.toml").write_text('input_template = "Title: {title}\\nBody: {body}"\nexemplar_count = 4\n')
+    task = tasks.get_task(str(folder))
+    assert (task.answer_style, task.labels, task.exemplar_count) == ("label", ["Positive", "negative"], 4)
+    test = tasks.load_split(task, "test")
+    assert [(e.input, e.label) for e in test] == [("Title: T\nBody: b", "Positive")]  # the set's spelling
+
+
+@pytest.mark.parametrize(
+    "labels,style",
+    [
+        ([f"l{i % 32}" for i in range(64)], "label"),  # 32 distinct labels, each twice
+        ([f"l{i % 33}" for i in range(66)], "free"),  # 33 distinct labels
+        (["yes", "no", "no", "maybe"] * 2 + ["never"], "free"),  # one label seen once
+        (["yes"] * 10, "free"),  # one label is no set
+    ],
+)
+def test_the_label_set_inference_rule(tmp_path, labels, style):
+    path = write_jsonl(tmp_path / "data.jsonl", [{"input": f"q{i}", "label": label} for i, label in enumerate(labels)])
+    assert tasks.get_task(str(path)).answer_style == style
+
+
+def test_answer_style_free_in_the_task_file_turns_inference_off(tmp_path, custom_nli_rows):
+    path = write_jsonl(tmp_path / "nli.jsonl", custom_nli_rows)
+    (tmp_path / "nli.task.json").write_text('{"answer_style": "free"}')
+    task = tasks.get_task(str(path))
+    assert (task.answer_style, task.labels, task.closed_label_set) == ("free", [], False)
+
+
+@pytest.mark.parametrize(
+    "task_file,rows,message",
+    [
+        (
+            '{"labels": ["a", "b"], "colour": 1}',
+            None,
+            r"nli.task.json: unknown key 'colour'; the keys are name, labels",
+        ),
+        ('{"labels": ["a", "b"],}', None, r"nli.task.json is not valid JSON"),
+        ('{"labels": ["a"]}', None, "a label set needs at least two labels"),
+        ('{"labels": ["Yes", "yes."]}', None, "label 'yes' is listed twice"),
+        (
+            '{"input_template": "{premise!r} and {0}"}',
+            None,
+            r"placeholder \{premise!r\} is not a plain \{column\} name",
+        ),
+        ('{"input_template": "Premise: {premise"}', None, "input_template 'Premise: {premise'"),
+        ('{"answer_style": "label"}', None, "answer_style 'label' needs labels"),
+        (
+            '{"input_template": "P: {premise}\\nH: {hypo}"}',
+            None,
+            r"train row 1: missing or empty field 'hypo'.*the row has 'id', 'premise'",
+        ),
+        (
+            None,
+            [{"input": "q", "label": "a", "split": "training"}],
+            r"row 1: split 'training' is not one of train, valid \(validation\), test",
+        ),
+        (None, [{"input": "q", "label": "a", "split": "test"}], "no train rows"),
+        (
+            None,
+            [{"premise": "p", "label": "a"}],
+            r"missing or empty field 'input'.*or join your columns with an input_template in nli.task.json",
+        ),
+    ],
+)
+def test_bad_custom_data_gets_a_one_line_error_naming_the_file_and_row(
+    tmp_path, custom_nli_rows, task_file, rows, message
+):
+    path = write_jsonl(tmp_path / "nli.jsonl", rows or custom_nli_rows, drop=("input",))
+    if task_file:
+        (tmp_path / "nli.task.json").write_text(task_file)
+    with pytest.raises(ValueError, match=message) as raised:
+        tasks.load_split(tasks.get_task(str(path)), "train")
+    assert "\n" not in str(raised.value).replace("\\n", "")
+
+
+def test_a_broken_jsonl_line_is_named(tmp_path):
+    path = tmp_path / "data.jsonl"
+    path.write_text('{"input": "q", "label": "a"}\n{"input": "q2", "label": \n')
+    with pytest.raises(ValueError, match=r"data.jsonl:2: not a JSON object"):
+        tasks.get_task(str(path))
+
+
+def test_parquet_and_hugging_face_folders_read_like_jsonl(tmp_path, custom_nli_rows):
+    pyarrow = pytest.importorskip("pyarrow")
+    import pyarrow.parquet as pq
+
+    reference = tasks.get_task(str(write_jsonl(tmp_path / "nli.jsonl", custom_nli_rows)))
+    pq.write_table(pyarrow.Table.from_pylist(custom_nli_rows), tmp_path / "nli.parquet")
+    from_parquet = tasks.get_task(str(tmp_path / "nli.parquet"))
+    assert (from_parquet.answer_style, from_parquet.labels) == (reference.answer_style, reference.labels)
+    for split in tasks.SPLITS:
+        assert tasks.load_split(from_parquet, split) == tasks.load_split(reference, split)
+
+    datasets = pytest.importorskip("datasets")
+    # a DatasetDict (one folder per split, "validation" named the Hugging Face way) with a class-label column
+    features = datasets.Features(
+        {
+            "id": datasets.Value("string"),
+            "input": datasets.Value("string"),
+            "rationale": datasets.Value("string"),
+            "completion": datasets.Value("string"),
+            "label": datasets.ClassLabel(names=["entailment", "neutral", "contradiction"]),
+        }
+    )
+    columns = list(features)
+    by_split = {
+        name: [{c: r[c] for c in columns} for r in custom_nli_rows if r["split"] == split]
+        for name, split in (("train", "train"), ("validation", "test"))
+    }
+    datasets.DatasetDict(
+        {name: datasets.Dataset.from_list(rows, features=features) for name, rows in by_split.items()}
+    ).save_to_disk(str(tmp_path / "hf"))
+    from_hf = tasks.get_task(str(tmp_path / "hf"))
+    assert (from_hf.name, from_hf.answer_style, from_hf.labels) == ("hf", "label", reference.labels)
+    assert (
+        tasks.load_split(from_hf, "valid") == tasks.load_split(reference, "test")
+        and tasks.load_split(from_hf, "test") == []
+    )
+    # a single Dataset keeps its split column
+    datasets.Dataset.from_list(custom_nli_rows).save_to_disk(str(tmp_path / "one"))
+    assert tasks.load_split(tasks.get_task(str(tmp_path / "one")), "test") == tasks.load_split(reference, "test")
+
+
+@pytest.mark.parametrize("package", ["pyarrow.parquet", "datasets"])
+def test_a_missing_optional_reader_is_a_clear_error(tmp_path, monkeypatch, package):
+    if package == "datasets":
+        path = tmp_path / "hf"
+        path.mkdir()
+        (path / "dataset_dict.json").write_text('{"splits": ["train"]}')
+        message = r"hf is a Hugging Face datasets folder: reading it needs the `datasets` package.*pip install datasets"
+    else:
+        path = tmp_path / "data.parquet"
+        path.write_bytes(b"PAR1")
+        message = r"data.parquet: reading Parquet needs pyarrow.*pip install pyarrow"
+    monkeypatch.setitem(sys.modules, package, None)  # as in an environment without it: importing it fails
+    with pytest.raises(ValueError, match=message):
+        tasks.get_task(str(path))
+
+
+def test_the_fingerprint_follows_the_input_and_choices():
+    fingerprint = tasks.input_fingerprint
+    example = tasks.Example("a", "Where is a bed?", "bedroom", ["sea", "bedroom"])
+    # the label and what came with the example (rationale, completion) are not the input
+    same = tasks.Example("a", "Where is a bed?", "sea", ["sea", "bedroom"], rationale="x", teacher_completion="y")
+    assert fingerprint(example) == fingerprint(same)
+    assert fingerprint(example) != fingerprint(tasks.Example("a", "Where is a bed? ", "bedroom", ["sea", "bedroom"]))
+    assert fingerprint(example) != fingerprint(tasks.Example("a", "Where is a bed?", "bedroom", ["sea", "moon"]))

@@ -76,3 +76,59 @@ def test_rationales_of_another_task_are_refused(tmp_path):
     tasks.save_task(tasks.get_task("svamp"), folder)
     with pytest.raises(ValueError, match="extracted for task 'svamp'"):
         check_task_matches(folder, ESNLI)
+
+
+def _records_for(task, examples):
+    return [
+        {
+            "id": e.id,
+            "input": e.input,
+            "label": e.label,
+            "choices": None,
+            "rationale": f"why {e.id}",
+            "teacher_label": e.label,
+            "status": "ok",
+            "reason": "",
+            "fingerprint": tasks.input_fingerprint(e),
+        }
+        for e in examples
+    ]
+
+
+def test_records_of_an_edited_input_are_skipped_and_counted_never_trained_on(tmp_path, custom_nli_rows):
+    path = tmp_path / "nli.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in custom_nli_rows))
+    task = tasks.get_task(str(path))
+    folder = tmp_path / "rationales"
+    folder.mkdir()
+    (folder / "shard-a.jsonl").write_text(
+        "".join(json.dumps(r) + "\n" for r in _records_for(task, tasks.load_split(task, "train")))
+    )
+    (folder / "manifest.json").write_text("{}")
+    tasks.save_task(task, folder)
+    edited_id = custom_nli_rows[5]["id"]
+    path.write_text(
+        "".join(
+            json.dumps(dict(r, input="Premise: changed\nHypothesis: since") if r["id"] == edited_id else r) + "\n"
+            for r in custom_nli_rows
+        )
+    )
+
+    check_task_matches(folder, task)
+    examples, counts = training_examples(
+        task, records_by_id(folder), needs_teacher_label=False, needs_rationale=True, fraction=1.0, seed=0
+    )
+    assert counts["skipped_input_changed"] == 1 and counts["used"] == counts["train_split"] - 1
+    assert f"why {edited_id}" not in {e.rationale for e in examples} and "Premise: changed\nHypothesis: since" not in {
+        e.input for e in examples
+    }
+
+
+def test_rationales_of_the_same_data_read_with_other_labels_are_refused(tmp_path, custom_nli_rows):
+    path = tmp_path / "nli.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in custom_nli_rows))
+    folder = tmp_path / "rationales"
+    tasks.save_task(tasks.get_task(str(path)), folder)  # inferred: contradiction/entailment/neutral
+    differs = r"extracted with labels \['contradiction', 'entailment', 'neutral'\], this task has \['entailment', "
+    with pytest.raises(ValueError, match=differs):
+        check_task_matches(folder, tasks.get_task(str(path), labels=["entailment", "neutral", "contradiction"]))
