@@ -16,7 +16,7 @@ from stepwise.serving.schema import PredictionOut, PredictResponse, predict_requ
 from stepwise.serving.settings import Limits
 
 runtime = load_runtime(Path(os.environ["STEPWISE_PLAIN_MODEL"]), threads=1)
-PredictRequest = predict_request_model(Limits(), [runtime.task.name], runtime.task.answer_style == "choice")
+PredictRequest = predict_request_model(Limits(), {runtime.task.name: runtime.task})
 # One runtime thread fed first come, first served: the fast tokenizer is not thread-safe, and no batching.
 runtime_thread = ThreadPoolExecutor(1)
 app = FastAPI(title="stepwise student, plain FastAPI")

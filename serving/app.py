@@ -272,7 +272,7 @@ class StudentServer:
 def build_api(server: StudentServer) -> FastAPI:
     """The replica's HTTP API, its request schema built from the server's limits and models."""
     limits = server.args.limits
-    request_model = schema.predict_request_model(limits, list(server.tasks), any(t.answer_style == "choice" for t in server.tasks.values()))
+    request_model = schema.predict_request_model(limits, server.tasks)
     model_id = Literal[tuple(server.tasks)] | None  # type: ignore[valid-type]
     api = FastAPI(
         title="stepwise student",

@@ -64,46 +64,70 @@ PREDICT_RESPONSES: dict[int | str, dict[str, Any]] = {status: {"model": ErrorBod
 # ---------------------------------------------------------------- the request, built per app
 
 
-def input_shape(item: Any) -> str:
-    """Which input form a request item is (the union's discriminator): the tag of its model below."""
-    if isinstance(item, dict):
-        if "premise" in item or "hypothesis" in item:
-            return "premise_hypothesis"
-        return "question_choices" if "question" in item else "input_object"
-    return "string"  # a string, or anything else: validated (and refused) as one
+def fields_tag(fields: list[str]) -> str:
+    return "fields_" + "_".join(fields)
 
 
-def predict_request_model(limits: Limits, model_ids: list[str], any_choice_task: bool) -> type[BaseModel]:
-    """The POST /v1/predict body for an app serving `model_ids` under `limits`."""
+def input_shape(item: Any, field_sets: list[list[str]]) -> str:
+    """Which input form a request item is (the union's discriminator, returning the tag of a model below): an
+    object is the task-field form whose fields it shares most, unless it names `question` or `input`."""
+    if not isinstance(item, dict):
+        return "string"  # a string, or anything else: validated (and refused) as one
+    if "question" in item:
+        return "question_choices"
+    if "input" in item or not field_sets:
+        return "input_object"
+    return fields_tag(max(field_sets, key=lambda fields: len(set(fields) & set(item))))
+
+
+def predict_request_model(limits: Limits, served: dict[str, tasks.Task]) -> type[BaseModel]:
+    """The POST /v1/predict body for an app serving these models (id -> task) under `limits`: a string (the
+    formatted input), an object of a task's input fields (e.g. premise and hypothesis), {input} (with choices
+    for a multiple-choice model) or {question, choices}; or a list of them."""
     text = Annotated[str, StringConstraints(min_length=1, max_length=limits.max_input_chars, pattern=NOT_BLANK)]
     choice = Annotated[str, StringConstraints(min_length=1, max_length=limits.max_choice_chars, pattern=NOT_BLANK)]
     choices = Annotated[list[choice], Field(min_length=1, max_length=limits.max_choices)]
     strict = ConfigDict(extra="forbid")
-    nli = create_model("PremiseHypothesis", __config__=strict, premise=(text, ...), hypothesis=(text, ...))
-    shapes: list[Any] = [Annotated[text, Tag("string")], Annotated[nli, Tag("premise_hypothesis")]]
-    if any_choice_task:
+    field_sets = list({tuple(tasks.input_fields(t)): None for t in served.values() if tasks.input_fields(t) != ["input"]})
+    shapes: list[Any] = [Annotated[text, Tag("string")]]
+    for fields in field_sets:
+        model = create_model("".join(f.title() for f in fields), __config__=strict, **{f: (text, ...) for f in fields})
+        shapes.append(Annotated[model, Tag(fields_tag(list(fields)))])
+    if any(t.answer_style == "choice" for t in served.values()):
         plain = create_model("TextInput", __config__=strict, input=(text, ...), choices=(choices | None, None))
         question = create_model("QuestionChoices", __config__=strict, question=(text, ...), choices=(choices, ...))
         shapes += [Annotated[plain, Tag("input_object")], Annotated[question, Tag("question_choices")]]
     else:
         shapes.append(Annotated[create_model("TextInput", __config__=strict, input=(text, ...)), Tag("input_object")])
-    item = Annotated[Union[tuple(shapes)], Discriminator(input_shape)]
+    sets = [list(fields) for fields in field_sets]
+    item = Annotated[Union[tuple(shapes)], Discriminator(lambda value: input_shape(value, sets))]
     many = Annotated[list[item], Field(min_length=1, max_length=limits.max_items)]
     inputs = Annotated[Union[Annotated[item, Tag("one")], Annotated[many, Tag("many")]], Discriminator(lambda v: "many" if isinstance(v, list) else "one")]
-    model = Literal[tuple(model_ids)] | None  # type: ignore[valid-type]
+    model_ids = Literal[tuple(served)] | None  # type: ignore[valid-type]
+    forms = ", ".join(["text"] + ["{" + ", ".join(fields) + "}" for fields in sets] + ["{input[, choices]}"])
     return create_model(
         "PredictRequest",
-        __config__=ConfigDict(extra="forbid", json_schema_extra={"examples": [{"inputs": {"premise": "A man plays a guitar.", "hypothesis": "A person makes music."}}]}),
-        inputs=(inputs, Field(description="one input or a list: text, {premise, hypothesis}, {input[, choices]} or {question, choices}")),
-        model=(model, Field(None, description=f"model id (see /v1/models), or the {MODEL_HEADER} header; may be left out when one model is served")),
+        __config__=ConfigDict(extra="forbid", json_schema_extra={"examples": [{"inputs": example_input(next(iter(served.values())))}]}),
+        inputs=(inputs, Field(description=f"one input or a list: {forms}")),
+        model=(model_ids, Field(None, description=f"model id (see /v1/models), or the {MODEL_HEADER} header; may be left out when one model is served")),
         explain=(bool, Field(False, strict=True, description="also generate each input's rationale (slower)")),
     )
+
+
+def example_input(task: tasks.Task) -> Any:
+    """A schema-valid input for the docs' example request."""
+    fields = tasks.input_fields(task)
+    if task.answer_style == "choice":
+        return {"question": "Where do people keep books?", "choices": ["library", "oven", "lake"]}
+    if fields == ["premise", "hypothesis"]:
+        return {"premise": "A man plays a guitar.", "hypothesis": "A person makes music."}
+    return {field: "some text" for field in fields}
 
 
 # ---------------------------------------------------------------- validation errors as one message
 
 
-TAGS = {"string", "premise_hypothesis", "input_object", "question_choices", "one", "many"}
+TAGS = {"string", "input_object", "question_choices", "one", "many"}
 
 
 def describe_problems(problems: list[dict[str, Any]], limits: Limits) -> tuple[int, str]:
@@ -122,7 +146,7 @@ def describe_problems(problems: list[dict[str, Any]], limits: Limits) -> tuple[i
 
 
 def describe(problem: dict[str, Any], limits: Limits) -> tuple[int, str]:
-    path = [str(part) for part in problem["loc"][1:] if isinstance(part, int) or part not in TAGS]
+    path = [str(part) for part in problem["loc"][1:] if isinstance(part, int) or not (part in TAGS or part.startswith("fields_"))]
     field, kind, value = ".".join(path), problem["type"], problem.get("input")
     if not field:
         return 422, "body: expected a JSON object with 'inputs'" + (" (the request has no body)" if kind == "missing" else "")
@@ -159,16 +183,18 @@ def describe(problem: dict[str, Any], limits: Limits) -> tuple[int, str]:
 def to_example(item: Any, task: tasks.Task, where: str) -> tasks.Example:
     """A validated request item as the task example the student sees, or a 422 naming what does not fit
     this model (the shapes themselves were checked by the request model)."""
+    choices = getattr(item, "choices", None)
     if isinstance(item, str):
-        text, choices = item, None
-    elif hasattr(item, "premise"):
-        text, choices = tasks.nli_input(item.premise, item.hypothesis), None
+        text = item
+    elif hasattr(item, "question") or hasattr(item, "input"):
+        text = getattr(item, "question", None) or item.input
     else:
-        question = getattr(item, "question", None) or item.input
-        choices = getattr(item, "choices", None)
-        text = tasks.cqa_input(question, choices) if choices else question
+        try:
+            text = tasks.format_input(task, item.model_dump())
+        except ValueError as problem:
+            raise HTTPException(422, f"{where}: {problem}") from None
     if task.answer_style == "choice" and not choices:
         raise HTTPException(422, f"{where}: this model answers multiple-choice questions ({task.name}): give 'choices'")
     if task.answer_style != "choice" and choices:
         raise HTTPException(422, f"{where}.choices: this model's labels are fixed ({task.name}: {', '.join(task.labels) or 'free text'}); drop 'choices'")
-    return tasks.Example(id=where, input=text, label="", choices=choices)
+    return tasks.Example(id=where, input=tasks.cqa_input(text, choices) if choices else text, label="", choices=choices)

@@ -78,14 +78,18 @@ def test_unverified_exports_are_refused_unless_allowed(tiny_export_dir, tmp_path
     assert app.check_models({"esnli": str(export)}, allow_unverified=True) == {"esnli": str(export)}
 
 
-def request(body: dict, limits: Limits = Limits(max_items=4, max_input_chars=50), choice_task: bool = True):
-    return schema.predict_request_model(limits, ["esnli", "cqa"], choice_task).model_validate(body)
+SERVED = {"esnli": tasks.get_task("esnli"), "cqa": tasks.get_task("cqa")}
+TICKETS = tasks.Task("tickets", "label", labels=["bug", "question"], input_template="Title: {title}\nBody: {body}")
+
+
+def request(body: dict, limits: Limits = Limits(max_items=4, max_input_chars=50), served: dict = SERVED):
+    return schema.predict_request_model(limits, served).model_validate(body)
 
 
 def test_request_schema_states_the_limits_the_server_enforces():
-    model = schema.predict_request_model(Limits(max_items=4, max_input_chars=50, max_choices=3), ["esnli"], any_choice_task=True)
+    model = schema.predict_request_model(Limits(max_items=4, max_input_chars=50, max_choices=3), {"esnli": SERVED["esnli"], "cqa": SERVED["cqa"]})
     text = json.dumps(model.model_json_schema())
-    for constraint in ('"maxItems": 4', '"maxLength": 50', '"maxItems": 3', '"minLength": 1', '"pattern": "\\\\S"', '"additionalProperties": false', '"const": "esnli"'):
+    for constraint in ('"maxItems": 4', '"maxLength": 50', '"maxItems": 3', '"minLength": 1', '"pattern": "\\\\S"', '"additionalProperties": false', '"enum": ["esnli", "cqa"]'):
         assert constraint in text, constraint
 
 
@@ -95,7 +99,7 @@ def test_request_schema_states_the_limits_the_server_enforces():
     ({"inputs": ["a"] * 5}, 413, "inputs: 5 items, more than max_items=4"),
     ({"inputs": {"question": "q", "choices": ["x" * 201]}}, 413, "inputs.choices.0: 201 characters, more than max_choice_chars=200"),
     ({"inputs": {"premise": "a"}}, 422, "inputs.hypothesis: required field missing"),
-    ({"inputs": {"premise": "a", "hypothesis": "b", "input": "c"}}, 422, "inputs.input: unknown field"),
+    ({"inputs": {"premise": "a", "hypothesis": "b", "input": "c"}}, 422, "inputs.premise: unknown field"),
     ({"inputs": "a", "model": "svamp"}, 404, "model 'svamp' is not served; models: 'esnli' or 'cqa'"),
 ])
 def test_request_problems_become_a_status_and_a_message_naming_the_field(body, status, message):
@@ -117,6 +121,18 @@ def test_inputs_become_task_examples():
         schema.to_example("Where?", cqa, "inputs.3")
     with pytest.raises(HTTPException, match="labels are fixed"):
         schema.to_example(request({"inputs": {"input": "q", "choices": ["a", "b"]}}).inputs, esnli, "inputs")
+
+
+def test_a_custom_task_takes_its_own_input_fields():
+    served = {"tickets": TICKETS, "esnli": SERVED["esnli"]}
+    body = request({"inputs": [{"title": "Crash", "body": "It fails on start."}, {"premise": "a", "hypothesis": "b"}]}, served=served)
+    assert schema.to_example(body.inputs[0], TICKETS, "inputs.0").input == "Title: Crash\nBody: It fails on start."
+    assert schema.to_example(body.inputs[1], SERVED["esnli"], "inputs.1").input == tasks.nli_input("a", "b")
+    with pytest.raises(HTTPException, match="inputs.1: missing or empty field 'title'"):
+        schema.to_example(body.inputs[1], TICKETS, "inputs.1")  # esnli's fields sent to the tickets model
+    with pytest.raises(ValidationError, match="body"):
+        request({"inputs": {"title": "Crash"}}, served=served)  # the form with the most shared fields, incomplete
+    assert '"title"' in json.dumps(schema.predict_request_model(Limits(), served).model_json_schema())
 
 
 def test_replicas_reserve_a_gpu_when_the_export_targets_one(tiny_export_dir, tmp_path):

@@ -37,14 +37,29 @@ SMALL = Scaling(replica_cpus=0.25)
 
 
 @pytest.fixture(scope="module")
-def served(tiny_export_dir: Path, tmp_path_factory) -> SimpleNamespace:
+def claims_export(custom_nli_rows, tmp_path_factory) -> Path:
+    """A user's own task: evidence/claim fields joined by a template, a declared label set; a tiny student, exported."""
+    from stepwise.export.run import ParityOptions
+    from stepwise.export.run import main as export_main
+    from stepwise.training.tiny import build_student_folder
+
+    folder = tmp_path_factory.mktemp("claims")
+    rows = [{"id": r["id"], "evidence": r["premise"], "claim": r["hypothesis"], "label": r["label"], "split": r["split"]} for r in custom_nli_rows]
+    (folder / "claims.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    (folder / "claims.task.json").write_text(json.dumps({"labels": tasks.NLI_LABELS, "input_template": "Evidence: {evidence}\nClaim: {claim}"}))
+    student = build_student_folder(folder / "student", "tiny", str(folder / "claims.jsonl"), vocab_size=500)
+    return export_main(model=student, out=folder / "export", parity=ParityOptions(parity_limit=8))
+
+
+@pytest.fixture(scope="module")
+def served(tiny_export_dir: Path, claims_export: Path, tmp_path_factory) -> SimpleNamespace:
     from ray import serve
 
     os.environ.setdefault("RAY_metrics_report_interval_ms", "1000")
     run = tmp_path_factory.mktemp("serve")
     broken = Path(shutil.copytree(tiny_export_dir, run / "broken-export"))
     metrics_port = free_port()
-    models = {"esnli": str(tiny_export_dir), "esnli-b": str(tiny_export_dir), "broken": str(broken)}
+    models = {"esnli": str(tiny_export_dir), "esnli-b": str(tiny_export_dir), "broken": str(broken), "claims": str(claims_export)}
     args = ServeArgs(models=models, batching=Batching(max_batch_size=8, batch_wait_timeout_s=0.02), limits=LIMITS, scaling=SMALL)
     url = lifecycle.start(args, port=free_port(), run_dir=run, metrics_port=metrics_port)
     # Models load on first use: this one's encoder disappears under the running server.
@@ -75,9 +90,10 @@ def premise_hypothesis(example: tasks.Example) -> dict[str, str]:
 
 
 def test_health_models_and_docs(client):
-    assert client.get("/healthz").json() == {"status": "ok", "models": ["esnli", "esnli-b", "broken"]}
+    assert client.get("/healthz").json() == {"status": "ok", "models": ["esnli", "esnli-b", "broken", "claims"]}
     models = {m["id"]: m for m in client.get("/v1/models").json()}
-    assert set(models) == {"esnli", "esnli-b", "broken"}
+    assert set(models) == {"esnli", "esnli-b", "broken", "claims"}
+    assert models["claims"]["answer_style"] == "label" and models["claims"]["labels"] == tasks.NLI_LABELS
     assert models["esnli"]["task"] == "esnli" and models["esnli"]["labels"] == tasks.NLI_LABELS
     assert models["esnli"]["loaded"] is False and models["esnli"]["version"] is None  # nothing asked for yet
     assert "swagger" in client.get("/docs").text.lower()
@@ -96,6 +112,17 @@ def test_labels_match_offline_prediction(client, tiny_export_dir, examples):
     assert body["predictions"] == [{"label": p.label, "rationale": p.rationale} for p in offline]
     loaded = {m["id"]: m for m in client.get("/v1/models").json()}["esnli"]
     assert loaded["loaded"] is True and loaded["version"] == runtime.version
+
+
+def test_a_custom_task_is_served_with_its_own_fields_and_labels(client, claims_export):
+    runtime = load_runtime(claims_export, threads=1)
+    inputs = [{"evidence": "A dog runs in the park.", "claim": "An animal is outside."}, {"evidence": "Two men talk.", "claim": "Nobody speaks."}]
+    body = client.post("/v1/predict", json={"model": "claims", "inputs": inputs}).json()
+    expected = predict(runtime, [tasks.Example("", tasks.format_input(runtime.task, i), "") for i in inputs])
+    assert [p["label"] for p in body["predictions"]] == [p.label for p in expected]
+    assert {p["label"] for p in body["predictions"]} <= set(tasks.NLI_LABELS)
+    wrong_fields = client.post("/v1/predict", json={"model": "claims", "inputs": {"premise": "a", "hypothesis": "b"}})
+    assert wrong_fields.status_code == 422 and "missing or empty field 'evidence'" in wrong_fields.json()["error"]
 
 
 def test_model_chosen_by_body_or_header(client, examples):
@@ -161,7 +188,7 @@ BAD_INPUTS = [
     ("unknown field", {"model": "esnli", "inputs": "a", "temperature": 0.7}, 422, "temperature: unknown field"),
     ("empty list", {"model": "esnli", "inputs": []}, 422, "inputs: empty list"),
     ("empty string", {"model": "esnli", "inputs": "   "}, 422, "inputs: empty input"),
-    ("empty object", {"model": "esnli", "inputs": {}}, 422, "inputs.input: required field missing"),
+    ("empty object", {"model": "esnli", "inputs": {}}, 422, "inputs.premise: required field missing"),
     ("premise without hypothesis", {"model": "esnli", "inputs": [{"premise": "a"}]}, 422, "inputs.0.hypothesis: required field missing"),
     ("choices for a fixed label set", {"model": "esnli", "inputs": {"question": "q", "choices": ["a", "b"]}}, 422, "an object with choices, question is not an input form these models take"),
     ("choices beside an input", {"model": "esnli", "inputs": {"input": "q", "choices": ["a"]}}, 422, "inputs.choices: unknown field"),
