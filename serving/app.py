@@ -16,7 +16,6 @@ import asyncio
 import functools
 import json
 import logging
-import os
 import time
 import weakref
 from collections import defaultdict
@@ -36,7 +35,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from stepwise import artifacts, tasks
 from stepwise.export.runtime import Prediction, Runtime, load_runtime, predict
 from stepwise.serving import schema
-from stepwise.serving.settings import SINGLE_NODE, ServeArgs
+from stepwise.serving.settings import ServeArgs
 
 MODELS_PER_REPLICA = 4  # students one replica keeps loaded (least recently used is dropped)
 logger = logging.getLogger("ray.serve")
@@ -173,31 +172,10 @@ async def decode_alone(run: Callable[..., Awaitable[list[Prediction]]], runtime:
 # ---------------------------------------------------------------- the deployment
 
 
-def keep_replica_grpc_on_loopback() -> None:
-    """Ray Serve 2.60 binds each replica's inter-deployment gRPC server to [::] whatever the node's address
-    (ray/serve/_private/replica.py, `_on_initialized`). In single-node mode the node is 127.0.0.1, so bind
-    that server there too. Called in the replica before Serve starts that server."""
-    if os.environ.get(SINGLE_NODE) != "0":
-        return
-    from ray.serve._private import replica
-
-    bind = replica.add_port_to_grpc_server
-    if getattr(bind, "loopback", False):
-        return
-
-    def bind_loopback(server: Any, address: str) -> int:
-        return bind(server, address.replace("[::]", "127.0.0.1"))
-
-    bind_loopback.loopback = True  # type: ignore[attr-defined]
-    replica.add_port_to_grpc_server = bind_loopback
-
-
-
 @serve.deployment(name="student")
 @serve.ingress()
 class StudentServer:
     def __init__(self, args: dict[str, Any]):
-        keep_replica_grpc_on_loopback()
         self.args = ServeArgs.from_dict(args)
         self.tasks = {model_id: tasks.load_task(Path(folder)) for model_id, folder in self.args.models.items()}
         self.decode.set_max_batch_size(self.args.batching.max_batch_size)

@@ -4,7 +4,7 @@ and the one shutdown path that Ctrl-C and SIGTERM both take.
 Network: Ray runs as a single-node instance whose every server (GCS, raylet, workers, agents, metrics)
 listens on 127.0.0.1; only Serve's HTTP port listens where `--host` says. Serving beyond loopback turns on
 Ray's token authentication (a token file in the run folder, unless RAY_AUTH_TOKEN(_PATH) is set), and is
-refused with RAY_AUTH_MODE=disabled. Ray reads these settings when it is imported, so `network_settings`
+refused with RAY_AUTH_MODE=disabled. Ray reads these settings when it is imported, so `ray_environment`
 runs before `import ray` (this module imports Ray only inside its functions).
 """
 
@@ -25,11 +25,13 @@ from pathlib import Path
 from typing import Any
 
 from stepwise import envs
-from stepwise.serving.settings import SINGLE_NODE, ServeArgs
+from stepwise.serving.settings import ServeArgs
 
 APP_NAME = "stepwise"
+SINGLE_NODE = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"  # "0": Ray's single-node mode, every Ray server on loopback
 _started_ray = False
 _ports: list[tuple[str, int]] = []  # what `start` bound, checked free again by `stop`
+_haproxy_dir: list[Path] = []  # HAProxy's config and sockets, removed by `stop`
 
 
 def is_loopback(host: str) -> bool:
@@ -41,9 +43,33 @@ def is_loopback(host: str) -> bool:
         return False
 
 
-def network_settings(host: str, run_dir: Path) -> dict[str, str]:
-    """The environment Ray must start under for `host`: loopback-only Ray, and token auth beyond loopback."""
+# Serve's fastest request path measured here (benchmarks/serving_bench.py, README "Serving"): HAProxy as the
+# ingress, forwarding straight to each replica's own HTTP server (direct ingress), and Serve's throughput-
+# optimized mode (user code and router on the replica's main loop, gRPC between Serve's actors). An operator's
+# own setting of either variable wins.
+FAST_PATH = {"RAY_SERVE_ENABLE_HA_PROXY": "1", "RAY_SERVE_THROUGHPUT_OPTIMIZED": "1"}
+# Direct-ingress replicas keep answering this long after shutdown starts so that outside load balancers notice
+# (30 s in Ray); here the only balancer is the HAProxy Serve itself runs, so a second is enough.
+DRAIN = {"RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S": "1", "RAY_SERVE_PROXY_MIN_DRAINING_PERIOD_S": "1"}
+HAPROXY_FILES = {"RAY_SERVE_HAPROXY_CONFIG_FILE_LOC": "haproxy.cfg", "RAY_SERVE_HAPROXY_SOCKET_PATH": "admin.sock",
+                 "RAY_SERVE_HAPROXY_SERVER_STATE_BASE": "", "RAY_SERVE_HAPROXY_SERVER_STATE_FILE": "server-state",
+                 "RAY_SERVE_HAPROXY_METRICS_SOCKET_PATH": "metrics.sock"}
+
+
+# Ports Ray Serve fixes (HAProxy's stats 8404 and metrics 9101, the fallback proxy's 8500 and 9500): two
+# servers on one machine would clash on them, so each server takes free ones.
+OWN_PORTS = ("RAY_SERVE_HAPROXY_STATS_PORT", "RAY_SERVE_HAPROXY_METRICS_PORT", "RAY_SERVE_FALLBACK_PROXY_HTTP_PORT", "RAY_SERVE_FALLBACK_PROXY_GRPC_PORT")
+
+
+def ray_environment(host: str, run_dir: Path, haproxy_dir: Path) -> dict[str, str]:
+    """The environment the local Ray starts under for serving on `host`: loopback-only Ray, token auth beyond
+    loopback, Serve's fast request path with HAProxy's files in `haproxy_dir` (short: Unix socket paths), and
+    free ports where Serve would take fixed ones."""
     settings = {SINGLE_NODE: "0", "RAY_USAGE_STATS_ENABLED": "0"}
+    settings |= {k: os.environ.get(k, v) for k, v in FAST_PATH.items() | DRAIN.items()}
+    settings |= {k: os.environ.get(k, str(haproxy_dir / name)) for k, name in HAPROXY_FILES.items()}
+    for name in OWN_PORTS:
+        settings[name] = os.environ.get(name) or str(free_port())
     if is_loopback(host):
         settings["RAY_AUTH_MODE"] = os.environ.get("RAY_AUTH_MODE", "disabled")
         return settings
@@ -60,7 +86,7 @@ def network_settings(host: str, run_dir: Path) -> dict[str, str]:
     return settings
 
 
-def apply_network_settings(settings: dict[str, str]) -> None:
+def apply_ray_environment(settings: dict[str, str]) -> None:
     """Put `settings` into this process (and its children). If Ray is imported already, make it re-read them,
     as Ray's own token-auth setup does."""
     import sys
@@ -75,13 +101,41 @@ def apply_network_settings(settings: dict[str, str]) -> None:
 
 
 def port_error(host: str, port: int) -> str:
-    """Why (host, port) cannot be bound now ("" when it can)."""
+    """Why (host, port) cannot be bound now ("" when it can). SO_REUSEADDR, as servers bind: connections of
+    an earlier server still in TIME_WAIT do not keep a new one from listening."""
     with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
             probe.bind((host, port))
             return ""
         except OSError as problem:
             return problem.strerror or str(problem)
+
+
+def in_every_ray_worker() -> None:
+    """Run by Ray in each worker process of the Ray that `start` starts (runtime_env worker_process_setup_hook):
+    Ray Serve 2.60 binds a few listeners to every interface whatever the node's address; bind them where the
+    node (single-node mode: 127.0.0.1) and the HTTP API are instead."""
+    from ray.serve._private import haproxy, replica
+
+    bind = replica.add_port_to_grpc_server  # the replicas' inter-deployment gRPC server: [::] in _on_initialized
+    if not getattr(bind, "loopback", False):
+
+        def bind_loopback(server: Any, address: str) -> int:
+            return bind(server, address.replace("[::]", "127.0.0.1"))
+
+        bind_loopback.loopback = True  # type: ignore[attr-defined]
+        replica.add_port_to_grpc_server = bind_loopback
+    # HAProxy's Prometheus and stats frontends: `bind :PORT` and `bind *:PORT` in its config template.
+    haproxy.HAPROXY_CONFIG_TEMPLATE = (haproxy.HAPROXY_CONFIG_TEMPLATE
+                                       .replace("bind :{{ config.metrics_port }}", "bind {{ config.frontend_host }}:{{ config.metrics_port }}")
+                                       .replace("bind *:{{ config.stats_port }}", "bind {{ config.frontend_host }}:{{ config.stats_port }}"))
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    with socket.socket() as probe:
+        probe.bind((host, 0))
+        return probe.getsockname()[1]
 
 
 def check_port_free(host: str, port: int, what: str) -> None:
@@ -116,7 +170,8 @@ def start(args: ServeArgs, port: int = 8000, host: str = "127.0.0.1", run_dir: P
         if metrics_port:
             check_port_free("127.0.0.1", metrics_port, "metrics")
         _ports[:] = [(host, port)] + ([("127.0.0.1", metrics_port)] if metrics_port else [])
-        apply_network_settings(network_settings(host, run_dir))
+        _haproxy_dir[:] = [Path(tempfile.mkdtemp(prefix="stepwise-hx-"))]
+        apply_ray_environment(ray_environment(host, run_dir, _haproxy_dir[0]))
         os.environ.setdefault("ORT_DISABLE_TELEMETRY", "1")
         # Replicas are new processes: they find this checkout's code through PYTHONPATH.
         os.environ["PYTHONPATH"] = os.pathsep.join(p for p in (str(envs.ROOT), os.environ.get("PYTHONPATH", "")) if p)
@@ -129,7 +184,8 @@ def start(args: ServeArgs, port: int = 8000, host: str = "127.0.0.1", run_dir: P
 
     if starts_ray:
         ray_dir = short_ray_dir((Path(run_dir) / "ray").resolve())
-        ray.init(num_cpus=ray_cpus, include_dashboard=False, _temp_dir=str(ray_dir), _metrics_export_port=metrics_port, log_to_driver=False)
+        ray.init(num_cpus=ray_cpus, include_dashboard=False, _temp_dir=str(ray_dir), _metrics_export_port=metrics_port, log_to_driver=False,
+                 runtime_env={"worker_process_setup_hook": f"{__name__}.in_every_ray_worker"})
         _started_ray = True
         if threading.current_thread() is threading.main_thread():
             # ray.init installs a SIGTERM handler that exits without shutting Serve down; from here on SIGTERM
@@ -180,3 +236,5 @@ def stop() -> None:
             deadline = time.monotonic() + 15
             while any(port_error(*address) for address in _ports) and time.monotonic() < deadline:
                 time.sleep(0.2)
+            for folder in _haproxy_dir:
+                shutil.rmtree(folder, ignore_errors=True)

@@ -9,7 +9,6 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any
 
-SINGLE_NODE = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"  # "0": Ray's single-node mode, every Ray server on loopback
 MAX_CHOICES = 26  # choices are shown to the student lettered (a) to (z)
 
 

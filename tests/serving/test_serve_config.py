@@ -151,15 +151,15 @@ def test_network_settings_keep_ray_on_loopback_and_require_auth_beyond_it(tmp_pa
     monkeypatch.delenv("RAY_AUTH_MODE", raising=False)
     monkeypatch.delenv("RAY_AUTH_TOKEN", raising=False)
     monkeypatch.delenv("RAY_AUTH_TOKEN_PATH", raising=False)
-    local = lifecycle.network_settings("127.0.0.1", tmp_path)
+    local = lifecycle.ray_environment("127.0.0.1", tmp_path, tmp_path / "hx")
     assert local["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] == "0" and local["RAY_AUTH_MODE"] == "disabled"
-    public = lifecycle.network_settings("0.0.0.0", tmp_path)
+    public = lifecycle.ray_environment("0.0.0.0", tmp_path, tmp_path / "hx")
     assert public["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] == "0" and public["RAY_AUTH_MODE"] == "token"
     token = Path(public["RAY_AUTH_TOKEN_PATH"])
     assert len(token.read_text()) == 64 and token.stat().st_mode & 0o077 == 0  # readable by its owner only
     monkeypatch.setenv("RAY_AUTH_MODE", "disabled")
     with pytest.raises(ValueError, match="beyond loopback, which needs Ray's token authentication"):
-        lifecycle.network_settings("0.0.0.0", tmp_path)
+        lifecycle.ray_environment("0.0.0.0", tmp_path, tmp_path / "hx")
 
 
 def test_stepwise_serve_refuses_bad_folders_settings_and_taken_ports_before_starting_ray(tiny_export_dir, tmp_path):
