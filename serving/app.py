@@ -23,7 +23,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, Awaitable, Callable, Literal, NamedTuple
 
-from fastapi import FastAPI, Header, HTTPException, Request
+from fastapi import FastAPI, Header, HTTPException, Request, Response
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from ray import serve
@@ -46,6 +46,16 @@ class DecodeJob(NamedTuple):
     runtime: Runtime
     example: tasks.Example
     explain: bool
+    queued_at: float  # time.perf_counter() when the job entered the batch queue
+
+
+class Decoded(NamedTuple):
+    """One job's outcome and where its time went: waiting in the batch queue, then in its group's runtime call."""
+
+    prediction: Prediction | Exception
+    queue_s: float
+    runtime_s: float
+    batch_size: int
 
 
 # ---------------------------------------------------------------- metrics and body limit (plain ASGI middleware)
@@ -65,7 +75,8 @@ METRIC_ROUTES = {"/v1/predict", "/v1/models", "/healthz", "/docs", "/openapi.jso
 
 
 class RequestMetrics:
-    """Counts every response by route and status, 5xx included (an exception counts as the 500 it becomes)."""
+    """Counts every response by route and status, 5xx included (an exception counts as the 500 it becomes), and
+    adds the app's time to the Server-Timing header."""
 
     def __init__(self, app: Any):
         self.app = app
@@ -79,6 +90,12 @@ class RequestMetrics:
             nonlocal status
             if message["type"] == "http.response.start":
                 status = message["status"]
+                # Server-Timing: the app's whole share of the request, beside the endpoint's own parts.
+                app_ms = f"app;dur={1000 * (time.perf_counter() - started):.2f}".encode()
+                headers = [(k, v + b", " + app_ms if k == b"server-timing" else v) for k, v in message.get("headers", [])]
+                if not any(k == b"server-timing" for k, _ in headers):
+                    headers.append((b"server-timing", app_ms))
+                message = {**message, "headers": headers}
             await send(message)
 
         try:
@@ -142,22 +159,23 @@ class BodyLimit:
 # ---------------------------------------------------------------- decoding a batch
 
 
-async def decode_jobs(jobs: list[DecodeJob], run: Callable[[Runtime, list[tasks.Example], bool], Awaitable[list[Prediction]]]) -> list[Prediction | Exception]:
+async def decode_jobs(jobs: list[DecodeJob], run: Callable[[Runtime, list[tasks.Example], bool], Awaitable[list[Prediction]]]) -> list[Decoded]:
     """One batch from all concurrent requests; each (model, explain) group is one `run` (predict) call. If a
     group fails, its rows are decoded one by one, so only an input that fails fails (its own request)."""
     groups: dict[tuple[str, bool], list[int]] = defaultdict(list)
     for i, job in enumerate(jobs):
         groups[(job.model_id, job.explain)].append(i)
-    results: list[Prediction | Exception] = [None] * len(jobs)  # type: ignore[list-item]
+    results: list[Decoded] = [None] * len(jobs)  # type: ignore[list-item]
     for (model_id, explain), rows in groups.items():
-        runtime = jobs[rows[0]].runtime
+        runtime, started = jobs[rows[0]].runtime, time.perf_counter()
         try:
             predictions: list[Prediction | Exception] = await run(runtime, [jobs[i].example for i in rows], explain)
         except Exception:
             predictions = [await decode_alone(run, runtime, jobs[i].example, explain) for i in rows]
+        runtime_s = time.perf_counter() - started
         replica_metrics()["batch_size"].observe(len(rows), tags={"model": model_id, "mode": "explain" if explain else "label"})
         for i, prediction in zip(rows, predictions):
-            results[i] = prediction
+            results[i] = Decoded(prediction, started - jobs[i].queued_at, runtime_s, len(rows))
     return results
 
 
@@ -199,7 +217,7 @@ class StudentServer:
         return runtime
 
     @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.0)  # set from the args in __init__
-    async def decode(self, jobs: list[DecodeJob]) -> list[Prediction | Exception]:
+    async def decode(self, jobs: list[DecodeJob]) -> list[Decoded]:
         return await decode_jobs(jobs, self.run_predict)
 
     async def run_predict(self, runtime: Runtime, examples: list[tasks.Example], explain: bool) -> list[Prediction]:
@@ -217,7 +235,8 @@ class StudentServer:
             raise HTTPException(404, f"model {model_id!r} is not served; models: {', '.join(self.tasks)}")
         return model_id
 
-    async def predict(self, body: Any, header_model: str | None) -> schema.PredictResponse:
+    async def predict(self, body: Any, header_model: str | None, timing: dict[str, float]) -> schema.PredictResponse:
+        """The predictions for one request; `timing` gets where its time went (queue, runtime, in seconds)."""
         model_id = self.model_id(body.model, header_model)
         task, limits = self.tasks[model_id], self.args.limits
         single = not isinstance(body.inputs, list)
@@ -229,15 +248,18 @@ class StudentServer:
                 if len(runtime.tokenizer(choice).input_ids) > limits.max_choice_tokens:
                     raise HTTPException(413, f"{example.id}.choices.{j}: more than max_choice_tokens={limits.max_choice_tokens} tokens")
         try:
-            jobs = [self.decode(DecodeJob(model_id, runtime, example, body.explain)) for example in examples]
-            results = await asyncio.wait_for(asyncio.gather(*jobs), limits.request_timeout_s)
+            queued_at = time.perf_counter()
+            jobs = [self.decode(DecodeJob(model_id, runtime, example, body.explain, queued_at)) for example in examples]
+            decoded: list[Decoded] = await asyncio.wait_for(asyncio.gather(*jobs), limits.request_timeout_s)
         except TimeoutError:
             raise HTTPException(504, f"request timed out after request_timeout_s={limits.request_timeout_s}s") from None
-        failed = [(example.id, result) for example, result in zip(examples, results) if isinstance(result, Exception)]
+        timing |= {"queue": max(d.queue_s for d in decoded), "runtime": max(d.runtime_s for d in decoded), "batch": max(d.batch_size for d in decoded)}
+        failed = [(example.id, d.prediction) for example, d in zip(examples, decoded) if isinstance(d.prediction, Exception)]
         if failed:
             where, problem = failed[0]
             raise HTTPException(500, f"decoding failed for {where}: {type(problem).__name__}: {problem}")
-        return schema.PredictResponse(model=model_id, version=runtime.version, predictions=[schema.PredictionOut(label=p.label, rationale=p.rationale) for p in results])
+        predictions = [d.prediction for d in decoded]
+        return schema.PredictResponse(model=model_id, version=runtime.version, predictions=[schema.PredictionOut(label=p.label, rationale=p.rationale) for p in predictions])
 
     def models(self) -> list[schema.ModelInfo]:
         infos = []
@@ -279,10 +301,16 @@ def build_api(server: StudentServer) -> FastAPI:
     @api.post("/v1/predict", response_model=schema.PredictResponse, response_model_exclude_none=True, responses=schema.PREDICT_RESPONSES)
     async def predict_endpoint(
         body: request_model,  # type: ignore[valid-type]
+        response: Response,
         model_header: model_id = Header(None, alias=schema.MODEL_HEADER, convert_underscores=False, description="model id; also routes to a replica holding that model"),  # type: ignore[valid-type]
     ) -> schema.PredictResponse:
-        """Label(s) for one input or a list; with "explain": true, rationales too."""
-        return await server.predict(body, model_header)
+        """Label(s) for one input or a list; with "explain": true, rationales too. The Server-Timing header says
+        where the request's time went inside the replica (queue: waiting for its batch; runtime: the batch's
+        decoding; batch: inputs decoded together)."""
+        timing: dict[str, float] = {}
+        result = await server.predict(body, model_header, timing)
+        response.headers["server-timing"] = f"queue;dur={1000 * timing['queue']:.2f}, runtime;dur={1000 * timing['runtime']:.2f}, batch;desc={timing['batch']:.0f}"
+        return result
 
     @api.get("/healthz", response_model=schema.Health)
     async def healthz() -> dict[str, Any]:

@@ -125,6 +125,14 @@ def test_a_custom_task_is_served_with_its_own_fields_and_labels(client, claims_e
     assert wrong_fields.status_code == 422 and "missing or empty field 'evidence'" in wrong_fields.json()["error"]
 
 
+def test_server_timing_says_where_the_time_went(client, examples):
+    response = client.post("/v1/predict", json={"model": "esnli", "inputs": [e.input for e in examples[:3]]})
+    parts = dict(part.strip().split(";", 1) for part in response.headers["server-timing"].split(","))
+    durations = {name: float(value.removeprefix("dur=")) for name, value in parts.items() if value.startswith("dur=")}
+    assert set(durations) == {"queue", "runtime", "app"} and parts["batch"] == "desc=3"
+    assert 0 < durations["runtime"] < durations["app"] and durations["queue"] < durations["app"]
+
+
 def test_model_chosen_by_body_or_header(client, examples):
     text = examples[0].input
     assert client.post("/v1/predict", json={"inputs": text}, headers={schema.MODEL_HEADER: "esnli-b"}).json()["model"] == "esnli-b"
