@@ -1,124 +1,69 @@
-"""Serving latency and throughput: the Ray Serve endpoint against direct in-process calls to the same runtime
-and against the same model behind a plain FastAPI app on uvicorn (no Ray, no batching), so that Serve's own
-overhead shows apart from HTTP's. A bounded load generator (fixed request count and time limit per point,
-httpx async on loopback) at each concurrency; label-only, and with rationales at low concurrency.
+"""The served student under load: Ray Serve configurations against a plain FastAPI app and in-process calls.
 
-    flock /tmp/stepwise-bench.lock .venv/student/bin/python -m benchmarks.serving_bench --model EXPORT_DIR
-    # without --model: a random t5-small-shaped student is built and exported under runs/bench-serving/
+Every server runs as its own process, the way an operator starts it (`python -m stepwise serve ...`, or uvicorn
+for the plain app), on int8 exports of a tiny and a t5-small-shaped student. Load comes from `hey` (an outside
+load generator: `apt-get install hey`; skipped with a message when absent) and from an httpx client that also
+reads each response's Server-Timing header, to show where a request's milliseconds go hop by hop. Memory is
+the whole serving stack's: the proportional set size (PSS) and the RSS summed over the server process and every
+process it started (proxy or HAProxy, controller, replicas, Ray's own processes).
 
-Writes benchmarks/results/serving.json and serving.png and prints a markdown table.
+    flock /tmp/stepwise-bench.lock .venv/student/bin/python -m benchmarks.serving_bench   # -> benchmarks/results/serving.*
 """
 
 from __future__ import annotations
 
 import asyncio
-import itertools
 import json
 import os
 import platform
+import re
+import shutil
 import socket
 import statistics
 import subprocess
 import sys
-import threading
 import time
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any, Callable, Literal
+from typing import Any
 
 import httpx
 
 from stepwise import tasks
 
 ROOT = Path(__file__).resolve().parent.parent
-# Serve as configured, and with Serve's event-loop hops removed: user code on the replica's main loop and the
-# proxy's router on its main loop (fewer thread handoffs per request; Ray Serve 2.60 environment flags).
-SERVE_VARIANTS = {
-    "serve": {},
-    "serve-sameloop": {"RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD": "0", "RAY_SERVE_RUN_ROUTER_IN_SEPARATE_LOOP": "0"},
+RESULTS = ROOT / "benchmarks" / "results"
+FAST = {"RAY_SERVE_ENABLE_HA_PROXY": "1", "RAY_SERVE_THROUGHPUT_OPTIMIZED": "1"}
+# name -> (environment of the server, extra `stepwise serve` flags); "plain" is the uvicorn app.
+CONFIGS: dict[str, tuple[dict[str, str], list[str]]] = {
+    "plain FastAPI": ({}, []),
+    "Serve, Python proxy": ({"RAY_SERVE_ENABLE_HA_PROXY": "0", "RAY_SERVE_THROUGHPUT_OPTIMIZED": "0"}, []),
+    "Serve, Python proxy, same-loop": ({"RAY_SERVE_ENABLE_HA_PROXY": "0", "RAY_SERVE_THROUGHPUT_OPTIMIZED": "0", "RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD": "0",
+                                        "RAY_SERVE_RUN_ROUTER_IN_SEPARATE_LOOP": "0"}, []),
+    "Serve, Python proxy, throughput-optimized": ({"RAY_SERVE_ENABLE_HA_PROXY": "0", "RAY_SERVE_THROUGHPUT_OPTIMIZED": "1"}, []),
+    "Serve, HAProxy": ({"RAY_SERVE_ENABLE_HA_PROXY": "1", "RAY_SERVE_THROUGHPUT_OPTIMIZED": "0"}, []),
+    "stepwise serve (HAProxy, throughput-optimized)": (FAST, []),
+    "  without batching (max batch 1)": (FAST, ["--max-batch-size", "1"]),
+    "  batch wait 2 ms": (FAST, ["--batch-wait-timeout-s", "0.002"]),
+    "  2 replicas x 1 ORT thread": (FAST, ["--replicas", "2", "--replica-cpus", "1"]),
+    "  1 replica x 2 ORT threads": (FAST, ["--ort-threads", "2"]),
 }
+DEFAULT = "stepwise serve (HAProxy, throughput-optimized)"
 
 
-# ---------------------------------------------------------------- the model
+# ---------------------------------------------------------------- models and servers
 
 
-def random_student_export(size: str, workdir: Path) -> Path:
-    """An exported random untied T5 of `size` (latency only: its labels mean nothing)."""
+def int8_export(size: str, workdir: Path) -> Path:
+    """An int8 export (what CPU serving uses) of a random untied student of `size` (latency only: its labels mean nothing)."""
     from stepwise.export.run import ParityOptions
     from stepwise.export.run import main as export_main
-    from stepwise.training.tiny import build_student, train_tokenizer
+    from stepwise.training.tiny import build_student_folder
 
-    student, export = workdir / f"student-{size}", workdir / f"export-{size}"
-    if (export / "export_config.json").exists():
+    export = workdir / f"export-{size}-int8"
+    if (export / "parity.json").exists():
         return export
-    task = tasks.get_task("esnli")
-    train = tasks.load_split(task, "train")[:2000]
-    tokenizer = train_tokenizer([tasks.label_input(e) for e in train] + [tasks.rationale_input(e) for e in train], student, vocab_size=2000)
-    build_student(tokenizer, size).save_pretrained(student)
-    tasks.save_task(task, student)
-    return export_main(model=student, out=export, parity=ParityOptions(parity_limit=32), overwrite=True)
-
-
-# ---------------------------------------------------------------- load generators
-
-
-def summary(latencies_s: list[float], wall_s: float, errors: int) -> dict[str, Any]:
-    ms = sorted(x * 1000 for x in latencies_s)
-
-    def pct(p: float) -> float:
-        return round(ms[min(len(ms) - 1, int(p / 100 * len(ms)))], 2)
-
-    return {"requests": len(ms), "errors": errors, "p50_ms": pct(50), "p95_ms": pct(95), "p99_ms": pct(99), "mean_ms": round(statistics.fmean(ms), 2), "throughput_rps": round(len(ms) / wall_s, 1)}
-
-
-async def http_load(url: str, bodies: list[dict], concurrency: int, total: int, time_limit_s: float) -> dict[str, Any]:
-    """`concurrency` clients posting back to back until `total` requests or the time limit."""
-    latencies: list[float] = []
-    errors = 0
-    counter = itertools.count()
-    limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
-    async with httpx.AsyncClient(limits=limits, timeout=60) as client:
-        deadline = time.perf_counter() + time_limit_s
-
-        async def client_loop() -> None:
-            nonlocal errors
-            while (i := next(counter)) < total and time.perf_counter() < deadline:
-                started = time.perf_counter()
-                response = await client.post(url, json=bodies[i % len(bodies)])
-                if response.status_code == 200:
-                    latencies.append(time.perf_counter() - started)
-                else:
-                    errors += 1
-
-        started = time.perf_counter()
-        await asyncio.gather(*(client_loop() for _ in range(concurrency)))
-        return summary(latencies, time.perf_counter() - started, errors)
-
-
-def direct_load(call: Callable[[int], Any], concurrency: int, total: int, time_limit_s: float) -> dict[str, Any]:
-    """The same shape without HTTP: `concurrency` threads calling the runtime directly."""
-    latencies: list[float] = []
-    counter, lock = itertools.count(), threading.Lock()
-    deadline = time.perf_counter() + time_limit_s
-
-    def client_loop() -> None:
-        while True:
-            with lock:
-                i = next(counter)
-            if i >= total or time.perf_counter() >= deadline:
-                return
-            started = time.perf_counter()
-            call(i)
-            latencies.append(time.perf_counter() - started)
-
-    started = time.perf_counter()
-    with ThreadPoolExecutor(concurrency) as pool:
-        for future in [pool.submit(client_loop) for _ in range(concurrency)]:
-            future.result()
-    return summary(latencies, time.perf_counter() - started, 0)
-
-
-# ---------------------------------------------------------------- targets
+    student = build_student_folder(workdir / f"student-{size}", size, "esnli")
+    return export_main(model=student, out=export, quantize="int8", parity=ParityOptions(parity_limit=32), overwrite=True)
 
 
 def free_port() -> int:
@@ -127,173 +72,229 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def start_plain(model: Path, port: int) -> subprocess.Popen:
-    env = os.environ | {"STEPWISE_PLAIN_MODEL": str(model), "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
-    command = [sys.executable, "-m", "uvicorn", "benchmarks.serving_plain:app", "--host", "127.0.0.1", "--port", str(port), "--no-access-log", "--log-level", "warning"]
-    return subprocess.Popen(command, cwd=ROOT, env=env)
+def start_server(config: str, export: Path, port: int, run_dir: Path) -> subprocess.Popen:
+    env, flags = CONFIGS[config]
+    env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_SERVE_")} | env | {"PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    if config == "plain FastAPI":
+        command = [sys.executable, "-m", "uvicorn", "benchmarks.serving_plain:app", "--host", "127.0.0.1", "--port", str(port), "--no-access-log", "--log-level", "warning"]
+        env["STEPWISE_PLAIN_MODEL"] = str(export)
+    else:
+        command = [sys.executable, "-m", "stepwise", "serve", "--model", str(export), "--port", str(port), "--metrics-port", str(free_port()), "--run-dir", str(run_dir),
+                   "--max-ongoing-requests", "128", "--max-queued-requests", "1024", "--request-timeout-s", "120", *flags]
+    log = (run_dir.parent / f"{run_dir.name}.log").open("w")
+    return subprocess.Popen(command, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
 
 
-def run_points(name: str, measure: Callable[[int, bool, int], dict[str, Any]], concurrencies: list[int], explain_concurrencies: list[int], requests: int, explain_requests: int) -> list[dict[str, Any]]:
-    rows = []
-    for explain, levels, count in ((False, concurrencies, requests), (True, explain_concurrencies, explain_requests)):
-        for concurrency in levels:
-            row = {"target": name, "explain": explain, "concurrency": concurrency} | measure(concurrency, explain, max(count, 4 * concurrency))
-            print(f"[bench] {name:14s} explain={explain!s:5s} c={concurrency:<4d} p50 {row['p50_ms']:8.2f} ms  p99 {row['p99_ms']:8.2f} ms  {row['throughput_rps']:8.1f} req/s  errors {row['errors']}", flush=True)
-            rows.append(row)
-    return rows
+def stop_server(server: subprocess.Popen) -> None:
+    server.send_signal(2)  # Ctrl-C: the shutdown path operators use
+    try:
+        server.wait(timeout=120)
+    except subprocess.TimeoutExpired:
+        os.killpg(server.pid, 9)
+        server.wait()
 
 
-# ---------------------------------------------------------------- report
+def stack_memory_mb(server: subprocess.Popen) -> dict[str, float]:
+    """PSS and RSS summed over the server process and all its descendants (HAProxy, Ray's processes, replicas)."""
+    import psutil
+
+    root = psutil.Process(server.pid)
+    pss = rss = 0
+    for process in [root, *root.children(recursive=True)]:
+        try:
+            info = process.memory_full_info()
+            pss, rss = pss + info.pss, rss + info.rss
+        except (psutil.NoSuchProcess, psutil.AccessDenied):
+            pass
+    return {"pss_mb": round(pss / 2**20), "rss_mb": round(rss / 2**20), "processes": len(root.children(recursive=True)) + 1}
 
 
-def table(rows: list[dict[str, Any]]) -> str:
-    lines = ["| target | rationale | concurrency | p50 ms | p95 ms | p99 ms | req/s | errors |", "|---|---|---|---|---|---|---|---|"]
-    for r in sorted(rows, key=lambda r: (r["explain"], r["concurrency"], r["target"])):
-        lines.append(f"| {r['target']} | {'yes' if r['explain'] else 'no'} | {r['concurrency']} | {r['p50_ms']} | {r['p95_ms']} | {r['p99_ms']} | {r['throughput_rps']} | {r['errors']} |")
-    return "\n".join(lines)
+# ---------------------------------------------------------------- load
 
 
-def overhead_lines(rows: list[dict[str, Any]]) -> str:
-    p50 = {(r["target"], r["concurrency"]): r["p50_ms"] for r in rows if not r["explain"]}
+def hey(url: str, body_file: Path, concurrency: int, requests: int) -> dict[str, float] | None:
+    """`hey` from Debian's packages: p50/p99 latency and requests per second, or None when it is not installed."""
+    if not shutil.which("hey"):
+        return None
+    out = subprocess.run(["hey", "-n", str(requests), "-c", str(concurrency), "-m", "POST", "-T", "application/json", "-D", str(body_file), url],
+                         capture_output=True, text=True, timeout=600).stdout
+    seconds = {int(p): float(v) for p, v in re.findall(r"(\d+)%% in ([\d.]+) secs".replace("%%", "%"), out)}
+    statuses = dict(re.findall(r"\[(\d+)\]\s+(\d+) responses", out))
+    return {"p50_ms": round(1000 * seconds[50], 2), "p99_ms": round(1000 * seconds[99], 2), "rps": round(float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1)), 1),
+            "non_200": sum(int(n) for code, n in statuses.items() if code != "200")}
+
+
+def timings(response: httpx.Response) -> dict[str, float]:
+    """Server-Timing's durations (ms) and the batch size (its desc)."""
+    parts = dict(part.strip().split(";", 1) for part in response.headers.get("server-timing", "").split(",") if ";" in part)
+    return {name: float(value.split("=", 1)[1]) for name, value in parts.items() if value.startswith(("dur=", "desc="))}
+
+
+async def httpx_load(url: str, body: dict, concurrency: int, requests: int) -> dict[str, Any]:
+    """Our own client: latency, throughput and, from Server-Timing, the median time in the app, the batch queue
+    and the runtime, so that what the client saw splits into hops."""
+    latencies: list[float] = []
+    parts: dict[str, list[float]] = {"app": [], "queue": [], "runtime": [], "batch": []}
+    remaining = iter(range(requests))
+    async with httpx.AsyncClient(limits=httpx.Limits(max_connections=concurrency), timeout=120) as client:
+
+        async def one_client() -> None:
+            for _ in remaining:
+                started = time.perf_counter()
+                response = await client.post(url, json=body)
+                latencies.append(1000 * (time.perf_counter() - started))
+                for name, ms in timings(response).items():
+                    parts.setdefault(name, []).append(ms)
+
+        started = time.perf_counter()
+        await asyncio.gather(*(one_client() for _ in range(concurrency)))
+        wall = time.perf_counter() - started
+    result = {"p50_ms": round(statistics.median(latencies), 2), "rps": round(requests / wall, 1)}
+    return result | {f"{name}_p50{'' if name == 'batch' else '_ms'}": round(statistics.median(values), 2) for name, values in parts.items() if values}
+
+
+def in_process(export: Path, body: dict, requests: int) -> dict[str, float]:
+    """`stepwise.export.runtime.predict` called directly, one input at a time and in batches of 16."""
+    from stepwise.export.runtime import load_runtime, predict
+
+    runtime = load_runtime(export, threads=1)
+    example = tasks.Example("x", tasks.format_input(runtime.task, body["inputs"]), "")
+    for _ in range(20):
+        predict(runtime, [example])
+    one = []
+    for _ in range(requests):
+        started = time.perf_counter()
+        predict(runtime, [example])
+        one.append(1000 * (time.perf_counter() - started))
+    started = time.perf_counter()
+    for _ in range(requests // 16):
+        predict(runtime, [example] * 16)
+    per_example_16 = 1000 * (time.perf_counter() - started) / (16 * (requests // 16))
+    return {"p50_ms": round(statistics.median(one), 2), "examples_per_s_batch1": round(1000 / statistics.median(one), 1), "examples_per_s_batch16": round(1000 / per_example_16, 1)}
+
+
+# ---------------------------------------------------------------- the run
+
+
+def measure(config: str, export: Path, workdir: Path, body: dict, body_file: Path, concurrency: list[int], requests: int) -> dict[str, Any]:
+    port = free_port()
+    run_dir = workdir / re.sub(r"\W+", "-", config.strip()).strip("-").lower()
+    server = start_server(config, export, port, run_dir)
+    url = f"http://127.0.0.1:{port}/v1/predict"
+    try:
+        from stepwise.serving.lifecycle import wait_ready
+
+        wait_ready(f"http://127.0.0.1:{port}", 600, process=server)
+        asyncio.run(httpx_load(url, body, 4, 100))  # warm-up: models loaded, connections and caches warm
+        row: dict[str, Any] = {"config": config, "points": []}
+        for clients in concurrency:
+            count = requests if clients > 1 else requests // 2
+            point = {"clients": clients, "hey": hey(url, body_file, clients, count), "httpx": asyncio.run(httpx_load(url, body, clients, count))}
+            row["points"].append(point)
+            print(f"[bench] {config:48s} c={clients:<3d} hey {point['hey']}  httpx {point['httpx']}", flush=True)
+        row["memory"] = stack_memory_mb(server)
+        return row
+    finally:
+        stop_server(server)
+
+
+def markdown(result: dict[str, Any]) -> str:
     lines = []
-    for c in sorted({c for _, c in p50})[:1]:  # above one client, the gaps are queueing, not overhead
-        if all((t, c) in p50 for t in ("serve", "plain", "direct")):
-            lines.append(f"concurrency {c}: Serve adds {p50[('serve', c)] - p50[('direct', c)]:.2f} ms p50 over direct calls, {p50[('serve', c)] - p50[('plain', c)]:.2f} ms over plain FastAPI/uvicorn (which adds {p50[('plain', c)] - p50[('direct', c)]:.2f} ms)")
-    return "\n".join(lines)
+    for size, block in result["sizes"].items():
+        direct = block["in_process"]
+        clients = [p["clients"] for p in block["rows"][0]["points"]]
+        lines += [f"\n**{size} student (int8)** - in process: p50 {direct['p50_ms']} ms at batch 1, {direct['examples_per_s_batch16']} examples/s in batches of 16\n",
+                  "| configuration | " + " | ".join(f"p50 ms / req/s, {c} client{'s' if c > 1 else ''}" for c in clients) + " | stack PSS MB (RSS) | processes |",
+                  "|---|" + "---|" * len(clients) + "---|---|"]
+        for row in block["rows"]:
+            cells = [f"{(p['hey'] or p['httpx'])['p50_ms']} / {(p['hey'] or p['httpx'])['rps']}" for p in row["points"]]
+            lines.append(f"| {row['config'].strip()} | " + " | ".join(cells) + f" | {row['memory']['pss_mb']} ({row['memory']['rss_mb']}) | {row['memory']['processes']} |")
+        lines += ["", "Where one request's milliseconds go (httpx client, Server-Timing; p50):", "",
+                  "| configuration | clients | client total | outside the app (ingress, Serve's hop, transport) | in the app before and after decoding | batch queue | runtime (tokenize + ONNX Runtime) | batch size |",
+                  "|---|---|---|---|---|---|---|---|"]
+        for row in block["rows"]:
+            for point in row["points"]:
+                h = point["httpx"]
+                if "app_p50_ms" not in h or "runtime_p50_ms" not in h:
+                    continue
+                lines.append(f"| {row['config'].strip()} | {point['clients']} | {h['p50_ms']} | {h['p50_ms'] - h['app_p50_ms']:.2f} | {h['app_p50_ms'] - h['queue_p50_ms'] - h['runtime_p50_ms']:.2f} | "
+                             f"{h['queue_p50_ms']} | {h['runtime_p50_ms']} | {h.get('batch_p50', '-')} |")
+    return "\n".join(lines) + "\n"
 
 
-def plot(rows: list[dict[str, Any]], path: Path) -> None:
+def plot(result: dict[str, Any], path: Path) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, (latency, throughput) = plt.subplots(1, 2, figsize=(11, 4))
-    for target in ("serve", "serve-sameloop", "plain", "direct"):
-        points = sorted((r for r in rows if r["target"] == target and not r["explain"]), key=lambda r: r["concurrency"])
-        if not points:
-            continue
-        xs = [r["concurrency"] for r in points]
-        line = latency.plot(xs, [r["p50_ms"] for r in points], marker="o", label=f"{target} p50")[0]
-        latency.plot(xs, [r["p99_ms"] for r in points], linestyle="--", color=line.get_color(), label=f"{target} p99")
-        throughput.plot(xs, [r["throughput_rps"] for r in points], marker="o", color=line.get_color(), label=target)
-    for ax, ylabel in ((latency, "latency (ms)"), (throughput, "throughput (requests/s)")):
-        ax.set_xscale("log", base=2)
-        ax.set_xlabel("concurrent clients")
-        ax.set_ylabel(ylabel)
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=8)
-    latency.set_yscale("log")
-    fig.suptitle("stepwise student, label-only: Ray Serve vs plain FastAPI vs direct calls (shared 2-core CPU)")
+    sizes = list(result["sizes"])
+    fig, axes = plt.subplots(len(sizes), 2, figsize=(13, 4.5 * len(sizes)), squeeze=False)
+    for i, size in enumerate(sizes):
+        for row in result["sizes"][size]["rows"]:
+            points = [(p["clients"], p["hey"] or p["httpx"]) for p in row["points"]]
+            style = {"linewidth": 3} if row["config"] in (DEFAULT, "plain FastAPI") else {"linewidth": 1, "alpha": 0.7}
+            axes[i][0].plot([c for c, _ in points], [m["p50_ms"] for _, m in points], marker="o", label=row["config"].strip(), **style)
+            axes[i][1].plot([c for c, _ in points], [m["rps"] for _, m in points], marker="o", label=row["config"].strip(), **style)
+        for ax, ylabel in ((axes[i][0], "p50 latency, ms (log)"), (axes[i][1], "requests per second")):
+            ax.set_xscale("log", base=2)
+            ax.set_xlabel("concurrent clients")
+            ax.set_ylabel(ylabel)
+            ax.set_title(f"{size} student, int8, label only")
+            ax.grid(alpha=0.3)
+        axes[i][0].set_yscale("log")
+        axes[i][1].legend(fontsize=7)
+    fig.suptitle("stepwise serve vs plain FastAPI (shared 2-core CPU, one run: compare within the figure)")
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
-
-
-# ---------------------------------------------------------------- main
+    fig.savefig(path, dpi=110)
 
 
 def main(
-    model: Path | None = None,
-    student_size: Literal["tiny", "small"] = "small",
-    concurrency: list[int] = [1, 8, 32, 128],
-    explain_concurrency: list[int] = [1, 8],
-    requests: int = 400,
-    explain_requests: int = 40,
-    time_limit_s: float = 20.0,
-    max_batch_size: int = 32,
-    batch_wait_timeout_s: float = 0.0,
-    targets: list[str] = ["serve", "serve-sameloop", "plain", "direct"],
+    sizes: list[str] = ["tiny", "small"],
+    configs: list[str] = list(CONFIGS),
+    concurrency: list[int] = [1, 16, 32],
+    requests: int = 600,
     workdir: Path = Path("runs/bench-serving"),
-    out: Path = Path("benchmarks/results/serving.json"),
-) -> int:
-    """Serve endpoint vs direct runtime calls vs plain FastAPI: p50/p95/p99 and throughput per concurrency.
+    out: Path = RESULTS / "serving",
+) -> Path:
+    """Serve configurations under load (hey and httpx), hop by hop, with the memory of each serving stack.
 
     Args:
-        model: an export folder; default: a random student of --student-size, exported under --workdir
-        student_size: shape of the random student when no --model is given
-        concurrency: concurrent clients, label-only
-        explain_concurrency: concurrent clients with rationales ("explain": true)
-        requests: requests per label-only point (at least 4 per client)
-        explain_requests: requests per rationale point
-        time_limit_s: a point stops at this many seconds even if requests remain
-        max_batch_size: Serve's dynamic batch size
-        batch_wait_timeout_s: Serve's batch wait
-        targets: which of serve, serve-sameloop, plain, direct to run
-        workdir: Ray's folder and the built student
-        out: the JSON result; the PNG goes next to it
+        sizes: student shapes (tiny, small = t5-small's shape), each exported int8
+        configs: server configurations to measure (see CONFIGS)
+        concurrency: concurrent clients per point
+        requests: requests per point (half at one client)
+        workdir: the exports and the servers' run folders
+        out: result files (.json, .md, .png) without suffix
     """
-    from stepwise.export.runtime import load_runtime, predict
-
-    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    unknown = sorted(set(configs) - set(CONFIGS))
+    if unknown:
+        raise ValueError(f"unknown configs {unknown}; known: {list(CONFIGS)}")
+    if not shutil.which("hey"):
+        print("[bench] hey is not installed (apt-get install hey): load numbers come from the httpx client alone", flush=True)
     workdir = workdir.resolve()
-    model = Path(model) if model else random_student_export(student_size, workdir)
-    examples = [e for e in tasks.load_split(tasks.get_task("esnli"), "valid")[:64]]
-    bodies = {explain: [{"inputs": e.input, "explain": explain} for e in examples] for explain in (False, True)}
-    rows: list[dict[str, Any]] = []
-    points = dict(concurrencies=concurrency, explain_concurrencies=explain_concurrency, requests=requests, explain_requests=explain_requests)
-
-    if "direct" in targets:
-        runtime = load_runtime(model, threads=1)
-        for e in examples[:8]:
-            predict(runtime, [e])
-        # One runtime thread fed first come, first served (the fast tokenizer is not thread-safe; no batching).
-        runtime_thread = ThreadPoolExecutor(1)
-
-        def call(i: int, explain: bool) -> None:
-            runtime_thread.submit(predict, runtime, [examples[i % len(examples)]], explain).result()
-
-        rows += run_points("direct", lambda c, explain, n: direct_load(lambda i: call(i, explain), c, n, time_limit_s), **points)
-
-    if "plain" in targets:
-        from stepwise.serving.lifecycle import wait_ready
-
-        port = free_port()
-        server = start_plain(model, port)
-        try:
-            url = f"http://127.0.0.1:{port}"
-            wait_ready(url, 120, process=server)
-            asyncio.run(http_load(f"{url}/v1/predict", bodies[False], 4, 40, time_limit_s))  # warm-up
-            rows += run_points("plain", lambda c, explain, n: asyncio.run(http_load(f"{url}/v1/predict", bodies[explain], c, n, time_limit_s)), **points)
-        finally:
-            server.terminate()
-            server.wait(30)
-
-    from stepwise.serving.settings import Batching, Limits, Overload, Scaling, ServeArgs
-
-    settings = ServeArgs(models={"esnli": str(model)}, batching=Batching(max_batch_size, batch_wait_timeout_s, max(128, max_batch_size)),
-                         limits=Limits(request_timeout_s=120.0), overload=Overload(max_queued_requests=512), scaling=Scaling(replica_cpus=1.0))
-    for target in [t for t in targets if t in SERVE_VARIANTS]:
-        from stepwise.serving import lifecycle
-
-        saved = dict(os.environ)
-        os.environ.update(SERVE_VARIANTS[target])  # read by the proxy and replica processes at start
-        url = lifecycle.start(settings, port=free_port(), run_dir=workdir)
-        try:
-            asyncio.run(http_load(f"{url}/v1/predict", bodies[False], 4, 40, time_limit_s))
-            rows += run_points(target, lambda c, explain, n: asyncio.run(http_load(f"{url}/v1/predict", bodies[explain], c, n, time_limit_s)), **points)
-        finally:
-            lifecycle.stop()
-            os.environ.clear()
-            os.environ.update(saved)
-
+    workdir.mkdir(parents=True, exist_ok=True)
+    body = {"inputs": {"premise": "A man plays a guitar on a stage in front of a crowd.", "hypothesis": "A person makes music."}}
+    body_file = workdir / "body.json"
+    body_file.write_text(json.dumps(body))
+    result: dict[str, Any] = {"machine": f"{platform.machine()}, {os.cpu_count()} CPUs, shared: compare rows of one run", "load_generator": "hey" if shutil.which("hey") else "httpx",
+                              "requests_per_point": requests, "sizes": {}}
+    for size in sizes:
+        export = int8_export(size, workdir)
+        block: dict[str, Any] = {"in_process": in_process(export, body, 200), "rows": []}
+        print(f"[bench] {size} in process: {block['in_process']}", flush=True)
+        for config in configs:
+            block["rows"].append(measure(config, export, workdir, body, body_file, concurrency, requests))
+        result["sizes"][size] = block
     out.parent.mkdir(parents=True, exist_ok=True)
-    config = json.loads((model / "export_config.json").read_text())
-    result = {
-        "machine": f"{platform.machine()}, {os.cpu_count()} CPUs (shared with other work: compare rows of one run, not absolute numbers)",
-        "model": {"export": str(model), "d_model": config["model"]["d_model"], "precision": config["precision"], "decoder_layout": config["decoder_layout"], "max_rationale_tokens": config["max_new_tokens"]["rationale"]},
-        "serve_settings": settings.to_dict(),
-        "ort_threads": 1,
-        "rows": rows,
-    }
-    out.write_text(json.dumps(result, indent=2))
-    plot(rows, out.with_suffix(".png"))
-    print(table(rows))
-    print(overhead_lines(rows))
-    print(f"[bench] wrote {out} and {out.with_suffix('.png')}")
-    return 0
+    out.with_suffix(".json").write_text(json.dumps(result, indent=2))
+    out.with_suffix(".md").write_text(markdown(result))
+    plot(result, out.with_suffix(".png"))
+    print(markdown(result))
+    return out.with_suffix(".json")
 
 
 if __name__ == "__main__":
     from stepwise.cli import call_with_argv
 
-    raise SystemExit(call_with_argv(main, sys.argv[1:], prog="python -m benchmarks.serving_bench"))
+    call_with_argv(main, sys.argv[1:], prog="python -m benchmarks.serving_bench")
