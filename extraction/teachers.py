@@ -25,7 +25,7 @@ import os
 import random
 import re
 from dataclasses import asdict, dataclass, field
-from typing import Callable, Iterable, Iterator, Literal
+from typing import Any, Awaitable, Callable, Iterable, Iterator, Literal
 
 from stepwise import tasks
 
@@ -282,22 +282,25 @@ def vllm_teacher(task: tasks.Task, llm, sampling: Sampling, structured: bool) ->
 RETRYABLE_STATUS = {408, 409, 425, 429, 500, 502, 503, 504}
 
 
-def openai_teacher(task: tasks.Task, model: str, sampling: Sampling, client_options: OpenAIClient) -> Teacher:
+def openai_completion(task: tasks.Task, model: str, sampling: Sampling, client_options: OpenAIClient) -> Callable[[Any, str], Awaitable[Generation]]:
+    """`complete(client, prompt)`: one prompt to an OpenAI-compatible /v1/completions server through an
+    httpx.AsyncClient, with retries (exponential backoff and jitter) on connection errors, timeouts and
+    408/429/5xx; never raises for a failed request: the Generation's `error` says why. Used by the extraction
+    backend below and by serving's teacher fallback."""
     import httpx
 
     url = client_options.base_url.rstrip("/") + "/v1/completions"
     headers = {"Authorization": f"Bearer {client_options.api_key}"} if client_options.api_key else {}
     body = {"model": model, **asdict(sampling), "stop": tasks.stop_strings(task)}
-    concurrency, retries = client_options.concurrency, client_options.retries
+    retries = client_options.retries
 
-    async def complete(client: httpx.AsyncClient, gate: asyncio.Semaphore, prompt: str) -> Generation:
+    async def complete(client: httpx.AsyncClient, prompt: str) -> Generation:
         last = ""
         for attempt in range(retries + 1):
             if attempt:  # exponential backoff with jitter, so retries from many requests spread out
                 await asyncio.sleep(min(30.0, 0.5 * 2 ** (attempt - 1)) * (0.5 + random.random()))
             try:
-                async with gate:
-                    response = await client.post(url, json=dict(body, prompt=prompt), headers=headers)
+                response = await client.post(url, json=dict(body, prompt=prompt), headers=headers)
             except httpx.HTTPError as exc:
                 last = f"{type(exc).__name__}: {exc}"
                 continue
@@ -312,18 +315,26 @@ def openai_teacher(task: tasks.Task, model: str, sampling: Sampling, client_opti
             return Generation([c["text"] for c in choices], usage.get("prompt_tokens", 0), usage.get("completion_tokens", 0))
         return Generation(error=f"server error after {retries} retries: {last}")
 
+    return complete
+
+
+def openai_teacher(task: tasks.Task, model: str, sampling: Sampling, client_options: OpenAIClient) -> Teacher:
+    import httpx
+
+    complete = openai_completion(task, model, sampling, client_options)
+    concurrency = client_options.concurrency
+
     def generate(work: Work) -> Results:
         """Keep up to `concurrency` requests in flight; hand each result back as soon as it lands."""
         work = iter(work)
         loop = asyncio.new_event_loop()
-        gate = asyncio.Semaphore(concurrency)
         limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
         client = httpx.AsyncClient(timeout=httpx.Timeout(client_options.timeout), limits=limits)
         running: dict[asyncio.Task, tasks.Example] = {}
         try:
             while True:
-                for example, prompt in itertools.islice(work, 2 * concurrency - len(running)):
-                    running[loop.create_task(complete(client, gate, prompt))] = example
+                for example, prompt in itertools.islice(work, concurrency - len(running)):
+                    running[loop.create_task(complete(client, prompt))] = example
                 if not running:
                     return
                 finished, _ = loop.run_until_complete(asyncio.wait(running, return_when=asyncio.FIRST_COMPLETED))
