@@ -282,8 +282,9 @@ def vllm_teacher(task: tasks.Task, llm, sampling: Sampling, structured: bool) ->
 RETRYABLE_STATUS = {408, 409, 425, 429, 500, 502, 503, 504}
 
 
-def openai_completion(task: tasks.Task, model: str, sampling: Sampling, client_options: OpenAIClient) -> Callable[[Any, str], Awaitable[Generation]]:
-    """`complete(client, prompt)`: one prompt to an OpenAI-compatible /v1/completions server through an
+def openai_completion(task: tasks.Task, model: str, sampling: Sampling, client_options: OpenAIClient) -> Callable[..., Awaitable[Generation]]:
+    """`complete(client, prompt, extra=None)`: one prompt (and `extra` request fields, e.g. vLLM's
+    `structured_outputs`) to an OpenAI-compatible /v1/completions server through an
     httpx.AsyncClient, with retries (exponential backoff and jitter) on connection errors, timeouts and
     408/429/5xx; never raises for a failed request: the Generation's `error` says why. Used by the extraction
     backend below and by serving's teacher fallback."""
@@ -294,13 +295,13 @@ def openai_completion(task: tasks.Task, model: str, sampling: Sampling, client_o
     body = {"model": model, **asdict(sampling), "stop": tasks.stop_strings(task)}
     retries = client_options.retries
 
-    async def complete(client: httpx.AsyncClient, prompt: str) -> Generation:
+    async def complete(client: httpx.AsyncClient, prompt: str, extra: dict | None = None) -> Generation:
         last = ""
         for attempt in range(retries + 1):
             if attempt:  # exponential backoff with jitter, so retries from many requests spread out
                 await asyncio.sleep(min(30.0, 0.5 * 2 ** (attempt - 1)) * (0.5 + random.random()))
             try:
-                response = await client.post(url, json=dict(body, prompt=prompt), headers=headers)
+                response = await client.post(url, json=body | {"prompt": prompt} | (extra or {}), headers=headers)
             except httpx.HTTPError as exc:
                 last = f"{type(exc).__name__}: {exc}"
                 continue

@@ -34,7 +34,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from stepwise import artifacts, tasks
 from stepwise.export.runtime import Prediction, Runtime, load_runtime, predict
-from stepwise.serving import schema
+from stepwise.serving import fallback, schema
 from stepwise.serving.settings import ServeArgs
 
 MODELS_PER_REPLICA = 4  # students one replica keeps loaded (least recently used is dropped)
@@ -68,6 +68,8 @@ def replica_metrics() -> dict[str, Any]:
         "requests": Counter("stepwise_requests", "HTTP requests by route and status", tag_keys=("route", "status")),
         "latency": Histogram("stepwise_request_latency_ms", "request latency inside the replica", boundaries=[1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000, 5000, 10000], tag_keys=("route",)),
         "batch_size": Histogram("stepwise_batch_size", "inputs decoded together", boundaries=[1, 2, 4, 8, 16, 32, 64, 128, 256], tag_keys=("model", "mode")),
+        "fallbacks": Counter("stepwise_fallbacks", "predictions sent to the teacher, by who answered", tag_keys=("model", "source")),
+        "fallback_latency": Histogram("stepwise_fallback_latency_ms", "time spent on the teacher per fallback", boundaries=[10, 20, 50, 100, 200, 500, 1000, 2000, 5000, 10000, 30000], tag_keys=("model",)),
     }
 
 
@@ -203,6 +205,7 @@ class StudentServer:
         self.runtime_thread = ThreadPoolExecutor(1, thread_name_prefix="onnxruntime")
         # Runtimes this replica holds; an entry disappears when multiplexing drops (and frees) that runtime.
         self.loaded: weakref.WeakValueDictionary[str, Runtime] = weakref.WeakValueDictionary()
+        self.teachers: dict[str, fallback.Teacher] = {}  # made on first use, in the replica's event loop
 
     def __serve_build_asgi_app__(self) -> FastAPI:
         return build_api(self)
@@ -258,8 +261,25 @@ class StudentServer:
         if failed:
             where, problem = failed[0]
             raise HTTPException(500, f"decoding failed for {where}: {type(problem).__name__}: {problem}")
-        predictions = [d.prediction for d in decoded]
-        return schema.PredictResponse(model=model_id, version=runtime.version, predictions=[schema.PredictionOut(label=p.label, rationale=p.rationale) for p in predictions])
+        outcomes = await self.cascade(model_id, examples, [d.prediction for d in decoded])
+        return schema.PredictResponse(model=model_id, version=runtime.version, predictions=[prediction_out(o, body.scores) for o in outcomes])
+
+    async def cascade(self, model_id: str, examples: list[tasks.Example], predictions: list[Prediction]) -> list[fallback.Outcome]:
+        """The student's predictions, with those it is unsure of answered by the teacher (when one is set)."""
+        settings = self.args.cascade
+        outcomes = [fallback.Outcome(p, "student", None, 0.0) for p in predictions]
+        unsure = [i for i, p in enumerate(predictions) if fallback.unsure(settings, p)]
+        if not unsure:
+            return outcomes
+        if model_id not in self.teachers:
+            self.teachers[model_id] = fallback.prepare(settings, self.tasks[model_id])
+        answers = await asyncio.gather(*(fallback.ask(self.teachers[model_id], examples[i], predictions[i]) for i in unsure))
+        metrics = replica_metrics()
+        for i, outcome in zip(unsure, answers):
+            outcomes[i] = outcome
+            metrics["fallbacks"].inc(tags={"model": model_id, "source": outcome.source})
+            metrics["fallback_latency"].observe(1000 * outcome.seconds, tags={"model": model_id})
+        return outcomes
 
     def models(self) -> list[schema.ModelInfo]:
         infos = []
@@ -267,6 +287,12 @@ class StudentServer:
             runtime = self.loaded.get(model_id)
             infos.append(schema.ModelInfo(id=model_id, task=task.name, answer_style=task.answer_style, labels=task.labels, version=runtime and runtime.version, loaded=runtime is not None))
         return infos
+
+
+def prediction_out(outcome: fallback.Outcome, with_scores: bool) -> schema.PredictionOut:
+    p = outcome.prediction
+    return schema.PredictionOut(label=p.label, probability=p.probability, margin=p.margin, scores=p.scores if with_scores else None, log_prob=p.log_prob,
+                                rationale=p.rationale, source=outcome.source, fallback_error=outcome.error)
 
 
 def build_api(server: StudentServer) -> FastAPI:

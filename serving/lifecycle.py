@@ -200,6 +200,19 @@ def start(args: ServeArgs, port: int = 8000, host: str = "127.0.0.1", run_dir: P
     return url
 
 
+def kill_leftovers(folder: Path) -> None:
+    """HAProxy runs as a subprocess of Serve's HAProxy manager actor and can outlive it when Ray goes down first:
+    end whatever still runs from `folder` (HAProxy's config and sockets live there, nothing else does)."""
+    import psutil
+
+    for process in psutil.process_iter(["cmdline"]):
+        if any(str(folder) in part for part in process.info["cmdline"] or []):
+            try:
+                process.kill()
+            except psutil.NoSuchProcess:
+                pass
+
+
 def interrupt(signum: int, frame: Any) -> None:
     raise KeyboardInterrupt
 
@@ -237,4 +250,5 @@ def stop() -> None:
             while any(port_error(*address) for address in _ports) and time.monotonic() < deadline:
                 time.sleep(0.2)
             for folder in _haproxy_dir:
+                kill_leftovers(folder)
                 shutil.rmtree(folder, ignore_errors=True)

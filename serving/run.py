@@ -12,7 +12,7 @@ from pathlib import Path
 
 from stepwise import tasks
 from stepwise.serving import lifecycle
-from stepwise.serving.settings import Batching, Limits, Overload, Scaling, ServeArgs
+from stepwise.serving.settings import Batching, Fallback, Limits, Overload, Scaling, ServeArgs
 
 
 def parse_models(specs: list[str]) -> dict[str, str]:
@@ -34,6 +34,7 @@ def main(
     limits: Limits = Limits(),
     overload: Overload = Overload(),
     scaling: Scaling = Scaling(),
+    cascade: Fallback = Fallback(),
     access_log: bool = False,
     allow_unverified: bool = False,
     ray_cpus: int = 2,
@@ -50,13 +51,14 @@ def main(
         limits: what one request may ask for
         overload: backpressure
         scaling: replicas and their threads
+        cascade: a teacher answers what the student is unsure of
         access_log: a JSON access-log line per request (costs latency)
         allow_unverified: serve exports whose parity gate failed, was skipped or never ran
         ray_cpus: CPUs of the local Ray instance
         metrics_port: Prometheus metrics at http://127.0.0.1:PORT/metrics
         run_dir: Ray's temporary folder and logs (ray/session_latest/logs/serve/ holds the JSON logs)
     """
-    args = ServeArgs(models=parse_models(model), batching=batching, limits=limits, overload=overload, scaling=scaling,
+    args = ServeArgs(models=parse_models(model), batching=batching, limits=limits, overload=overload, scaling=scaling, cascade=cascade,
                      access_log=access_log, allow_unverified=allow_unverified)
     try:
         url = lifecycle.start(args, port=port, host=host, run_dir=run_dir, ray_cpus=ray_cpus, metrics_port=metrics_port)  # SIGTERM: as Ctrl-C

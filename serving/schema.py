@@ -26,7 +26,13 @@ class ErrorBody(BaseModel):
 
 class PredictionOut(BaseModel):
     label: str
-    rationale: str | None = None
+    probability: float | None = Field(None, description="the student's probability of the label, normalised over the candidates (closed label sets)")
+    margin: float | None = Field(None, description="the student's label probability minus the runner-up's (closed label sets): how sure it is")
+    scores: dict[str, float] | None = Field(None, description='every candidate\'s probability, with "scores": true (closed label sets)')
+    log_prob: float | None = Field(None, description="the generated label's sequence log-probability (open labels)")
+    rationale: str | None = Field(None, description='with "explain": true, or the teacher\'s when it answered')
+    source: Literal["student", "teacher"] = Field("student", description="who answered: the teacher when the student's margin was below --fallback-margin")
+    fallback_error: str | None = Field(None, description="why the teacher's answer was not used (the student's stands)")
 
 
 class PredictResponse(BaseModel):
@@ -111,6 +117,7 @@ def predict_request_model(limits: Limits, served: dict[str, tasks.Task]) -> type
         inputs=(inputs, Field(description=f"one input or a list: {forms}")),
         model=(model_ids, Field(None, description=f"model id (see /v1/models), or the {MODEL_HEADER} header; may be left out when one model is served")),
         explain=(bool, Field(False, strict=True, description="also generate each input's rationale (slower)")),
+        scores=(bool, Field(False, strict=True, description="also return every candidate label's probability")),
     )
 
 

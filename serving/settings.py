@@ -1,5 +1,5 @@
-"""What a served app is configured with: the models and four argument groups (batching, limits, overload,
-scaling). The same settings come from `stepwise serve` flags, from `args:` in serving/serve_config.yaml
+"""What a served app is configured with: the models and five argument groups (batching, limits, overload,
+scaling, cascade). The same settings come from `stepwise serve` flags, from `args:` in serving/serve_config.yaml
 (nested by group), or from Python (`ServeArgs(models=..., limits=Limits(max_items=8))`); each group checks
 itself, so a bad value fails before any replica starts."""
 
@@ -108,7 +108,44 @@ class Scaling:
             raise ValueError("replica_cpus and target_ongoing_requests must be positive, replica_gpus not negative")
 
 
-GROUPS = {"batching": Batching, "limits": Limits, "overload": Overload, "scaling": Scaling}
+@dataclass(frozen=True)
+class Fallback:
+    """A student-first cascade: predictions the student is unsure of (margin below the threshold) go to a teacher,
+    an OpenAI-compatible server such as vLLM's, through the extraction stage's client.
+
+    Args:
+        fallback: base URL of the teacher server, e.g. http://127.0.0.1:8001 ("": no fallback)
+        fallback_margin: predictions whose margin (label probability minus the runner-up's) is below this go to the teacher
+        fallback_model: model name the teacher server serves
+        fallback_timeout_s: seconds per teacher request; past it, or on any teacher error, the student's answer stands
+        fallback_retries: retries of a failed teacher request
+        fallback_max_tokens: tokens the teacher may write (rationale and answer)
+        fallback_concurrency: most teacher requests in flight per replica
+        fallback_structured: constrain the teacher's answer to the task's label set (vLLM structured outputs)
+    """
+
+    fallback: str = ""
+    fallback_margin: float = 0.0
+    fallback_model: str = ""
+    fallback_timeout_s: float = 10.0
+    fallback_retries: int = 1
+    fallback_max_tokens: int = 256
+    fallback_concurrency: int = 8
+    fallback_structured: bool = True
+
+    def __post_init__(self) -> None:
+        if self.fallback and not self.fallback.startswith(("http://", "https://")):
+            raise ValueError(f"--fallback must be an http(s) URL, got {self.fallback!r}")
+        if self.fallback and not self.fallback_model:
+            raise ValueError("--fallback needs --fallback-model (the model name the teacher server serves)")
+        if not 0.0 <= self.fallback_margin <= 1.0:
+            raise ValueError(f"--fallback-margin is a probability difference in [0, 1], got {self.fallback_margin}")
+        _at_least(self, fallback_retries=0, fallback_max_tokens=1, fallback_concurrency=1)
+        if self.fallback_timeout_s <= 0:
+            raise ValueError(f"--fallback-timeout-s must be positive, got {self.fallback_timeout_s}")
+
+
+GROUPS = {"batching": Batching, "limits": Limits, "overload": Overload, "scaling": Scaling, "cascade": Fallback}
 
 
 @dataclass(frozen=True)
@@ -120,6 +157,7 @@ class ServeArgs:
     limits: Limits = field(default_factory=Limits)
     overload: Overload = field(default_factory=Overload)
     scaling: Scaling = field(default_factory=Scaling)
+    cascade: Fallback = field(default_factory=Fallback)
     access_log: bool = False
     allow_unverified: bool = False
 

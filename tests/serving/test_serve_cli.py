@@ -21,6 +21,7 @@ from stepwise import tasks
 
 pytestmark = pytest.mark.slow
 ROOT = Path(__file__).resolve().parents[2]
+BEFORE = {p.pid for p in psutil.process_iter(["name"]) if p.info["name"] == "haproxy"}  # not this module's servers'
 
 
 def free_port() -> int:
@@ -81,7 +82,13 @@ def loopback(address: str) -> bool:
     return ip.is_loopback or bool(getattr(ip, "ipv4_mapped", None) and ip.ipv4_mapped.is_loopback)  # ::ffff:127.0.0.1
 
 
+def haproxies() -> set[int]:
+    return {p.pid for p in psutil.process_iter(["name"]) if p.info["name"] == "haproxy"}
+
+
 def stop_and_check(server: subprocess.Popen, how: int, ports: tuple[int, ...], run_dir: Path) -> None:
+    ours = haproxies() - BEFORE
+    assert ours, "the server runs an HAProxy ingress"
     server.send_signal(how)
     output, _ = server.communicate(timeout=90)
     assert server.returncode == 0, output
@@ -91,6 +98,7 @@ def stop_and_check(server: subprocess.Popen, how: int, ports: tuple[int, ...], r
     while processes_using(run_dir) and time.monotonic() < deadline:  # raylet children exit a moment later
         time.sleep(0.5)
     assert not processes_using(run_dir), [p.info["cmdline"][:3] for p in processes_using(run_dir)]
+    assert not ours & haproxies(), "HAProxy outlived the server"
 
 
 def test_sigterm_shuts_down_cleanly_and_nothing_listens_beyond_loopback(tiny_export_dir, tmp_path_factory):
