@@ -28,6 +28,7 @@ STAGES: dict[str, tuple[str, str, str]] = {
     "demo": ("stepwise.demo", "main", "student"),
     "export": ("stepwise.export.run", "main", "student"),
     "serve": ("stepwise.serving.run", "main", "student"),
+    "cascade": ("stepwise.serving.cascade", "main", "student"),
     "extract": ("stepwise.extraction.run", "main", "teacher"),
     "train": ("stepwise.training.train", "main", "student"),
     "experiment": ("stepwise.training.experiment", "main", "student"),
