@@ -35,18 +35,18 @@ def train_tokenizer(texts: Iterable[str], out_dir: Path, vocab_size: int = 2000)
         character_coverage=1.0,
         minloglevel=2,
     )
-    spm_path = out_dir / "spiece.model"
-    spm_path.write_bytes(model.getvalue())
-    tokenizer = T5TokenizerFast(vocab_file=str(spm_path), extra_ids=0, legacy=False)
+    (out_dir / "spiece.model").write_bytes(model.getvalue())
+    # from_pretrained converts the SentencePiece model the same way in transformers 4.x and 5.x (5.x's
+    # constructor no longer reads a vocab_file).
+    tokenizer = T5TokenizerFast.from_pretrained(out_dir, extra_ids=0, legacy=False)
     tokenizer.save_pretrained(out_dir)
     return tokenizer
 
 
-def build_student(tokenizer: T5TokenizerFast, size: StudentSize = "tiny", seed: int = 0) -> T5ForConditionalGeneration:
-    """A randomly initialised T5 sized for `tokenizer`. Untied embeddings: a random tied T5 decodes only
-    its start token, which would make every parity check pass vacuously."""
-    torch.manual_seed(seed)
-    config = T5Config(
+def student_config(tokenizer: T5TokenizerFast, size: StudentSize = "tiny") -> T5Config:
+    """The T5 (v1.1 layout) of `size` for `tokenizer`. Untied embeddings: a random tied T5 decodes only its
+    start token, which would make every parity check pass vacuously."""
+    return T5Config(
         vocab_size=len(tokenizer),
         feed_forward_proj="gated-gelu",
         tie_word_embeddings=False,
@@ -56,7 +56,12 @@ def build_student(tokenizer: T5TokenizerFast, size: StudentSize = "tiny", seed: 
         dropout_rate=0.0,
         **SHAPES[size],
     )
-    return T5ForConditionalGeneration(config)
+
+
+def build_student(tokenizer: T5TokenizerFast, size: StudentSize = "tiny", seed: int = 0) -> T5ForConditionalGeneration:
+    """A randomly initialised T5 of `size` for `tokenizer`, its weights fixed by `seed`."""
+    torch.manual_seed(seed)
+    return T5ForConditionalGeneration(student_config(tokenizer, size))
 
 
 def build_student_folder(out: Path, size: StudentSize = "tiny", task_name: str = "esnli", vocab_size: int = 2000) -> Path:
