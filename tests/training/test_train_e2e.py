@@ -18,7 +18,7 @@ from transformers import AutoTokenizer, T5ForConditionalGeneration
 from stepwise import tasks
 from stepwise.training.train import evaluation_subset, predict
 
-from .conftest import ROOT, cli_env, stepwise
+from training_helpers import ROOT, cli_env, stepwise
 
 pytestmark = pytest.mark.slow
 
