@@ -153,19 +153,34 @@ def barrier(world: World) -> None:
 # ---------------------------------------------------------------- weights
 
 
+def own_names(model: nn.Module) -> set[str]:
+    """The names of the model's parameters and buffers, a tied parameter under its first name only (T5's shared
+    embedding, which `state_dict()` also lists as encoder/decoder.embed_tokens.weight)."""
+    return {name for name, _ in model.named_parameters()} | {name for name, _ in model.named_buffers()}
+
+
 def full_weights(model: nn.Module, world: World) -> dict[str, torch.Tensor]:
     """The whole model's weights on rank 0's CPU (an FSDP all-gather; every rank must call it); {} elsewhere."""
-    if world.strategy != "fsdp":
-        return model.state_dict() if world.main else {}
-    weights = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-    return weights if world.main else {}
+    if world.strategy == "fsdp":
+        weights = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    else:
+        weights = model.state_dict() if world.main else {}
+    names = own_names(model)
+    return {name: value for name, value in weights.items() if name in names} if world.main else {}
 
 
 def load_full_weights(model: nn.Module, weights: dict[str, torch.Tensor], world: World) -> None:
     """Rank 0's full `weights` (a `state_dict()` of the same class) into every rank's model; each FSDP rank
-    keeps only its shard. Not strict: the broadcast sends a tied parameter (T5's shared embedding) under one
-    name only, where `state_dict()` lists it under each module that holds it."""
-    options = StateDictOptions(full_state_dict=True, broadcast_from_rank0=world.size > 1, strict=world.size == 1)
+    keeps only its shard. A tied parameter (T5's shared embedding, which `state_dict()` lists under each module
+    holding it) goes under its first name only, as the broadcast and FSDP's resharding expect."""
+    names = own_names(model)
+    if world.main:
+        missing = sorted(names - weights.keys())
+        if missing:
+            raise ValueError(f"the weights to load lack {', '.join(missing[:3])}{' ...' if len(missing) > 3 else ''}: not this student's")
+        weights = {name: value for name, value in weights.items() if name in names}
+    # Not strict: every name was checked above, and the tied names dropped on purpose.
+    options = StateDictOptions(full_state_dict=True, broadcast_from_rank0=world.size > 1, strict=False)
     set_model_state_dict(model, weights if world.main else {}, options=options)
 
 
