@@ -95,8 +95,11 @@ def save(out: Path, model: nn.Module, optimizer: Optimizer, progress: Progress, 
             distributed.save_state(Path(local), model, optimizer)
             if world.main:
                 artifacts.write_json(Path(local) / STATE, asdict(progress))
-            ray.train.report({"step": progress.step, "best_valid_accuracy": progress.best_accuracy},
-                             checkpoint=ray.train.Checkpoint.from_directory(local), checkpoint_dir_name=name)
+            ray.train.report(
+                {"step": progress.step, "best_valid_accuracy": progress.best_accuracy},
+                checkpoint=ray.train.Checkpoint.from_directory(local),
+                checkpoint_dir_name=name,
+            )
         return
     staging = root(out) / f".{name}.tmp"
     if world.main:

@@ -21,7 +21,13 @@ import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch import nn
-from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, get_state_dict, set_model_state_dict, set_state_dict
+from torch.distributed.checkpoint.state_dict import (
+    StateDictOptions,
+    get_model_state_dict,
+    get_state_dict,
+    set_model_state_dict,
+    set_state_dict,
+)
 
 Strategy = Literal["ddp", "fsdp"]
 DCP_METADATA = ".metadata"
@@ -45,7 +51,10 @@ def join(strategy: Strategy, device: torch.device) -> World:
     """The world of an initialized process group (Ray Train's, or one a launcher made), else a world of one."""
     if not dist.is_initialized():
         if strategy == "fsdp":
-            raise ValueError("--strategy fsdp shards the student over a process group: run with --workers N (Ray Train) or --ray-address")
+            raise ValueError(
+                "--strategy fsdp shards the student over a process group: "
+                "run with --workers N (Ray Train) or --ray-address"
+            )
         return World(0, 1, device, "single")
     return World(dist.get_rank(), dist.get_world_size(), device, strategy)
 
@@ -74,7 +83,11 @@ def wrap(model: nn.Module, world: World, bf16: bool) -> nn.Module:
         from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
         # bf16 compute and all-gathers, fp32 gradient reduction and fp32 master weights (the optimizer's).
-        policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if bf16 and world.device.type == "cuda" else MixedPrecisionPolicy()
+        policy = (
+            MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+            if bf16 and world.device.type == "cuda"
+            else MixedPrecisionPolicy()
+        )
         initial = model.state_dict() if world.main else {}  # rank 0's full weights, kept for the broadcast below
         for stack in (model.encoder, model.decoder):
             for block in stack.block:  # one unit per T5 block: only a block or two is ever gathered at once
@@ -87,7 +100,12 @@ def wrap(model: nn.Module, world: World, bf16: bool) -> nn.Module:
     if world.strategy == "ddp":
         from torch.nn.parallel import DistributedDataParallel
 
-        return DistributedDataParallel(model, device_ids=[world.device.index] if world.device.type == "cuda" else None)
+        # Gradients live in the all-reduce buckets themselves: no second copy of them.
+        return DistributedDataParallel(
+            model,
+            device_ids=[world.device.index] if world.device.type == "cuda" else None,
+            gradient_as_bucket_view=True,
+        )
     return model
 
 
@@ -177,7 +195,10 @@ def load_full_weights(model: nn.Module, weights: dict[str, torch.Tensor], world:
     if world.main:
         missing = sorted(names - weights.keys())
         if missing:
-            raise ValueError(f"the weights to load lack {', '.join(missing[:3])}{' ...' if len(missing) > 3 else ''}: not this student's")
+            raise ValueError(
+                f"the weights to load lack {', '.join(missing[:3])}{' ...' if len(missing) > 3 else ''}: "
+                "not this student's"
+            )
         weights = {name: value for name, value in weights.items() if name in names}
     # Not strict: every name was checked above, and the tied names dropped on purpose.
     options = StateDictOptions(full_state_dict=True, broadcast_from_rank0=world.size > 1, strict=False)
@@ -200,8 +221,12 @@ def load_state(folder: Path, model: nn.Module, optimizer: torch.optim.Optimizer)
     weights, optimizer_state = get_state_dict(model, optimizer)  # the layout to fill (shapes, shards)
     state = {"model": weights, "optimizer": optimizer_state["state"]}
     dcp.load(state, checkpoint_id=str(folder))
-    set_state_dict(model, optimizer, model_state_dict=state["model"],
-                   optim_state_dict={"state": state["optimizer"], "param_groups": optimizer_state["param_groups"]})
+    set_state_dict(
+        model,
+        optimizer,
+        model_state_dict=state["model"],
+        optim_state_dict={"state": state["optimizer"], "param_groups": optimizer_state["param_groups"]},
+    )
 
 
 class _MetadataUnpickler(pickle.Unpickler):
@@ -210,9 +235,17 @@ class _MetadataUnpickler(pickle.Unpickler):
     def find_class(self, module: str, name: str) -> Any:
         allowed = (
             module.startswith("torch.distributed.checkpoint.")
-            or (module == "torch" and (name == "Size" or isinstance(getattr(torch, name, None), (torch.dtype, torch.layout, torch.memory_format))))
+            or (
+                module == "torch"
+                and (
+                    name == "Size"
+                    or isinstance(getattr(torch, name, None), (torch.dtype, torch.layout, torch.memory_format))
+                )
+            )
             or (module, name) == ("torch.serialization", "_get_layout")
-            or (module == "pathlib" and name in ("Path", "PosixPath", "PurePosixPath", "WindowsPath", "PureWindowsPath"))
+            or (
+                module == "pathlib" and name in ("Path", "PosixPath", "PurePosixPath", "WindowsPath", "PureWindowsPath")
+            )
         )
         if not allowed:
             raise pickle.UnpicklingError(f"{module}.{name} is not part of a checkpoint's metadata")

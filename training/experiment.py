@@ -18,7 +18,18 @@ from pathlib import Path
 from stepwise import artifacts
 from stepwise.training import train
 
-RUN_COLUMNS = ["mode", "data_fraction", "seed", "steps", "train_minutes", "best_step", "train_examples", "valid_accuracy", "test_accuracy", "test_examples"]
+RUN_COLUMNS = [
+    "mode",
+    "data_fraction",
+    "seed",
+    "steps",
+    "train_minutes",
+    "best_step",
+    "train_examples",
+    "valid_accuracy",
+    "test_accuracy",
+    "test_examples",
+]
 
 
 @dataclass(frozen=True)
@@ -26,7 +37,9 @@ class GridOptions:
     """Where the grid's runs train.
 
     Args:
-        on_ray: Run every (mode, fraction, seed) as one Ray task, as many at once as the cluster has room for: the cluster at --ray-address, or a private Ray on this machine (loopback only). Each run trains in one process (--workers 1).
+        on_ray: Run every (mode, fraction, seed) as one Ray task, as many at once as the cluster has room for: the
+            cluster at --ray-address, or a private Ray on this machine (loopback only). Each run trains in one
+            process (--workers 1).
         trial_cpus: CPUs (torch threads) per run on Ray.
         trial_gpus: GPUs per run on Ray (0 or 1).
     """
@@ -37,20 +50,36 @@ class GridOptions:
 
     def __post_init__(self) -> None:
         if self.trial_cpus < 1 or self.trial_gpus < 0:
-            raise ValueError(f"--trial-cpus must be 1 or more and --trial-gpus 0 or more, got {self.trial_cpus} and {self.trial_gpus}")
+            raise ValueError(
+                "--trial-cpus must be 1 or more and --trial-gpus 0 or more, "
+                f"got {self.trial_cpus} and {self.trial_gpus}"
+            )
 
 
 def run_folder(out: Path, mode: str, fraction: float, seed: int) -> Path:
     return Path(out) / f"{mode}_frac{fraction}_seed{seed}"
 
 
-def run_grid(task: str, out: Path, modes: list[str], fractions: list[float], seeds: list[int], grid: GridOptions, **train_options) -> list[dict]:
+def run_grid(
+    task: str, out: Path, modes: list[str], fractions: list[float], seeds: list[int], grid: GridOptions, **train_options
+) -> list[dict]:
     """Train every (mode, fraction, seed) into out/<mode>_frac<f>_seed<s>; one row of metrics per run."""
     unknown = [m for m in modes if m not in train.MODES]
     if unknown:
         raise ValueError(f"unknown mode(s) {unknown}: expected some of {train.MODES}")
-    runs = [dict(task=task, out=run_folder(out, mode, fraction, seed), mode=mode, data_fraction=fraction, seed=seed, **train_options)
-            for mode in modes for fraction in fractions for seed in seeds]
+    runs = [
+        dict(
+            task=task,
+            out=run_folder(out, mode, fraction, seed),
+            mode=mode,
+            data_fraction=fraction,
+            seed=seed,
+            **train_options,
+        )
+        for mode in modes
+        for fraction in fractions
+        for seed in seeds
+    ]
     if grid.on_ray:
         compute: train.ComputeOptions = train_options["compute"]
         if compute.workers > 1:
@@ -68,13 +97,20 @@ def run_grid(task: str, out: Path, modes: list[str], fractions: list[float], see
     rows = []
     for run, folder in zip(runs, folders):
         metrics = artifacts.read_metrics(folder)
-        rows.append({
-            "mode": run["mode"], "data_fraction": run["data_fraction"], "seed": run["seed"], "steps": metrics["steps"],
-            "train_minutes": metrics["train_minutes"], "best_step": metrics["best_step"],
-            "train_examples": metrics["train_examples"]["used"], "valid_accuracy": metrics["valid"]["accuracy"],
-            "test_accuracy": metrics["test"]["accuracy"] if metrics["test"] else None,
-            "test_examples": metrics["test"]["examples"] if metrics["test"] else 0,
-        })
+        rows.append(
+            {
+                "mode": run["mode"],
+                "data_fraction": run["data_fraction"],
+                "seed": run["seed"],
+                "steps": metrics["steps"],
+                "train_minutes": metrics["train_minutes"],
+                "best_step": metrics["best_step"],
+                "train_examples": metrics["train_examples"]["used"],
+                "valid_accuracy": metrics["valid"]["accuracy"],
+                "test_accuracy": metrics["test"]["accuracy"] if metrics["test"] else None,
+                "test_examples": metrics["test"]["examples"] if metrics["test"] else 0,
+            }
+        )
     return rows
 
 
@@ -85,7 +121,12 @@ def summarise(rows: list[dict]) -> list[dict]:
         groups.setdefault((row["mode"], row["data_fraction"]), []).append(row)
     summary = []
     for (mode, fraction), group in groups.items():
-        entry = {"mode": mode, "data_fraction": fraction, "seeds": len(group), "mean_steps": statistics.mean(r["steps"] for r in group)}
+        entry = {
+            "mode": mode,
+            "data_fraction": fraction,
+            "seeds": len(group),
+            "mean_steps": statistics.mean(r["steps"] for r in group),
+        }
         for split in ("valid", "test"):
             values = [r[f"{split}_accuracy"] for r in group if r[f"{split}_accuracy"] is not None]
             entry[f"{split}_mean"] = statistics.mean(values) if values else None
@@ -95,10 +136,15 @@ def summarise(rows: list[dict]) -> list[dict]:
 
 
 def markdown_table(summary: list[dict]) -> str:
-    lines = ["| mode | data fraction | test accuracy (mean ± std) | valid accuracy (mean ± std) | seeds | mean steps |", "|---|---|---|---|---|---|"]
+    lines = [
+        "| mode | data fraction | test accuracy (mean ± std) | valid accuracy (mean ± std) | seeds | mean steps |",
+        "|---|---|---|---|---|---|",
+    ]
     for s in summary:
         test = f"{s['test_mean']:.4f} ± {s['test_std']:.4f}" if s["test_mean"] is not None else "n/a"
-        lines.append(f"| {s['mode']} | {s['data_fraction']} | {test} | {s['valid_mean']:.4f} ± {s['valid_std']:.4f} | {s['seeds']} | {s['mean_steps']:.0f} |")
+        lines.append(
+            f"| {s['mode']} | {s['data_fraction']} | {test} | {s['valid_mean']:.4f} ± {s['valid_std']:.4f} | {s['seeds']} | {s['mean_steps']:.0f} |"
+        )
     return "\n".join(lines) + "\n"
 
 
@@ -110,8 +156,17 @@ def plot(summary: list[dict], path: Path, title: str) -> None:
 
     figure, axes = plt.subplots(figsize=(6, 4))
     for mode in dict.fromkeys(s["mode"] for s in summary):
-        points = sorted((s for s in summary if s["mode"] == mode and s["test_mean"] is not None), key=lambda s: s["data_fraction"])
-        axes.errorbar([p["data_fraction"] for p in points], [100 * p["test_mean"] for p in points], yerr=[100 * p["test_std"] for p in points], marker="o", capsize=4, label=mode)
+        points = sorted(
+            (s for s in summary if s["mode"] == mode and s["test_mean"] is not None), key=lambda s: s["data_fraction"]
+        )
+        axes.errorbar(
+            [p["data_fraction"] for p in points],
+            [100 * p["test_mean"] for p in points],
+            yerr=[100 * p["test_std"] for p in points],
+            marker="o",
+            capsize=4,
+            label=mode,
+        )
     axes.set_xlabel("share of the training set")
     axes.set_ylabel("test accuracy (%)")
     axes.set_title(title, fontsize=9)
@@ -160,14 +215,43 @@ def main(
         results: Folder for the table (<name>.md/.json/.csv) and the PNG (<name>.png); default --out.
         name: Base name of the result files.
     """
-    rows = run_grid(task, Path(out), modes, fractions, seeds, grid, rationales=rationales, student=student, vocab_size=vocab_size,
-                    data=data, optim=optim, evaluation=evaluation, compute=compute)
+    rows = run_grid(
+        task,
+        Path(out),
+        modes,
+        fractions,
+        seeds,
+        grid,
+        rationales=rationales,
+        student=student,
+        vocab_size=vocab_size,
+        data=data,
+        optim=optim,
+        evaluation=evaluation,
+        compute=compute,
+    )
     summary = summarise(rows)
     results_dir = Path(results or out)
-    budget = " and ".join(b for b in (f"{optim.max_steps} steps" if optim.max_steps else "", f"{optim.max_minutes:g} min" if optim.max_minutes else "") if b)
-    settings = {"task": task, "student": student, "label_source": data.label_source, "alpha": data.alpha, "learning_rate": optim.learning_rate,
-                "batch_size": optim.batch_size, "budget_per_run": budget, "schedule": optim.schedule, "warmup_steps": optim.warmup_steps,
-                "eval_limit": evaluation.eval_limit}
+    budget = " and ".join(
+        b
+        for b in (
+            f"{optim.max_steps} steps" if optim.max_steps else "",
+            f"{optim.max_minutes:g} min" if optim.max_minutes else "",
+        )
+        if b
+    )
+    settings = {
+        "task": task,
+        "student": student,
+        "label_source": data.label_source,
+        "alpha": data.alpha,
+        "learning_rate": optim.learning_rate,
+        "batch_size": optim.batch_size,
+        "budget_per_run": budget,
+        "schedule": optim.schedule,
+        "warmup_steps": optim.warmup_steps,
+        "eval_limit": evaluation.eval_limit,
+    }
     artifacts.write_json(results_dir / f"{name}.json", {"settings": settings, "summary": summary, "runs": rows})
     table_csv = io.StringIO()
     writer = csv.DictWriter(table_csv, RUN_COLUMNS)
@@ -176,6 +260,10 @@ def main(
     artifacts.write_atomic(results_dir / f"{name}.csv", table_csv.getvalue())
     table = markdown_table(summary)
     artifacts.write_atomic(results_dir / f"{name}.md", f"{task}, student {student}, budget {budget} per run\n\n{table}")
-    plot(summary, results_dir / f"{name}.png", f"{task}, student {student}, {budget} per run, mean ± std over {len(seeds)} seeds")
+    plot(
+        summary,
+        results_dir / f"{name}.png",
+        f"{task}, student {student}, {budget} per run, mean ± std over {len(seeds)} seeds",
+    )
     print(table, flush=True)
     return results_dir

@@ -31,8 +31,9 @@ def encode(tokenizer: PreTrainedTokenizerBase, texts: list[str], max_length: int
     return tokenizer(texts, truncation=True, max_length=max_length)["input_ids"]
 
 
-def tokenize_examples(tokenizer: PreTrainedTokenizerBase, examples: list[StudentExample], max_input_length: int,
-                      max_target_length: int) -> dict[str, list[list[int]]]:
+def tokenize_examples(
+    tokenizer: PreTrainedTokenizerBase, examples: list[StudentExample], max_input_length: int, max_target_length: int
+) -> dict[str, list[list[int]]]:
     """Token ids per example, computed once: predict/explain inputs, label and rationale targets."""
     as_example = [tasks.Example("", e.input, e.label) for e in examples]
     columns = {
@@ -50,8 +51,13 @@ def _pad(rows: list[list[int]], value: int) -> torch.Tensor:
     return torch.tensor([r + [value] * (width - len(r)) for r in rows])
 
 
-def collate(columns: dict[str, list[list[int]]], indices: list[int], with_rationale: bool, pad_id: int,
-            decoder_start_id: int | None = None) -> dict[str, torch.Tensor]:
+def collate(
+    columns: dict[str, list[list[int]]],
+    indices: list[int],
+    with_rationale: bool,
+    pad_id: int,
+    decoder_start_id: int | None = None,
+) -> dict[str, torch.Tensor]:
     """One batch holding both tasks: the examples' predict rows, then (step-by-step) their explain rows.
     The decoder reads the targets shifted right behind its start token (T5's: the pad id)."""
     inputs = [columns["predict"][i] for i in indices]
@@ -60,7 +66,13 @@ def collate(columns: dict[str, list[list[int]]], indices: list[int], with_ration
         inputs += [columns["explain"][i] for i in indices]
         targets += [columns["rationale"][i] for i in indices]
     input_ids, target_ids = _pad(inputs, pad_id), _pad(targets, IGNORE)
-    decoder_input_ids = torch.cat([torch.full_like(target_ids[:, :1], pad_id if decoder_start_id is None else decoder_start_id), target_ids[:, :-1]], 1)
+    decoder_input_ids = torch.cat(
+        [
+            torch.full_like(target_ids[:, :1], pad_id if decoder_start_id is None else decoder_start_id),
+            target_ids[:, :-1],
+        ],
+        1,
+    )
     return {
         "input_ids": input_ids,
         "attention_mask": (input_ids != pad_id).long(),
@@ -78,13 +90,22 @@ class TokenCounts(NamedTuple):
 
 
 def target_tokens(columns: dict[str, list[list[int]]], indices: list[int], with_rationale: bool) -> TokenCounts:
-    return TokenCounts(sum(len(columns["label"][i]) for i in indices), sum(len(columns["rationale"][i]) for i in indices) if with_rationale else 0)
+    return TokenCounts(
+        sum(len(columns["label"][i]) for i in indices),
+        sum(len(columns["rationale"][i]) for i in indices) if with_rationale else 0,
+    )
 
 
 def token_loss_sums(forward: nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
     """Summed token cross-entropy of the batch's label rows and of its explain rows, from one forward pass."""
-    logits = forward(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], decoder_input_ids=batch["decoder_input_ids"]).logits
-    token_loss = F.cross_entropy(logits.float().transpose(1, 2), batch["targets"], ignore_index=IGNORE, reduction="none")  # 0 at padding
+    logits = forward(
+        input_ids=batch["input_ids"],
+        attention_mask=batch["attention_mask"],
+        decoder_input_ids=batch["decoder_input_ids"],
+    ).logits
+    token_loss = F.cross_entropy(
+        logits.float().transpose(1, 2), batch["targets"], ignore_index=IGNORE, reduction="none"
+    )  # 0 at padding
     label_rows = batch["is_label_row"][:, None]
     return (token_loss * label_rows).sum(), (token_loss * ~label_rows).sum()
 

@@ -92,7 +92,9 @@ def fit(plan: Any, worker: Callable[[Any, Any, bool], None]) -> None:
                 name=checkpoints.RAY_RUN,
                 storage_path=str(checkpoints.root(plan.out).resolve()),
                 failure_config=train.FailureConfig(max_failures=compute.max_failures),
-                checkpoint_config=train.CheckpointConfig(num_to_keep=2),  # the newest and, while it uploads, the one before
+                checkpoint_config=train.CheckpointConfig(
+                    num_to_keep=2
+                ),  # the newest and, while it uploads, the one before
             ),
         )
         trainer.fit()
@@ -109,4 +111,3 @@ def remote_call(function: Callable[..., Path], cpus: int, gpus: float) -> Callab
         return function(*args, **kwargs)
 
     return ray.remote(num_cpus=cpus, num_gpus=gpus)(call)
-

@@ -32,8 +32,17 @@ from stepwise.training import checkpoints, distributed
 from stepwise.training.checkpoints import Progress
 from stepwise.training.data import StudentExample, check_task_matches, records_by_id, training_examples
 from stepwise.training.distributed import World
-from stepwise.training.objective import (TokenCounts, collate, lr_factor, objective, step_examples, target_tokens, token_loss_sums,
-                                         tokenize_examples, worker_micro_batches)
+from stepwise.training.objective import (
+    TokenCounts,
+    collate,
+    lr_factor,
+    objective,
+    step_examples,
+    target_tokens,
+    token_loss_sums,
+    tokenize_examples,
+    worker_micro_batches,
+)
 from stepwise.training.tiny import SHAPES, build_student, student_config, train_tokenizer
 
 Mode = Literal["step-by-step", "standard-finetune", "standard-distill"]
@@ -65,7 +74,10 @@ class DataOptions:
         if not 0.0 <= self.alpha <= 1.0:
             raise ValueError(f"--alpha must be in [0, 1], got {self.alpha}")
         if self.max_input_length < 1 or self.max_target_length < 1:
-            raise ValueError(f"--max-input-length and --max-target-length must be positive, got {self.max_input_length} and {self.max_target_length}")
+            raise ValueError(
+                "--max-input-length and --max-target-length must be positive, "
+                f"got {self.max_input_length} and {self.max_target_length}"
+            )
 
 
 @dataclass(frozen=True)
@@ -74,7 +86,8 @@ class OptimOptions:
 
     Args:
         learning_rate: Peak AdamW learning rate (5e-5 for pretrained T5; about 1e-3 for tiny from scratch).
-        batch_size: Examples per optimizer step, over all workers (step-by-step puts 2 rows per example in the batch); each worker takes batch_size / workers of them.
+        batch_size: Examples per optimizer step, over all workers (step-by-step puts 2 rows per example in the
+            batch); each worker takes batch_size / workers of them.
         grad_accum: Micro-batches per optimizer step on each worker (batch_size must divide by workers x grad_accum).
         max_steps: Optimizer steps budget (0: none; then --max-minutes must be set).
         max_minutes: Wall-clock training budget in minutes, validation included (0: none).
@@ -94,9 +107,13 @@ class OptimOptions:
         if self.learning_rate <= 0:
             raise ValueError(f"--learning-rate must be positive, got {self.learning_rate}")
         if self.batch_size < 1 or self.grad_accum < 1:
-            raise ValueError(f"--batch-size and --grad-accum must be positive, got {self.batch_size} and {self.grad_accum}")
+            raise ValueError(
+                f"--batch-size and --grad-accum must be positive, got {self.batch_size} and {self.grad_accum}"
+            )
         if self.batch_size % self.grad_accum:
-            raise ValueError(f"--batch-size {self.batch_size} does not divide into --grad-accum {self.grad_accum} micro-batches")
+            raise ValueError(
+                f"--batch-size {self.batch_size} does not divide into --grad-accum {self.grad_accum} micro-batches"
+            )
         if self.max_steps < 0 or self.max_minutes < 0 or (self.max_steps == 0 and self.max_minutes == 0):
             raise ValueError("give a budget: --max-steps and/or --max-minutes (positive)")
         if self.schedule not in ("linear", "constant"):
@@ -123,7 +140,9 @@ class EvalOptions:
 
     def __post_init__(self) -> None:
         if min(self.eval_every, self.eval_batch_size, self.log_every) < 1 or self.eval_limit < 0:
-            raise ValueError(f"--eval-every, --eval-batch-size and --log-every must be positive and --eval-limit 0 or more, got {self}")
+            raise ValueError(
+                f"--eval-every, --eval-batch-size and --log-every must be positive and --eval-limit 0 or more: {self}"
+            )
 
 
 @dataclass(frozen=True)
@@ -132,12 +151,17 @@ class ComputeOptions:
 
     Args:
         device: cuda, cpu, or auto (this process; Ray workers use --use-gpu instead).
-        bf16: bf16 compute on a GPU (autocast; FSDP: bf16 parameters and all-gathers, fp32 reductions and master weights). CPU runs stay float32.
-        workers: Training processes. 1: this process (the default); more: Ray Train workers, each on a slice of every batch.
+        bf16: bf16 compute on a GPU (autocast; FSDP: bf16 parameters and all-gathers, fp32 reductions and master
+            weights). CPU runs stay float32.
+        workers: Training processes. 1: this process (the default); more: Ray Train workers, each on a slice of
+            every batch.
         use_gpu: One GPU per Ray Train worker (NCCL); without it workers train on CPUs (gloo).
-        strategy: ddp (every worker holds the whole student) or fsdp (parameters, gradients and optimizer state sharded over the workers).
-        ray_address: Ray cluster to train on ("auto": the one `ray start` made here; "ray://host:10001"); empty: a private local Ray when --workers > 1. The run folder must be on storage every node sees.
-        max_failures: Worker failures Ray Train recovers from (restarting every worker from the last checkpoint) before the run fails.
+        strategy: ddp (every worker holds the whole student) or fsdp (parameters, gradients and optimizer state
+            sharded over the workers).
+        ray_address: Ray cluster to train on ("auto": the one `ray start` made here; "ray://host:10001"); empty: a
+            private local Ray when --workers > 1. The run folder must be on storage every node sees.
+        max_failures: Worker failures Ray Train recovers from (restarting every worker from the last checkpoint)
+            before the run fails.
     """
 
     device: str = "auto"
@@ -156,7 +180,9 @@ class ComputeOptions:
         if self.on_ray and self.device != "auto":
             raise ValueError("--device picks this process's device; Ray Train workers use --use-gpu")
         if self.use_gpu and not self.on_ray:
-            raise ValueError("--use-gpu is for Ray Train workers (--workers N or --ray-address); one process uses --device")
+            raise ValueError(
+                "--use-gpu is for Ray Train workers (--workers N or --ray-address); one process uses --device"
+            )
         if self.max_failures < -1:
             raise ValueError(f"--max-failures must be -1 (no limit) or more, got {self.max_failures}")
 
@@ -197,17 +223,33 @@ def train_config(task: str, plan: Plan, rationales: Path | None, vocab_size: int
     """What train_config.json records: every option that changes what is learned. Where it trains (workers,
     strategy, cluster) does not: a run may resume on another number of workers."""
     return {
-        "task": task, "rationales": str(rationales) if rationales else None, "student": plan.student, "mode": plan.mode,
-        "data_fraction": plan.data_fraction, "seed": plan.seed, "vocab_size": vocab_size,
-        **asdict(plan.data), **asdict(plan.optim), **asdict(plan.evaluation), "bf16": plan.compute.bf16, "device": plan.compute.device,
+        "task": task,
+        "rationales": str(rationales) if rationales else None,
+        "student": plan.student,
+        "mode": plan.mode,
+        "data_fraction": plan.data_fraction,
+        "seed": plan.seed,
+        "vocab_size": vocab_size,
+        **asdict(plan.data),
+        **asdict(plan.optim),
+        **asdict(plan.evaluation),
+        "bf16": plan.compute.bf16,
+        "device": plan.compute.device,
     }
 
 
 # ---------------------------------------------------------------- prediction and evaluation
 
 
-def predict(model: T5ForConditionalGeneration, tokenizer: PreTrainedTokenizerBase, examples: list[tasks.Example], max_input_length: int = 1024,
-            max_new_tokens: int = 32, batch_size: int = 64, synced: bool = False) -> list[str]:
+def predict(
+    model: T5ForConditionalGeneration,
+    tokenizer: PreTrainedTokenizerBase,
+    examples: list[tasks.Example],
+    max_input_length: int = 1024,
+    max_new_tokens: int = 32,
+    batch_size: int = 64,
+    synced: bool = False,
+) -> list[str]:
     """Label-only greedy generation from `predict: x` (the rationale is never generated at inference).
     `synced`: keep stepping until every rank is done (FSDP ranks gather weights together)."""
     model.eval()
@@ -218,8 +260,16 @@ def predict(model: T5ForConditionalGeneration, tokenizer: PreTrainedTokenizerBas
     with torch.inference_mode():
         for start in range(0, len(order), batch_size):
             chunk = order[start : start + batch_size]
-            encoded = tokenizer([texts[i] for i in chunk], padding=True, truncation=True, max_length=max_input_length, return_tensors="pt").to(device)
-            generated = model.generate(**encoded, max_new_tokens=max_new_tokens, do_sample=False, num_beams=1, synced_gpus=synced)
+            encoded = tokenizer(
+                [texts[i] for i in chunk],
+                padding=True,
+                truncation=True,
+                max_length=max_input_length,
+                return_tensors="pt",
+            ).to(device)
+            generated = model.generate(
+                **encoded, max_new_tokens=max_new_tokens, do_sample=False, num_beams=1, synced_gpus=synced
+            )
             for i, text in zip(chunk, tokenizer.batch_decode(generated, skip_special_tokens=True)):
                 predictions[i] = text.strip()
     return predictions
@@ -234,14 +284,24 @@ def evaluation_subset(examples: list[tasks.Example], limit: int) -> list[tasks.E
     return [examples[i] for i in sorted(order[:limit])]
 
 
-def evaluate(model: T5ForConditionalGeneration, tokenizer: PreTrainedTokenizerBase, task: tasks.Task, examples: list[tasks.Example],
-             world: World, max_input_length: int, max_new_tokens: int, batch_size: int) -> dict:
+def evaluate(
+    model: T5ForConditionalGeneration,
+    tokenizer: PreTrainedTokenizerBase,
+    task: tasks.Task,
+    examples: list[tasks.Example],
+    world: World,
+    max_input_length: int,
+    max_new_tokens: int,
+    batch_size: int,
+) -> dict:
     """Accuracy on `examples`, each rank generating for every world.size-th example (padded to equal counts,
     since FSDP ranks must generate in step); every rank gets the same result."""
     share = math.ceil(len(examples) / world.size)
     mine = examples[world.rank :: world.size]
     with distributed.generation_ready(model, world) as synced:
-        predicted = predict(model, tokenizer, mine + examples[: share - len(mine)], max_input_length, max_new_tokens, batch_size, synced)
+        predicted = predict(
+            model, tokenizer, mine + examples[: share - len(mine)], max_input_length, max_new_tokens, batch_size, synced
+        )
     by_rank = distributed.gather(predicted[: len(mine)], world)
     predictions = [by_rank[i % world.size][i // world.size] for i in range(len(examples))]
     return {"accuracy": tasks.accuracy(task, predictions, [e.label for e in examples]), "examples": len(examples)}
@@ -259,7 +319,10 @@ def prepare_out(out: Path, config: dict, force: bool) -> Literal["fresh", "resum
         previous = artifacts.read_json(config_path, "a training run's options")
         if previous != config:
             changed = sorted(k for k in set(previous) | set(config) if previous.get(k) != config.get(k))
-            raise ValueError(f"{out} holds a training run with other options (differs in: {', '.join(changed)}); pass --force to replace it or choose another --out")
+            raise ValueError(
+                f"{out} holds a training run with other options (differs in: {', '.join(changed)}); "
+                "pass --force to replace it or choose another --out"
+            )
         if (out / artifacts.METRICS).exists():
             shutil.rmtree(checkpoints.root(out), ignore_errors=True)  # a kill between metrics.json and the clean-up
             return "done"
@@ -274,22 +337,40 @@ def prepare_out(out: Path, config: dict, force: bool) -> Literal["fresh", "resum
 
 
 def save_tokenizer(out: Path, student: str, examples: list[StudentExample], vocab_size: int) -> None:
-    """The run's tokenizer into `out`: trained on the training text for a locally built student, else the checkpoint's."""
+    """The run's tokenizer into `out`: trained on the training text for a locally built student, else the
+    checkpoint's own."""
     if student in SHAPES:
+        explained = [e for e in examples if e.rationale]
         texts = [tasks.LABEL_PREFIX + e.input for e in examples] + [e.label for e in examples]
-        texts += [tasks.RATIONALE_PREFIX + e.input for e in examples if e.rationale] + [e.rationale for e in examples if e.rationale]
+        texts += [tasks.RATIONALE_PREFIX + e.input for e in explained] + [e.rationale for e in explained]
         train_tokenizer(texts, out, vocab_size=vocab_size)
     else:
         AutoTokenizer.from_pretrained(student).save_pretrained(out)
 
 
-def setup(task: str, out: Path, rationales: Path | None, student: str, mode: str, data_fraction: float, seed: int, vocab_size: int,
-          data: DataOptions, optim: OptimOptions, evaluation: EvalOptions, compute: ComputeOptions, force: bool) -> Plan | None:
+def setup(
+    task: str,
+    out: Path,
+    rationales: Path | None,
+    student: str,
+    mode: str,
+    data_fraction: float,
+    seed: int,
+    vocab_size: int,
+    data: DataOptions,
+    optim: OptimOptions,
+    evaluation: EvalOptions,
+    compute: ComputeOptions,
+    force: bool,
+) -> Plan | None:
     """Check the options, read the data, prepare the folder (None: it already holds this finished run)."""
     if mode not in MODES:
         raise ValueError(f"unknown mode {mode!r}: expected one of {MODES}")
     if optim.batch_size % (compute.workers * optim.grad_accum):
-        raise ValueError(f"--batch-size {optim.batch_size} does not divide into --workers {compute.workers} x --grad-accum {optim.grad_accum} micro-batches")
+        raise ValueError(
+            f"--batch-size {optim.batch_size} does not divide into --workers {compute.workers} "
+            f"x --grad-accum {optim.grad_accum} micro-batches"
+        )
     task_def = tasks.get_task(task)
     rationales = Path(rationales).resolve() if rationales else None  # one folder, however it was spelled
     records = None
@@ -302,7 +383,11 @@ def setup(task: str, out: Path, rationales: Path | None, student: str, mode: str
     if not valid:
         raise ValueError(f"task {task_def.name!r} has no validation examples to select the best checkpoint on")
     test = evaluation_subset(tasks.load_split(task_def, "test"), evaluation.eval_limit)
-    plan = Plan(Path(out), task_def, student, mode, data_fraction, seed, teacher_labels, data, optim, evaluation, compute, examples, counts, valid, test)
+    plan = Plan(
+        out=Path(out), task=task_def, student=student, mode=mode, data_fraction=data_fraction, seed=seed,
+        teacher_labels=teacher_labels, data=data, optim=optim, evaluation=evaluation, compute=compute,
+        examples=examples, counts=counts, valid=valid, test=test,
+    )  # fmt: skip
 
     state = prepare_out(plan.out, train_config(task, plan, rationales, vocab_size), force)
     if state == "done":
@@ -311,8 +396,16 @@ def setup(task: str, out: Path, rationales: Path | None, student: str, mode: str
     if state == "fresh":
         save_tokenizer(plan.out, student, examples, vocab_size)
         tasks.save_task(task_def, plan.out)
-    where = f"{compute.workers} Ray Train worker(s), {compute.strategy}, {'GPU' if compute.use_gpu else 'CPU'}" if compute.on_ray else "one process"
-    print(f"[train] {task_def.name} {mode} (labels: {'teacher' if teacher_labels else 'gold'}), student {student} on {where}; examples: {counts}", flush=True)
+    where = (
+        f"{compute.workers} Ray Train worker(s), {compute.strategy}, {'GPU' if compute.use_gpu else 'CPU'}"
+        if compute.on_ray
+        else "one process"
+    )
+    print(
+        f"[train] {task_def.name} {mode} (labels: {'teacher' if teacher_labels else 'gold'}), "
+        f"student {student} on {where}; examples: {counts}",
+        flush=True,
+    )
     return plan
 
 
@@ -342,7 +435,10 @@ class Worker:
     def budget_spent(self) -> float:
         """The spent share of the step or time budget, whichever is further; rank 0's clock decides for all."""
         optim = self.plan.optim
-        spent = max(self.progress.step / optim.max_steps if optim.max_steps else 0.0, self.elapsed() / (60 * optim.max_minutes) if optim.max_minutes else 0.0)
+        spent = max(
+            self.progress.step / optim.max_steps if optim.max_steps else 0.0,
+            self.elapsed() / (60 * optim.max_minutes) if optim.max_minutes else 0.0,
+        )
         return distributed.from_rank0(spent, self.world) if optim.max_minutes else spent
 
 
@@ -350,7 +446,8 @@ def initial_student(plan: Plan, tokenizer: PreTrainedTokenizerBase, world: World
     """The student before training: built from `seed` (tiny/small) or loaded (a checkpoint). FSDP ranks but
     rank 0 only lay it out on the meta device: their shards come from rank 0."""
     if distributed.empty_on_meta(world):
-        config = student_config(tokenizer, plan.student) if plan.student in SHAPES else AutoConfig.from_pretrained(plan.student)
+        local = plan.student in SHAPES
+        config = student_config(tokenizer, plan.student) if local else AutoConfig.from_pretrained(plan.student)
         with torch.device("meta"):
             return T5ForConditionalGeneration(config)
     if plan.student in SHAPES:
@@ -373,14 +470,28 @@ def start_worker(plan: Plan, device: torch.device, on_ray: bool) -> Worker:
     if resume_from is not None:
         progress = checkpoints.restore(resume_from, model, optimizer)
         if world.main:
-            print(f"[train] resuming {plan.out} at step {progress.step} ({progress.elapsed_s / 60:.1f} min trained) from {resume_from}", flush=True)
+            print(
+                f"[train] resuming {plan.out} at step {progress.step} ({progress.elapsed_s / 60:.1f} min trained) "
+                f"from {resume_from}",
+                flush=True,
+            )
     if world.main:
         checkpoints.finish_best_save(plan.out)
         checkpoints.restart_log(plan.out, progress.step)
         params = sum(p.numel() for p in model.parameters())  # an FSDP shard's numel is the whole parameter's
-        print(f"[train] rank 0 of {world.size} ({world.strategy}): {params / 1e6:.1f}M params on {world.device}", flush=True)
+        print(
+            f"[train] rank 0 of {world.size} ({world.strategy}): {params / 1e6:.1f}M params on {world.device}",
+            flush=True,
+        )
     distributed.barrier(world)
     return Worker(plan, world, tokenizer, columns, max_new_tokens, model, forward, optimizer, progress, on_ray)
+
+
+def score(worker: Worker, examples: list[tasks.Example]) -> dict:
+    """Accuracy of the worker's model on `examples` (every rank takes part)."""
+    plan = worker.plan
+    return evaluate(worker.model, worker.tokenizer, plan.task, examples, worker.world, plan.data.max_input_length,
+                    worker.max_new_tokens, plan.evaluation.eval_batch_size)  # fmt: skip
 
 
 def train_step(worker: Worker, lr: float) -> tuple[torch.Tensor, TokenCounts]:
@@ -389,18 +500,23 @@ def train_step(worker: Worker, lr: float) -> tuple[torch.Tensor, TokenCounts]:
     plan, world = worker.plan, worker.world
     for group in worker.optimizer.param_groups:
         group["lr"] = lr
-    torch.manual_seed(random.Random(f"{plan.seed}-{worker.progress.step}-{world.rank}").getrandbits(63))  # dropout: fixed per step and rank
+    # Dropout masks (pretrained students) are fixed per step and rank: a resumed run draws the same ones.
+    torch.manual_seed(random.Random(f"{plan.seed}-{worker.progress.step}-{world.rank}").getrandbits(63))
     indices = step_examples(len(plan.examples), plan.optim.batch_size, plan.seed, worker.progress.step)
     counts = target_tokens(worker.columns, indices, plan.with_rationale)
     micro_batches = worker_micro_batches(indices, world.rank, world.size, plan.optim.grad_accum)
-    autocast = torch.autocast(device_type=world.device.type, dtype=torch.bfloat16,
-                              enabled=plan.compute.bf16 and world.device.type == "cuda" and world.strategy != "fsdp")  # FSDP casts itself
+    bf16_autocast = plan.compute.bf16 and world.device.type == "cuda" and world.strategy != "fsdp"  # FSDP casts itself
+    pad_id, start_id = worker.tokenizer.pad_token_id, worker.model.config.decoder_start_token_id
     sums = torch.zeros(2, device=world.device)
-    for number, indices_part in enumerate(micro_batches):
-        batch = {k: v.to(world.device) for k, v in collate(worker.columns, indices_part, plan.with_rationale, worker.tokenizer.pad_token_id,
-                                                              worker.model.config.decoder_start_token_id).items()}
-        with distributed.gradient_sync(worker.forward, world, enabled=number == len(micro_batches) - 1), autocast:
-            label_sum, rationale_sum = token_loss_sums(worker.forward, batch)
+    for number, part in enumerate(micro_batches):
+        batch = {
+            k: v.to(world.device)
+            for k, v in collate(worker.columns, part, plan.with_rationale, pad_id, start_id).items()
+        }
+        sync = distributed.gradient_sync(worker.forward, world, enabled=number == len(micro_batches) - 1)
+        with sync:
+            with torch.autocast(world.device.type, dtype=torch.bfloat16, enabled=bf16_autocast):
+                label_sum, rationale_sum = token_loss_sums(worker.forward, batch)
             # The step's loss is normalised by the whole step's token counts; the all-reduce averages over
             # workers, so each worker's part is scaled back up by the world size.
             (objective(label_sum, rationale_sum, counts, plan.data.alpha) * world.size).backward()
@@ -416,14 +532,13 @@ def log_row(worker: Worker, window: list[tuple[torch.Tensor, TokenCounts]], lr: 
     """The mean losses of the steps since the last row, over all workers."""
     sums = distributed.all_sum(torch.stack([s for s, _ in window]), worker.world).tolist()
     alpha = worker.plan.data.alpha
-    label = [l / max(c.label, 1) for (l, _), (_, c) in zip(sums, window)]
-    row = {"step": worker.progress.step, "elapsed_s": round(worker.elapsed(), 1), "lr": lr, "loss": 0.0, "label_loss": round(sum(label) / len(label), 4)}
+    label = [label_sum / max(c.label, 1) for (label_sum, _), (_, c) in zip(sums, window, strict=True)]
+    row = {"step": worker.progress.step, "elapsed_s": round(worker.elapsed(), 1), "lr": lr}
+    row["loss"] = row["label_loss"] = round(sum(label) / len(label), 4)
     if worker.plan.with_rationale:
-        rationale = [r / max(c.rationale, 1) for (_, r), (_, c) in zip(sums, window)]
+        rationale = [r / max(c.rationale, 1) for (_, r), (_, c) in zip(sums, window, strict=True)]
         row["rationale_loss"] = round(sum(rationale) / len(rationale), 4)
         row["loss"] = round(alpha * row["label_loss"] + (1 - alpha) * row["rationale_loss"], 4)
-    else:
-        row["loss"] = row["label_loss"]
     return row
 
 
@@ -431,13 +546,13 @@ def validate_and_checkpoint(worker: Worker) -> float:
     """Validation accuracy now; a new best becomes the folder's model; then a checkpoint (best model first: a
     kill between the two repeats the same steps and finds the same best)."""
     plan, world, progress = worker.plan, worker.world, worker.progress
-    accuracy = evaluate(worker.model, worker.tokenizer, plan.task, plan.valid, world, plan.data.max_input_length, worker.max_new_tokens,
-                        plan.evaluation.eval_batch_size)["accuracy"]
+    accuracy = score(worker, plan.valid)["accuracy"]
     if accuracy > progress.best_accuracy:
         progress.best_accuracy, progress.best_step = accuracy, progress.step
         checkpoints.save_best(plan.out, worker.model, world)
     if world.main:
-        checkpoints.append_log(plan.out, {"step": progress.step, "elapsed_s": round(worker.elapsed(), 1), "valid_accuracy": accuracy})
+        row = {"step": progress.step, "elapsed_s": round(worker.elapsed(), 1), "valid_accuracy": accuracy}
+        checkpoints.append_log(plan.out, row)
     progress.validated_step = progress.step
     progress.elapsed_s, worker.started = worker.elapsed(), time.monotonic()
     checkpoints.save(plan.out, worker.model, worker.optimizer, progress, world, worker.on_ray)
@@ -449,8 +564,10 @@ def train_loop(worker: Worker) -> None:
     """Optimizer steps until the budget is spent: a log row every log_every steps, validation and a checkpoint
     every eval_every, and both once more at the end."""
     plan, progress = worker.plan, worker.progress
-    quiet = {} if worker.world.main else {"disable": True}  # rank 0's bar only (an explicit disable would override TQDM_DISABLE)
-    bar = tqdm(total=plan.optim.max_steps or None, initial=progress.step, desc=f"train {plan.mode}", unit="step", dynamic_ncols=True, **quiet)
+    quiet = {} if worker.world.main else {"disable": True}  # rank 0's bar (disable=False would beat TQDM_DISABLE)
+    bar = tqdm(
+        total=plan.optim.max_steps or None, initial=progress.step, desc=f"train {plan.mode}", unit="step", **quiet
+    )
     window: list[tuple[torch.Tensor, TokenCounts]] = []
     lr = plan.optim.learning_rate
     worker.forward.train()
@@ -463,7 +580,10 @@ def train_loop(worker: Worker) -> None:
         if progress.step % plan.evaluation.eval_every == 0:
             accuracy = validate_and_checkpoint(worker)
             if worker.world.main:
-                bar.write(f"[train] step {progress.step}: valid accuracy {accuracy:.4f} (best {progress.best_accuracy:.4f} at step {progress.best_step})")
+                bar.write(
+                    f"[train] step {progress.step}: valid accuracy {accuracy:.4f} "
+                    f"(best {progress.best_accuracy:.4f} at step {progress.best_step})"
+                )
     if window:  # the last steps since the previous log row
         write_log_row(worker, window, lr, bar)
     if progress.validated_step != progress.step:  # ... and since the previous validation
@@ -484,15 +604,16 @@ def finish_worker(worker: Worker) -> None:
     plan, world, progress = worker.plan, worker.world, worker.progress
     best = T5ForConditionalGeneration.from_pretrained(plan.out).state_dict() if world.main else {}
     distributed.load_full_weights(worker.model, best, world)
-    test = evaluate(worker.model, worker.tokenizer, plan.task, plan.test, world, plan.data.max_input_length, worker.max_new_tokens,
-                    plan.evaluation.eval_batch_size) if plan.test else None
+    test = score(worker, plan.test) if plan.test else None
     if world.main:
-        artifacts.write_json(plan.out / artifacts.METRICS, {
-            "task": plan.task.name, "mode": plan.mode, "label_source": "teacher" if plan.teacher_labels else "gold", "student": plan.student,
-            "data_fraction": plan.data_fraction, "seed": plan.seed, "steps": progress.step, "train_minutes": round(worker.elapsed() / 60, 2),
-            "best_step": progress.best_step, "train_examples": plan.counts,
-            "valid": {"accuracy": progress.best_accuracy, "examples": len(plan.valid)}, "test": test,
-        })
+        metrics = {
+            "task": plan.task.name, "mode": plan.mode, "label_source": "teacher" if plan.teacher_labels else "gold",
+            "student": plan.student, "data_fraction": plan.data_fraction, "seed": plan.seed, "steps": progress.step,
+            "train_minutes": round(worker.elapsed() / 60, 2), "best_step": progress.best_step,
+            "train_examples": plan.counts, "valid": {"accuracy": progress.best_accuracy, "examples": len(plan.valid)},
+            "test": test,
+        }  # fmt: skip
+        artifacts.write_json(plan.out / artifacts.METRICS, metrics)
     distributed.barrier(world)
 
 
@@ -513,10 +634,11 @@ def run(plan: Plan) -> None:
 
         ray_train.fit(plan, train_worker)
         return
-    if plan.compute.device == "auto":
-        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    else:
-        device = torch.device(plan.compute.device)
+    device = torch.device(
+        ("cuda" if torch.cuda.is_available() else "cpu") if plan.compute.device == "auto" else plan.compute.device
+    )
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", torch.cuda.current_device())  # DDP and FSDP want the GPU's index
     train_worker(plan, device)
 
 
@@ -524,9 +646,17 @@ def finish(plan: Plan) -> Path:
     """The folder is the model now, not a training state: drop the checkpoints; report."""
     shutil.rmtree(checkpoints.root(plan.out), ignore_errors=True)
     metrics = artifacts.read_metrics(plan.out)
-    test_text = f"{metrics['test']['accuracy']:.4f} on {metrics['test']['examples']}" if metrics["test"] else "n/a (no test split)"
-    print(f"[train] done: {metrics['steps']} steps in {metrics['train_minutes']:.1f} min; valid accuracy {metrics['valid']['accuracy']:.4f} "
-          f"(step {metrics['best_step']}), test {test_text}; saved {plan.out}", flush=True)
+    test_text = (
+        f"{metrics['test']['accuracy']:.4f} on {metrics['test']['examples']}"
+        if metrics["test"]
+        else "n/a (no test split)"
+    )
+    print(
+        f"[train] done: {metrics['steps']} steps in {metrics['train_minutes']:.1f} min; "
+        f"valid accuracy {metrics['valid']['accuracy']:.4f} "
+        f"(step {metrics['best_step']}), test {test_text}; saved {plan.out}",
+        flush=True,
+    )
     return plan.out
 
 
@@ -551,7 +681,8 @@ def main(
         task: Task name (svamp, cqa, esnli) or a custom task's data file/folder.
         out: Output model folder (Hugging Face format + task.json, train_config.json, metrics.json, log.csv).
         rationales: Extraction output folder (JSONL/Parquet shards); not needed for standard-finetune.
-        student: A T5 checkpoint name or folder (from_pretrained), or tiny/small: built locally from scratch with a tokenizer trained on the task's text.
+        student: A T5 checkpoint name or folder (from_pretrained), or tiny/small: built locally from scratch with a
+            tokenizer trained on the task's text.
         mode: step-by-step (labels + rationales), standard-finetune (gold labels), standard-distill (teacher labels).
         data_fraction: Share of the train split used (0.125 ... 1.0), drawn with --seed.
         seed: Seed of the data fraction, the batch order and a locally built student's weights.
@@ -562,7 +693,21 @@ def main(
         compute: Where the run trains.
         force: Retrain even if --out already holds a finished or different run.
     """
-    plan = setup(task, Path(out), rationales, student, mode, data_fraction, seed, vocab_size, data, optim, evaluation, compute, force)
+    plan = setup(
+        task,
+        Path(out),
+        rationales,
+        student,
+        mode,
+        data_fraction,
+        seed,
+        vocab_size,
+        data,
+        optim,
+        evaluation,
+        compute,
+        force,
+    )
     if plan is None:
         return Path(out)
     run(plan)

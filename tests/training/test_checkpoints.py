@@ -28,8 +28,10 @@ seen = []
 def hook(event, args):
     if event == "os.rename" and os.environ["KILL_ON"] == "commit":
         source = Path(os.fsdecode(args[0]))
-        # a finished checkpoint folder about to get its name (<out>/checkpoint/.step-N.tmp; before the fix <out>/.checkpoint.tmp)
-        hit = source.is_dir() and source.name.endswith(".tmp") and (source.parent.name == "checkpoint" or source.name == ".checkpoint.tmp")
+        # a finished checkpoint folder about to get its name: <out>/checkpoint/.step-N.tmp (before the fix:
+        # <out>/.checkpoint.tmp)
+        folder = source.parent.name == "checkpoint" or source.name == ".checkpoint.tmp"
+        hit = source.is_dir() and source.name.endswith(".tmp") and folder
     elif event == "shutil.rmtree" and os.environ["KILL_ON"] == "cleanup":
         removed = Path(os.fsdecode(args[0]))
         hit = removed.parent.name == "checkpoint" and removed.name.startswith("step-")
@@ -46,19 +48,53 @@ main(sys.argv[1:])
 
 
 def train_args(out: Path, rationales: Path) -> list[str]:
-    return ["train", "--task", "esnli", "--rationales", str(rationales), "--student", "tiny", "--out", str(out), "--data-fraction", "0.03",
-            "--learning-rate", "1e-3", "--batch-size", "16", "--max-steps", "8", "--eval-every", "4", "--eval-limit", "16",
-            "--max-input-length", "96", "--max-target-length", "48"]
+    return [
+        "train",
+        "--task",
+        "esnli",
+        "--rationales",
+        str(rationales),
+        "--student",
+        "tiny",
+        "--out",
+        str(out),
+        "--data-fraction",
+        "0.03",
+        "--learning-rate",
+        "1e-3",
+        "--batch-size",
+        "16",
+        "--max-steps",
+        "8",
+        "--eval-every",
+        "4",
+        "--eval-limit",
+        "16",
+        "--max-input-length",
+        "96",
+        "--max-target-length",
+        "48",
+    ]
 
 
 def killed_run(out: Path, rationales: Path, kill_on: str, kill_at: int) -> None:
-    process = subprocess.run([sys.executable, "-c", KILLING_CLI, *train_args(out, rationales)], cwd=ROOT, env=cli_env(KILL_ON=kill_on, KILL_AT=str(kill_at)),
-                             capture_output=True, text=True, timeout=600)
-    assert process.returncode == -9, f"the run was not killed where asked:\n{process.stdout[-2000:]}\n{process.stderr[-2000:]}"
+    process = subprocess.run(
+        [sys.executable, "-c", KILLING_CLI, *train_args(out, rationales)],
+        cwd=ROOT,
+        env=cli_env(KILL_ON=kill_on, KILL_AT=str(kill_at)),
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert process.returncode == -9, (
+        f"the run was not killed where asked:\n{process.stdout[-2000:]}\n{process.stderr[-2000:]}"
+    )
 
 
 @pytest.mark.parametrize("kill_on, kill_at, resumes_at", [("commit", 2, 4), ("cleanup", 1, 8)])
-def test_a_kill_inside_the_checkpoint_swap_resumes_from_a_whole_checkpoint(tmp_path, esnli_rationales, kill_on, kill_at, resumes_at):
+def test_a_kill_inside_the_checkpoint_swap_resumes_from_a_whole_checkpoint(
+    tmp_path, esnli_rationales, kill_on, kill_at, resumes_at
+):
     """Killed while the step-8 checkpoint is committed (before its rename), or after it while the step-4 one is
     removed: the rerun resumes from the newest whole one, never from step 0."""
     out = tmp_path / "run"
@@ -68,17 +104,57 @@ def test_a_kill_inside_the_checkpoint_swap_resumes_from_a_whole_checkpoint(tmp_p
     assert f"at step {resumes_at} " in resumed.stdout and "done: 8 steps" in resumed.stdout
 
 
-CONTRACT = {"config.json", "generation_config.json", "model.safetensors", "special_tokens_map.json", "spiece.model", "tokenizer.json",
-            "tokenizer_config.json", "task.json", "train_config.json", "metrics.json", "log.csv"}
+CONTRACT = {
+    "config.json",
+    "generation_config.json",
+    "model.safetensors",
+    "special_tokens_map.json",
+    "spiece.model",
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "task.json",
+    "train_config.json",
+    "metrics.json",
+    "log.csv",
+}
 
 
 def test_a_kill_while_the_best_model_is_written_leaves_no_partial_model(tmp_path, esnli_rationales):
     """SIGKILL while the first best model (a 'small' student, ~140 MB) is being written: the folder holds no
     partial model and no stray file, before or after the rerun that finishes the run."""
     out = tmp_path / "run"
-    args = ["train", "--task", "esnli", "--rationales", str(esnli_rationales), "--student", "small", "--out", str(out), "--data-fraction", "0.01",
-            "--batch-size", "4", "--max-steps", "2", "--eval-every", "1", "--eval-limit", "4", "--max-input-length", "64", "--max-target-length", "32"]
-    process = subprocess.Popen([sys.executable, "-m", "stepwise", *args], cwd=ROOT, env=cli_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    args = [
+        "train",
+        "--task",
+        "esnli",
+        "--rationales",
+        str(esnli_rationales),
+        "--student",
+        "small",
+        "--out",
+        str(out),
+        "--data-fraction",
+        "0.01",
+        "--batch-size",
+        "4",
+        "--max-steps",
+        "2",
+        "--eval-every",
+        "1",
+        "--eval-limit",
+        "4",
+        "--max-input-length",
+        "64",
+        "--max-target-length",
+        "32",
+    ]
+    process = subprocess.Popen(
+        [sys.executable, "-m", "stepwise", *args],
+        cwd=ROOT,
+        env=cli_env(),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     deadline = time.monotonic() + 300
     writing = []
     while not writing and process.poll() is None and time.monotonic() < deadline:
@@ -113,9 +189,17 @@ def test_a_tampered_checkpoint_is_refused_not_executed(tmp_path, esnli_rationale
     it, and the payload never runs (torch.load with weights_only=False, or plain pickle, would run it)."""
     out, marker = tmp_path / "run", tmp_path / "payload-ran"
     args = [*train_args(out, esnli_rationales), "--max-steps", "40"]
-    process = subprocess.Popen([sys.executable, "-m", "stepwise", *args], cwd=ROOT, env=cli_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    process = subprocess.Popen(
+        [sys.executable, "-m", "stepwise", *args],
+        cwd=ROOT,
+        env=cli_env(),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     deadline = time.monotonic() + 300
-    while process.poll() is None and time.monotonic() < deadline:  # a whole checkpoint (before the fix: checkpoint/state.pt)
+    while (
+        process.poll() is None and time.monotonic() < deadline
+    ):  # a whole checkpoint (before the fix: checkpoint/state.pt)
         if list(out.glob("checkpoint/step-*/state.json")) or list(out.glob("checkpoint/state.pt")):
             break
         time.sleep(0.02)
@@ -127,4 +211,6 @@ def test_a_tampered_checkpoint_is_refused_not_executed(tmp_path, esnli_rationale
         path.write_bytes(pickle.dumps(_Payload(marker)))
     refused = stepwise(*args, check=False)
     assert not marker.exists()
-    assert refused.returncode != 0 and "refusing" in refused.stderr and ".metadata" in refused.stderr, refused.stdout[-3000:] + refused.stderr[-3000:]
+    assert refused.returncode != 0 and "refusing" in refused.stderr and ".metadata" in refused.stderr, (
+        refused.stdout[-3000:] + refused.stderr[-3000:]
+    )

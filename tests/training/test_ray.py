@@ -35,9 +35,19 @@ def local_ray():
 
 
 def run(out, rationales, compute: ComputeOptions):
-    return train.main(task="esnli", out=out, rationales=rationales, student="tiny", mode="step-by-step", data_fraction=0.03, seed=0,
-                      data=DataOptions(max_input_length=96, max_target_length=48), optim=OptimOptions(learning_rate=1e-3, batch_size=16, max_steps=6),
-                      evaluation=EvalOptions(eval_every=3, eval_limit=16, log_every=1), compute=compute)
+    return train.main(
+        task="esnli",
+        out=out,
+        rationales=rationales,
+        student="tiny",
+        mode="step-by-step",
+        data_fraction=0.03,
+        seed=0,
+        data=DataOptions(max_input_length=96, max_target_length=48),
+        optim=OptimOptions(learning_rate=1e-3, batch_size=16, max_steps=6),
+        evaluation=EvalOptions(eval_every=3, eval_limit=16, log_every=1),
+        compute=compute,
+    )
 
 
 def log_rows(out) -> list[dict]:
@@ -61,9 +71,15 @@ def test_two_workers_reproduce_one_process(tmp_path, esnli_rationales, one_proce
                 assert float(b[column]) == pytest.approx(float(a[column]), rel=1e-4, abs=1e-4), (a["step"], column)
         assert a["valid_accuracy"] == b["valid_accuracy"]
     one_metrics, two_metrics = (json.loads((out / "metrics.json").read_text()) for out in (one_process, two))
-    assert (two_metrics["best_step"], two_metrics["valid"], two_metrics["test"]) == (one_metrics["best_step"], one_metrics["valid"], one_metrics["test"])
+    assert (two_metrics["best_step"], two_metrics["valid"], two_metrics["test"]) == (
+        one_metrics["best_step"],
+        one_metrics["valid"],
+        one_metrics["test"],
+    )
     one_weights, two_weights = load_file(one_process / "model.safetensors"), load_file(two / "model.safetensors")
     assert one_weights.keys() == two_weights.keys()
     for name, tensor in one_weights.items():
         torch.testing.assert_close(two_weights[name], tensor, rtol=1e-3, atol=1e-5, msg=name)
-    assert not (two / "checkpoint").exists() and json.loads((two / "train_config.json").read_text()) == json.loads((one_process / "train_config.json").read_text())
+    assert not (two / "checkpoint").exists() and json.loads((two / "train_config.json").read_text()) == json.loads(
+        (one_process / "train_config.json").read_text()
+    )

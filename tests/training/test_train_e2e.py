@@ -24,9 +24,34 @@ pytestmark = pytest.mark.slow
 
 
 def train_args(out: Path, rationales: Path, *extra: str) -> list[str]:
-    return ["train", "--task", "esnli", "--rationales", str(rationales), "--student", "tiny", "--out", str(out),
-            "--data-fraction", "0.03", "--learning-rate", "1e-3", "--batch-size", "16", "--max-steps", "6",
-            "--eval-every", "3", "--eval-limit", "24", "--max-input-length", "128", "--max-target-length", "64", *extra]
+    return [
+        "train",
+        "--task",
+        "esnli",
+        "--rationales",
+        str(rationales),
+        "--student",
+        "tiny",
+        "--out",
+        str(out),
+        "--data-fraction",
+        "0.03",
+        "--learning-rate",
+        "1e-3",
+        "--batch-size",
+        "16",
+        "--max-steps",
+        "6",
+        "--eval-every",
+        "3",
+        "--eval-limit",
+        "24",
+        "--max-input-length",
+        "128",
+        "--max-target-length",
+        "64",
+        *extra,
+    ]
 
 
 def log_rows(out: Path) -> list[dict]:
@@ -42,9 +67,16 @@ def test_train_saves_a_folder_that_reloads_and_predicts(tmp_path, esnli_rational
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["steps"] == 6 and metrics["mode"] == "step-by-step" and metrics["best_step"] in (3, 6)
     assert metrics["valid"]["examples"] == 24 and metrics["test"]["examples"] == 24
-    assert metrics["train_examples"]["used"] == metrics["train_examples"]["selected"] - metrics["train_examples"].get("skipped_not_ok", 0)
+    assert metrics["train_examples"]["used"] == metrics["train_examples"]["selected"] - metrics["train_examples"].get(
+        "skipped_not_ok", 0
+    )
     config = json.loads((out / "train_config.json").read_text())
-    assert config["mode"] == "step-by-step" and config["alpha"] == 0.5 and config["max_steps"] == 6 and "workers" not in config
+    assert (
+        config["mode"] == "step-by-step"
+        and config["alpha"] == 0.5
+        and config["max_steps"] == 6
+        and "workers" not in config
+    )
     losses = [r for r in log_rows(out) if r["loss"]]
     assert [int(r["step"]) for r in losses] == [6]  # log_every 10: the row the end of the budget writes
     assert all(float(r["label_loss"]) > 0 and float(r["rationale_loss"]) > 0 for r in losses)
@@ -56,7 +88,9 @@ def test_train_saves_a_folder_that_reloads_and_predicts(tmp_path, esnli_rational
     tokenizer = AutoTokenizer.from_pretrained(out)
     task = tasks.load_task(out)
     test = evaluation_subset(tasks.load_split(task, "test"), 24)
-    predictions = predict(model, tokenizer, test, max_input_length=128, max_new_tokens=model.generation_config.max_new_tokens)
+    predictions = predict(
+        model, tokenizer, test, max_input_length=128, max_new_tokens=model.generation_config.max_new_tokens
+    )
     assert tasks.accuracy(task, predictions, [e.label for e in test]) == metrics["test"]["accuracy"]
     assert set(predictions) - {""}  # it generates text, not nothing
 
@@ -72,8 +106,31 @@ def test_train_saves_a_folder_that_reloads_and_predicts(tmp_path, esnli_rational
 
 def test_standard_finetune_needs_no_rationales(tmp_path):
     out = tmp_path / "finetune"
-    stepwise("train", "--task", "esnli", "--mode", "standard-finetune", "--student", "tiny", "--out", str(out), "--data-fraction", "0.02",
-             "--learning-rate", "1e-3", "--batch-size", "16", "--max-steps", "2", "--eval-every", "2", "--eval-limit", "8", "--max-input-length", "96")
+    stepwise(
+        "train",
+        "--task",
+        "esnli",
+        "--mode",
+        "standard-finetune",
+        "--student",
+        "tiny",
+        "--out",
+        str(out),
+        "--data-fraction",
+        "0.02",
+        "--learning-rate",
+        "1e-3",
+        "--batch-size",
+        "16",
+        "--max-steps",
+        "2",
+        "--eval-every",
+        "2",
+        "--eval-limit",
+        "8",
+        "--max-input-length",
+        "96",
+    )
     assert json.loads((out / "metrics.json").read_text())["label_source"] == "gold"
     rows = log_rows(out)
     assert rows and all(not r["rationale_loss"] for r in rows) and any(r["label_loss"] for r in rows)
@@ -85,10 +142,19 @@ def test_killed_run_resumes_and_matches_an_uninterrupted_one(tmp_path, esnli_rat
     stepwise(*train_args(straight, esnli_rationales, *args))
 
     interrupted = tmp_path / "interrupted"
-    process = subprocess.Popen([sys.executable, "-m", "stepwise", *train_args(interrupted, esnli_rationales, *args)], cwd=ROOT, env=cli_env(),
-                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    process = subprocess.Popen(
+        [sys.executable, "-m", "stepwise", *train_args(interrupted, esnli_rationales, *args)],
+        cwd=ROOT,
+        env=cli_env(),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     deadline = time.monotonic() + 240
-    while not list((interrupted / "checkpoint").glob("step-*/state.json")) and process.poll() is None and time.monotonic() < deadline:
+    while (
+        not list((interrupted / "checkpoint").glob("step-*/state.json"))
+        and process.poll() is None
+        and time.monotonic() < deadline
+    ):
         time.sleep(0.05)
     process.send_signal(signal.SIGKILL)
     process.wait()
@@ -101,4 +167,7 @@ def test_killed_run_resumes_and_matches_an_uninterrupted_one(tmp_path, esnli_rat
     for a, b in zip(straight_log, resumed_log):  # the same batches and optimizer state: the same losses
         for column in ("loss", "label_loss", "rationale_loss", "valid_accuracy"):
             assert (a[column] == b[column]) or float(a[column]) == pytest.approx(float(b[column]), rel=1e-3, abs=1e-4)
-    assert json.loads((interrupted / "metrics.json").read_text())["test"] == json.loads((straight / "metrics.json").read_text())["test"]
+    assert (
+        json.loads((interrupted / "metrics.json").read_text())["test"]
+        == json.loads((straight / "metrics.json").read_text())["test"]
+    )

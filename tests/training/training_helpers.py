@@ -1,5 +1,4 @@
-"""Helpers of the training tests: running `stepwise` as a user would, the processes a run started, the
-learnable task's words."""
+"""Helpers of the training tests: running `stepwise` as a user would, the processes a run started."""
 
 from __future__ import annotations
 
@@ -9,23 +8,25 @@ import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
-# Four categories of eight words: an input is three words of its category and one of another, shuffled.
-CATEGORIES = {
-    "fruit": ["apple", "banana", "cherry", "grape", "lemon", "mango", "peach", "pear"],
-    "animal": ["horse", "tiger", "zebra", "camel", "otter", "eagle", "whale", "mouse"],
-    "color": ["red", "blue", "green", "yellow", "purple", "orange", "silver", "black"],
-    "tool": ["hammer", "wrench", "saw", "drill", "chisel", "pliers", "shovel", "ladder"],
-}
 
 
 def cli_env(**extra: str) -> dict[str, str]:
     """What a user's shell would hold, with Ray's token auth off (tests only) and one thread per process."""
-    return dict(os.environ, OMP_NUM_THREADS="1", TQDM_DISABLE="1", PYTHONPATH=str(ROOT), RAY_AUTH_MODE="disabled", **extra)
+    return dict(
+        os.environ, OMP_NUM_THREADS="1", TQDM_DISABLE="1", PYTHONPATH=str(ROOT), RAY_AUTH_MODE="disabled", **extra
+    )
 
 
 def stepwise(*args: str, check: bool = True, timeout: float = 600) -> subprocess.CompletedProcess:
     """`python -m stepwise ...` in a child process, as a user runs it."""
-    result = subprocess.run([sys.executable, "-m", "stepwise", *args], cwd=ROOT, env=cli_env(), capture_output=True, text=True, timeout=timeout)
+    result = subprocess.run(
+        [sys.executable, "-m", "stepwise", *args],
+        cwd=ROOT,
+        env=cli_env(),
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
     if check and result.returncode:
         raise AssertionError(f"stepwise {' '.join(args)} failed:\n{result.stdout[-4000:]}\n{result.stderr[-4000:]}")
     return result
