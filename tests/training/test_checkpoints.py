@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 from safetensors import safe_open
 
-from training_helpers import ROOT, cli_env, stepwise
+from training_helpers import ROOT, cli_env, esnli_train, start_stepwise, stepwise
 
 pytestmark = pytest.mark.slow
 
@@ -48,33 +48,7 @@ main(sys.argv[1:])
 
 
 def train_args(out: Path, rationales: Path) -> list[str]:
-    return [
-        "train",
-        "--task",
-        "esnli",
-        "--rationales",
-        str(rationales),
-        "--student",
-        "tiny",
-        "--out",
-        str(out),
-        "--data-fraction",
-        "0.03",
-        "--learning-rate",
-        "1e-3",
-        "--batch-size",
-        "16",
-        "--max-steps",
-        "8",
-        "--eval-every",
-        "4",
-        "--eval-limit",
-        "16",
-        "--max-input-length",
-        "96",
-        "--max-target-length",
-        "48",
-    ]
+    return esnli_train(out, rationales, "--max-steps", "8", "--eval-every", "4")
 
 
 def killed_run(out: Path, rationales: Path, kill_on: str, kill_at: int) -> None:
@@ -123,38 +97,9 @@ def test_a_kill_while_the_best_model_is_written_leaves_no_partial_model(tmp_path
     """SIGKILL while the first best model (a 'small' student, ~140 MB) is being written: the folder holds no
     partial model and no stray file, before or after the rerun that finishes the run."""
     out = tmp_path / "run"
-    args = [
-        "train",
-        "--task",
-        "esnli",
-        "--rationales",
-        str(esnli_rationales),
-        "--student",
-        "small",
-        "--out",
-        str(out),
-        "--data-fraction",
-        "0.01",
-        "--batch-size",
-        "4",
-        "--max-steps",
-        "2",
-        "--eval-every",
-        "1",
-        "--eval-limit",
-        "4",
-        "--max-input-length",
-        "64",
-        "--max-target-length",
-        "32",
-    ]
-    process = subprocess.Popen(
-        [sys.executable, "-m", "stepwise", *args],
-        cwd=ROOT,
-        env=cli_env(),
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
+    args = esnli_train(out, esnli_rationales, "--student", "small", "--data-fraction", "0.01", "--batch-size", "4",
+                       "--max-steps", "2", "--eval-every", "1", "--eval-limit", "4", "--max-input-length", "64")  # fmt: skip
+    process = start_stepwise(*args)
     deadline = time.monotonic() + 300
     writing = []
     while not writing and process.poll() is None and time.monotonic() < deadline:
@@ -189,13 +134,7 @@ def test_a_tampered_checkpoint_is_refused_not_executed(tmp_path, esnli_rationale
     it, and the payload never runs (torch.load with weights_only=False, or plain pickle, would run it)."""
     out, marker = tmp_path / "run", tmp_path / "payload-ran"
     args = [*train_args(out, esnli_rationales), "--max-steps", "40"]
-    process = subprocess.Popen(
-        [sys.executable, "-m", "stepwise", *args],
-        cwd=ROOT,
-        env=cli_env(),
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
+    process = start_stepwise(*args)
     deadline = time.monotonic() + 300
     while (
         process.poll() is None and time.monotonic() < deadline

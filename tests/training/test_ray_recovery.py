@@ -8,12 +8,11 @@ import json
 import os
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
-from training_helpers import ROOT, cli_env, descendants, stepwise
+from training_helpers import descendants, esnli_train, start_stepwise, stepwise
 
 from stepwise.export.run import ParityOptions
 from stepwise.export.run import main as export
@@ -22,37 +21,7 @@ pytestmark = pytest.mark.slow
 
 
 def train_args(out: Path, rationales: Path) -> list[str]:
-    return [
-        "train",
-        "--task",
-        "esnli",
-        "--rationales",
-        str(rationales),
-        "--student",
-        "tiny",
-        "--out",
-        str(out),
-        "--data-fraction",
-        "0.03",
-        "--learning-rate",
-        "1e-3",
-        "--batch-size",
-        "16",
-        "--max-steps",
-        "24",
-        "--eval-every",
-        "4",
-        "--log-every",
-        "4",
-        "--eval-limit",
-        "16",
-        "--max-input-length",
-        "96",
-        "--max-target-length",
-        "48",
-        "--workers",
-        "2",
-    ]
+    return esnli_train(out, rationales, "--max-steps", "24", "--eval-every", "4", "--log-every", "4", "--workers", "2")
 
 
 def ray_checkpoint_steps(out: Path) -> list[int]:
@@ -79,14 +48,7 @@ def end_session(session: int) -> None:
 
 def test_a_killed_worker_and_a_killed_driver_resume_and_the_folder_exports(tmp_path, esnli_rationales):
     out = tmp_path / "run"
-    driver = subprocess.Popen(
-        [sys.executable, "-m", "stepwise", *train_args(out, esnli_rationales)],
-        cwd=ROOT,
-        env=cli_env(),
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-        start_new_session=True,
-    )
+    driver = start_stepwise(*train_args(out, esnli_rationales), start_new_session=True)
     try:
         wait_for(lambda: ray_checkpoint_steps(out), driver, "first checkpoint")
         workers = {pid: command for pid, command in descendants(driver.pid).items() if "RayTrainWorker" in command}

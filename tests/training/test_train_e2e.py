@@ -7,8 +7,6 @@ from __future__ import annotations
 import csv
 import json
 import signal
-import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -18,40 +16,14 @@ from transformers import AutoTokenizer, T5ForConditionalGeneration
 from stepwise import tasks
 from stepwise.training.train import evaluation_subset, predict
 
-from training_helpers import ROOT, cli_env, stepwise
+from training_helpers import esnli_train, start_stepwise, stepwise
 
 pytestmark = pytest.mark.slow
 
 
 def train_args(out: Path, rationales: Path, *extra: str) -> list[str]:
-    return [
-        "train",
-        "--task",
-        "esnli",
-        "--rationales",
-        str(rationales),
-        "--student",
-        "tiny",
-        "--out",
-        str(out),
-        "--data-fraction",
-        "0.03",
-        "--learning-rate",
-        "1e-3",
-        "--batch-size",
-        "16",
-        "--max-steps",
-        "6",
-        "--eval-every",
-        "3",
-        "--eval-limit",
-        "24",
-        "--max-input-length",
-        "128",
-        "--max-target-length",
-        "64",
-        *extra,
-    ]
+    return esnli_train(out, rationales, "--max-steps", "6", "--eval-every", "3", "--eval-limit", "24", "--max-input-length", "128",
+                       "--max-target-length", "64", *extra)  # fmt: skip
 
 
 def log_rows(out: Path) -> list[dict]:
@@ -142,13 +114,7 @@ def test_killed_run_resumes_and_matches_an_uninterrupted_one(tmp_path, esnli_rat
     stepwise(*train_args(straight, esnli_rationales, *args))
 
     interrupted = tmp_path / "interrupted"
-    process = subprocess.Popen(
-        [sys.executable, "-m", "stepwise", *train_args(interrupted, esnli_rationales, *args)],
-        cwd=ROOT,
-        env=cli_env(),
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
+    process = start_stepwise(*train_args(interrupted, esnli_rationales, *args))
     deadline = time.monotonic() + 240
     while (
         not list((interrupted / "checkpoint").glob("step-*/state.json"))

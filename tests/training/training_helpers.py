@@ -53,3 +53,17 @@ def descendants(pid: int) -> dict[int, str]:
                 found[child] = commands.get(child, "")
                 frontier.append(child)
     return found
+
+
+def esnli_train(out: Path, rationales: Path, *flags: str) -> list[str]:
+    """`stepwise train` arguments of a small step-by-step e-SNLI run of a tiny student; `flags` come last and
+    win over the defaults here (argparse keeps the last value of a repeated flag)."""
+    return ["train", "--task", "esnli", "--rationales", str(rationales), "--student", "tiny", "--out", str(out),
+            "--data-fraction", "0.03", "--learning-rate", "1e-3", "--batch-size", "16", "--eval-limit", "16",
+            "--max-input-length", "96", "--max-target-length", "48", *flags]  # fmt: skip
+
+
+def start_stepwise(*args: str, **popen) -> subprocess.Popen:
+    """`python -m stepwise ...` started in the background (to be killed), its output discarded."""
+    return subprocess.Popen([sys.executable, "-m", "stepwise", *args], cwd=ROOT, env=cli_env(), stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL, **popen)  # fmt: skip
