@@ -47,14 +47,18 @@ class World:
         return self.rank == 0
 
 
+def check_strategy(strategy: Strategy, group_coming: bool) -> None:
+    """FSDP shards over a process group: Ray Train makes one (`group_coming`), or the caller already did."""
+    if strategy == "fsdp" and not group_coming and not dist.is_initialized():
+        raise ValueError(
+            "--strategy fsdp shards the student over a process group: run with --workers N (Ray Train) or --ray-address"
+        )
+
+
 def join(strategy: Strategy, device: torch.device) -> World:
     """The world of an initialized process group (Ray Train's, or one a launcher made), else a world of one."""
+    check_strategy(strategy, group_coming=False)
     if not dist.is_initialized():
-        if strategy == "fsdp":
-            raise ValueError(
-                "--strategy fsdp shards the student over a process group: "
-                "run with --workers N (Ray Train) or --ray-address"
-            )
         return World(0, 1, device, "single")
     return World(dist.get_rank(), dist.get_world_size(), device, strategy)
 

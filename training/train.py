@@ -371,6 +371,7 @@ def setup(
             f"--batch-size {optim.batch_size} does not divide into --workers {compute.workers} "
             f"x --grad-accum {optim.grad_accum} micro-batches"
         )
+    distributed.check_strategy(compute.strategy, group_coming=compute.on_ray)
     task_def = tasks.get_task(task)
     rationales = Path(rationales).resolve() if rationales else None  # one folder, however it was spelled
     records = None
