@@ -66,7 +66,8 @@ def resume_point(out: Path, on_ray: bool = False) -> Path | None:
         latest = ray.train.get_checkpoint()
         if latest is not None:
             return Path(latest.path)
-    candidates = [p for p in root(out).glob("step-*") if p.is_dir()]
+    # A committed folder is whole; one without its counters is an older one a kill left half removed.
+    candidates = [p for p in root(out).glob("step-*") if (p / STATE).exists()]
     if (root(out) / RAY_RUN).is_dir():
         from ray.train import Result
 
