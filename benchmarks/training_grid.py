@@ -17,6 +17,7 @@ import sys
 from pathlib import Path
 
 from stepwise.training import experiment
+from stepwise.training.train import DataOptions, EvalOptions, OptimOptions
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -39,8 +40,9 @@ def main() -> None:
     rationales = extract_rationales(args.task, args.runs / f"{args.task}-teacher-train")
     experiment.main(
         task=args.task, out=args.runs, rationales=rationales, student="tiny", seeds=args.seeds, fractions=[0.25, 1.0],
-        learning_rate=1e-3, batch_size=32, max_steps=0, max_minutes=args.minutes, schedule="linear", warmup_steps=20,
-        max_input_length=128, max_target_length=64, eval_every=100, eval_limit=args.eval_limit,
+        data=DataOptions(max_input_length=128, max_target_length=64),
+        optim=OptimOptions(learning_rate=1e-3, batch_size=32, max_steps=0, max_minutes=args.minutes, schedule="linear", warmup_steps=20),
+        evaluation=EvalOptions(eval_every=100, eval_limit=args.eval_limit),
         results=ROOT / "benchmarks" / "results", name="training_grid",
     )
 

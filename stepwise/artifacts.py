@@ -62,6 +62,38 @@ def write_json(path: Path, data: Any) -> Path:
     return write_atomic(path, json.dumps(data, indent=2, ensure_ascii=False) + "\n")
 
 
+def commit_folder(staging: Path, final: Path) -> Path:
+    """Give a fully written `staging` folder its `final` name (which must not exist) in one rename, after
+    fsyncing every file in it: a reader, or a restart after kill -9, sees the whole folder or none of it."""
+    staging, final = Path(staging), Path(final)
+    for path in sorted(staging.rglob("*"), reverse=True):  # files before the folders holding them
+        if path.is_dir():
+            fsync_dir(path)
+        else:
+            with path.open("rb") as f:
+                os.fsync(f.fileno())
+    fsync_dir(staging)
+    os.rename(staging, final)
+    fsync_dir(final.parent)
+    return final
+
+
+def move_files_into(committed: Path, target: Path) -> None:
+    """Move the files of a committed folder (`commit_folder`) into `target`, replacing same-named files one
+    atomic rename each, then remove the folder. Idempotent: rerun after a kill in the middle, it finishes the
+    move, so `target` ends up with the whole new set, never a truncated file."""
+    committed, target = Path(committed), Path(target)
+    for path in sorted(p for p in committed.rglob("*") if p.is_file()):
+        destination = target / path.relative_to(committed)
+        destination.parent.mkdir(parents=True, exist_ok=True)
+        os.replace(path, destination)
+    fsync_dir(target)
+    for folder in sorted((p for p in committed.rglob("*") if p.is_dir()), reverse=True):
+        folder.rmdir()
+    committed.rmdir()
+    fsync_dir(target)
+
+
 def remove_partial_files(folder: Path) -> None:
     """Temp files of a write that a kill interrupted."""
     for tmp in Path(folder).glob(".*.tmp"):

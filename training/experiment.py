@@ -1,40 +1,116 @@
 """`stepwise experiment`: the paper's comparison as a grid of `stepwise train` runs (modes x data
 fractions x seeds), summarised as a results table (Markdown, JSON, CSV) and a PNG of test accuracy
 against data fraction per mode (mean ± std over seeds). Finished runs are reused, so an interrupted
-grid continues where it stopped.
+grid continues where it stopped. With --on-ray every run is one Ray task, several training at once on a
+Ray cluster (or a private Ray on this machine).
 """
 
 from __future__ import annotations
 
 import csv
-import json
+import dataclasses
+import io
+import os
 import statistics
+from dataclasses import dataclass
 from pathlib import Path
 
 from stepwise import artifacts
 from stepwise.training import train
 
-RUN_COLUMNS = ["mode", "data_fraction", "seed", "steps", "train_minutes", "best_step", "train_examples", "valid_accuracy", "test_accuracy", "test_examples"]
+RUN_COLUMNS = [
+    "mode",
+    "data_fraction",
+    "seed",
+    "steps",
+    "train_minutes",
+    "best_step",
+    "train_examples",
+    "valid_accuracy",
+    "test_accuracy",
+    "test_examples",
+]
 
 
-def run_grid(task: str, out: Path, modes: list[str], fractions: list[float], seeds: list[int], **train_options) -> list[dict]:
+@dataclass(frozen=True)
+class GridOptions:
+    """Where the grid's runs train.
+
+    Args:
+        on_ray: Run every (mode, fraction, seed) as one Ray task, as many at once as the cluster has room for: the
+            cluster at --ray-address, or a private Ray on this machine (loopback only). Each run trains in one
+            process (--workers 1).
+        trial_cpus: CPUs (torch threads) per run on Ray.
+        trial_gpus: GPUs per run on Ray (0 or 1).
+    """
+
+    on_ray: bool = False
+    trial_cpus: int = 1
+    trial_gpus: float = 0.0
+
+    def __post_init__(self) -> None:
+        if self.trial_cpus < 1 or self.trial_gpus < 0:
+            raise ValueError(
+                "--trial-cpus must be 1 or more and --trial-gpus 0 or more, "
+                f"got {self.trial_cpus} and {self.trial_gpus}"
+            )
+
+
+def run_folder(out: Path, mode: str, fraction: float, seed: int) -> Path:
+    return Path(out) / f"{mode}_frac{fraction}_seed{seed}"
+
+
+def run_grid(
+    task: str, out: Path, modes: list[str], fractions: list[float], seeds: list[int], grid: GridOptions, **train_options
+) -> list[dict]:
     """Train every (mode, fraction, seed) into out/<mode>_frac<f>_seed<s>; one row of metrics per run."""
     unknown = [m for m in modes if m not in train.MODES]
     if unknown:
         raise ValueError(f"unknown mode(s) {unknown}: expected some of {train.MODES}")
+    runs = [
+        dict(
+            task=task,
+            out=run_folder(out, mode, fraction, seed),
+            mode=mode,
+            data_fraction=fraction,
+            seed=seed,
+            **train_options,
+        )
+        for mode in modes
+        for fraction in fractions
+        for seed in seeds
+    ]
+    if grid.on_ray:
+        compute: train.ComputeOptions = train_options["compute"]
+        if compute.workers > 1:
+            raise ValueError("--on-ray runs every grid run as one single-process Ray task: leave --workers at 1")
+        import ray
+
+        from stepwise.training import ray_train
+
+        with ray_train.session(compute.ray_address, cpus=os.cpu_count() or 1):
+            remote_train = ray_train.remote_call(train.main, grid.trial_cpus, grid.trial_gpus)
+            in_task = dataclasses.replace(compute, ray_address="")  # inside its task a run trains in one process
+            folders = ray.get([remote_train.remote(**dict(run, compute=in_task)) for run in runs])
+    else:
+        folders = [train.main(**run) for run in runs]
     rows = []
-    for mode in modes:
-        for fraction in fractions:
-            for seed in seeds:
-                folder = train.main(task=task, out=Path(out) / f"{mode}_frac{fraction}_seed{seed}", mode=mode, data_fraction=fraction, seed=seed, **train_options)
-                metrics = artifacts.read_metrics(folder)
-                rows.append({
-                    "mode": mode, "data_fraction": fraction, "seed": seed, "steps": metrics["steps"],
-                    "train_minutes": metrics["train_minutes"], "best_step": metrics["best_step"],
-                    "train_examples": metrics["train_examples"]["used"], "valid_accuracy": metrics["valid"]["accuracy"],
-                    "test_accuracy": metrics["test"]["accuracy"] if metrics["test"] else None,
-                    "test_examples": metrics["test"]["examples"] if metrics["test"] else 0,
-                })
+    for run, folder in zip(runs, folders):
+        metrics = artifacts.read_metrics(folder)
+        rows.append(
+            {
+                "mode": run["mode"],
+                "data_fraction": run["data_fraction"],
+                "seed": run["seed"],
+                "steps": metrics["steps"],
+                "train_minutes": metrics["train_minutes"],
+                "best_step": metrics["best_step"],
+                "train_examples": metrics["train_examples"]["used"],
+                "valid_accuracy": metrics["valid"]["accuracy"],
+                "test_accuracy": metrics["test"]["accuracy"] if metrics["test"] else None,
+                "test_examples": metrics["test"]["examples"] if metrics["test"] else 0,
+            }
+        )
     return rows
 
 
@@ -45,7 +121,12 @@ def summarise(rows: list[dict]) -> list[dict]:
         groups.setdefault((row["mode"], row["data_fraction"]), []).append(row)
     summary = []
     for (mode, fraction), group in groups.items():
-        entry = {"mode": mode, "data_fraction": fraction, "seeds": len(group), "mean_steps": statistics.mean(r["steps"] for r in group)}
+        entry = {
+            "mode": mode,
+            "data_fraction": fraction,
+            "seeds": len(group),
+            "mean_steps": statistics.mean(r["steps"] for r in group),
+        }
         for split in ("valid", "test"):
             values = [r[f"{split}_accuracy"] for r in group if r[f"{split}_accuracy"] is not None]
             entry[f"{split}_mean"] = statistics.mean(values) if values else None
@@ -55,10 +136,15 @@ def summarise(rows: list[dict]) -> list[dict]:
 
 
 def markdown_table(summary: list[dict]) -> str:
-    lines = ["| mode | data fraction | test accuracy (mean ± std) | valid accuracy (mean ± std) | seeds | mean steps |", "|---|---|---|---|---|---|"]
+    lines = [
+        "| mode | data fraction | test accuracy (mean ± std) | valid accuracy (mean ± std) | seeds | mean steps |",
+        "|---|---|---|---|---|---|",
+    ]
     for s in summary:
         test = f"{s['test_mean']:.4f} ± {s['test_std']:.4f}" if s["test_mean"] is not None else "n/a"
-        lines.append(f"| {s['mode']} | {s['data_fraction']} | {test} | {s['valid_mean']:.4f} ± {s['valid_std']:.4f} | {s['seeds']} | {s['mean_steps']:.0f} |")
+        lines.append(
+            f"| {s['mode']} | {s['data_fraction']} | {test} | {s['valid_mean']:.4f} ± {s['valid_std']:.4f} | {s['seeds']} | {s['mean_steps']:.0f} |"
+        )
     return "\n".join(lines) + "\n"
 
 
@@ -70,16 +156,27 @@ def plot(summary: list[dict], path: Path, title: str) -> None:
 
     figure, axes = plt.subplots(figsize=(6, 4))
     for mode in dict.fromkeys(s["mode"] for s in summary):
-        points = sorted((s for s in summary if s["mode"] == mode and s["test_mean"] is not None), key=lambda s: s["data_fraction"])
-        axes.errorbar([p["data_fraction"] for p in points], [100 * p["test_mean"] for p in points], yerr=[100 * p["test_std"] for p in points], marker="o", capsize=4, label=mode)
+        points = sorted(
+            (s for s in summary if s["mode"] == mode and s["test_mean"] is not None), key=lambda s: s["data_fraction"]
+        )
+        axes.errorbar(
+            [p["data_fraction"] for p in points],
+            [100 * p["test_mean"] for p in points],
+            yerr=[100 * p["test_std"] for p in points],
+            marker="o",
+            capsize=4,
+            label=mode,
+        )
     axes.set_xlabel("share of the training set")
     axes.set_ylabel("test accuracy (%)")
     axes.set_title(title, fontsize=9)
     axes.grid(alpha=0.3)
     axes.legend()
     figure.tight_layout()
-    figure.savefig(path, dpi=120)
+    image = io.BytesIO()
+    figure.savefig(image, format="png", dpi=120)
     plt.close(figure)
+    artifacts.write_atomic(path, image.getvalue())
 
 
 def main(
@@ -90,22 +187,15 @@ def main(
     modes: list[str] = list(train.MODES),
     fractions: list[float] = [0.25, 1.0],
     seeds: list[int] = [0, 1, 2],
-    label_source: str = "gold",
-    alpha: float = 0.5,
-    learning_rate: float = 5e-5,
-    batch_size: int = 64,
-    grad_accum: int = 1,
-    max_steps: int = 10000,
-    max_minutes: float = 0.0,
-    schedule: str = "linear",
-    warmup_steps: int = 0,
-    max_input_length: int = 1024,
-    max_target_length: int = 256,
-    eval_every: int = 250,
-    eval_limit: int = 0,
+    vocab_size: int = 2000,
+    data: train.DataOptions = train.DataOptions(),
+    optim: train.OptimOptions = train.OptimOptions(),
+    evaluation: train.EvalOptions = train.EvalOptions(),
+    compute: train.ComputeOptions = train.ComputeOptions(),
+    grid: GridOptions = GridOptions(),
     results: Path | None = None,
     name: str = "results",
-) -> dict:
+) -> Path:
     """Run a grid of training runs (modes x data fractions x seeds); write a results table and a PNG.
 
     Args:
@@ -116,40 +206,64 @@ def main(
         modes: Training modes to compare.
         fractions: Shares of the training set.
         seeds: Seeds per (mode, fraction).
-        label_source: Labels of the step-by-step runs: gold or teacher.
-        alpha: Weight of the label loss in step-by-step runs.
-        learning_rate: Peak learning rate of every run.
-        batch_size: Examples per optimizer step.
-        grad_accum: Micro-batches per optimizer step.
-        max_steps: Step budget per run (0: none).
-        max_minutes: Wall-clock budget per run in minutes (0: none).
-        schedule: linear or constant learning rate after warmup.
-        warmup_steps: Linear warmup steps.
-        max_input_length: Input tokens kept.
-        max_target_length: Label and rationale tokens kept.
-        eval_every: Steps between validations (best-checkpoint selection).
-        eval_limit: Validation and test examples evaluated per run (0: all).
+        vocab_size: Tokenizer vocabulary size of a locally built tiny/small student.
+        data: What every run's student reads and learns.
+        optim: Every run's optimizer, batches and budget.
+        evaluation: Every run's validation, test and logging.
+        compute: Where every run trains.
+        grid: Where the grid's runs train.
         results: Folder for the table (<name>.md/.json/.csv) and the PNG (<name>.png); default --out.
         name: Base name of the result files.
     """
     rows = run_grid(
-        task, Path(out), modes, fractions, seeds, rationales=rationales, student=student, label_source=label_source,
-        alpha=alpha, learning_rate=learning_rate, batch_size=batch_size, grad_accum=grad_accum, max_steps=max_steps, max_minutes=max_minutes, schedule=schedule,
-        warmup_steps=warmup_steps, max_input_length=max_input_length, max_target_length=max_target_length,
-        eval_every=eval_every, eval_limit=eval_limit,
+        task,
+        Path(out),
+        modes,
+        fractions,
+        seeds,
+        grid,
+        rationales=rationales,
+        student=student,
+        vocab_size=vocab_size,
+        data=data,
+        optim=optim,
+        evaluation=evaluation,
+        compute=compute,
     )
     summary = summarise(rows)
     results_dir = Path(results or out)
-    results_dir.mkdir(parents=True, exist_ok=True)
-    budget = " and ".join(b for b in (f"{max_steps} steps" if max_steps else "", f"{max_minutes:g} min" if max_minutes else "") if b)
-    settings = {"task": task, "student": student, "label_source": label_source, "alpha": alpha, "learning_rate": learning_rate, "batch_size": batch_size, "budget_per_run": budget, "schedule": schedule, "warmup_steps": warmup_steps, "eval_limit": eval_limit}
-    (results_dir / f"{name}.json").write_text(json.dumps({"settings": settings, "summary": summary, "runs": rows}, indent=2) + "\n")
-    with (results_dir / f"{name}.csv").open("w", newline="") as f:
-        writer = csv.DictWriter(f, RUN_COLUMNS)
-        writer.writeheader()
-        writer.writerows(rows)
+    budget = " and ".join(
+        b
+        for b in (
+            f"{optim.max_steps} steps" if optim.max_steps else "",
+            f"{optim.max_minutes:g} min" if optim.max_minutes else "",
+        )
+        if b
+    )
+    settings = {
+        "task": task,
+        "student": student,
+        "label_source": data.label_source,
+        "alpha": data.alpha,
+        "learning_rate": optim.learning_rate,
+        "batch_size": optim.batch_size,
+        "budget_per_run": budget,
+        "schedule": optim.schedule,
+        "warmup_steps": optim.warmup_steps,
+        "eval_limit": evaluation.eval_limit,
+    }
+    artifacts.write_json(results_dir / f"{name}.json", {"settings": settings, "summary": summary, "runs": rows})
+    table_csv = io.StringIO()
+    writer = csv.DictWriter(table_csv, RUN_COLUMNS)
+    writer.writeheader()
+    writer.writerows(rows)
+    artifacts.write_atomic(results_dir / f"{name}.csv", table_csv.getvalue())
     table = markdown_table(summary)
-    (results_dir / f"{name}.md").write_text(f"{task}, student {student}, budget {budget} per run\n\n{table}")
-    plot(summary, results_dir / f"{name}.png", f"{task}, student {student}, {budget} per run, mean ± std over {len(seeds)} seeds")
+    artifacts.write_atomic(results_dir / f"{name}.md", f"{task}, student {student}, budget {budget} per run\n\n{table}")
+    plot(
+        summary,
+        results_dir / f"{name}.png",
+        f"{task}, student {student}, {budget} per run, mean ± std over {len(seeds)} seeds",
+    )
     print(table, flush=True)
-    return {"summary": summary, "runs": rows}
+    return results_dir

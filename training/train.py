@@ -1,127 +1,257 @@
-"""`stepwise train`: the distilling step-by-step student and the paper's two baselines.
+"""`stepwise train`: the distilling step-by-step student and the paper's two baselines (objective.py says what
+each mode learns), in one process or on Ray Train workers (DDP, or FSDP for students too large for one GPU).
 
-step-by-step: every example trains two targets from one input, `predict: x` -> label and `explain: x` ->
-rationale, in ONE forward pass (the predict and explain rows of a batch are stacked), with
-loss = alpha * L_label + (1 - alpha) * L_rationale (each the mean token loss of its own rows).
-standard-finetune learns the gold labels, standard-distill the teacher's labels (label rows only).
+The recipe reads top to bottom: `setup` (check the options, read the data, prepare the folder and the tokenizer)
+-> `run` (`train_worker` in this process, or in every Ray Train worker) -> `finish`. `train_worker` is one code
+path for every world size: only rank 0 writes the folder, the batches of a step are fixed by (seed, step), and
+each worker takes a fixed slice of them.
 
 The output folder is the contract for export and serving: a Hugging Face model (config.json,
 model.safetensors, tokenizer files) + task.json + train_config.json + metrics.json + log.csv. The model in
 it is the best one on the VALIDATION split; test metrics are computed once, at the end, on that model.
-A periodic checkpoint in `checkpoint/` lets a rerun with the same options continue after an interruption;
-a rerun of a finished run returns its folder without training again (unless --force).
+Checkpoints (checkpoints.py) let a rerun of the same command continue after an interruption, on any number
+of workers; a rerun of a finished run returns its folder without training again (unless --force).
 """
 
 from __future__ import annotations
 
-import csv
-import json
 import math
 import random
 import shutil
 import time
-import functools
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Literal
 
 import torch
-import torch.nn.functional as F
 from tqdm.auto import tqdm
-from transformers import AutoTokenizer, PreTrainedTokenizerBase, T5ForConditionalGeneration
+from transformers import AutoConfig, AutoTokenizer, PreTrainedTokenizerBase, T5ForConditionalGeneration
 
 from stepwise import artifacts, tasks
+from stepwise.training import checkpoints, distributed
+from stepwise.training.checkpoints import Progress
 from stepwise.training.data import StudentExample, check_task_matches, records_by_id, training_examples
-from stepwise.training.tiny import SHAPES, build_student, train_tokenizer
+from stepwise.training.distributed import World
+from stepwise.training.objective import (
+    TokenCounts,
+    collate,
+    lr_factor,
+    objective,
+    step_examples,
+    target_tokens,
+    token_loss_sums,
+    tokenize_examples,
+    worker_micro_batches,
+)
+from stepwise.training.tiny import SHAPES, build_student, student_config, train_tokenizer
 
 Mode = Literal["step-by-step", "standard-finetune", "standard-distill"]
 MODES: tuple[str, ...] = ("step-by-step", "standard-finetune", "standard-distill")
-IGNORE = -100  # target positions that carry no loss (padding)
-CHECKPOINT = artifacts.CHECKPOINT
-LOG_COLUMNS = ["step", "elapsed_s", "lr", "loss", "label_loss", "rationale_loss", "valid_accuracy"]
 
 
-# ---------------------------------------------------------------- batches and the loss
+# ---------------------------------------------------------------- argument groups
 
 
-def encode(tokenizer: PreTrainedTokenizerBase, texts: list[str], max_length: int) -> list[list[int]]:
-    return tokenizer(texts, truncation=True, max_length=max_length)["input_ids"]
+@dataclass(frozen=True)
+class DataOptions:
+    """What the student reads and learns.
+
+    Args:
+        label_source: Labels learned in step-by-step mode: the gold ones or the teacher's.
+        alpha: Weight of the label loss; the rationale loss gets 1 - alpha.
+        max_input_length: Input tokens kept (truncated beyond).
+        max_target_length: Label and rationale tokens kept (truncated beyond).
+    """
+
+    label_source: Literal["gold", "teacher"] = "gold"
+    alpha: float = 0.5
+    max_input_length: int = 1024
+    max_target_length: int = 256
+
+    def __post_init__(self) -> None:
+        if self.label_source not in ("gold", "teacher"):
+            raise ValueError(f"--label-source must be gold or teacher, got {self.label_source!r}")
+        if not 0.0 <= self.alpha <= 1.0:
+            raise ValueError(f"--alpha must be in [0, 1], got {self.alpha}")
+        if self.max_input_length < 1 or self.max_target_length < 1:
+            raise ValueError(
+                "--max-input-length and --max-target-length must be positive, "
+                f"got {self.max_input_length} and {self.max_target_length}"
+            )
 
 
-def tokenize_examples(tokenizer: PreTrainedTokenizerBase, examples: list[StudentExample], max_input_length: int, max_target_length: int) -> dict[str, list[list[int]]]:
-    """Token ids per example, computed once: predict/explain inputs, label and rationale targets."""
-    as_example = [tasks.Example("", e.input, e.label) for e in examples]
-    columns = {
-        "predict": encode(tokenizer, [tasks.label_input(e) for e in as_example], max_input_length),
-        "label": encode(tokenizer, [e.label for e in examples], max_target_length),
-    }
-    if all(e.rationale is not None for e in examples):
-        columns["explain"] = encode(tokenizer, [tasks.rationale_input(e) for e in as_example], max_input_length)
-        columns["rationale"] = encode(tokenizer, [e.rationale for e in examples], max_target_length)
-    return columns
+@dataclass(frozen=True)
+class OptimOptions:
+    """The optimizer, the batches and the budget (the same recipe on any number of workers).
+
+    Args:
+        learning_rate: Peak AdamW learning rate (5e-5 for pretrained T5; about 1e-3 for tiny from scratch).
+        batch_size: Examples per optimizer step, over all workers (step-by-step puts 2 rows per example in the
+            batch); each worker takes batch_size / workers of them.
+        grad_accum: Micro-batches per optimizer step on each worker (batch_size must divide by workers x grad_accum).
+        max_steps: Optimizer steps budget (0: none; then --max-minutes must be set).
+        max_minutes: Wall-clock training budget in minutes, validation included (0: none).
+        schedule: Learning-rate schedule after warmup; linear decays to zero over the step or time budget.
+        warmup_steps: Linear warmup steps.
+    """
+
+    learning_rate: float = 5e-5
+    batch_size: int = 64
+    grad_accum: int = 1
+    max_steps: int = 10000
+    max_minutes: float = 0.0
+    schedule: Literal["linear", "constant"] = "linear"
+    warmup_steps: int = 0
+
+    def __post_init__(self) -> None:
+        if self.learning_rate <= 0:
+            raise ValueError(f"--learning-rate must be positive, got {self.learning_rate}")
+        if self.batch_size < 1 or self.grad_accum < 1:
+            raise ValueError(
+                f"--batch-size and --grad-accum must be positive, got {self.batch_size} and {self.grad_accum}"
+            )
+        if self.batch_size % self.grad_accum:
+            raise ValueError(
+                f"--batch-size {self.batch_size} does not divide into --grad-accum {self.grad_accum} micro-batches"
+            )
+        if self.max_steps < 0 or self.max_minutes < 0 or (self.max_steps == 0 and self.max_minutes == 0):
+            raise ValueError("give a budget: --max-steps and/or --max-minutes (positive)")
+        if self.schedule not in ("linear", "constant"):
+            raise ValueError(f"--schedule must be linear or constant, got {self.schedule!r}")
+        if self.warmup_steps < 0:
+            raise ValueError(f"--warmup-steps must be 0 or more, got {self.warmup_steps}")
 
 
-def _pad(rows: list[list[int]], value: int) -> torch.Tensor:
-    width = max(len(r) for r in rows)
-    return torch.tensor([r + [value] * (width - len(r)) for r in rows])
+@dataclass(frozen=True)
+class EvalOptions:
+    """Validation (model selection), test and logging.
+
+    Args:
+        eval_every: Validate (label-only generation), keep the best model and checkpoint every this many steps.
+        eval_limit: Evaluate on at most this many validation and test examples (0: all), the same ones in every run.
+        eval_batch_size: Batch size of evaluation generation (per worker).
+        log_every: Steps between rows of the CSV loss log.
+    """
+
+    eval_every: int = 250
+    eval_limit: int = 0
+    eval_batch_size: int = 64
+    log_every: int = 10
+
+    def __post_init__(self) -> None:
+        if min(self.eval_every, self.eval_batch_size, self.log_every) < 1 or self.eval_limit < 0:
+            raise ValueError(
+                f"--eval-every, --eval-batch-size and --log-every must be positive and --eval-limit 0 or more: {self}"
+            )
 
 
-def collate(columns: dict[str, list[list[int]]], indices: list[int], with_rationale: bool, pad_id: int) -> dict[str, torch.Tensor]:
-    """One batch holding both tasks: the examples' predict rows, then (step-by-step) their explain rows."""
-    inputs = [columns["predict"][i] for i in indices]
-    targets = [columns["label"][i] for i in indices]
-    if with_rationale:
-        inputs += [columns["explain"][i] for i in indices]
-        targets += [columns["rationale"][i] for i in indices]
-    input_ids = _pad(inputs, pad_id)
+@dataclass(frozen=True)
+class ComputeOptions:
+    """Where the run trains: this process, or Ray Train workers.
+
+    Args:
+        device: cuda, cpu, or auto (this process; Ray workers use --use-gpu instead).
+        bf16: bf16 compute on a GPU (autocast; FSDP: bf16 parameters and all-gathers, fp32 reductions and master
+            weights). CPU runs stay float32.
+        workers: Training processes. 1: this process (the default); more: Ray Train workers, each on a slice of
+            every batch.
+        use_gpu: One GPU per Ray Train worker (NCCL); without it workers train on CPUs (gloo).
+        strategy: ddp (every worker holds the whole student) or fsdp (parameters, gradients and optimizer state
+            sharded over the workers).
+        ray_address: Ray cluster to train on ("auto": the one `ray start` made here; "ray://host:10001"); empty: a
+            private local Ray when --workers > 1. The run folder must be on storage every node sees.
+        max_failures: Worker failures Ray Train recovers from (restarting every worker from the last checkpoint)
+            before the run fails.
+    """
+
+    device: str = "auto"
+    bf16: bool = True
+    workers: int = 1
+    use_gpu: bool = False
+    strategy: Literal["ddp", "fsdp"] = "ddp"
+    ray_address: str = ""
+    max_failures: int = 3
+
+    def __post_init__(self) -> None:
+        if self.workers < 1:
+            raise ValueError(f"--workers must be 1 or more, got {self.workers}")
+        if self.strategy not in ("ddp", "fsdp"):
+            raise ValueError(f"--strategy must be ddp or fsdp, got {self.strategy!r}")
+        if self.on_ray and self.device != "auto":
+            raise ValueError("--device picks this process's device; Ray Train workers use --use-gpu")
+        if self.use_gpu and not self.on_ray:
+            raise ValueError(
+                "--use-gpu is for Ray Train workers (--workers N or --ray-address); one process uses --device"
+            )
+        if self.max_failures < -1:
+            raise ValueError(f"--max-failures must be -1 (no limit) or more, got {self.max_failures}")
+
+    @property
+    def on_ray(self) -> bool:
+        return self.workers > 1 or bool(self.ray_address)
+
+
+# ---------------------------------------------------------------- the plan every worker follows
+
+
+@dataclass(frozen=True)
+class Plan:
+    """One run as its workers see it, prepared once by `setup` (picklable: Ray ships it to every worker)."""
+
+    out: Path
+    task: tasks.Task
+    student: str
+    mode: Mode
+    data_fraction: float
+    seed: int
+    teacher_labels: bool
+    data: DataOptions
+    optim: OptimOptions
+    evaluation: EvalOptions
+    compute: ComputeOptions
+    examples: list[StudentExample]
+    counts: dict
+    valid: list[tasks.Example]
+    test: list[tasks.Example]
+
+    @property
+    def with_rationale(self) -> bool:
+        return self.mode == "step-by-step"
+
+
+def train_config(task: str, plan: Plan, rationales: Path | None, vocab_size: int) -> dict:
+    """What train_config.json records: every option that changes what is learned. Where it trains (workers,
+    strategy, cluster) does not: a run may resume on another number of workers."""
     return {
-        "input_ids": input_ids,
-        "attention_mask": (input_ids != pad_id).long() if pad_id is not None else torch.ones_like(input_ids),
-        "targets": _pad(targets, IGNORE),
-        "is_label_row": torch.arange(len(inputs)) < len(indices),
+        "task": task,
+        "rationales": str(rationales) if rationales else None,
+        "student": plan.student,
+        "mode": plan.mode,
+        "data_fraction": plan.data_fraction,
+        "seed": plan.seed,
+        "vocab_size": vocab_size,
+        **asdict(plan.data),
+        **asdict(plan.optim),
+        **asdict(plan.evaluation),
+        "bf16": plan.compute.bf16,
+        "device": plan.compute.device,
     }
-
-
-def multitask_loss(logits: torch.Tensor, targets: torch.Tensor, is_label_row: torch.Tensor, alpha: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-    """(loss, label loss, rationale loss): per-task mean token losses from one batch holding both tasks,
-    weighted alpha and 1 - alpha. A batch of label rows only gives the plain label loss."""
-    token_loss = F.cross_entropy(logits.float().transpose(1, 2), targets, ignore_index=IGNORE, reduction="none")
-    real = targets != IGNORE
-    label_tokens = real & is_label_row[:, None]
-    label_loss = (token_loss * label_tokens).sum() / label_tokens.sum().clamp(min=1)
-    if is_label_row.all():
-        return label_loss, label_loss, None
-    rationale_tokens = real & ~is_label_row[:, None]
-    rationale_loss = (token_loss * rationale_tokens).sum() / rationale_tokens.sum().clamp(min=1)
-    return alpha * label_loss + (1 - alpha) * rationale_loss, label_loss, rationale_loss
-
-
-def batch_loss(model: T5ForConditionalGeneration, batch: dict[str, torch.Tensor], alpha: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-    targets = batch["targets"]
-    decoder_input_ids = model.prepare_decoder_input_ids_from_labels(labels=targets)
-    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], decoder_input_ids=decoder_input_ids).logits
-    return multitask_loss(logits, targets, batch["is_label_row"], alpha)
-
-
-@functools.lru_cache(maxsize=2)
-def epoch_batches(count: int, batch_size: int, seed: int, epoch: int) -> list[list[int]]:
-    """Example indices of each micro-batch of one epoch: a shuffle fixed by (seed, epoch), so a resumed
-    run sees exactly the batches the uninterrupted one would have."""
-    order = list(range(count))
-    random.Random(f"{seed}-{epoch}").shuffle(order)
-    return [order[i : i + batch_size] for i in range(0, count, batch_size)]
-
-
-def lr_factor(schedule: str, step: int, warmup_steps: int, progress: float) -> float:
-    """Warmup then constant or linear decay to zero; `progress` is the spent share of the step or time budget."""
-    warm = min(1.0, (step + 1) / warmup_steps) if warmup_steps else 1.0
-    return warm * (max(0.0, 1.0 - progress) if schedule == "linear" else 1.0)
 
 
 # ---------------------------------------------------------------- prediction and evaluation
 
 
-def predict(model: T5ForConditionalGeneration, tokenizer: PreTrainedTokenizerBase, examples: list[tasks.Example], max_input_length: int = 1024, max_new_tokens: int = 32, batch_size: int = 64) -> list[str]:
-    """Label-only greedy generation from `predict: x` (the rationale is never generated at inference)."""
+def predict(
+    model: T5ForConditionalGeneration,
+    tokenizer: PreTrainedTokenizerBase,
+    examples: list[tasks.Example],
+    max_input_length: int = 1024,
+    max_new_tokens: int = 32,
+    batch_size: int = 64,
+    synced: bool = False,
+) -> list[str]:
+    """Label-only greedy generation from `predict: x` (the rationale is never generated at inference).
+    `synced`: keep stepping until every rank is done (FSDP ranks gather weights together)."""
     model.eval()
     texts = [tasks.label_input(e) for e in examples]
     order = sorted(range(len(texts)), key=lambda i: len(texts[i]))  # similar lengths share a batch: less padding
@@ -130,8 +260,16 @@ def predict(model: T5ForConditionalGeneration, tokenizer: PreTrainedTokenizerBas
     with torch.inference_mode():
         for start in range(0, len(order), batch_size):
             chunk = order[start : start + batch_size]
-            encoded = tokenizer([texts[i] for i in chunk], padding=True, truncation=True, max_length=max_input_length, return_tensors="pt").to(device)
-            generated = model.generate(**encoded, max_new_tokens=max_new_tokens, do_sample=False, num_beams=1)
+            encoded = tokenizer(
+                [texts[i] for i in chunk],
+                padding=True,
+                truncation=True,
+                max_length=max_input_length,
+                return_tensors="pt",
+            ).to(device)
+            generated = model.generate(
+                **encoded, max_new_tokens=max_new_tokens, do_sample=False, num_beams=1, synced_gpus=synced
+            )
             for i, text in zip(chunk, tokenizer.batch_decode(generated, skip_special_tokens=True)):
                 predictions[i] = text.strip()
     return predictions
@@ -146,68 +284,381 @@ def evaluation_subset(examples: list[tasks.Example], limit: int) -> list[tasks.E
     return [examples[i] for i in sorted(order[:limit])]
 
 
-def evaluate(model, tokenizer, task: tasks.Task, examples: list[tasks.Example], max_input_length: int, max_new_tokens: int, batch_size: int) -> dict:
-    predictions = predict(model, tokenizer, examples, max_input_length, max_new_tokens, batch_size)
+def evaluate(
+    model: T5ForConditionalGeneration,
+    tokenizer: PreTrainedTokenizerBase,
+    task: tasks.Task,
+    examples: list[tasks.Example],
+    world: World,
+    max_input_length: int,
+    max_new_tokens: int,
+    batch_size: int,
+) -> dict:
+    """Accuracy on `examples`, each rank generating for every world.size-th example (padded to equal counts,
+    since FSDP ranks must generate in step); every rank gets the same result."""
+    share = math.ceil(len(examples) / world.size)
+    mine = examples[world.rank :: world.size]
+    with distributed.generation_ready(model, world) as synced:
+        predicted = predict(
+            model, tokenizer, mine + examples[: share - len(mine)], max_input_length, max_new_tokens, batch_size, synced
+        )
+    by_rank = distributed.gather(predicted[: len(mine)], world)
+    predictions = [by_rank[i % world.size][i // world.size] for i in range(len(examples))]
     return {"accuracy": tasks.accuracy(task, predictions, [e.label for e in examples]), "examples": len(examples)}
 
 
-# ---------------------------------------------------------------- the output folder
+# ---------------------------------------------------------------- setup
 
 
-def _prepare_out(out: Path, config: dict, force: bool) -> Literal["fresh", "resume", "done"]:
+def prepare_out(out: Path, config: dict, force: bool) -> Literal["fresh", "resume", "done"]:
     """What to do with `out`: reuse a finished run of the same config, resume its checkpoint, or start over."""
     config_path = out / artifacts.TRAIN_CONFIG
     if force and config_path.exists():
         shutil.rmtree(out)
     elif config_path.exists():
-        previous = json.loads(config_path.read_text())
+        previous = artifacts.read_json(config_path, "a training run's options")
         if previous != config:
             changed = sorted(k for k in set(previous) | set(config) if previous.get(k) != config.get(k))
-            raise ValueError(f"{out} holds a training run with other options (differs in: {', '.join(changed)}); pass --force to replace it or choose another --out")
+            raise ValueError(
+                f"{out} holds a training run with other options (differs in: {', '.join(changed)}); "
+                "pass --force to replace it or choose another --out"
+            )
         if (out / artifacts.METRICS).exists():
+            shutil.rmtree(checkpoints.root(out), ignore_errors=True)  # a kill between metrics.json and the clean-up
             return "done"
-        if (out / CHECKPOINT / "state.pt").exists():
+        if checkpoints.resume_point(out) is not None:
             return "resume"
     elif out.exists() and any(out.iterdir()):
         raise ValueError(f"{out} is not empty and is not a stepwise training folder: choose another --out")
     out.mkdir(parents=True, exist_ok=True)
+    shutil.rmtree(checkpoints.root(out), ignore_errors=True)  # a fresh start: no stale Ray record either
     artifacts.write_json(config_path, config)
     return "fresh"
 
 
-def _save_checkpoint(out: Path, model: T5ForConditionalGeneration, state: dict) -> None:
-    """Model + optimizer + counters, written beside the old checkpoint and swapped in, so a kill at any
-    moment leaves one whole checkpoint."""
-    tmp, old, final = out / f".{CHECKPOINT}.tmp", out / f".{CHECKPOINT}.old", out / CHECKPOINT
-    for stale in (tmp, old):
-        shutil.rmtree(stale, ignore_errors=True)
-    model.save_pretrained(tmp)
-    torch.save(state, tmp / "state.pt")
-    if final.exists():
-        final.rename(old)
-    tmp.rename(final)
-    shutil.rmtree(old, ignore_errors=True)
+def save_tokenizer(out: Path, student: str, examples: list[StudentExample], vocab_size: int) -> None:
+    """The run's tokenizer into `out`: trained on the training text for a locally built student, else the
+    checkpoint's own."""
+    if student in SHAPES:
+        explained = [e for e in examples if e.rationale]
+        texts = [tasks.LABEL_PREFIX + e.input for e in examples] + [e.label for e in examples]
+        texts += [tasks.RATIONALE_PREFIX + e.input for e in explained] + [e.rationale for e in explained]
+        train_tokenizer(texts, out, vocab_size=vocab_size)
+    else:
+        AutoTokenizer.from_pretrained(student).save_pretrained(out)
 
 
-def _restart_log(out: Path, upto_step: int) -> None:
-    """Keep the log rows up to the checkpoint's step (rows written after it are trained again)."""
-    path = out / artifacts.TRAIN_LOG
-    rows = []
-    if path.exists():
-        with path.open() as f:
-            rows = [r for r in csv.DictReader(f) if int(r["step"]) <= upto_step]
-    with path.open("w", newline="") as f:
-        writer = csv.DictWriter(f, LOG_COLUMNS)
-        writer.writeheader()
-        writer.writerows(rows)
+def setup(
+    task: str,
+    out: Path,
+    rationales: Path | None,
+    student: str,
+    mode: str,
+    data_fraction: float,
+    seed: int,
+    vocab_size: int,
+    data: DataOptions,
+    optim: OptimOptions,
+    evaluation: EvalOptions,
+    compute: ComputeOptions,
+    force: bool,
+) -> Plan | None:
+    """Check the options, read the data, prepare the folder (None: it already holds this finished run)."""
+    if mode not in MODES:
+        raise ValueError(f"unknown mode {mode!r}: expected one of {MODES}")
+    if optim.batch_size % (compute.workers * optim.grad_accum):
+        raise ValueError(
+            f"--batch-size {optim.batch_size} does not divide into --workers {compute.workers} "
+            f"x --grad-accum {optim.grad_accum} micro-batches"
+        )
+    distributed.check_strategy(compute.strategy, group_coming=compute.on_ray)
+    task_def = tasks.get_task(task)
+    rationales = Path(rationales).resolve() if rationales else None  # one folder, however it was spelled
+    records = None
+    if rationales is not None:
+        check_task_matches(rationales, task_def)
+        records = records_by_id(rationales)
+    teacher_labels = mode == "standard-distill" or (mode == "step-by-step" and data.label_source == "teacher")
+    examples, counts = training_examples(task_def, records, teacher_labels, mode == "step-by-step", data_fraction, seed)
+    valid = evaluation_subset(tasks.load_split(task_def, "valid"), evaluation.eval_limit)
+    if not valid:
+        raise ValueError(f"task {task_def.name!r} has no validation examples to select the best checkpoint on")
+    test = evaluation_subset(tasks.load_split(task_def, "test"), evaluation.eval_limit)
+    plan = Plan(
+        out=Path(out), task=task_def, student=student, mode=mode, data_fraction=data_fraction, seed=seed,
+        teacher_labels=teacher_labels, data=data, optim=optim, evaluation=evaluation, compute=compute,
+        examples=examples, counts=counts, valid=valid, test=test,
+    )  # fmt: skip
+
+    state = prepare_out(plan.out, train_config(task, plan, rationales, vocab_size), force)
+    if state == "done":
+        print(f"[train] {out} already holds this finished run; reusing it (--force retrains)", flush=True)
+        return None
+    if state == "fresh":
+        save_tokenizer(plan.out, student, examples, vocab_size)
+        tasks.save_task(task_def, plan.out)
+    where = (
+        f"{compute.workers} Ray Train worker(s), {compute.strategy}, {'GPU' if compute.use_gpu else 'CPU'}"
+        if compute.on_ray
+        else "one process"
+    )
+    print(
+        f"[train] {task_def.name} {mode} (labels: {'teacher' if teacher_labels else 'gold'}), "
+        f"student {student} on {where}; examples: {counts}",
+        flush=True,
+    )
+    return plan
 
 
-def _append_log(out: Path, row: dict) -> None:
-    with (out / artifacts.TRAIN_LOG).open("a", newline="") as f:
-        csv.DictWriter(f, LOG_COLUMNS).writerow(row)
+# ---------------------------------------------------------------- one worker's run
+
+
+@dataclass
+class Worker:
+    """One training process's state: the student (as stored and as called), its optimizer and where it stands."""
+
+    plan: Plan
+    world: World
+    tokenizer: PreTrainedTokenizerBase
+    columns: dict[str, list[list[int]]]
+    max_new_tokens: int
+    model: T5ForConditionalGeneration  # parameters, optimizer, checkpoints and generation go through it
+    forward: torch.nn.Module  # what the training step calls (the DDP wrapper, or the model itself)
+    optimizer: torch.optim.Optimizer
+    progress: Progress
+    on_ray: bool
+    started: float = field(default_factory=time.monotonic)
+
+    def elapsed(self) -> float:
+        """Training seconds over every session of the run (the time budget spans resumed sessions)."""
+        return self.progress.elapsed_s + time.monotonic() - self.started
+
+    def budget_spent(self) -> float:
+        """The spent share of the step or time budget, whichever is further; rank 0's clock decides for all."""
+        optim = self.plan.optim
+        spent = max(
+            self.progress.step / optim.max_steps if optim.max_steps else 0.0,
+            self.elapsed() / (60 * optim.max_minutes) if optim.max_minutes else 0.0,
+        )
+        return distributed.from_rank0(spent, self.world) if optim.max_minutes else spent
+
+
+def initial_student(plan: Plan, tokenizer: PreTrainedTokenizerBase, world: World) -> T5ForConditionalGeneration:
+    """The student before training: built from `seed` (tiny/small) or loaded (a checkpoint). FSDP ranks but
+    rank 0 only lay it out on the meta device: their shards come from rank 0."""
+    if distributed.empty_on_meta(world):
+        local = plan.student in SHAPES
+        config = student_config(tokenizer, plan.student) if local else AutoConfig.from_pretrained(plan.student)
+        with torch.device("meta"):
+            return T5ForConditionalGeneration(config)
+    if plan.student in SHAPES:
+        return build_student(tokenizer, plan.student, plan.seed)
+    return T5ForConditionalGeneration.from_pretrained(plan.student)
+
+
+def start_worker(plan: Plan, device: torch.device, on_ray: bool) -> Worker:
+    """Tokenize, build and wrap the student, and restore the newest checkpoint if there is one."""
+    world = distributed.join(plan.compute.strategy, device)
+    tokenizer = AutoTokenizer.from_pretrained(plan.out)
+    columns = tokenize_examples(tokenizer, plan.examples, plan.data.max_input_length, plan.data.max_target_length)
+    max_new_tokens = min(plan.data.max_target_length, max(len(ids) for ids in columns["label"]) + 2)
+    model = initial_student(plan, tokenizer, world)
+    model.generation_config.max_new_tokens = max_new_tokens  # saved with the model: label-only decoding length
+    forward = distributed.wrap(model, world, plan.compute.bf16)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=plan.optim.learning_rate, weight_decay=0.0)
+    progress = Progress()
+    resume_from = checkpoints.resume_point(plan.out, on_ray)
+    if resume_from is not None:
+        progress = checkpoints.restore(resume_from, model, optimizer)
+        if world.main:
+            print(
+                f"[train] resuming {plan.out} at step {progress.step} ({progress.elapsed_s / 60:.1f} min trained) "
+                f"from {resume_from}",
+                flush=True,
+            )
+    if world.main:
+        checkpoints.finish_best_save(plan.out)
+        checkpoints.restart_log(plan.out, progress.step)
+        params = sum(p.numel() for p in model.parameters())  # an FSDP shard's numel is the whole parameter's
+        print(
+            f"[train] rank 0 of {world.size} ({world.strategy}): {params / 1e6:.1f}M params on {world.device}",
+            flush=True,
+        )
+    distributed.barrier(world)
+    return Worker(plan, world, tokenizer, columns, max_new_tokens, model, forward, optimizer, progress, on_ray)
+
+
+def score(worker: Worker, examples: list[tasks.Example]) -> dict:
+    """Accuracy of the worker's model on `examples` (every rank takes part)."""
+    plan = worker.plan
+    return evaluate(worker.model, worker.tokenizer, plan.task, examples, worker.world, plan.data.max_input_length,
+                    worker.max_new_tokens, plan.evaluation.eval_batch_size)  # fmt: skip
+
+
+def train_step(worker: Worker, lr: float) -> tuple[torch.Tensor, TokenCounts]:
+    """One optimizer step on this worker's slice of the step's batch: its (label, rationale) token loss sums,
+    and the whole step's token counts."""
+    plan, world = worker.plan, worker.world
+    for group in worker.optimizer.param_groups:
+        group["lr"] = lr
+    # Dropout masks (pretrained students) are fixed per step and rank: a resumed run draws the same ones.
+    torch.manual_seed(random.Random(f"{plan.seed}-{worker.progress.step}-{world.rank}").getrandbits(63))
+    indices = step_examples(len(plan.examples), plan.optim.batch_size, plan.seed, worker.progress.step)
+    counts = target_tokens(worker.columns, indices, plan.with_rationale)
+    micro_batches = worker_micro_batches(indices, world.rank, world.size, plan.optim.grad_accum)
+    bf16_autocast = plan.compute.bf16 and world.device.type == "cuda" and world.strategy != "fsdp"  # FSDP casts itself
+    pad_id, start_id = worker.tokenizer.pad_token_id, worker.model.config.decoder_start_token_id
+    sums = torch.zeros(2, device=world.device)
+    for number, part in enumerate(micro_batches):
+        batch = {
+            k: v.to(world.device)
+            for k, v in collate(worker.columns, part, plan.with_rationale, pad_id, start_id).items()
+        }
+        sync = distributed.gradient_sync(worker.forward, world, enabled=number == len(micro_batches) - 1)
+        with sync:
+            with torch.autocast(world.device.type, dtype=torch.bfloat16, enabled=bf16_autocast):
+                label_sum, rationale_sum = token_loss_sums(worker.forward, batch)
+            # The step's loss is normalised by the whole step's token counts; the all-reduce averages over
+            # workers, so each worker's part is scaled back up by the world size.
+            (objective(label_sum, rationale_sum, counts, plan.data.alpha) * world.size).backward()
+        sums += torch.stack([label_sum.detach(), rationale_sum.detach()])
+    torch.nn.utils.clip_grad_norm_(worker.model.parameters(), 1.0)
+    worker.optimizer.step()
+    worker.optimizer.zero_grad(set_to_none=True)
+    worker.progress.step += 1
+    return sums, counts
+
+
+def log_row(worker: Worker, window: list[tuple[torch.Tensor, TokenCounts]], lr: float) -> dict:
+    """The mean losses of the steps since the last row, over all workers."""
+    sums = distributed.all_sum(torch.stack([s for s, _ in window]), worker.world).tolist()
+    alpha = worker.plan.data.alpha
+    label = [label_sum / max(c.label, 1) for (label_sum, _), (_, c) in zip(sums, window, strict=True)]
+    row = {"step": worker.progress.step, "elapsed_s": round(worker.elapsed(), 1), "lr": lr}
+    row["loss"] = row["label_loss"] = round(sum(label) / len(label), 4)
+    if worker.plan.with_rationale:
+        rationale = [r / max(c.rationale, 1) for (_, r), (_, c) in zip(sums, window, strict=True)]
+        row["rationale_loss"] = round(sum(rationale) / len(rationale), 4)
+        row["loss"] = round(alpha * row["label_loss"] + (1 - alpha) * row["rationale_loss"], 4)
+    return row
+
+
+def validate_and_checkpoint(worker: Worker) -> float:
+    """Validation accuracy now; a new best becomes the folder's model; then a checkpoint (best model first: a
+    kill between the two repeats the same steps and finds the same best)."""
+    plan, world, progress = worker.plan, worker.world, worker.progress
+    accuracy = score(worker, plan.valid)["accuracy"]
+    if accuracy > progress.best_accuracy:
+        progress.best_accuracy, progress.best_step = accuracy, progress.step
+        checkpoints.save_best(plan.out, worker.model, world)
+    if world.main:
+        row = {"step": progress.step, "elapsed_s": round(worker.elapsed(), 1), "valid_accuracy": accuracy}
+        checkpoints.append_log(plan.out, row)
+    progress.validated_step = progress.step
+    progress.elapsed_s, worker.started = worker.elapsed(), time.monotonic()
+    checkpoints.save(plan.out, worker.model, worker.optimizer, progress, world, worker.on_ray)
+    worker.forward.train()
+    return accuracy
+
+
+def train_loop(worker: Worker) -> None:
+    """Optimizer steps until the budget is spent: a log row every log_every steps, validation and a checkpoint
+    every eval_every, and both once more at the end."""
+    plan, progress = worker.plan, worker.progress
+    quiet = {} if worker.world.main else {"disable": True}  # rank 0's bar (disable=False would beat TQDM_DISABLE)
+    bar = tqdm(
+        total=plan.optim.max_steps or None, initial=progress.step, desc=f"train {plan.mode}", unit="step", **quiet
+    )
+    window: list[tuple[torch.Tensor, TokenCounts]] = []
+    lr = plan.optim.learning_rate
+    worker.forward.train()
+    while (spent := worker.budget_spent()) < 1.0:
+        lr = plan.optim.learning_rate * lr_factor(plan.optim.schedule, progress.step, plan.optim.warmup_steps, spent)
+        window.append(train_step(worker, lr))
+        bar.update(1)
+        if progress.step % plan.evaluation.log_every == 0:
+            write_log_row(worker, window, lr, bar)
+        if progress.step % plan.evaluation.eval_every == 0:
+            accuracy = validate_and_checkpoint(worker)
+            if worker.world.main:
+                bar.write(
+                    f"[train] step {progress.step}: valid accuracy {accuracy:.4f} "
+                    f"(best {progress.best_accuracy:.4f} at step {progress.best_step})"
+                )
+    if window:  # the last steps since the previous log row
+        write_log_row(worker, window, lr, bar)
+    if progress.validated_step != progress.step:  # ... and since the previous validation
+        validate_and_checkpoint(worker)
+    bar.close()
+
+
+def write_log_row(worker: Worker, window: list[tuple[torch.Tensor, TokenCounts]], lr: float, bar: tqdm) -> None:
+    row = log_row(worker, window, lr)  # a collective: every rank computes it
+    window.clear()
+    if worker.world.main:
+        bar.set_postfix(label=row["label_loss"], rationale=row.get("rationale_loss", "-"), lr=f"{lr:.2e}")
+        checkpoints.append_log(worker.plan.out, row)
+
+
+def finish_worker(worker: Worker) -> None:
+    """Test accuracy of the best model on validation (loaded back into every rank); rank 0 writes metrics.json."""
+    plan, world, progress = worker.plan, worker.world, worker.progress
+    best = T5ForConditionalGeneration.from_pretrained(plan.out).state_dict() if world.main else {}
+    distributed.load_full_weights(worker.model, best, world)
+    test = score(worker, plan.test) if plan.test else None
+    if world.main:
+        metrics = {
+            "task": plan.task.name, "mode": plan.mode, "label_source": "teacher" if plan.teacher_labels else "gold",
+            "student": plan.student, "data_fraction": plan.data_fraction, "seed": plan.seed, "steps": progress.step,
+            "train_minutes": round(worker.elapsed() / 60, 2), "best_step": progress.best_step,
+            "train_examples": plan.counts, "valid": {"accuracy": progress.best_accuracy, "examples": len(plan.valid)},
+            "test": test,
+        }  # fmt: skip
+        artifacts.write_json(plan.out / artifacts.METRICS, metrics)
+    distributed.barrier(world)
+
+
+def train_worker(plan: Plan, device: torch.device, on_ray: bool = False) -> None:
+    """The whole training run as one process of the world sees it (the only process, or one Ray Train worker)."""
+    worker = start_worker(plan, device, on_ray)
+    train_loop(worker)
+    finish_worker(worker)
 
 
 # ---------------------------------------------------------------- the stage
+
+
+def run(plan: Plan) -> None:
+    """Train in this process, or on Ray Train workers (every one runs `train_worker`)."""
+    if plan.compute.on_ray:
+        from stepwise.training import ray_train
+
+        ray_train.fit(plan, train_worker)
+        return
+    device = torch.device(
+        ("cuda" if torch.cuda.is_available() else "cpu") if plan.compute.device == "auto" else plan.compute.device
+    )
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", torch.cuda.current_device())  # DDP and FSDP want the GPU's index
+    train_worker(plan, device)
+
+
+def finish(plan: Plan) -> Path:
+    """The folder is the model now, not a training state: drop the checkpoints; report."""
+    shutil.rmtree(checkpoints.root(plan.out), ignore_errors=True)
+    metrics = artifacts.read_metrics(plan.out)
+    test_text = (
+        f"{metrics['test']['accuracy']:.4f} on {metrics['test']['examples']}"
+        if metrics["test"]
+        else "n/a (no test split)"
+    )
+    print(
+        f"[train] done: {metrics['steps']} steps in {metrics['train_minutes']:.1f} min; "
+        f"valid accuracy {metrics['valid']['accuracy']:.4f} "
+        f"(step {metrics['best_step']}), test {test_text}; saved {plan.out}",
+        flush=True,
+    )
+    return plan.out
 
 
 def main(
@@ -216,26 +667,13 @@ def main(
     rationales: Path | None = None,
     student: str = "tiny",
     mode: Mode = "step-by-step",
-    label_source: Literal["gold", "teacher"] = "gold",
-    alpha: float = 0.5,
     data_fraction: float = 1.0,
     seed: int = 0,
-    learning_rate: float = 5e-5,
-    batch_size: int = 64,
-    grad_accum: int = 1,
-    max_steps: int = 10000,
-    max_minutes: float = 0.0,
-    schedule: Literal["linear", "constant"] = "linear",
-    warmup_steps: int = 0,
-    max_input_length: int = 1024,
-    max_target_length: int = 256,
-    eval_every: int = 250,
-    eval_limit: int = 0,
-    eval_batch_size: int = 64,
-    log_every: int = 10,
     vocab_size: int = 2000,
-    bf16: bool = True,
-    device: str = "auto",
+    data: DataOptions = DataOptions(),
+    optim: OptimOptions = OptimOptions(),
+    evaluation: EvalOptions = EvalOptions(),
+    compute: ComputeOptions = ComputeOptions(),
     force: bool = False,
 ) -> Path:
     """Train a T5 student on labels (and teacher rationales); save the best model on the validation split.
@@ -244,163 +682,34 @@ def main(
         task: Task name (svamp, cqa, esnli) or a custom task's data file/folder.
         out: Output model folder (Hugging Face format + task.json, train_config.json, metrics.json, log.csv).
         rationales: Extraction output folder (JSONL/Parquet shards); not needed for standard-finetune.
-        student: A T5 checkpoint name or folder (from_pretrained), or tiny/small: built locally from scratch with a tokenizer trained on the task's text.
+        student: A T5 checkpoint name or folder (from_pretrained), or tiny/small: built locally from scratch with a
+            tokenizer trained on the task's text.
         mode: step-by-step (labels + rationales), standard-finetune (gold labels), standard-distill (teacher labels).
-        label_source: Labels learned in step-by-step mode: the gold ones or the teacher's.
-        alpha: Weight of the label loss; the rationale loss gets 1 - alpha.
         data_fraction: Share of the train split used (0.125 ... 1.0), drawn with --seed.
         seed: Seed of the data fraction, the batch order and a locally built student's weights.
-        learning_rate: Peak AdamW learning rate (5e-5 for pretrained T5; about 1e-3 for tiny from scratch).
-        batch_size: Examples per optimizer step (step-by-step puts 2 rows per example in the batch).
-        grad_accum: Micro-batches per optimizer step (batch_size must divide by it).
-        max_steps: Optimizer steps budget (0: none; then --max-minutes must be set).
-        max_minutes: Wall-clock training budget in minutes, validation included (0: none).
-        schedule: Learning-rate schedule after warmup; linear decays to zero over the step or time budget.
-        warmup_steps: Linear warmup steps.
-        max_input_length: Input tokens kept (truncated beyond).
-        max_target_length: Label and rationale tokens kept (truncated beyond).
-        eval_every: Validate (label-only generation), keep the best model and checkpoint every this many steps.
-        eval_limit: Evaluate on at most this many validation and test examples (0: all), the same ones in every run.
-        eval_batch_size: Batch size of evaluation generation.
-        log_every: Steps between rows of the CSV loss log.
         vocab_size: Tokenizer vocabulary size of a locally built tiny/small student.
-        bf16: bf16 autocast on a GPU (CPU runs stay float32).
-        device: cuda, cpu, or auto.
+        data: What the student reads and learns.
+        optim: The optimizer, the batches and the budget.
+        evaluation: Validation, test and logging.
+        compute: Where the run trains.
         force: Retrain even if --out already holds a finished or different run.
     """
-    out = Path(out)
-    rationales = Path(rationales).resolve() if rationales else None  # one folder, however it was spelled
-    config = {k: (str(v) if isinstance(v, Path) else v) for k, v in locals().items() if k not in ("out", "force")}
-    if mode not in MODES:
-        raise ValueError(f"unknown mode {mode!r}: expected one of {MODES}")
-    if max_steps <= 0 and max_minutes <= 0:
-        raise ValueError("give a budget: --max-steps and/or --max-minutes")
-    if batch_size % grad_accum:
-        raise ValueError(f"--batch-size {batch_size} does not divide into --grad-accum {grad_accum} micro-batches")
-    if not 0.0 <= alpha <= 1.0:
-        raise ValueError(f"--alpha must be in [0, 1], got {alpha}")
-    task_def = tasks.get_task(task)
-    records = None
-    if rationales is not None:
-        check_task_matches(rationales, task_def)
-        records = records_by_id(rationales)
-    with_rationale = mode == "step-by-step"
-    teacher_labels = mode == "standard-distill" or (mode == "step-by-step" and label_source == "teacher")
-    examples, counts = training_examples(task_def, records, teacher_labels, with_rationale, data_fraction, seed)
-
-    state = _prepare_out(out, config, force)
-    if state == "done":
-        print(f"[train] {out} already holds this finished run; reusing it (--force retrains)", flush=True)
-        return out
-    run_device = torch.device("cuda" if device == "auto" and torch.cuda.is_available() else ("cpu" if device == "auto" else device))
-    torch.manual_seed(seed)
-    if state == "resume":
-        tokenizer = AutoTokenizer.from_pretrained(out)
-        model = T5ForConditionalGeneration.from_pretrained(out / CHECKPOINT)
-    elif student in SHAPES:
-        texts = [tasks.LABEL_PREFIX + e.input for e in examples] + [e.label for e in examples]
-        texts += [tasks.RATIONALE_PREFIX + e.input for e in examples if e.rationale] + [e.rationale for e in examples if e.rationale]
-        tokenizer = train_tokenizer(texts, out, vocab_size=vocab_size)
-        model = build_student(tokenizer, student, seed)
-    else:
-        tokenizer = AutoTokenizer.from_pretrained(student)
-        model = T5ForConditionalGeneration.from_pretrained(student)
-        tokenizer.save_pretrained(out)
-    tasks.save_task(task_def, out)
-    model.to(run_device)
-
-    columns = tokenize_examples(tokenizer, examples, max_input_length, max_target_length)
-    max_new_tokens = min(max_target_length, max(len(ids) for ids in columns["label"]) + 2)
-    model.generation_config.max_new_tokens = max_new_tokens  # saved with the model: label-only decoding length
-    valid = evaluation_subset(tasks.load_split(task_def, "valid"), eval_limit)
-    test = evaluation_subset(tasks.load_split(task_def, "test"), eval_limit)
-    if not valid:
-        raise ValueError(f"task {task_def.name!r} has no validation examples to select the best checkpoint on")
-    optimizer = torch.optim.AdamW(model.parameters(), lr=learning_rate, weight_decay=0.0)
-    step, micro_step, elapsed_before, best = 0, 0, 0.0, {"accuracy": -1.0, "step": 0}
-    if state == "resume":
-        saved = torch.load(out / CHECKPOINT / "state.pt", map_location=run_device, weights_only=False)
-        optimizer.load_state_dict(saved["optimizer"])
-        step, micro_step, elapsed_before, best = saved["step"], saved["micro_step"], saved["elapsed_s"], saved["best"]
-        torch.set_rng_state(saved["rng"])
-        if run_device.type == "cuda" and saved.get("cuda_rng") is not None:
-            torch.cuda.set_rng_state_all(saved["cuda_rng"])
-        print(f"[train] resuming {out} at step {step} ({elapsed_before / 60:.1f} min trained)", flush=True)
-    _restart_log(out, step)
-    print(f"[train] {task_def.name} {mode} ({'labels: ' + ('teacher' if teacher_labels else 'gold')}), student {student}, "
-          f"{model.num_parameters() / 1e6:.1f}M params on {run_device}; examples: {counts}", flush=True)
-
-    micro_size = batch_size // grad_accum
-    per_epoch = math.ceil(len(examples) / micro_size)
-    autocast = torch.autocast(device_type=run_device.type, dtype=torch.bfloat16, enabled=bf16 and run_device.type == "cuda")
-    started = time.monotonic()
-    elapsed = lambda: elapsed_before + time.monotonic() - started  # noqa: E731 - the budget spans resumed sessions
-    budget_spent = lambda: max(step / max_steps if max_steps else 0.0, elapsed() / (60 * max_minutes) if max_minutes else 0.0)  # noqa: E731
-    window: dict[str, list[float]] = {"loss": [], "label_loss": [], "rationale_loss": []}
-    progress = tqdm(total=max_steps or None, initial=step, desc=f"train {mode}", unit="step", dynamic_ncols=True)
-
-    def validate_and_checkpoint() -> None:
-        result = evaluate(model, tokenizer, task_def, valid, max_input_length, max_new_tokens, eval_batch_size)
-        if result["accuracy"] > best["accuracy"]:
-            best.update(accuracy=result["accuracy"], step=step)
-            model.save_pretrained(out)  # the folder's model is always the best on validation so far
-        _append_log(out, {"step": step, "elapsed_s": round(elapsed(), 1), "valid_accuracy": result["accuracy"]})
-        _save_checkpoint(out, model, {"optimizer": optimizer.state_dict(), "step": step, "micro_step": micro_step, "elapsed_s": elapsed(), "best": dict(best),
-                                     "rng": torch.get_rng_state(), "cuda_rng": torch.cuda.get_rng_state_all() if run_device.type == "cuda" else None})
-        progress.write(f"[train] step {step}: valid accuracy {result['accuracy']:.4f} (best {best['accuracy']:.4f} at step {best['step']})")
-        model.train()
-
-    def log_losses(lr: float) -> None:
-        means = {k: round(sum(v) / len(v), 4) for k, v in window.items() if v}
-        progress.set_postfix(label=means["label_loss"], rationale=means.get("rationale_loss", "-"), lr=f"{lr:.2e}")
-        _append_log(out, {"step": step, "elapsed_s": round(elapsed(), 1), "lr": lr, **means})
-        for values in window.values():
-            values.clear()
-
-    model.train()
-    lr = learning_rate
-    while budget_spent() < 1.0:
-        lr = learning_rate * lr_factor(schedule, step, warmup_steps, budget_spent())
-        for group in optimizer.param_groups:
-            group["lr"] = lr
-        for _ in range(grad_accum):
-            epoch, position = divmod(micro_step, per_epoch)
-            indices = epoch_batches(len(examples), micro_size, seed, epoch)[position]
-            batch = {k: v.to(run_device) for k, v in collate(columns, indices, with_rationale, tokenizer.pad_token_id).items()}
-            with autocast:
-                loss, label_loss, rationale_loss = batch_loss(model, batch, alpha)
-            (loss / grad_accum).backward()
-            micro_step += 1
-            window["loss"].append(loss.item())
-            window["label_loss"].append(label_loss.item())
-            if rationale_loss is not None:
-                window["rationale_loss"].append(rationale_loss.item())
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        step += 1
-        progress.update(1)
-        if step % log_every == 0:
-            log_losses(lr)
-        if step % eval_every == 0:
-            validate_and_checkpoint()
-    if window["loss"]:  # the last steps since the previous log row
-        log_losses(lr)
-    if step % eval_every:  # ... and since the previous validation
-        validate_and_checkpoint()
-    progress.close()
-
-    trained_minutes = elapsed() / 60
-    model = T5ForConditionalGeneration.from_pretrained(out).to(run_device)
-    metrics = {
-        "task": task_def.name, "mode": mode, "label_source": "teacher" if teacher_labels else "gold", "student": student,
-        "data_fraction": data_fraction, "seed": seed, "steps": step, "train_minutes": round(trained_minutes, 2),
-        "best_step": best["step"], "train_examples": counts,
-        "valid": {"accuracy": best["accuracy"], "examples": len(valid)},
-        "test": evaluate(model, tokenizer, task_def, test, max_input_length, max_new_tokens, eval_batch_size) if test else None,
-    }
-    artifacts.write_json(out / artifacts.METRICS, metrics)
-    shutil.rmtree(out / CHECKPOINT, ignore_errors=True)  # finished: the folder is the model, not a training state
-    test_text = f"{metrics['test']['accuracy']:.4f} on {len(test)}" if test else "n/a (no test split)"
-    print(f"[train] done: {step} steps in {trained_minutes:.1f} min; valid accuracy {best['accuracy']:.4f} (step {best['step']}), test {test_text}; saved {out}", flush=True)
-    return out
+    plan = setup(
+        task,
+        Path(out),
+        rationales,
+        student,
+        mode,
+        data_fraction,
+        seed,
+        vocab_size,
+        data,
+        optim,
+        evaluation,
+        compute,
+        force,
+    )
+    if plan is None:
+        return Path(out)
+    run(plan)
+    return finish(plan)

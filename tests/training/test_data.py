@@ -35,23 +35,53 @@ def _write_folder(folder, records):
 def test_reader_skips_records_the_teacher_failed_on(tmp_path):
     train = tasks.load_split(ESNLI, "train")[:6]
     records = [
-        {"id": e.id, "input": e.input, "label": e.label, "choices": None, "rationale": f"because {i}", "teacher_label": "neutral", "status": "ok", "reason": ""}
+        {
+            "id": e.id,
+            "input": e.input,
+            "label": e.label,
+            "choices": None,
+            "rationale": f"because {i}",
+            "teacher_label": "neutral",
+            "status": "ok",
+            "reason": "",
+        }
         for i, e in enumerate(train[:4])
     ]
-    records.append({"id": train[4].id, "input": train[4].input, "label": train[4].label, "choices": None, "rationale": "", "teacher_label": "", "status": "malformed", "reason": "no answer sentence"})
+    records.append(
+        {
+            "id": train[4].id,
+            "input": train[4].input,
+            "label": train[4].label,
+            "choices": None,
+            "rationale": "",
+            "teacher_label": "",
+            "status": "malformed",
+            "reason": "no answer sentence",
+        }
+    )
     folder = _write_folder(tmp_path / "rationales", records)  # train[5] has no record at all
     by_id = records_by_id(folder)
     assert set(by_id) == {e.id for e in train[:5]}  # manifest.json and task.json are not shards
 
-    examples, counts = training_examples(ESNLI, by_id, needs_teacher_label=False, needs_rationale=True, fraction=1.0, seed=0)
-    assert counts["used"] == 4 and counts["skipped_not_ok"] == 1 and counts["skipped_no_record"] == counts["train_split"] - 5
+    examples, counts = training_examples(
+        ESNLI, by_id, needs_teacher_label=False, needs_rationale=True, fraction=1.0, seed=0
+    )
+    assert (
+        counts["used"] == 4
+        and counts["skipped_not_ok"] == 1
+        and counts["skipped_no_record"] == counts["train_split"] - 5
+    )
     assert [e.rationale for e in examples] == [f"because {i}" for i in range(4)]
     assert [e.label for e in examples] == [e.label for e in train[:4]]  # gold labels
 
-    distilled, _ = training_examples(ESNLI, by_id, needs_teacher_label=True, needs_rationale=False, fraction=1.0, seed=0)
+    distilled, _ = training_examples(
+        ESNLI, by_id, needs_teacher_label=True, needs_rationale=False, fraction=1.0, seed=0
+    )
     assert [e.label for e in distilled] == ["neutral"] * 4 and all(e.rationale is None for e in distilled)
 
-    gold_only, gold_counts = training_examples(ESNLI, None, needs_teacher_label=False, needs_rationale=False, fraction=1.0, seed=0)
+    gold_only, gold_counts = training_examples(
+        ESNLI, None, needs_teacher_label=False, needs_rationale=False, fraction=1.0, seed=0
+    )
     assert gold_counts["used"] == gold_counts["train_split"]  # standard fine-tuning needs no teacher at all
 
 
@@ -68,7 +98,9 @@ def test_bad_rationale_folders_are_named_clearly(tmp_path):
         training_examples(ESNLI, None, needs_teacher_label=False, needs_rationale=True, fraction=1.0, seed=0)
     other = _write_folder(tmp_path / "other", [{"id": "svamp-train-000001", "status": "ok"}])
     with pytest.raises(ValueError, match="wrong --task or --rationales"):
-        training_examples(ESNLI, records_by_id(other), needs_teacher_label=False, needs_rationale=True, fraction=1.0, seed=0)
+        training_examples(
+            ESNLI, records_by_id(other), needs_teacher_label=False, needs_rationale=True, fraction=1.0, seed=0
+        )
 
 
 def test_rationales_of_another_task_are_refused(tmp_path):

@@ -1,28 +1,49 @@
-"""`stepwise experiment`: a (small) grid of real training runs summarised as a table and a PNG."""
+"""`stepwise experiment`: a (small) grid of real training runs summarised as a table and a PNG, in this process
+or as Ray tasks."""
 
 from __future__ import annotations
 
 import json
+import os
 
 import pytest
 
 from stepwise.training import experiment
+from stepwise.training.experiment import GridOptions
+from stepwise.training.train import DataOptions, EvalOptions, OptimOptions
 
 pytestmark = pytest.mark.slow
 
+SMALL = dict(
+    data=DataOptions(max_input_length=96, max_target_length=32),
+    optim=OptimOptions(learning_rate=1e-3, batch_size=8, max_steps=2),
+    evaluation=EvalOptions(eval_every=2, eval_limit=8),
+)
+
 
 def test_grid_writes_table_and_plot_and_reuses_finished_runs(tmp_path, esnli_rationales, capsys):
-    options = dict(task="esnli", out=tmp_path / "grid", rationales=esnli_rationales, student="tiny", modes=["step-by-step", "standard-finetune"],
-                   fractions=[0.01, 0.02], seeds=[0, 1], learning_rate=1e-3, batch_size=8, max_steps=2, eval_every=2, eval_limit=8,
-                   max_input_length=96, max_target_length=32, results=tmp_path / "results", name="grid")
-    result = experiment.main(**options)
-    assert len(result["runs"]) == 8 and len(result["summary"]) == 4
+    options = dict(
+        task="esnli",
+        out=tmp_path / "grid",
+        rationales=esnli_rationales,
+        student="tiny",
+        modes=["step-by-step", "standard-finetune"],
+        fractions=[0.01, 0.02],
+        seeds=[0, 1],
+        results=tmp_path / "results",
+        name="grid",
+        **SMALL,
+    )
+    assert experiment.main(**options) == tmp_path / "results"
     saved = json.loads((tmp_path / "results" / "grid.json").read_text())
+    assert len(saved["runs"]) == 8 and len(saved["summary"]) == 4
     assert saved["settings"]["budget_per_run"] == "2 steps"
     by_key = {(s["mode"], s["data_fraction"]): s for s in saved["summary"]}
     runs = [r for r in saved["runs"] if r["mode"] == "standard-finetune" and r["data_fraction"] == 0.02]
     assert by_key[("standard-finetune", 0.02)]["test_mean"] == pytest.approx(sum(r["test_accuracy"] for r in runs) / 2)
-    assert max(r["train_examples"] for r in saved["runs"] if r["data_fraction"] == 0.01) < min(r["train_examples"] for r in saved["runs"] if r["data_fraction"] == 0.02)
+    assert max(r["train_examples"] for r in saved["runs"] if r["data_fraction"] == 0.01) < min(
+        r["train_examples"] for r in saved["runs"] if r["data_fraction"] == 0.02
+    )
     table = (tmp_path / "results" / "grid.md").read_text()
     assert "| step-by-step | 0.01 |" in table and "| standard-finetune | 0.02 |" in table
     assert (tmp_path / "results" / "grid.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
@@ -31,3 +52,37 @@ def test_grid_writes_table_and_plot_and_reuses_finished_runs(tmp_path, esnli_rat
     capsys.readouterr()
     experiment.main(**options)  # a rerun trains nothing: every run folder is finished with the same options
     assert capsys.readouterr().out.count("reusing it") == 8
+
+
+def test_a_grid_on_ray_writes_what_the_grid_in_this_process_writes(tmp_path, esnli_rationales, monkeypatch):
+    monkeypatch.setenv("RAY_AUTH_MODE", "disabled")  # tests only: Ray's token auth is on everywhere else
+    options = dict(
+        task="esnli",
+        rationales=esnli_rationales,
+        student="tiny",
+        modes=["standard-finetune"],
+        fractions=[0.02],
+        seeds=[0, 1],
+        name="grid",
+        **SMALL,
+    )
+    here = experiment.main(out=tmp_path / "here", **options)
+    on_ray = experiment.main(out=tmp_path / "ray", grid=GridOptions(on_ray=True), **options)
+    assert sorted(p.name for p in on_ray.iterdir() if p.is_file()) == sorted(
+        p.name for p in here.iterdir() if p.is_file()
+    )
+    assert {"grid.md", "grid.json", "grid.csv", "grid.png"} <= set(os.listdir(on_ray))
+    ran_here, ran_on_ray = (json.loads((folder / "grid.json").read_text()) for folder in (here, on_ray))
+    assert ran_on_ray["summary"] == ran_here["summary"]  # the same runs: the same accuracies and steps
+    assert [{k: v for k, v in r.items() if k != "train_minutes"} for r in ran_on_ray["runs"]] == [
+        {k: v for k, v in r.items() if k != "train_minutes"} for r in ran_here["runs"]
+    ]
+    assert (tmp_path / "ray" / "grid.md").read_text().split("\n", 1)[1] == (
+        tmp_path / "here" / "grid.md"
+    ).read_text().split("\n", 1)[1]
+
+    finished = {p: p.stat().st_mtime_ns for p in (tmp_path / "ray").glob("*/model.safetensors")}
+    experiment.main(
+        out=tmp_path / "ray", grid=GridOptions(on_ray=True), **options
+    )  # finished runs are reused on Ray too
+    assert len(finished) == 2 and finished == {p: p.stat().st_mtime_ns for p in finished}

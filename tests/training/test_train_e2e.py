@@ -1,14 +1,12 @@
 """End to end: the real `stepwise train` on a tiny student from scratch; the saved folder reloads with plain
-from_pretrained and predicts; a rerun reuses the finished run; a killed run resumes from its checkpoint."""
+from_pretrained and predicts what metrics.json says; a rerun reuses the finished run; a killed run resumes
+from its checkpoint and logs what an uninterrupted run logs."""
 
 from __future__ import annotations
 
 import csv
 import json
-import os
 import signal
-import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -16,24 +14,16 @@ import pytest
 from transformers import AutoTokenizer, T5ForConditionalGeneration
 
 from stepwise import tasks
-from stepwise.training.train import predict
+from stepwise.training.train import evaluation_subset, predict
 
-ROOT = Path(__file__).resolve().parents[2]
+from training_helpers import esnli_train, start_stepwise, stepwise
+
 pytestmark = pytest.mark.slow
 
 
-def stepwise(*args: str, check: bool = True) -> subprocess.CompletedProcess:
-    env = dict(os.environ, OMP_NUM_THREADS="1", TQDM_DISABLE="1", PYTHONPATH=str(ROOT))
-    result = subprocess.run([sys.executable, "-m", "stepwise", *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
-    if check and result.returncode:
-        raise AssertionError(f"stepwise {' '.join(args)} failed:\n{result.stdout}\n{result.stderr}")
-    return result
-
-
 def train_args(out: Path, rationales: Path, *extra: str) -> list[str]:
-    return ["train", "--task", "esnli", "--rationales", str(rationales), "--student", "tiny", "--out", str(out),
-            "--data-fraction", "0.03", "--learning-rate", "1e-3", "--batch-size", "16", "--max-steps", "6",
-            "--eval-every", "3", "--eval-limit", "24", "--max-input-length", "128", "--max-target-length", "64", *extra]
+    return esnli_train(out, rationales, "--max-steps", "6", "--eval-every", "3", "--eval-limit", "24", "--max-input-length", "128",
+                       "--max-target-length", "64", *extra)  # fmt: skip
 
 
 def log_rows(out: Path) -> list[dict]:
@@ -47,39 +37,75 @@ def test_train_saves_a_folder_that_reloads_and_predicts(tmp_path, esnli_rational
     assert "done: 6 steps" in result.stdout
 
     metrics = json.loads((out / "metrics.json").read_text())
-    assert metrics["steps"] == 6 and metrics["mode"] == "step-by-step"
-    assert metrics["valid"]["examples"] == 24 and 0.0 <= metrics["test"]["accuracy"] <= 1.0
-    assert metrics["train_examples"]["used"] == metrics["train_examples"]["selected"] - metrics["train_examples"].get("skipped_not_ok", 0)
+    assert metrics["steps"] == 6 and metrics["mode"] == "step-by-step" and metrics["best_step"] in (3, 6)
+    assert metrics["valid"]["examples"] == 24 and metrics["test"]["examples"] == 24
+    assert metrics["train_examples"]["used"] == metrics["train_examples"]["selected"] - metrics["train_examples"].get(
+        "skipped_not_ok", 0
+    )
     config = json.loads((out / "train_config.json").read_text())
-    assert config["mode"] == "step-by-step" and config["alpha"] == 0.5 and config["max_steps"] == 6
+    assert (
+        config["mode"] == "step-by-step"
+        and config["alpha"] == 0.5
+        and config["max_steps"] == 6
+        and "workers" not in config
+    )
     losses = [r for r in log_rows(out) if r["loss"]]
-    assert losses and all(float(r["label_loss"]) > 0 and float(r["rationale_loss"]) > 0 for r in losses)
-    assert not (out / "checkpoint").exists()
+    assert [int(r["step"]) for r in losses] == [6]  # log_every 10: the row the end of the budget writes
+    assert all(float(r["label_loss"]) > 0 and float(r["rationale_loss"]) > 0 for r in losses)
+    assert not (out / "checkpoint").exists() and not list(out.glob(".best*"))
 
-    # The contract export and serving rely on: plain from_pretrained + task.json, nothing else.
+    # The contract export and serving rely on: plain from_pretrained + task.json, nothing else; the folder's model
+    # is the one metrics.json scored (the same test subset, the same greedy label-only decoding).
     model = T5ForConditionalGeneration.from_pretrained(out)
     tokenizer = AutoTokenizer.from_pretrained(out)
     task = tasks.load_task(out)
-    examples = tasks.load_split(task, "test")[:5]
-    predictions = predict(model, tokenizer, examples, max_new_tokens=model.generation_config.max_new_tokens)
-    assert len(predictions) == 5 and all(isinstance(p, str) for p in predictions)
-    assert 0.0 <= tasks.accuracy(task, predictions, [e.label for e in examples]) <= 1.0
+    test = evaluation_subset(tasks.load_split(task, "test"), 24)
+    predictions = predict(
+        model, tokenizer, test, max_input_length=128, max_new_tokens=model.generation_config.max_new_tokens
+    )
+    assert tasks.accuracy(task, predictions, [e.label for e in test]) == metrics["test"]["accuracy"]
+    assert set(predictions) - {""}  # it generates text, not nothing
 
     # Same options again: the finished run is reused, not retrained.
     modified = (out / "model.safetensors").stat().st_mtime_ns
     assert "reusing it" in stepwise(*train_args(out, esnli_rationales)).stdout
     assert (out / "model.safetensors").stat().st_mtime_ns == modified
-    # Other options into the same folder: refused, naming what differs.
+    # Other options into the same folder: refused, naming what differs. Where it trains is not an option of the run.
     refused = stepwise(*train_args(out, esnli_rationales, "--alpha", "0.7"), check=False)
     assert refused.returncode != 0 and "alpha" in refused.stderr and "--force" in refused.stderr
+    assert "reusing it" in stepwise(*train_args(out, esnli_rationales, "--workers", "2", "--strategy", "fsdp")).stdout
 
 
 def test_standard_finetune_needs_no_rationales(tmp_path):
     out = tmp_path / "finetune"
-    stepwise("train", "--task", "esnli", "--mode", "standard-finetune", "--student", "tiny", "--out", str(out), "--data-fraction", "0.02",
-             "--learning-rate", "1e-3", "--batch-size", "16", "--max-steps", "2", "--eval-every", "2", "--eval-limit", "8", "--max-input-length", "96")
+    stepwise(
+        "train",
+        "--task",
+        "esnli",
+        "--mode",
+        "standard-finetune",
+        "--student",
+        "tiny",
+        "--out",
+        str(out),
+        "--data-fraction",
+        "0.02",
+        "--learning-rate",
+        "1e-3",
+        "--batch-size",
+        "16",
+        "--max-steps",
+        "2",
+        "--eval-every",
+        "2",
+        "--eval-limit",
+        "8",
+        "--max-input-length",
+        "96",
+    )
     assert json.loads((out / "metrics.json").read_text())["label_source"] == "gold"
-    assert all(not r["rationale_loss"] for r in log_rows(out))
+    rows = log_rows(out)
+    assert rows and all(not r["rationale_loss"] for r in rows) and any(r["label_loss"] for r in rows)
 
 
 def test_killed_run_resumes_and_matches_an_uninterrupted_one(tmp_path, esnli_rationales):
@@ -88,10 +114,13 @@ def test_killed_run_resumes_and_matches_an_uninterrupted_one(tmp_path, esnli_rat
     stepwise(*train_args(straight, esnli_rationales, *args))
 
     interrupted = tmp_path / "interrupted"
-    env = dict(os.environ, OMP_NUM_THREADS="1", TQDM_DISABLE="1", PYTHONPATH=str(ROOT))
-    process = subprocess.Popen([sys.executable, "-m", "stepwise", *train_args(interrupted, esnli_rationales, *args)], cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    process = start_stepwise(*train_args(interrupted, esnli_rationales, *args))
     deadline = time.monotonic() + 240
-    while not (interrupted / "checkpoint" / "state.pt").exists() and process.poll() is None and time.monotonic() < deadline:
+    while (
+        not list((interrupted / "checkpoint").glob("step-*/state.json"))
+        and process.poll() is None
+        and time.monotonic() < deadline
+    ):
         time.sleep(0.05)
     process.send_signal(signal.SIGKILL)
     process.wait()
@@ -104,3 +133,7 @@ def test_killed_run_resumes_and_matches_an_uninterrupted_one(tmp_path, esnli_rat
     for a, b in zip(straight_log, resumed_log):  # the same batches and optimizer state: the same losses
         for column in ("loss", "label_loss", "rationale_loss", "valid_accuracy"):
             assert (a[column] == b[column]) or float(a[column]) == pytest.approx(float(b[column]), rel=1e-3, abs=1e-4)
+    assert (
+        json.loads((interrupted / "metrics.json").read_text())["test"]
+        == json.loads((straight / "metrics.json").read_text())["test"]
+    )

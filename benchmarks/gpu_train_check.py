@@ -1,0 +1,213 @@
+"""The training loop on one GPU without Ray: bf16 steps in one process, under DDP and under FSDP (a
+torch.distributed group of one, NCCL), through the same `train_worker` Ray Train workers run.
+
+Checks, each printed with its numbers; the exit status is 1 when any fails:
+  1. a tiny student learns the words task (label = the category most of four words belong to, chance 25%) in
+     one process (bf16 autocast), under DDP and under FSDP (bf16 parameters, fp32 reductions): validation
+     accuracy >= 0.75, and the three agree on the first losses (DDP: same arithmetic; FSDP: within bf16 rounding);
+  2. a t5-v1_1-base-shaped student (random weights, built here) trains two step-by-step steps at inputs of 1024
+     and targets of 256 tokens, 8 examples (16 rows), under DDP and FSDP: peak GPU memory against the model
+     states benchmarks/training_memory.py counts, i.e. what the activations of 8 examples take.
+
+Needs only torch, transformers (4.57 or 5.x), sentencepiece and tqdm, and this checkout (no Ray, no hub):
+
+    python3 benchmarks/gpu_train_check.py [--out results.json]      # on a GPU box, from the repository root
+    python3 benchmarks/gpu_train_check.py --device cpu --skip-base   # the same loop on CPU (gloo, float32)
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import socket
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+GiB = 2**30
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def losses(out: Path) -> list[float]:
+    with (out / "log.csv").open() as f:
+        return [float(r["loss"]) for r in csv.DictReader(f) if r["loss"]]
+
+
+def run(label: str, strategy: str | None, device: str, **train_options) -> dict:
+    """One `stepwise train` run in this process: plain (strategy None) or as rank 0 of a group of one."""
+    import torch
+    import torch.distributed as dist
+
+    from stepwise.training import train
+
+    if strategy:
+        backend = "nccl" if device == "cuda" else "gloo"
+        dist.init_process_group(backend, init_method=f"tcp://127.0.0.1:{free_port()}", rank=0, world_size=1)
+    if device == "cuda":
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+    started = time.monotonic()
+    try:
+        out = train.main(
+            compute=train.ComputeOptions(device=device, bf16=True, strategy=strategy or "ddp"), **train_options
+        )
+    finally:
+        if strategy:
+            dist.destroy_process_group()
+    metrics = json.loads((out / "metrics.json").read_text())
+    return {
+        "run": label,
+        "seconds": round(time.monotonic() - started, 1),
+        "losses": losses(out),
+        "valid_accuracy": metrics["valid"]["accuracy"],
+        "test_accuracy": metrics["test"]["accuracy"] if metrics["test"] else None,
+        "peak_gib": round(torch.cuda.max_memory_allocated() / GiB, 2) if device == "cuda" else None,
+    }
+
+
+def base_student(folder: Path, task: Path) -> tuple[Path, int]:
+    """A t5-v1_1-base-shaped T5 with random weights (vocabulary 32128) and a tokenizer trained on the task;
+    the folder and the parameter count."""
+    from transformers import T5Config, T5ForConditionalGeneration
+
+    from stepwise import tasks
+    from stepwise.training.tiny import train_tokenizer
+
+    examples = tasks.load_split(tasks.get_task(str(task)), "train")
+    tokenizer = train_tokenizer(
+        [tasks.label_input(e) for e in examples] + [e.label for e in examples], folder, vocab_size=200
+    )
+    config = T5Config(
+        vocab_size=32128,
+        d_model=768,
+        d_ff=2048,
+        num_layers=12,
+        num_heads=12,
+        d_kv=64,
+        feed_forward_proj="gated-gelu",
+        tie_word_embeddings=False,
+        pad_token_id=tokenizer.pad_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        decoder_start_token_id=tokenizer.pad_token_id,
+    )
+    model = T5ForConditionalGeneration(config)
+    model.save_pretrained(folder)
+    return folder, sum(p.numel() for p in model.parameters())
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--device", default="cuda", choices=["cuda", "cpu"])
+    parser.add_argument("--skip-base", action="store_true", help="only the tiny-student checks")
+    parser.add_argument("--out", type=Path, default=None, help="also write the results as JSON here")
+    args = parser.parse_args()
+    sys.path.insert(0, str(ROOT))  # this checkout's `stepwise`, however the script was started
+
+    import torch
+    import transformers
+
+    from stepwise.training.train import DataOptions, EvalOptions, OptimOptions
+    from stepwise.training.tiny import write_words_task
+
+    if args.device == "cuda" and not torch.cuda.is_available():
+        print("no CUDA device: run with --device cpu for the CPU variant")
+        return 1
+    environment = {
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "device": torch.cuda.get_device_name() if args.device == "cuda" else "cpu",
+    }
+    print(json.dumps(environment), flush=True)
+    results: dict = {"environment": environment, "runs": [], "checks": []}
+
+    def check(name: str, passed: bool, detail: str) -> None:
+        results["checks"].append({"check": name, "passed": bool(passed), "detail": detail})
+        print(f"[{'PASS' if passed else 'FAIL'}] {name}: {detail}", flush=True)
+
+    work = Path(tempfile.mkdtemp(prefix="stepwise-gpu-check-"))
+    task, rationales = write_words_task(work / "words")
+    tiny = dict(
+        task=str(task),
+        rationales=rationales,
+        student="tiny",
+        mode="step-by-step",
+        seed=0,
+        vocab_size=200,
+        data=DataOptions(max_input_length=32, max_target_length=24),
+        optim=OptimOptions(learning_rate=3e-3, batch_size=32, max_steps=40),
+        evaluation=EvalOptions(eval_every=20, eval_limit=64, log_every=1),
+    )
+    tiny_runs = {}
+    for label, strategy in (("one process", None), ("ddp", "ddp"), ("fsdp", "fsdp")):
+        tiny_runs[label] = run(
+            f"tiny, {label}", strategy, args.device, out=work / f"tiny-{label.replace(' ', '-')}", **tiny
+        )
+        results["runs"].append(tiny_runs[label])
+        print(json.dumps(tiny_runs[label]), flush=True)
+        check(
+            f"tiny {label} learns",
+            tiny_runs[label]["valid_accuracy"] >= 0.75,
+            f"valid accuracy {tiny_runs[label]['valid_accuracy']:.3f} (chance 0.25)",
+        )
+    alone, ddp, fsdp = (tiny_runs[k]["losses"] for k in ("one process", "ddp", "fsdp"))
+    check(
+        "ddp = one process",
+        all(abs(a - b) <= 1e-3 * abs(a) + 1e-3 for a, b in zip(alone[:10], ddp[:10])),
+        f"first losses {alone[:3]} vs {ddp[:3]}",
+    )
+    check(
+        "fsdp ~ one process (bf16)",
+        all(abs(a - b) <= 0.05 * abs(a) for a, b in zip(alone[:3], fsdp[:3])),
+        f"first losses {alone[:3]} vs {fsdp[:3]}",
+    )
+
+    if not args.skip_base:
+        long_task, long_rationales = write_words_task(work / "long-words", filler_words=1100)
+        student, params = base_student(work / "base-student", long_task)
+        base = dict(
+            task=str(long_task),
+            rationales=long_rationales,
+            student=str(student),
+            mode="step-by-step",
+            seed=0,
+            data=DataOptions(max_input_length=1024, max_target_length=256),
+            optim=OptimOptions(learning_rate=5e-5, batch_size=8, max_steps=2),
+            evaluation=EvalOptions(eval_every=2, eval_limit=8, eval_batch_size=8, log_every=1),
+        )
+        for label, strategy, states in (
+            ("ddp", "ddp", 18),
+            ("fsdp", "fsdp", 16),
+        ):  # bytes per parameter of the model states (one GPU: nothing sharded)
+            row = run(f"t5-v1_1-base shape, {label}", strategy, args.device, out=work / f"base-{label}", **base)
+            row["model_states_gib"] = round(states * params / GiB, 2)
+            results["runs"].append(row)
+            print(json.dumps(row), flush=True)
+            finite = all(loss == loss and loss < 1e4 for loss in row["losses"])
+            detail = (
+                f"{params / 1e6:.0f}M params; peak {row['peak_gib']} GiB, model states {row['model_states_gib']} GiB"
+                if row["peak_gib"]
+                else "cpu"
+            )
+            check(f"base shape {label} trains", finite and len(row["losses"]) == 2, f"losses {row['losses']}; {detail}")
+
+    if args.out:
+        args.out.write_text(json.dumps(results, indent=2) + "\n")
+    failed = [c["check"] for c in results["checks"] if not c["passed"]]
+    print(
+        f"{len(results['checks']) - len(failed)}/{len(results['checks'])} checks passed"
+        + (f"; failed: {', '.join(failed)}" if failed else ""),
+        flush=True,
+    )
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

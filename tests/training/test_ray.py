@@ -1,0 +1,85 @@
+"""`stepwise train --workers 2` on Ray Train (gloo, this machine's CPUs): the same recipe as one process.
+
+Tolerance. Both runs learn from the same examples at every step (the batch is fixed by seed and step and each
+worker takes a fixed half) with the loss normalised by the whole step's token counts, so the gradients are the
+same sums; what differs is float32 rounding: the two halves are padded to their own lengths (other matrix
+shapes) and summed by an all-reduce instead of inside one backward pass, about 1e-7 relative per operation.
+Over six Adam steps that stays near 1e-5 relative; log.csv rounds losses to 4 decimals. So each logged loss
+must agree within 1e-4 relative + 1e-4 absolute (one unit of the log's rounding) and the final weights within
+1e-3 relative: far below what a wrong shard, a double-counted example or a mis-scaled gradient gives (the
+losses move by percents from the first step on).
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from stepwise.training import ray_train, train
+from stepwise.training.train import ComputeOptions, DataOptions, EvalOptions, OptimOptions
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def local_ray():
+    """One private Ray for the module's runs (each run would otherwise start and stop its own)."""
+    os.environ["RAY_AUTH_MODE"] = "disabled"  # tests only: Ray's token auth is on everywhere else
+    with ray_train.session("", cpus=2):
+        yield
+
+
+def run(out, rationales, compute: ComputeOptions):
+    return train.main(
+        task="esnli",
+        out=out,
+        rationales=rationales,
+        student="tiny",
+        mode="step-by-step",
+        data_fraction=0.03,
+        seed=0,
+        data=DataOptions(max_input_length=96, max_target_length=48),
+        optim=OptimOptions(learning_rate=1e-3, batch_size=16, max_steps=6),
+        evaluation=EvalOptions(eval_every=3, eval_limit=16, log_every=1),
+        compute=compute,
+    )
+
+
+def log_rows(out) -> list[dict]:
+    with (out / "log.csv").open() as f:
+        return list(csv.DictReader(f))
+
+
+@pytest.fixture(scope="module")
+def one_process(tmp_path_factory, esnli_rationales):
+    return run(tmp_path_factory.mktemp("one") / "run", esnli_rationales, ComputeOptions())
+
+
+@pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
+def test_two_workers_reproduce_one_process(tmp_path, esnli_rationales, one_process, local_ray, strategy):
+    two = run(tmp_path / "two", esnli_rationales, ComputeOptions(workers=2, strategy=strategy))
+    alone, paired = log_rows(one_process), log_rows(two)
+    assert [r["step"] for r in paired] == [r["step"] for r in alone] and len(alone) == 8  # 6 loss rows, 2 validations
+    for a, b in zip(alone, paired):
+        for column in ("loss", "label_loss", "rationale_loss"):
+            if a[column]:
+                assert float(b[column]) == pytest.approx(float(a[column]), rel=1e-4, abs=1e-4), (a["step"], column)
+        assert a["valid_accuracy"] == b["valid_accuracy"]
+    one_metrics, two_metrics = (json.loads((out / "metrics.json").read_text()) for out in (one_process, two))
+    assert (two_metrics["best_step"], two_metrics["valid"], two_metrics["test"]) == (
+        one_metrics["best_step"],
+        one_metrics["valid"],
+        one_metrics["test"],
+    )
+    one_weights, two_weights = load_file(one_process / "model.safetensors"), load_file(two / "model.safetensors")
+    assert one_weights.keys() == two_weights.keys()
+    for name, tensor in one_weights.items():
+        torch.testing.assert_close(two_weights[name], tensor, rtol=1e-3, atol=1e-5, msg=name)
+    assert not (two / "checkpoint").exists() and json.loads((two / "train_config.json").read_text()) == json.loads(
+        (one_process / "train_config.json").read_text()
+    )

@@ -1,0 +1,158 @@
+"""The run folder while a run trains: periodic checkpoints and where to resume, the best model, the loss log.
+
+    <out>/checkpoint/step-00000250/   a single process's checkpoint: DCP shards + state.json, written under a
+                                      temporary name and renamed when whole; the previous one is removed only
+                                      after that, so a kill at any moment leaves a whole checkpoint
+    <out>/checkpoint/ray/step-.../    Ray Train's checkpoints of a run on workers (the same content; Ray's own
+                                      snapshot lists the whole ones; it keeps the last two)
+    <out>/.best.ready/                a committed best model whose files were not all moved into <out> yet
+                                      (the move finishes on the next start)
+
+A rerun resumes from the newest whole checkpoint of either kind, so a run started on one process can continue
+on workers and back. The folder's top-level model is always the best on validation so far.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import shutil
+import tempfile
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from torch import nn
+from torch.optim import Optimizer
+
+from stepwise import artifacts
+from stepwise.training import distributed
+from stepwise.training.distributed import World
+
+STATE = "state.json"  # the counters beside the DCP shards
+RAY_RUN = "ray"  # Ray Train's run name: its checkpoints live in <out>/checkpoint/ray
+LOG_COLUMNS = ["step", "elapsed_s", "lr", "loss", "label_loss", "rationale_loss", "valid_accuracy"]
+
+
+@dataclass
+class Progress:
+    """Where a run stands: what a checkpoint stores beside the weights and optimizer moments."""
+
+    step: int = 0
+    elapsed_s: float = 0.0  # training time of every session so far, validation included
+    best_accuracy: float = -1.0
+    best_step: int = 0
+    validated_step: int = -1  # the step of the last validation (and checkpoint)
+
+
+def root(out: Path) -> Path:
+    return Path(out) / artifacts.CHECKPOINT
+
+
+def step_name(step: int) -> str:
+    return f"step-{step:08d}"
+
+
+def read_progress(folder: Path) -> Progress:
+    return Progress(**artifacts.read_json(Path(folder) / STATE, "a training checkpoint's counters"))
+
+
+def resume_point(out: Path, on_ray: bool = False) -> Path | None:
+    """The newest whole checkpoint of the run in `out`: a single process's committed ones, or the latest
+    one Ray Train recorded (checkpoints whose upload a kill cut short are not in Ray's record). In a Ray Train
+    worker, Ray's own `get_checkpoint` answers first (after a worker failure it restores the run from it)."""
+    if on_ray:
+        import ray.train
+
+        latest = ray.train.get_checkpoint()
+        if latest is not None:
+            return Path(latest.path)
+    # A committed folder is whole; one without its counters is an older one a kill left half removed.
+    candidates = [p for p in root(out).glob("step-*") if (p / STATE).exists()]
+    if (root(out) / RAY_RUN).is_dir():
+        from ray.train import Result
+
+        try:
+            latest = Result.from_path(str((root(out) / RAY_RUN).resolve())).checkpoint
+        except RuntimeError:  # Ray had not recorded a checkpoint yet
+            latest = None
+        if latest is not None:
+            candidates.append(Path(latest.path))
+    return max(candidates, key=lambda folder: read_progress(folder).step, default=None)
+
+
+def restore(folder: Path, model: nn.Module, optimizer: Optimizer) -> Progress:
+    distributed.load_state(folder, model, optimizer)
+    return read_progress(folder)
+
+
+def save(out: Path, model: nn.Module, optimizer: Optimizer, progress: Progress, world: World, on_ray: bool) -> None:
+    """A checkpoint of `progress`: through Ray Train's checkpointing on workers, else committed into <out>.
+    Every rank must call it."""
+    name = step_name(progress.step)
+    if on_ray:
+        import ray.train
+
+        with tempfile.TemporaryDirectory(prefix="stepwise-checkpoint-") as local:
+            distributed.save_state(Path(local), model, optimizer)
+            if world.main:
+                artifacts.write_json(Path(local) / STATE, asdict(progress))
+            ray.train.report(
+                {"step": progress.step, "best_valid_accuracy": progress.best_accuracy},
+                checkpoint=ray.train.Checkpoint.from_directory(local),
+                checkpoint_dir_name=name,
+            )
+        return
+    staging = root(out) / f".{name}.tmp"
+    if world.main:
+        shutil.rmtree(staging, ignore_errors=True)
+        staging.mkdir(parents=True)
+    distributed.barrier(world)
+    distributed.save_state(staging, model, optimizer)
+    distributed.barrier(world)
+    if world.main:
+        artifacts.write_json(staging / STATE, asdict(progress))
+        artifacts.commit_folder(staging, root(out) / name)
+        for older in root(out).glob("step-*"):  # only once the new one is whole
+            if older.name != name:
+                shutil.rmtree(older)
+    distributed.barrier(world)
+
+
+def save_best(out: Path, model: nn.Module, world: World) -> None:
+    """The current weights become the folder's model: written whole into a temporary folder, fsynced, committed
+    by a rename, then moved in file by file (`finish_best_save` completes an interrupted move). A kill never
+    leaves a truncated model.safetensors. Every rank must call it (FSDP gathers the weights)."""
+    weights = distributed.full_weights(model, world)
+    if world.main:
+        staging, ready = Path(out) / ".best.tmp", Path(out) / ".best.ready"
+        shutil.rmtree(staging, ignore_errors=True)
+        model.save_pretrained(staging, state_dict=weights)
+        artifacts.commit_folder(staging, ready)
+        artifacts.move_files_into(ready, out)
+    distributed.barrier(world)
+
+
+def finish_best_save(out: Path) -> None:
+    """Complete a best-model save a kill interrupted (rank 0, before anything reads the model)."""
+    shutil.rmtree(Path(out) / ".best.tmp", ignore_errors=True)  # never committed: the previous best stands
+    if (Path(out) / ".best.ready").is_dir():
+        artifacts.move_files_into(Path(out) / ".best.ready", out)
+
+
+def restart_log(out: Path, upto_step: int) -> None:
+    """Keep the log rows up to the resumed checkpoint's step (rows written after it are trained again)."""
+    path = Path(out) / artifacts.TRAIN_LOG
+    rows = []
+    if path.exists():
+        with path.open() as f:
+            rows = [r for r in csv.DictReader(f) if int(r["step"]) <= upto_step]
+    text = io.StringIO()
+    writer = csv.DictWriter(text, LOG_COLUMNS)
+    writer.writeheader()
+    writer.writerows(rows)
+    artifacts.write_atomic(path, text.getvalue())
+
+
+def append_log(out: Path, row: dict) -> None:
+    with (Path(out) / artifacts.TRAIN_LOG).open("a", newline="") as f:
+        csv.DictWriter(f, LOG_COLUMNS).writerow(row)
