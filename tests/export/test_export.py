@@ -44,6 +44,7 @@ def test_fp32_parity_report(tiny_export_dir):
     assert report["examples"] == 32 and report["served_path"] == "fast_path"
     assert report["greedy_agreement"] >= 0.99 and report["fast_path_agreement"] >= 0.99
     assert 0 < report["max_abs_logit_diff"] < 1e-3
+    assert report["max_abs_probability_diff"] < 1e-4  # the batched label path's probabilities against PyTorch's
 
 
 def test_gate_names_each_failure():
