@@ -29,6 +29,9 @@ from transformers import AutoTokenizer, PreTrainedTokenizerBase
 from stepwise import artifacts, tasks
 
 GPU_PROVIDERS = ("CUDAExecutionProvider", "TensorrtExecutionProvider")
+# What one more encoder call costs, in padded tokens of encoder work (t5-small-shaped int8, one thread: groups
+# chosen with 16 beat one call and groups chosen with 64 on batches of 16 e-SNLI inputs).
+ENCODER_CALL_TOKENS = 16
 
 
 @dataclass
@@ -63,6 +66,7 @@ class Runtime:
     past_names: list[str] = field(default_factory=list)  # decoder past inputs, in graph order
     step_weight_bytes: int = 0  # size of the cached-step decoder's file: what one call streams through memory
     label_token_ids: dict[str, list[int]] = field(default_factory=dict)  # a label task's labels, tokenized once (EOS included)
+    encoder_call_tokens: int = ENCODER_CALL_TOKENS  # the encoder's batch splits by length where padding costs more than this per call
 
     @property
     def merged(self) -> bool:
@@ -190,12 +194,41 @@ def to_numpy(value: Any) -> np.ndarray:
     return value.numpy() if isinstance(value, ort.OrtValue) else value
 
 
+def length_groups(lengths: np.ndarray, call_cost: int) -> list[np.ndarray]:
+    """Row indices in groups of similar length (contiguous runs of the rows sorted by length) that minimise
+    the padded tokens plus `call_cost` tokens per group: each group is padded only to its own longest."""
+    order = np.argsort(lengths, kind="stable")
+    ordered = np.asarray(lengths)[order]
+    cost, start = [0.0] + [np.inf] * len(order), [0] * (len(order) + 1)
+    for end in range(1, len(order) + 1):  # cost[end]: the best split of the `end` shortest rows
+        for begin in range(end):
+            candidate = cost[begin] + (end - begin) * ordered[end - 1] + call_cost
+            if candidate < cost[end]:
+                cost[end], start[end] = candidate, begin
+    groups, end = [], len(order)
+    while end:
+        groups.append(order[start[end] : end])
+        end = start[end]
+    return groups[::-1]
+
+
 def encode(runtime: Runtime, texts: list[str]) -> tuple[Any, np.ndarray]:
-    """Encoder hidden states (numpy, or an OrtValue on the device) and the attention mask."""
+    """Encoder hidden states [batch, longest, d_model] (numpy, or an OrtValue on the device) and the attention
+    mask. On the CPU the batch runs as groups of similar length, each padded only to its own longest, laid
+    back into one array for the decoder: padding costs the encoder linearly and its attention quadratically
+    (e-SNLI inputs, batches of 16: 36% of the tokens were padding; one encoder call took 115 ms, the groups 90,
+    t5-small-shaped int8, best of 24)."""
     max_tokens = runtime.export_config.get("max_input_tokens", 512)
     batch = runtime.tokenizer(texts, padding=True, truncation=True, max_length=max_tokens, return_tensors="np")
     ids, mask = batch["input_ids"].astype(np.int64), batch["attention_mask"].astype(np.int64)
-    hidden = run_session(runtime, runtime.encoder, {"input_ids": ids, "attention_mask": mask})["last_hidden_state"]
+    if runtime.io_binding:  # the states stay on the device: one call
+        return run_session(runtime, runtime.encoder, {"input_ids": ids, "attention_mask": mask})["last_hidden_state"], mask
+    lengths = mask.sum(1)
+    hidden = np.zeros((*ids.shape, runtime.export_config["model"]["d_model"]), dtype=np.float32)
+    for rows in length_groups(lengths, runtime.encoder_call_tokens):
+        width = int(lengths[rows].max())
+        feeds = {"input_ids": ids[rows, :width], "attention_mask": mask[rows, :width]}
+        hidden[rows, :width] = run_session(runtime, runtime.encoder, feeds)["last_hidden_state"]
     return hidden, mask
 
 

@@ -12,7 +12,7 @@ import torch
 from transformers import AutoTokenizer
 
 from stepwise.export import parity
-from stepwise.export.runtime import Prediction, candidate_batch, candidates_for, closed_set_prediction, greedy_decode, load_runtime, predict, score_candidates, sequence_log_likelihood
+from stepwise.export.runtime import Prediction, candidate_batch, candidates_for, closed_set_prediction, greedy_decode, length_groups, load_runtime, predict, score_candidates, sequence_log_likelihood
 from stepwise import tasks
 
 PARITY_SET = 200  # the validation examples `stepwise export`'s parity gate compares by default
@@ -43,6 +43,16 @@ def test_sequence_log_likelihood_sums_masked_log_probs():
     logits = np.log(np.array([[[0.5, 0.25, 0.25], [0.1, 0.8, 0.1]]], dtype=np.float32))
     score = sequence_log_likelihood(logits, np.array([[0, 1]]), np.array([[1.0, 0.0]], dtype=np.float32))
     assert score[0] == pytest.approx(np.log(0.5), abs=1e-6)
+
+
+def test_length_groups_split_a_batch_by_length_only_where_padding_costs_more_than_a_call():
+    lengths = np.array([40, 12, 41, 10, 39, 11])
+    groups = length_groups(lengths, call_cost=16)
+    assert sorted(np.concatenate(groups).tolist()) == list(range(6))
+    assert [sorted(lengths[g].tolist()) for g in groups] == [[10, 11, 12], [39, 40, 41]]
+    assert len(length_groups(lengths, call_cost=10**6)) == 1  # a call dearer than any padding: one group
+    assert len(length_groups(lengths, call_cost=0)) == 6  # calls free: no padding at all
+    assert [g.tolist() for g in length_groups(np.array([7]), 16)] == [[0]]
 
 
 def test_runtime_reports_what_it_runs(tiny_export_dir):
