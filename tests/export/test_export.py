@@ -139,6 +139,8 @@ def test_fp16_gpu_export_writes_tensorrt_options_and_runs_on_cpu(tiny_student_di
     name, options = configured_providers(out, config, "decoder_with_past")[0]
     assert name == "TensorrtExecutionProvider" and options["trt_engine_cache_path"] == str(out / "trt_cache")
     assert "past_key_values.0.encoder.key:" in options["trt_profile_max_shapes"] and "encoder_hidden_states" not in options["trt_profile_max_shapes"]
+    new_tokens = options["trt_profile_max_shapes"].split("input_ids:")[1].split(",")[0].split("x")[1]
+    assert int(new_tokens) == config["max_new_tokens"]["label"] > 1  # label scoring feeds a candidate's remaining tokens in one call
     import onnx
 
     decoder = onnx.load(str(out / config["files"]["decoder"]))
