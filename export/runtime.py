@@ -221,11 +221,12 @@ def encode(runtime: Runtime, texts: list[str]) -> tuple[Any, np.ndarray]:
     max_tokens = runtime.export_config.get("max_input_tokens", 512)
     batch = runtime.tokenizer(texts, padding=True, truncation=True, max_length=max_tokens, return_tensors="np")
     ids, mask = batch["input_ids"].astype(np.int64), batch["attention_mask"].astype(np.int64)
-    if runtime.io_binding:  # the states stay on the device: one call
-        return run_session(runtime, runtime.encoder, {"input_ids": ids, "attention_mask": mask})["last_hidden_state"], mask
     lengths = mask.sum(1)
+    groups = length_groups(lengths, runtime.encoder_call_tokens)
+    if len(groups) == 1 or runtime.io_binding:  # with IO binding the states stay on the device, from one call
+        return run_session(runtime, runtime.encoder, {"input_ids": ids, "attention_mask": mask})["last_hidden_state"], mask
     hidden = np.zeros((*ids.shape, runtime.export_config["model"]["d_model"]), dtype=np.float32)
-    for rows in length_groups(lengths, runtime.encoder_call_tokens):
+    for rows in groups:
         width = int(lengths[rows].max())
         feeds = {"input_ids": ids[rows, :width], "attention_mask": mask[rows, :width]}
         hidden[rows, :width] = run_session(runtime, runtime.encoder, feeds)["last_hidden_state"]
