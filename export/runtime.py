@@ -216,8 +216,8 @@ def encode(runtime: Runtime, texts: list[str]) -> tuple[Any, np.ndarray]:
     """Encoder hidden states [batch, longest, d_model] (numpy, or an OrtValue on the device) and the attention
     mask. On the CPU the batch runs as groups of similar length, each padded only to its own longest, laid
     back into one array for the decoder: padding costs the encoder linearly and its attention quadratically
-    (e-SNLI inputs, batches of 16: 36% of the tokens were padding; one encoder call took 115 ms, the groups 90,
-    t5-small-shaped int8, best of 24)."""
+    (e-SNLI inputs in batches of 16 are 36% padding; the t5-small-shaped int8 label path at batch 16 is 1.27x
+    faster with the groups than with one encoder call, benchmarks/results/export.md)."""
     max_tokens = runtime.export_config.get("max_input_tokens", 512)
     batch = runtime.tokenizer(texts, padding=True, truncation=True, max_length=max_tokens, return_tensors="np")
     ids, mask = batch["input_ids"].astype(np.int64), batch["attention_mask"].astype(np.int64)
