@@ -216,7 +216,7 @@ def encode(runtime: Runtime, texts: list[str]) -> tuple[Any, np.ndarray]:
     """Encoder hidden states [batch, longest, d_model] (numpy, or an OrtValue on the device) and the attention
     mask. On the CPU the batch runs as groups of similar length, each padded only to its own longest, laid
     back into one array for the decoder: padding costs the encoder linearly and its attention quadratically
-    (e-SNLI inputs in batches of 16 are 36% padding; the t5-small-shaped int8 label path at batch 16 is 1.27x
+    (e-SNLI inputs in batches of 16 are 36% padding; the t5-small-shaped int8 label path at batch 16 is 1.29x
     faster with the groups than with one encoder call, benchmarks/results/export.md)."""
     max_tokens = runtime.export_config.get("max_input_tokens", 512)
     batch = runtime.tokenizer(texts, padding=True, truncation=True, max_length=max_tokens, return_tensors="np")
