@@ -3,9 +3,17 @@
 One run, the same validation inputs for every backend, batch 1 and batch 16, two model sizes (tiny and a
 t5-small-shaped random untied T5): PyTorch eager `generate`, ONNX Runtime fp32 and int8 (split and merged
 decoder layouts), and CTranslate2 int8 (beam 1) as the reference — each with the label fast path (score
-the closed label set in one pass; CTranslate2: `score_batch`) and without (greedy generation).
+the closed label set exactly; ONNX Runtime: the runtime's batched label path, PyTorch: one teacher-forced
+pass, CTranslate2: `score_batch`) and without (greedy generation).
 Each backend runs in its own subprocess (peak RSS is that process's); the timed part holds
 /tmp/stepwise-bench.lock so no two benchmarks overlap.
+
+Then, per model size, a head-to-head in one process, the label paths taking turns call by call so that the
+shared machine's noise falls on all of them alike: the ONNX Runtime int8 batched label path (also with its
+encoder batch in one call instead of length groups), the runtime before it (one encoder call, every candidate a
+full decoder row projecting its example's encoder states again), CTranslate2 int8 greedy, and CTranslate2 int8 encoder + one decoder step (what any label path
+on CTranslate2 would pay at least). The issue-10 targets are read from it, and
+the batched path's time is split per ONNX session (encoder, start step, cached continuation) and the rest.
 
     .venv/student/bin/python -m benchmarks.export_bench   # -> benchmarks/results/export.{json,md,png}
 """
@@ -151,6 +159,86 @@ def time_backend(spec: dict[str, Any]) -> dict[str, Any]:
     return {"rows": rows, "peak_rss_mb": peak_rss_mb()}
 
 
+class TimedSession:
+    """An ONNX Runtime session whose run() adds its wall time to the benchmark's per-session tally."""
+
+    def __init__(self, session: Any, tally: dict[str, float], key: str):
+        self.session, self.tally, self.key = session, tally, key
+
+    def run(self, *args: Any, **kwargs: Any) -> Any:
+        started = time.perf_counter()
+        try:
+            return self.session.run(*args, **kwargs)
+        finally:
+            self.tally[self.key] += time.perf_counter() - started
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.session, name)
+
+
+SESSIONS = {"encoder": "encoder", "decoder": "start step", "decoder_with_past": "continuation"}
+
+
+def head_to_head(spec: dict[str, Any]) -> dict[str, Any]:
+    """The int8 label paths taking turns call by call: p50 per path and batch, and the batched path's time
+    per ONNX session (median per call)."""
+    import dataclasses
+
+    import ctranslate2
+    import numpy as np
+
+    from stepwise import tasks
+    from stepwise.export import parity
+    from stepwise.export.runtime import candidates_for, load_runtime, predict
+
+    model_dir = Path(spec["model_dir"])
+    runtime = load_runtime(Path(spec["paths"]["ort-int8"]), threads=spec["threads"])
+    tally: dict[str, float] = {}
+    timed = dataclasses.replace(runtime, **{name: TimedSession(getattr(runtime, name), tally, name) for name in SESSIONS})
+    translator = ctranslate2.Translator(spec["paths"]["ct2-int8"], device="cpu", compute_type="int8", inter_threads=1, intra_threads=spec["threads"])
+    tokenizer = runtime.tokenizer
+    examples = tasks.load_split(runtime.task, "valid")
+
+    def ct2(batch: list[tasks.Example], steps: int) -> None:
+        translator.translate_batch([tokenizer.convert_ids_to_tokens(tokenizer(tasks.label_input(e)).input_ids) for e in batch], beam_size=1, max_decoding_length=steps)
+
+    one_encoder_call = dataclasses.replace(runtime, encoder_call_tokens=1 << 30)
+
+    def one_pass(batch: list[tasks.Example]) -> None:  # the runtime before: one encoder call, every candidate a full decoder row
+        candidates = [candidates_for(runtime.task, e) for e in batch]
+        scores = parity.onnx_one_pass_scores(one_encoder_call, [tasks.label_input(e) for e in batch], candidates)
+        [cs[int(np.argmax(s))] for cs, s in zip(candidates, scores)]
+
+    paths = {
+        "ort-int8 batched label path": lambda batch: predict(timed, batch),
+        "ort-int8 batched label path, one encoder call": lambda batch: predict(one_encoder_call, batch),
+        "ort-int8 one-pass scorer (before)": one_pass,
+        "ct2-int8 greedy": lambda batch: ct2(batch, spec["label_tokens"]),
+        "ct2-int8 encoder + 1 step": lambda batch: ct2(batch, 1),
+    }
+    results: dict[str, Any] = {}
+    for size, rounds in ((1, spec["rounds_batch1"]), (16, spec["rounds_batch16"])):
+        batches = [examples[(i * size) % len(examples) :][:size] for i in range(rounds)]
+        times: dict[str, list[float]] = {name: [] for name in paths}
+        profile: list[dict[str, float]] = []
+        for index, batch in enumerate(batches):
+            for name, run in paths.items():
+                tally.update(dict.fromkeys(SESSIONS, 0.0))
+                started = time.perf_counter()
+                run(batch)
+                elapsed = time.perf_counter() - started
+                if index >= 2:  # the first rounds warm up
+                    times[name].append(elapsed * 1000)
+                    if name == "ort-int8 batched label path":
+                        profile.append({SESSIONS[k]: v * 1000 for k, v in tally.items()} | {"rest (Python, NumPy)": (elapsed - sum(tally.values())) * 1000, "total": elapsed * 1000})
+        results[f"batch{size}"] = {
+            "p50_ms": {name: float(np.median(v)) for name, v in times.items()},
+            "profile_p50_ms": {part: float(np.median([p[part] for p in profile])) for part in profile[0]},
+            "rounds": len(batches) - 2,
+        }
+    return results
+
+
 def peak_rss_mb() -> float:
     """This process's peak resident set (VmHWM). Not ru_maxrss: Linux carries that over fork+exec from
     the parent, which here is the process that built and exported the models."""
@@ -173,6 +261,39 @@ def render_table(rows: list[dict[str, Any]]) -> str:
             f"| {r['model']} | {r['backend']} | {'yes' if r['fast_path'] else 'no (greedy)'} | {r['batch']} | {r['p50_ms']:.2f} | {r['p95_ms']:.2f} | "
             f"{r['throughput_per_s']:.0f} | {r['peak_rss_mb']:.0f} | {r['size_mb']:.1f} | {r['agreement_with_pytorch']:.2f} |"
         )
+    return "\n".join(lines)
+
+
+def issue_targets(duel: dict[str, Any]) -> dict[str, float]:
+    """Issue 10's two targets for the int8 label path, from the head-to-head: at batch 16 at least 2x faster
+    than CTranslate2 int8 greedy, and a cost per example at batch 16 at most 1/3 of batch 1's."""
+    one, sixteen = duel["batch1"]["p50_ms"], duel["batch16"]["p50_ms"]
+    path, before = "ort-int8 batched label path", "ort-int8 one-pass scorer (before)"
+    return {
+        "speedup_vs_ct2_int8_greedy_batch16 (target >= 2)": sixteen["ct2-int8 greedy"] / sixteen[path],
+        "cost_per_example_batch16_over_batch1 (target <= 0.333)": sixteen[path] / 16 / one[path],
+        "speedup_vs_before_batch1": one[before] / one[path],
+        "speedup_vs_before_batch16": sixteen[before] / sixteen[path],
+        "speedup_from_length_groups_batch16": sixteen["ort-int8 batched label path, one encoder call"] / sixteen[path],
+        "ct2_encoder_plus_1_step_over_ct2_greedy_batch16": sixteen["ct2-int8 encoder + 1 step"] / sixteen["ct2-int8 greedy"],
+        "ort_encoder_share_of_label_path_batch16": duel["batch16"]["profile_p50_ms"]["encoder"] / duel["batch16"]["profile_p50_ms"]["total"],
+    }
+
+
+def render_head_to_head(duels: dict[str, Any], targets: dict[str, dict[str, float]]) -> str:
+    lines = ["| model | label path (int8, taking turns) | batch 1 p50 ms | batch 16 p50 ms | batch 16 ms per example |", "|---|---|---|---|---|"]
+    for size, duel in duels.items():
+        for name, one in duel["batch1"]["p50_ms"].items():
+            sixteen = duel["batch16"]["p50_ms"][name]
+            lines.append(f"| {size} | {name} | {one:.2f} | {sixteen:.2f} | {sixteen / 16:.2f} |")
+    parts = list(next(iter(duels.values()))["batch1"]["profile_p50_ms"])
+    lines += ["", "| model | batch | " + " | ".join(f"{p} ms" for p in parts) + " |", "|---|---|" + "---|" * len(parts)]
+    for size, duel in duels.items():
+        for batch in ("batch1", "batch16"):
+            lines.append(f"| {size} | {batch.removeprefix('batch')} | " + " | ".join(f"{duel[batch]['profile_p50_ms'][p]:.2f}" for p in parts) + " |")
+    lines += ["", "| model | " + " | ".join(next(iter(targets.values()))) + " |", "|---|" + "---|" * len(next(iter(targets.values())))]
+    for size, values in targets.items():
+        lines.append(f"| {size} | " + " | ".join(f"{v:.2f}" for v in values.values()) + " |")
     return "\n".join(lines)
 
 
@@ -207,18 +328,29 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1, help="intra-op threads for every backend (1: stable on a shared 2-core box)")
     parser.add_argument("--calls-batch1", type=int, default=60)
     parser.add_argument("--calls-batch16", type=int, default=12)
+    parser.add_argument("--rounds-batch1", type=int, default=60, help="head-to-head rounds (every label path once per round)")
+    parser.add_argument("--rounds-batch16", type=int, default=20)
     parser.add_argument("--workdir", type=Path, default=ROOT / "runs" / "export-bench")
     parser.add_argument("--out", type=Path, default=RESULTS / "export")
     parser.add_argument("--lock", type=Path, default=LOCK, help="held while timing, shared with `flock` in other benchmarks")
     parser.add_argument("--worker", type=str, default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
-    if args.worker:  # one backend, timed in this process
-        print(json.dumps(time_backend(json.loads(args.worker))))
+    if args.worker:  # one backend (or the head-to-head), timed in this process
+        spec = json.loads(args.worker)
+        print(json.dumps(head_to_head(spec) if spec.get("head_to_head") else time_backend(spec)))
         return
 
     prepared = {size: prepare(args.workdir, size) for size in args.sizes}
     env = dict(os.environ, OMP_NUM_THREADS=str(args.threads), ORT_DISABLE_TELEMETRY="1", TOKENIZERS_PARALLELISM="false", PYTHONPATH=str(ROOT))
     rows: list[dict[str, Any]] = []
+    duels: dict[str, Any] = {}
+
+    def worker(spec: dict[str, Any], what: str) -> dict[str, Any]:
+        done = subprocess.run([sys.executable, "-m", "benchmarks.export_bench", "--worker", json.dumps(spec)], env=env, cwd=ROOT, capture_output=True, text=True)
+        if done.returncode != 0:
+            raise SystemExit(f"benchmark worker {what} failed:\n{done.stderr[-3000:]}")
+        return json.loads(done.stdout.strip().splitlines()[-1])
+
     args.lock.touch(exist_ok=True)
     with args.lock.open() as lock:
         print(f"[bench] waiting for {args.lock}", flush=True)
@@ -228,16 +360,16 @@ def main() -> None:
             for backend in BACKENDS:
                 spec = {"backend": backend, "path": info["paths"][backend], "model_dir": info["paths"]["pytorch-eager"], "threads": args.threads, "label_tokens": info["label_tokens"], "calls_batch1": args.calls_batch1, "calls_batch16": args.calls_batch16}
                 print(f"[bench] {size} {backend}", flush=True)
-                done = subprocess.run([sys.executable, "-m", "benchmarks.export_bench", "--worker", json.dumps(spec)], env=env, cwd=ROOT, capture_output=True, text=True)
-                if done.returncode != 0:
-                    raise SystemExit(f"benchmark worker {size}/{backend} failed:\n{done.stderr[-3000:]}")
-                result = json.loads(done.stdout.strip().splitlines()[-1])
+                result = worker(spec, f"{size}/{backend}")
                 for row in result["rows"]:
                     key = (row["batch"], row["fast_path"])
                     labels = row.pop("labels")
                     torch_labels.setdefault(key, labels)  # pytorch-eager runs first
                     reference = torch_labels[key]
                     rows.append(row | {"model": size, "backend": backend, "peak_rss_mb": result["peak_rss_mb"], "size_mb": size_on_disk(backend, Path(info["paths"][backend])) / 1e6, "agreement_with_pytorch": sum(a == b for a, b in zip(labels, reference)) / len(reference)})
+            print(f"[bench] {size} head-to-head", flush=True)
+            spec = {"head_to_head": True, "paths": info["paths"], "model_dir": info["paths"]["pytorch-eager"], "threads": args.threads, "label_tokens": info["label_tokens"], "rounds_batch1": args.rounds_batch1, "rounds_batch16": args.rounds_batch16}
+            duels[size] = worker(spec, f"{size}/head-to-head")
     rows.sort(key=lambda r: (args.sizes.index(r["model"]), r["batch"], not r["fast_path"], list(BACKENDS).index(r["backend"])))
 
     def p50(model: str, backend: str, batch: int, fast: bool) -> float:
@@ -258,6 +390,7 @@ def main() -> None:
         }
         for size in args.sizes
     }
+    targets = {size: issue_targets(duel) for size, duel in duels.items()}
     import platform
 
     import ctranslate2
@@ -265,7 +398,7 @@ def main() -> None:
     import torch
 
     report = {
-        "command": "flock /tmp/stepwise-bench.lock .venv/student/bin/python -m benchmarks.export_bench " + " ".join(sys.argv[1:]),
+        "command": ".venv/student/bin/python -m benchmarks.export_bench " + " ".join(sys.argv[1:]),  # it takes the lock itself
         "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs (shared with other work)",
         "threads": args.threads,
         "task": TASK,
@@ -273,15 +406,17 @@ def main() -> None:
         "label_tokens": {s: i["label_tokens"] for s, i in prepared.items()},
         "parity": {s: i["parity"] for s, i in prepared.items()},
         "speedups_p50": summary,
+        "head_to_head": duels,
+        "targets": targets,
         "rows": rows,
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.with_suffix(".json").write_text(json.dumps(report, indent=2))
-    table = render_table(rows)
+    table = render_table(rows) + "\n\n" + render_head_to_head(duels, targets)
     args.out.with_suffix(".md").write_text(table + "\n")
     plot(rows, args.out.with_suffix(".png"))
     print(table)
-    print(json.dumps(summary, indent=2))
+    print(json.dumps(summary | {"targets": targets}, indent=2))
 
 
 if __name__ == "__main__":

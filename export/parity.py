@@ -37,8 +37,9 @@ def torch_teacher_forced_logits(model: T5ForConditionalGeneration, tokenizer: An
 
 
 @torch.inference_mode()
-def torch_fast_path_labels(model: T5ForConditionalGeneration, tokenizer: Any, task: tasks.Task, examples: list[tasks.Example], max_input_tokens: int = 512) -> list[str]:
-    """Closed label set: score every candidate with one teacher-forced decoder pass, as the runtime does."""
+def torch_candidate_scores(model: T5ForConditionalGeneration, tokenizer: Any, task: tasks.Task, examples: list[tasks.Example], max_input_tokens: int = 512) -> tuple[list[list[str]], list[np.ndarray]]:
+    """Closed label set: each example's candidates and their log-likelihoods (EOS included), every candidate
+    a row of one teacher-forced decoder pass: the reference the runtime's batched scorer must match."""
     candidates = [ort_runtime.candidates_for(task, e) for e in examples]
     counts = [len(c) for c in candidates]
     batch = tokenizer([tasks.label_input(e) for e in examples], padding=True, truncation=True, max_length=max_input_tokens, return_tensors="pt")
@@ -46,8 +47,30 @@ def torch_fast_path_labels(model: T5ForConditionalGeneration, tokenizer: Any, ta
     rows = torch.from_numpy(np.repeat(np.arange(len(examples)), counts))
     decoder_ids, targets, mask = ort_runtime.candidate_batch(tokenizer, [c for cs in candidates for c in cs], model.config.decoder_start_token_id, model.config.pad_token_id)
     logits = model(encoder_outputs=(hidden[rows],), attention_mask=batch["attention_mask"][rows], decoder_input_ids=torch.from_numpy(decoder_ids)).logits
-    scores = np.split(ort_runtime.sequence_log_likelihood(logits.numpy(), targets, mask), np.cumsum(counts)[:-1])
-    return [cs[int(np.argmax(s))] for cs, s in zip(candidates, scores)]
+    return candidates, np.split(ort_runtime.sequence_log_likelihood(logits.numpy(), targets, mask), np.cumsum(counts)[:-1])
+
+
+def torch_fast_path_predictions(model: T5ForConditionalGeneration, tokenizer: Any, task: tasks.Task, examples: list[tasks.Example], max_input_tokens: int = 512) -> list[ort_runtime.Prediction]:
+    """Closed label set: the runtime's predictions (label, probabilities, margin) from PyTorch's scores."""
+    candidates, scores = torch_candidate_scores(model, tokenizer, task, examples, max_input_tokens)
+    return [ort_runtime.closed_set_prediction(cs, s) for cs, s in zip(candidates, scores)]
+
+
+def torch_fast_path_labels(model: T5ForConditionalGeneration, tokenizer: Any, task: tasks.Task, examples: list[tasks.Example], max_input_tokens: int = 512) -> list[str]:
+    return [p.label for p in torch_fast_path_predictions(model, tokenizer, task, examples, max_input_tokens)]
+
+
+def onnx_one_pass_scores(runtime: ort_runtime.Runtime, texts: list[str], candidates: list[list[str]]) -> list[np.ndarray]:
+    """The runtime's scorer before the batched label path: every candidate a row of one teacher-forced
+    decoder pass, its example's encoder states copied to it and projected to cross-attention keys/values
+    again per row. Kept as the exact reference for the tests and the benchmark's before/after."""
+    model = runtime.export_config["model"]
+    hidden, mask = ort_runtime.encode(runtime, texts)
+    counts = [len(c) for c in candidates]
+    rows = np.repeat(np.arange(len(texts)), counts)
+    decoder_ids, targets, target_mask = ort_runtime.candidate_batch(runtime.tokenizer, [c for cs in candidates for c in cs], model["decoder_start_token_id"], model["pad_token_id"])
+    logits, _ = ort_runtime.decoder_logits(runtime, ort_runtime.to_numpy(hidden)[rows], mask[rows], decoder_ids)
+    return np.split(ort_runtime.sequence_log_likelihood(logits, targets, target_mask), np.cumsum(counts)[:-1])
 
 
 def agreement(a: list[str], b: list[str]) -> float:
@@ -55,23 +78,28 @@ def agreement(a: list[str], b: list[str]) -> float:
 
 
 def compare(runtime: ort_runtime.Runtime, model_dir: Path, examples: list[tasks.Example], batch_size: int = 16, logit_batches: int = 4) -> dict[str, Any]:
-    """ONNX vs PyTorch on `examples`: greedy labels, fast-path labels (closed label sets), accuracy on
-    the path serving uses, and the max absolute teacher-forced logit difference on the gold labels."""
+    """ONNX vs PyTorch on `examples`: greedy labels, fast-path labels (closed label sets) and the largest
+    difference of their candidate probabilities, accuracy on the path serving uses, and the max absolute
+    teacher-forced logit difference on the gold labels."""
     model, tokenizer = load_torch_model(model_dir)
     task = runtime.task
     max_new = runtime.export_config["max_new_tokens"]["label"]
     max_input = runtime.export_config.get("max_input_tokens", 512)
     closed = task.closed_label_set
     out: dict[str, list[str]] = {"torch_greedy": [], "onnx_greedy": [], "torch_fast": [], "onnx_fast": []}
-    max_diff = 0.0
+    max_diff = max_probability_diff = 0.0
     batches = [examples[i : i + batch_size] for i in range(0, len(examples), batch_size)]
     for index, batch in enumerate(tqdm(batches, desc="parity", unit="batch")):
         texts = [tasks.label_input(e) for e in batch]
         out["torch_greedy"] += torch_greedy_labels(model, tokenizer, texts, max_new, max_input)
         out["onnx_greedy"] += [p.label for p in ort_runtime.predict(runtime, batch, fast_path=False)]
         if closed:
-            out["torch_fast"] += torch_fast_path_labels(model, tokenizer, task, batch, max_input)
-            out["onnx_fast"] += [p.label for p in ort_runtime.predict(runtime, batch, fast_path=True)]
+            torch_fast = torch_fast_path_predictions(model, tokenizer, task, batch, max_input)
+            onnx_fast = ort_runtime.predict(runtime, batch, fast_path=True)
+            out["torch_fast"] += [p.label for p in torch_fast]
+            out["onnx_fast"] += [p.label for p in onnx_fast]
+            for expected, got in zip(torch_fast, onnx_fast):
+                max_probability_diff = max(max_probability_diff, max(abs(p - got.scores[c]) for c, p in expected.scores.items()))
         if index < logit_batches:
             torch_logits, targets, mask = torch_teacher_forced_logits(model, tokenizer, texts, [e.label for e in batch], max_input)
             hidden, attention = ort_runtime.encode(runtime, texts)
@@ -86,6 +114,7 @@ def compare(runtime: ort_runtime.Runtime, model_dir: Path, examples: list[tasks.
         "served_path": "fast_path" if closed else "greedy",
         "greedy_agreement": agreement(out["torch_greedy"], out["onnx_greedy"]),
         "fast_path_agreement": agreement(out["torch_fast"], out["onnx_fast"]) if closed else None,
+        "max_abs_probability_diff": max_probability_diff if closed else None,
         "accuracy_pytorch": tasks.accuracy(task, out[f"torch_{served}"], golds),
         "accuracy_onnx": tasks.accuracy(task, out[f"onnx_{served}"], golds),
         "max_abs_logit_diff": max_diff,

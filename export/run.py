@@ -137,7 +137,8 @@ def trt_profiles(max_batch: int, max_candidates: int, limits: dict[str, int], mo
             "encoder": f"input_ids:{batch}x{source},attention_mask:{batch}x{source}",
             "decoder": f"input_ids:{batch}x{target},encoder_attention_mask:{batch}x{source},encoder_hidden_states:{batch}x{source}x{d_model}",
             "decoder_with_past": ",".join(
-                [f"input_ids:{batch}x1", f"encoder_attention_mask:{batch}x{source}"]
+                # A generation step feeds one token; label scoring feeds a candidate's remaining tokens at once.
+                [f"input_ids:{batch}x{target}", f"encoder_attention_mask:{batch}x{source}"]
                 + [f"past_key_values.{i}.{kind}.{kv}:{batch}x{heads}x{past if kind == 'decoder' else source}x{d_kv}" for i in range(model["num_decoder_layers"]) for kind in ("decoder", "encoder") for kv in ("key", "value")]
             ),
         }

@@ -2,9 +2,12 @@
 (and, on request, rationales) for a batch of examples.
 
 Two decoding paths:
-- fast path (closed label set: a `label` task's labels, a `choice` example's choices): score every
-  candidate label in one batched, teacher-forced decoder pass (sum of token log-probs, EOS included)
-  and pick the best, instead of generating token by token;
+- fast path (closed label set: a `label` task's labels, a `choice` example's distinct choices): score
+  every candidate exactly (sum of its token log-probs, EOS included) and pick the best, instead of
+  generating token by token. The encoder and the decoder's start step run once per example; the start
+  step gives every candidate's first-token log-prob and the cross-attention keys/values, which the
+  cached decoder then reads for the candidates' remaining tokens (never projected again per candidate).
+  The scores become the prediction's probabilities over the candidates;
 - greedy (open labels, rationales, or fast_path=False): encoder once, then one decoder step per token
   with the key/value cache, stopping when every row has produced EOS or at a tight max length.
 
@@ -26,12 +29,22 @@ from transformers import AutoTokenizer, PreTrainedTokenizerBase
 from stepwise import artifacts, tasks
 
 GPU_PROVIDERS = ("CUDAExecutionProvider", "TensorrtExecutionProvider")
+# What one more encoder call costs, in padded tokens of encoder work (t5-small-shaped int8, one thread: groups
+# chosen with 16 beat one call and groups chosen with 64 on batches of 16 e-SNLI inputs).
+ENCODER_CALL_TOKENS = 16
 
 
 @dataclass
 class Prediction:
+    """One example's answer. Closed label sets (fast path) fill `probability`, `margin` and `scores` from the
+    candidates' exact sequence log-likelihoods; greedy labels fill only `log_prob`."""
+
     label: str
     rationale: str | None = None
+    probability: float | None = None  # the label's probability, normalised over the candidates
+    margin: float | None = None  # probability of the label minus the runner-up's (1.0 with a single candidate)
+    scores: dict[str, float] | None = None  # every candidate's normalised probability
+    log_prob: float | None = None  # the label's sequence log-probability (sum of token log-probs, EOS included)
 
 
 @dataclass
@@ -51,6 +64,9 @@ class Runtime:
     io_binding: bool  # keep the key/value cache on the device between steps (CUDA)
     device: str  # "cpu" or "cuda": where IO-bound outputs live
     past_names: list[str] = field(default_factory=list)  # decoder past inputs, in graph order
+    step_weight_bytes: int = 0  # size of the cached-step decoder's file: what one call streams through memory
+    label_token_ids: dict[str, list[int]] = field(default_factory=dict)  # a label task's labels, tokenized once (EOS included)
+    encoder_call_tokens: int = ENCODER_CALL_TOKENS  # the encoder's batch splits by length where padding costs more than this per call
 
     @property
     def merged(self) -> bool:
@@ -130,20 +146,24 @@ def load_runtime(export_dir: Path, providers: list[str] | None = None, threads: 
     actual = encoder.get_providers()
     device = "cuda" if actual[0] in GPU_PROVIDERS else "cpu"
     past_session = decoder_with_past or decoder
+    task = tasks.load_task(export_dir)
+    tokenizer = AutoTokenizer.from_pretrained(export_dir)
     return Runtime(
-        task=tasks.load_task(export_dir),
+        task=task,
         model_id=config.get("model_id", export_dir.name),
         version=config.get("version", ""),
         providers=actual,
         export_dir=export_dir,
         export_config=config,
-        tokenizer=AutoTokenizer.from_pretrained(export_dir),
+        tokenizer=tokenizer,
         encoder=encoder,
         decoder=decoder,
         decoder_with_past=decoder_with_past,
         io_binding=(bool(config.get("io_binding")) and device == "cuda") if io_binding is None else io_binding,
         device=device,
         past_names=[i.name for i in past_session.get_inputs() if i.name.startswith("past_key_values.")],
+        step_weight_bytes=(export_dir / files["decoder_with_past" if decoder_with_past else "decoder"]).stat().st_size,
+        label_token_ids=dict(zip(task.labels, tokenizer(task.labels).input_ids)) if task.labels else {},
     )
 
 
@@ -174,12 +194,42 @@ def to_numpy(value: Any) -> np.ndarray:
     return value.numpy() if isinstance(value, ort.OrtValue) else value
 
 
+def length_groups(lengths: np.ndarray, call_cost: int) -> list[np.ndarray]:
+    """Row indices in groups of similar length (contiguous runs of the rows sorted by length) that minimise
+    the padded tokens plus `call_cost` tokens per group: each group is padded only to its own longest."""
+    order = np.argsort(lengths, kind="stable")
+    ordered = np.asarray(lengths)[order]
+    cost, start = [0.0] + [np.inf] * len(order), [0] * (len(order) + 1)
+    for end in range(1, len(order) + 1):  # cost[end]: the best split of the `end` shortest rows
+        for begin in range(end):
+            candidate = cost[begin] + (end - begin) * ordered[end - 1] + call_cost
+            if candidate < cost[end]:
+                cost[end], start[end] = candidate, begin
+    groups, end = [], len(order)
+    while end:
+        groups.append(order[start[end] : end])
+        end = start[end]
+    return groups[::-1]
+
+
 def encode(runtime: Runtime, texts: list[str]) -> tuple[Any, np.ndarray]:
-    """Encoder hidden states (numpy, or an OrtValue on the device) and the attention mask."""
+    """Encoder hidden states [batch, longest, d_model] (numpy, or an OrtValue on the device) and the attention
+    mask. On the CPU the batch runs as groups of similar length, each padded only to its own longest, laid
+    back into one array for the decoder: padding costs the encoder linearly and its attention quadratically
+    (e-SNLI inputs in batches of 16 are 36% padding; the t5-small-shaped int8 label path at batch 16 is 1.29x
+    faster with the groups than with one encoder call, benchmarks/results/export.md)."""
     max_tokens = runtime.export_config.get("max_input_tokens", 512)
     batch = runtime.tokenizer(texts, padding=True, truncation=True, max_length=max_tokens, return_tensors="np")
     ids, mask = batch["input_ids"].astype(np.int64), batch["attention_mask"].astype(np.int64)
-    hidden = run_session(runtime, runtime.encoder, {"input_ids": ids, "attention_mask": mask})["last_hidden_state"]
+    lengths = mask.sum(1)
+    groups = length_groups(lengths, runtime.encoder_call_tokens)
+    if len(groups) == 1 or runtime.io_binding:  # with IO binding the states stay on the device, from one call
+        return run_session(runtime, runtime.encoder, {"input_ids": ids, "attention_mask": mask})["last_hidden_state"], mask
+    hidden = np.zeros((*ids.shape, runtime.export_config["model"]["d_model"]), dtype=np.float32)
+    for rows in groups:
+        width = int(lengths[rows].max())
+        feeds = {"input_ids": ids[rows, :width], "attention_mask": mask[rows, :width]}
+        hidden[rows, :width] = run_session(runtime, runtime.encoder, feeds)["last_hidden_state"]
     return hidden, mask
 
 
@@ -200,15 +250,17 @@ def decoder_logits(runtime: Runtime, hidden: Any, mask: np.ndarray, decoder_ids:
     return to_numpy(outputs["logits"]), outputs
 
 
-def next_step_logits(runtime: Runtime, token: np.ndarray, mask: np.ndarray, past: dict[str, Any], hidden: Any) -> tuple[np.ndarray, dict[str, Any]]:
-    """One cached decoder step: logits [batch, 1, vocab] and the outputs (new presents)."""
-    feeds = {"input_ids": token.astype(np.int64), "encoder_attention_mask": mask} | past
+def next_step_logits(runtime: Runtime, tokens: np.ndarray, mask: np.ndarray, past: dict[str, Any], hidden: Any, logits_only: bool = False) -> tuple[np.ndarray, dict[str, Any]]:
+    """Cached decoder steps for `tokens` [batch, new] (one per call when generating, a candidate's remaining
+    tokens when scoring; both decoder layouts take several): logits [batch, new, vocab] and the outputs (new presents)."""
+    feeds = {"input_ids": tokens.astype(np.int64), "encoder_attention_mask": mask} | past
+    outputs = ["logits"] if logits_only else None
     if runtime.merged:
         feeds |= {"encoder_hidden_states": hidden, "use_cache_branch": np.array([True])}
-        outputs = run_session(runtime, runtime.decoder, feeds)
+        results = run_session(runtime, runtime.decoder, feeds, outputs)
     else:
-        outputs = run_session(runtime, runtime.decoder_with_past, feeds)
-    return to_numpy(outputs["logits"]), outputs
+        results = run_session(runtime, runtime.decoder_with_past, feeds, outputs)
+    return to_numpy(results["logits"]), results
 
 
 def carry_past(runtime: Runtime, outputs: dict[str, Any], past: dict[str, Any]) -> dict[str, Any]:
@@ -224,8 +276,17 @@ def carry_past(runtime: Runtime, outputs: dict[str, Any], past: dict[str, Any]) 
 # ---------------------------------------------------------------- decoding
 
 
-def greedy_decode(runtime: Runtime, texts: list[str], max_new_tokens: int) -> list[list[int]]:
-    """Greedy generation with the key/value cache; a row stops at EOS, the batch when all rows have."""
+def logsumexp(logits: np.ndarray) -> np.ndarray:
+    """log of the softmax normaliser over the last axis: log_softmax(x)[t] = x[t] - logsumexp(x). One
+    temporary of the logits' size, not the three a full log-softmax takes (memory traffic is the cost here)."""
+    logits = logits.astype(np.float32, copy=False)
+    top = logits.max(-1)
+    return np.log(np.exp(logits - top[..., None]).sum(-1)) + top
+
+
+def greedy_decode(runtime: Runtime, texts: list[str], max_new_tokens: int, score: bool = False) -> tuple[list[list[int]], np.ndarray | None]:
+    """Greedy generation with the key/value cache; a row stops at EOS, the batch when all rows have. With
+    score=True also each row's sequence log-probability (its generated tokens' log-probs, EOS included)."""
     model = runtime.export_config["model"]
     eos, start = model["eos_token_id"], model["decoder_start_token_id"]
     hidden, mask = encode(runtime, texts)
@@ -233,9 +294,14 @@ def greedy_decode(runtime: Runtime, texts: list[str], max_new_tokens: int) -> li
     logits, outputs = decoder_logits(runtime, hidden, mask, tokens, with_presents=True)
     past = carry_past(runtime, outputs, {})
     generated: list[list[int]] = [[] for _ in texts]
+    log_probs = np.zeros(len(texts)) if score else None
     done = np.zeros(len(texts), dtype=bool)
     for step in range(max_new_tokens):
-        next_tokens = logits[:, -1, :].argmax(-1)
+        step_logits = logits[:, -1, :]
+        next_tokens = step_logits.argmax(-1)
+        if log_probs is not None:
+            picked = step_logits[np.arange(len(texts)), next_tokens] - logsumexp(step_logits)
+            log_probs += np.where(done, 0.0, picked)
         for row, token in enumerate(next_tokens):
             if not done[row]:
                 generated[row].append(int(token))
@@ -244,51 +310,117 @@ def greedy_decode(runtime: Runtime, texts: list[str], max_new_tokens: int) -> li
             break
         logits, outputs = next_step_logits(runtime, next_tokens[:, None], mask, past, hidden)
         past = carry_past(runtime, outputs, past)
-    return generated
+    return generated, log_probs
+
+
+def token_rows(rows: list[list[int]], pad_id: int) -> tuple[np.ndarray, np.ndarray]:
+    """Token lists right-padded to the longest of them (no further): ids and a mask of the real positions."""
+    ids = np.full((len(rows), max(len(r) for r in rows)), pad_id, dtype=np.int64)
+    mask = np.zeros(ids.shape, dtype=np.float32)
+    for i, row in enumerate(rows):
+        ids[i, : len(row)] = row
+        mask[i, : len(row)] = 1.0
+    return ids, mask
 
 
 def candidate_batch(tokenizer: PreTrainedTokenizerBase, candidates: list[str], start_id: int, pad_id: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Teacher-forcing inputs for scoring candidates: decoder inputs (start + tokens, right-shifted),
-    targets (tokens + EOS) and a mask of real target positions. Shared by the ONNX and PyTorch scorers."""
-    token_ids = [tokenizer(c).input_ids for c in candidates]  # T5 tokenizers append EOS
-    length = max(len(ids) for ids in token_ids)
-    targets = np.full((len(candidates), length), pad_id, dtype=np.int64)
-    mask = np.zeros((len(candidates), length), dtype=np.float32)
-    for row, ids in enumerate(token_ids):
-        targets[row, : len(ids)] = ids
-        mask[row, : len(ids)] = 1.0
+    """Teacher-forcing inputs for scoring candidates in one decoder pass: decoder inputs (start + tokens,
+    right-shifted), targets (tokens + EOS) and a mask of real target positions (the PyTorch reference's layout)."""
+    targets, mask = token_rows([tokenizer(c).input_ids for c in candidates], pad_id)  # T5 tokenizers append EOS
     decoder_ids = np.concatenate([np.full((len(candidates), 1), start_id, dtype=np.int64), targets[:, :-1]], axis=1)
     return decoder_ids, targets, mask
 
 
 def sequence_log_likelihood(logits: np.ndarray, targets: np.ndarray, mask: np.ndarray) -> np.ndarray:
     """Sum of target-token log-probabilities per row (padding excluded)."""
-    logits = logits.astype(np.float32)
-    shifted = logits - logits.max(-1, keepdims=True)
-    log_probs = shifted - np.log(np.exp(shifted).sum(-1, keepdims=True))
-    picked = np.take_along_axis(log_probs, targets[..., None], axis=-1)[..., 0]
+    picked = np.take_along_axis(logits, targets[..., None], axis=-1)[..., 0] - logsumexp(logits)
     return (picked * mask).sum(-1)
 
 
 def candidates_for(task: tasks.Task, example: tasks.Example) -> list[str]:
+    """The closed label set of one example: the task's labels, or the example's distinct choices in order
+    (a repeated choice is one answer; CQA repeats a choice in about 1% of its questions)."""
     if task.answer_style == "label":
         return list(task.labels)
     if not example.choices:
         raise ValueError(f"example {example.id}: a choice task needs the example's choices for label scoring")
-    return list(example.choices)
+    return list(dict.fromkeys(example.choices))
+
+
+def continuation_calls(runtime: Runtime, positions: np.ndarray, rows: np.ndarray, source_length: int) -> list[np.ndarray]:
+    """How the candidate rows with tokens after the first split into cached decoder calls. One call for all
+    of them needs each row's cross-attention keys/values gathered out of its example's (a copy, no matmul);
+    one call per candidate position (every example's i-th candidate) reads them in place, but streams the
+    decoder's weights once per call. Both are memory traffic, which bounds a small CPU, so take the one that
+    moves fewer bytes (t5-small-shaped int8, 3 labels, one thread: at batch 16 three calls took 59 ms against
+    78 ms for one call with the copy; at batch 1 the copy is a few rows and one call wins)."""
+    model = runtime.export_config["model"]
+    row_bytes = 2 * model["num_decoder_layers"] * model["num_heads"] * source_length * model["d_kv"] * 4  # fp32 keys + values
+    calls = np.unique(positions[rows])
+    if (len(calls) - 1) * runtime.step_weight_bytes >= len(rows) * row_bytes:
+        return [rows]
+    return [rows[positions[rows] == position] for position in calls]
+
+
+def continuation_log_likelihood(runtime: Runtime, token_ids: list[list[int]], rows: np.ndarray, examples: np.ndarray, mask: np.ndarray, past: dict[str, Any], hidden: Any) -> np.ndarray:
+    """Log-likelihood of candidate `rows`' tokens after the first, EOS included, in one cached decoder call
+    on their examples' start-step keys/values (gathered by index unless the rows are the examples in order)."""
+    pad = runtime.export_config["model"]["pad_token_id"]
+    inputs, _ = token_rows([token_ids[r][:-1] for r in rows], pad)
+    targets, target_mask = token_rows([token_ids[r][1:] for r in rows], pad)
+    if not np.array_equal(examples, np.arange(len(mask))):
+        past = {name: to_numpy(value)[examples] for name, value in past.items()}
+        mask = mask[examples]
+        hidden = to_numpy(hidden)[examples] if runtime.merged else hidden  # the merged graph takes it, unused with a cache
+    logits, _ = next_step_logits(runtime, inputs, mask, past, hidden, logits_only=True)
+    return sequence_log_likelihood(logits, targets, target_mask)
 
 
 def score_candidates(runtime: Runtime, texts: list[str], candidates: list[list[str]]) -> list[np.ndarray]:
-    """Log-likelihood of each example's candidate labels, all candidates of the batch in one decoder pass."""
+    """Exact log-likelihood of each example's candidate labels (sum of token log-probs, EOS included).
+
+    The encoder and the decoder's start step run once per example (B rows): the start step gives every
+    candidate's first-token log-prob and the self/cross-attention keys/values. The candidates' remaining
+    tokens then go through the cached decoder, which takes those keys/values as its past and never projects
+    the encoder states again. Every candidate is scored to the end: its exact probability over the set is
+    part of the prediction, so none can be dropped after the first token."""
     model = runtime.export_config["model"]
     hidden, mask = encode(runtime, texts)
-    counts = [len(c) for c in candidates]
-    rows = np.repeat(np.arange(len(texts)), counts)
-    hidden_rows = to_numpy(hidden)[rows]
-    decoder_ids, targets, target_mask = candidate_batch(runtime.tokenizer, [c for cs in candidates for c in cs], model["decoder_start_token_id"], model["pad_token_id"])
-    logits, _ = decoder_logits(runtime, hidden_rows, mask[rows], decoder_ids)
-    scores = sequence_log_likelihood(logits, targets, target_mask)
+    start = np.full((len(texts), 1), model["decoder_start_token_id"], dtype=np.int64)
+    logits, outputs = decoder_logits(runtime, hidden, mask, start, with_presents=True)
+    past = carry_past(runtime, outputs, {})
+    counts = [len(cs) for cs in candidates]
+    owners = np.repeat(np.arange(len(texts)), counts)
+    positions = np.concatenate([np.arange(count) for count in counts])
+    flat = [c for cs in candidates for c in cs]
+    unseen = [c for c in dict.fromkeys(flat) if c not in runtime.label_token_ids]  # a choice task's choices
+    tokenized = runtime.label_token_ids | (dict(zip(unseen, runtime.tokenizer(unseen).input_ids)) if unseen else {})  # T5 tokenizers append EOS
+    token_ids = [tokenized[c] for c in flat]
+    first = logits[:, 0, :]
+    scores = first[owners, [ids[0] for ids in token_ids]] - logsumexp(first)[owners]
+    longer = np.flatnonzero([len(ids) > 1 for ids in token_ids])  # a candidate that is EOS alone is scored already
+    if len(longer):
+        for rows in continuation_calls(runtime, positions, longer, mask.shape[1]):
+            scores[rows] += continuation_log_likelihood(runtime, token_ids, rows, owners[rows], mask, past, hidden)
     return np.split(scores, np.cumsum(counts)[:-1])
+
+
+def closed_set_prediction(candidates: list[str], log_likelihoods: np.ndarray) -> Prediction:
+    """The most likely candidate with its scores: probabilities are the candidates' likelihoods normalised
+    over the set (a softmax of the log-likelihoods). The margin is the label's probability minus the
+    runner-up's: in [0, 1] on the same scale as the probability whatever the number of candidates, so one
+    threshold reads the same for every task (a log-likelihood gap is unbounded and grows with label length)."""
+    probabilities = np.exp(log_likelihoods.astype(np.float64) - log_likelihoods.max())
+    probabilities /= probabilities.sum()
+    best = int(np.argmax(log_likelihoods))
+    runner_up = float(np.sort(probabilities)[-2]) if len(candidates) > 1 else 0.0
+    return Prediction(
+        candidates[best],
+        probability=float(probabilities[best]),
+        margin=float(probabilities[best]) - runner_up,
+        scores={c: float(p) for c, p in zip(candidates, probabilities)},
+        log_prob=float(log_likelihoods[best]),
+    )
 
 
 def predict(runtime: Runtime, examples: list[tasks.Example], explain: bool = False, fast_path: bool = True) -> list[Prediction]:
@@ -298,7 +430,7 @@ def predict(runtime: Runtime, examples: list[tasks.Example], explain: bool = Fal
         runtime: from `load_runtime`
         examples: task examples (input text; choices for a choice task)
         explain: also generate each example's rationale
-        fast_path: score a closed label set in one pass instead of generating the label
+        fast_path: score a closed label set exactly instead of generating the label
     """
     if not examples:
         return []
@@ -306,13 +438,13 @@ def predict(runtime: Runtime, examples: list[tasks.Example], explain: bool = Fal
     label_texts = [tasks.label_input(e) for e in examples]
     if fast_path and runtime.task.closed_label_set:
         candidates = [candidates_for(runtime.task, e) for e in examples]
-        scores = score_candidates(runtime, label_texts, candidates)
-        labels = [cs[int(np.argmax(s))] for cs, s in zip(candidates, scores)]
+        predictions = [closed_set_prediction(cs, s) for cs, s in zip(candidates, score_candidates(runtime, label_texts, candidates))]
     else:
-        ids = greedy_decode(runtime, label_texts, limits["label"])
+        ids, log_probs = greedy_decode(runtime, label_texts, limits["label"], score=True)
         labels = [t.strip() for t in runtime.tokenizer.batch_decode(ids, skip_special_tokens=True)]
-    if not explain:
-        return [Prediction(label) for label in labels]
-    ids = greedy_decode(runtime, [tasks.rationale_input(e) for e in examples], limits["rationale"])
-    rationales = [t.strip() for t in runtime.tokenizer.batch_decode(ids, skip_special_tokens=True)]
-    return [Prediction(label, rationale) for label, rationale in zip(labels, rationales)]
+        predictions = [Prediction(label, log_prob=float(log_prob)) for label, log_prob in zip(labels, log_probs)]
+    if explain:
+        ids, _ = greedy_decode(runtime, [tasks.rationale_input(e) for e in examples], limits["rationale"])
+        for prediction, rationale in zip(predictions, runtime.tokenizer.batch_decode(ids, skip_special_tokens=True)):
+            prediction.rationale = rationale.strip()
+    return predictions

@@ -44,6 +44,7 @@ def test_fp32_parity_report(tiny_export_dir):
     assert report["examples"] == 32 and report["served_path"] == "fast_path"
     assert report["greedy_agreement"] >= 0.99 and report["fast_path_agreement"] >= 0.99
     assert 0 < report["max_abs_logit_diff"] < 1e-3
+    assert report["max_abs_probability_diff"] < 1e-4  # the batched label path's probabilities against PyTorch's
 
 
 def test_gate_names_each_failure():
@@ -138,6 +139,8 @@ def test_fp16_gpu_export_writes_tensorrt_options_and_runs_on_cpu(tiny_student_di
     name, options = configured_providers(out, config, "decoder_with_past")[0]
     assert name == "TensorrtExecutionProvider" and options["trt_engine_cache_path"] == str(out / "trt_cache")
     assert "past_key_values.0.encoder.key:" in options["trt_profile_max_shapes"] and "encoder_hidden_states" not in options["trt_profile_max_shapes"]
+    new_tokens = options["trt_profile_max_shapes"].split("input_ids:")[1].split(",")[0].split("x")[1]
+    assert int(new_tokens) == config["max_new_tokens"]["label"] > 1  # label scoring feeds a candidate's remaining tokens in one call
     import onnx
 
     decoder = onnx.load(str(out / config["files"]["decoder"]))

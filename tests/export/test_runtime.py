@@ -1,17 +1,31 @@
-"""export/runtime.py against the real ONNX Runtime sessions of a tiny exported student, checked against
-the PyTorch model it came from."""
+"""export/runtime.py against the real ONNX Runtime sessions of tiny exported students, checked against
+the PyTorch models they came from and against the one-pass scorer the batched label path replaced."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import numpy as np
 import pytest
+import torch
 from transformers import AutoTokenizer
 
 from stepwise.export import parity
-from stepwise.export.runtime import Prediction, candidate_batch, load_runtime, predict, score_candidates, sequence_log_likelihood
+from stepwise.export.runtime import Prediction, candidate_batch, candidates_for, closed_set_prediction, greedy_decode, length_groups, load_runtime, predict, score_candidates, sequence_log_likelihood
 from stepwise import tasks
+
+PARITY_SET = 200  # the validation examples `stepwise export`'s parity gate compares by default
+CLOSED_EXPORTS = ["tiny_export_dir", "tiny_merged_export_dir", "cqa_export_dir"]  # e-SNLI split and merged, CQA split
+
+
+def batches(items: list, size: int = 16) -> list[list]:
+    return [items[i : i + size] for i in range(0, len(items), size)]
+
+
+def softmax(scores: np.ndarray) -> np.ndarray:
+    weights = np.exp(scores.astype(np.float64) - scores.max())
+    return weights / weights.sum()
 
 
 def test_candidate_batch_shifts_targets_right_and_masks_padding(tiny_student_dir):
@@ -29,6 +43,16 @@ def test_sequence_log_likelihood_sums_masked_log_probs():
     logits = np.log(np.array([[[0.5, 0.25, 0.25], [0.1, 0.8, 0.1]]], dtype=np.float32))
     score = sequence_log_likelihood(logits, np.array([[0, 1]]), np.array([[1.0, 0.0]], dtype=np.float32))
     assert score[0] == pytest.approx(np.log(0.5), abs=1e-6)
+
+
+def test_length_groups_split_a_batch_by_length_only_where_padding_costs_more_than_a_call():
+    lengths = np.array([40, 12, 41, 10, 39, 11])
+    groups = length_groups(lengths, call_cost=16)
+    assert sorted(np.concatenate(groups).tolist()) == list(range(6))
+    assert [sorted(lengths[g].tolist()) for g in groups] == [[10, 11, 12], [39, 40, 41]]
+    assert len(length_groups(lengths, call_cost=10**6)) == 1  # a call dearer than any padding: one group
+    assert len(length_groups(lengths, call_cost=0)) == 6  # calls free: no padding at all
+    assert [g.tolist() for g in length_groups(np.array([7]), 16)] == [[0]]
 
 
 def test_runtime_reports_what_it_runs(tiny_export_dir):
@@ -63,13 +87,123 @@ def test_fast_path_scores_match_pytorch_and_pick_a_task_label(tiny_export_dir, t
     assert set(labels) <= set(runtime.task.labels)
 
 
+@pytest.mark.parametrize("export", CLOSED_EXPORTS)
+def test_batched_label_path_ranks_as_the_one_pass_scorer_on_the_parity_set(export, request):
+    """fp32: the same label for every parity example as the previous scorer (every candidate a full decoder
+    row), and the same log-likelihoods up to float rounding."""
+    runtime = load_runtime(request.getfixturevalue(export), threads=1)
+    examples = tasks.load_split(runtime.task, "valid")[:PARITY_SET]
+    agree = 0
+    for batch in batches(examples):
+        texts, candidates = [tasks.label_input(e) for e in batch], [candidates_for(runtime.task, e) for e in batch]
+        one_pass = parity.onnx_one_pass_scores(runtime, texts, candidates)
+        predictions = predict(runtime, batch)
+        for prediction, cs, reference in zip(predictions, candidates, one_pass):
+            agree += prediction.label == cs[int(np.argmax(reference))]
+            np.testing.assert_allclose([prediction.scores[c] for c in cs], softmax(reference), atol=1e-4)
+            assert prediction.log_prob == pytest.approx(float(reference.max()), abs=1e-3)
+    assert agree / len(examples) == 1.0
+
+
+@pytest.mark.parametrize("export, student", [("tiny_export_dir", "tiny_student_dir"), ("cqa_export_dir", None)])
+def test_probabilities_and_margin_match_pytorch_teacher_forcing(export, student, request, choice_and_open_students):
+    runtime = load_runtime(request.getfixturevalue(export), threads=1)
+    model, tokenizer = parity.load_torch_model(request.getfixturevalue(student) if student else choice_and_open_students["cqa"])
+    examples = tasks.load_split(runtime.task, "valid")[:24]
+    candidates, expected = parity.torch_candidate_scores(model, tokenizer, runtime.task, examples)
+    for prediction, cs, scores in zip(predict(runtime, examples), candidates, expected):
+        probabilities = softmax(scores)
+        assert list(prediction.scores) == cs and sum(prediction.scores.values()) == pytest.approx(1.0, abs=1e-9)
+        np.testing.assert_allclose([prediction.scores[c] for c in cs], probabilities, atol=1e-4)
+        assert prediction.label == cs[int(np.argmax(scores))] and prediction.probability == prediction.scores[prediction.label]
+        assert prediction.margin == pytest.approx(np.sort(probabilities)[-1] - np.sort(probabilities)[-2], abs=1e-4)
+        assert prediction.log_prob == pytest.approx(float(scores.max()), abs=1e-3)
+
+
+def test_closed_set_prediction_normalises_over_the_candidates():
+    prediction = closed_set_prediction(["yes", "no", "maybe"], np.log(np.array([0.2, 0.5, 0.3], dtype=np.float32)))
+    assert prediction.label == "no" and prediction.probability == pytest.approx(0.5)
+    assert prediction.margin == pytest.approx(0.2) and prediction.log_prob == pytest.approx(np.log(0.5))
+    assert prediction.scores == pytest.approx({"yes": 0.2, "no": 0.5, "maybe": 0.3})
+    # Normalised over the set: a shift of every log-likelihood changes nothing; a tie has no margin.
+    assert closed_set_prediction(["a", "b"], np.array([-300.0, -301.0])).probability == pytest.approx(1 / (1 + np.exp(-1)))
+    assert closed_set_prediction(["a", "b"], np.array([-2.0, -2.0])).margin == 0.0
+    alone = closed_set_prediction(["only"], np.array([-7.0]))
+    assert (alone.probability, alone.margin, alone.scores) == (1.0, 1.0, {"only": 1.0})
+
+
+@pytest.mark.parametrize("export", ["tiny_export_dir", "cqa_export_dir"])
+def test_batch_composition_does_not_change_fp32_predictions(export, request):
+    runtime = load_runtime(request.getfixturevalue(export), threads=1)
+    examples = tasks.load_split(runtime.task, "valid")[:16]
+    together = predict(runtime, examples)
+    for example, batched in zip(examples, together):
+        alone = predict(runtime, [example])[0]
+        assert alone.label == batched.label
+        assert alone.log_prob == pytest.approx(batched.log_prob, abs=1e-4)
+        np.testing.assert_allclose(list(alone.scores.values()), list(batched.scores.values()), atol=1e-5)
+
+
+def test_candidates_sharing_a_first_token_of_any_length_or_eos_alone(tiny_export_dir, tiny_student_dir):
+    """Multi-token candidates, two that share their first tokens, and the empty one (EOS alone), scored in
+    one call or one call per candidate position (the two ways continuation_calls splits the rows)."""
+    runtime = load_runtime(tiny_export_dir, threads=1)
+    candidates = ["entailment", "entailment neutral", "neutral", "contradiction", ""]
+    token_ids = [runtime.tokenizer(c).input_ids for c in candidates]
+    assert token_ids[0][:-1] == token_ids[1][: len(token_ids[0]) - 1] and token_ids[-1] == [runtime.tokenizer.eos_token_id]
+    assert min(len(ids) for ids in token_ids[:4]) >= 3  # every label is several tokens + EOS here
+    examples = tasks.load_split(runtime.task, "valid")[:6]
+    texts = [tasks.label_input(e) for e in examples]
+    model, tokenizer = parity.load_torch_model(tiny_student_dir)
+    expected = [sequence_log_likelihood(*parity.torch_teacher_forced_logits(model, tokenizer, [t] * len(candidates), candidates)) for t in texts]
+    for weight_bytes in (0, 1 << 40):  # per-position calls reading the keys/values in place; one call gathering them
+        scored = score_candidates(dataclasses.replace(runtime, step_weight_bytes=weight_bytes), texts, [candidates] * len(texts))
+        np.testing.assert_allclose(np.stack(scored), np.stack(expected), atol=1e-3)
+
+
+def test_choice_examples_with_different_numbers_and_lengths_of_choices(cqa_export_dir, choice_and_open_students):
+    runtime = load_runtime(cqa_export_dir, threads=1)
+    examples = [dataclasses.replace(e, choices=e.choices[: 1 + i % 5]) for i, e in enumerate(tasks.load_split(runtime.task, "valid")[:10])]
+    examples.append(dataclasses.replace(examples[0], id="repeated", choices=["same", "other", "same"]))
+    model, tokenizer = parity.load_torch_model(choice_and_open_students["cqa"])
+    candidates, expected = parity.torch_candidate_scores(model, tokenizer, runtime.task, examples)
+    assert candidates[-1] == ["same", "other"]  # a repeated choice is one answer
+    assert len({len(runtime.tokenizer(c).input_ids) for cs in candidates for c in cs}) > 2
+    texts = [tasks.label_input(e) for e in examples]
+    for weight_bytes in (0, 1 << 40):
+        scored = score_candidates(dataclasses.replace(runtime, step_weight_bytes=weight_bytes), texts, candidates)
+        for got, want in zip(scored, expected):
+            np.testing.assert_allclose(got, want, atol=1e-3)
+    predictions = predict(runtime, examples)
+    assert [p.label for p in predictions] == [cs[int(np.argmax(s))] for cs, s in zip(candidates, expected)]
+    single = predictions[0]  # one choice: certain, nothing to compete with
+    assert (single.label, single.probability, single.margin) == (examples[0].choices[0], 1.0, 1.0)
+
+
+def test_greedy_log_prob_is_the_generated_sequence_log_likelihood(tiny_export_dir, tiny_student_dir):
+    runtime = load_runtime(tiny_export_dir, threads=1)
+    examples = tasks.load_split(runtime.task, "valid")[:6]
+    texts = [tasks.label_input(e) for e in examples]
+    ids, log_probs = greedy_decode(runtime, texts, runtime.export_config["max_new_tokens"]["label"], score=True)
+    model, tokenizer = parity.load_torch_model(tiny_student_dir)
+    start = model.config.decoder_start_token_id
+    for text, generated, log_prob in zip(texts, ids, log_probs):
+        with torch.inference_mode():
+            logits = model(**tokenizer([text], return_tensors="pt"), decoder_input_ids=torch.tensor([[start] + generated[:-1]])).logits
+        expected = torch.log_softmax(logits[0], -1)[torch.arange(len(generated)), torch.tensor(generated)].sum()
+        assert log_prob == pytest.approx(float(expected), abs=1e-3)
+    predictions = predict(runtime, examples, fast_path=False)
+    assert [p.log_prob for p in predictions] == pytest.approx(list(log_probs))
+    assert all(p.probability is None and p.margin is None and p.scores is None for p in predictions)
+
+
 def test_explain_adds_rationales_and_keeps_labels(tiny_export_dir):
     runtime = load_runtime(tiny_export_dir, threads=1)
     examples = tasks.load_split(runtime.task, "valid")[:3]
     plain = predict(runtime, examples)
     explained = predict(runtime, examples, explain=True)
     assert all(isinstance(p, Prediction) and p.rationale is None for p in plain)
-    assert [p.label for p in explained] == [p.label for p in plain]
+    assert [(p.label, p.probability, p.scores) for p in explained] == [(p.label, p.probability, p.scores) for p in plain]
     assert all(isinstance(p.rationale, str) and p.rationale for p in explained)
     assert predict(runtime, []) == []
 
