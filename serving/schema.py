@@ -17,7 +17,10 @@ from stepwise import tasks
 from stepwise.serving.settings import Limits
 
 MODEL_HEADER = "serve_multiplexed_model_id"  # Serve routes a request to a replica that has this model loaded
-NOT_BLANK = r"\S"  # also makes pydantic refuse text that is not valid Unicode (a lone surrogate such as \ud800)
+# Some character that is not blank: whitespace as JSON Schema (ECMA-262), pydantic (Rust's regex) and Python's
+# str.strip all understand it (they differ on \x1c-\x1f, \x85 and \ufeff). A pattern also makes pydantic refuse
+# text that is not valid Unicode (a lone surrogate such as \ud800).
+NOT_BLANK = r"[^\s\x1c-\x1f\x85\ufeff]"
 
 
 class ErrorBody(BaseModel):

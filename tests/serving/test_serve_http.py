@@ -100,16 +100,27 @@ def test_health_models_and_docs(client):
     assert "/v1/predict" in client.get("/openapi.json").json()["paths"]
 
 
-def test_labels_match_offline_prediction(client, tiny_export_dir, examples):
+def served_as(prediction) -> dict:
+    """What the API returns for an offline prediction of the student (no scores asked for, no teacher)."""
+    fields = {"label": prediction.label, "probability": prediction.probability, "margin": prediction.margin, "log_prob": prediction.log_prob,
+              "rationale": prediction.rationale, "source": "student"}
+    return {k: pytest.approx(v, abs=1e-5) if isinstance(v, float) else v for k, v in fields.items() if v is not None}
+
+
+def test_labels_and_scores_match_offline_prediction(client, tiny_export_dir, examples):
     runtime = load_runtime(tiny_export_dir, threads=1)
     for example in examples:  # one at a time: each is a batch of one, as offline
         body = client.post("/v1/predict", json={"model": "esnli", "inputs": premise_hypothesis(example)}).json()
         assert body["model"] == "esnli" and body["version"] == runtime.version
-        assert body["predictions"] == [{"label": predict(runtime, [example])[0].label}]
+        assert body["predictions"] == [served_as(predict(runtime, [example])[0])]
     # A list with explain: one batch of all of them, rationales included, in order.
     offline = predict(runtime, examples, explain=True)
     body = client.post("/v1/predict", json={"model": "esnli", "explain": True, "inputs": [e.input for e in examples]}).json()
-    assert body["predictions"] == [{"label": p.label, "rationale": p.rationale} for p in offline]
+    assert body["predictions"] == [served_as(p) for p in offline]
+    # Every candidate's probability on request: the three labels, summing to one, the label's the largest.
+    scored = client.post("/v1/predict", json={"model": "esnli", "scores": True, "inputs": examples[0].input}).json()["predictions"][0]
+    assert set(scored["scores"]) == set(tasks.NLI_LABELS) and sum(scored["scores"].values()) == pytest.approx(1.0)
+    assert scored["scores"][scored["label"]] == pytest.approx(scored["probability"]) == pytest.approx(max(scored["scores"].values()))
     loaded = {m["id"]: m for m in client.get("/v1/models").json()}["esnli"]
     assert loaded["loaded"] is True and loaded["version"] == runtime.version
 
