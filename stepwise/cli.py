@@ -154,6 +154,12 @@ def read_config(path: Path, fn: Callable) -> dict[str, Any]:
 
 
 def call_with_argv(fn: Callable, argv: list[str], prog: str) -> Any:
+    return fn(**arguments(fn, argv, prog))
+
+
+def arguments(fn: Callable, argv: list[str], prog: str = "stepwise") -> dict[str, Any]:
+    """`fn`'s keyword arguments from command-line options and an optional --config file, argument groups built
+    (and so checked)."""
     parser = parser_for(fn, prog)
     overrides: dict[str, Any] = {}
     # A config file sets defaults; explicit flags still win.
@@ -178,12 +184,15 @@ def call_with_argv(fn: Callable, argv: list[str], prog: str) -> Any:
     hints = typing.get_type_hints(fn)
     for group, values in grouped.items():
         kwargs[group] = _unwrap_optional(hints[group])(**values)  # the group validates itself (ValueError)
-    return fn(**kwargs)
+    return kwargs
 
 
 def run_tests(pytest_args: list[str]) -> int:
-    """The whole suite: student-side tests in the student env, extraction tests in the teacher env,
-    and the shared task layer under both (it must import in either)."""
+    """The whole suite: student-side tests in the student env, extraction tests in the teacher env, and the
+    shared task layer under both (it must import in either). `--fast` leaves out the tests marked slow (the
+    end-to-end runs of real stages); other arguments go to pytest."""
+    if "--fast" in pytest_args:
+        pytest_args = [a for a in pytest_args if a != "--fast"] + ["-m", "not slow"]
     suites = [
         ("student", ["tests", "--ignore=tests/extraction"]),
         ("teacher", ["tests/extraction", "tests/stepwise"]),
@@ -191,8 +200,10 @@ def run_tests(pytest_args: list[str]) -> int:
     env = envs.quiet_runtime_env()
     env["PYTHONPATH"] = str(envs.ROOT)
     failed = 0
+    # Both environments first: student-side tests start servers from the teacher's (a vLLM teacher for the cascade).
+    pythons = {name: envs.ensure_env(name, quiet=True) for name in envs.ENV_NAMES}
     for name, paths in suites:
-        python = envs.ensure_env(name, quiet=True)
+        python = pythons[name]
         print(f"[stepwise] running tests in the {name} environment: {' '.join(paths)}", flush=True)
         code = subprocess.run([str(python), "-m", "pytest", *paths, *pytest_args], cwd=envs.ROOT, env=env).returncode
         if code not in (0, 5):  # 5: nothing collected in this half
@@ -203,7 +214,7 @@ def run_tests(pytest_args: list[str]) -> int:
 def usage() -> str:
     lines = ["usage: stepwise <command> [options]", "", "commands:"]
     lines += [f"  {name:<11} ({env} environment)" for name, (_, _, env) in STAGES.items()]
-    lines += ["  setup       create both environments (student, teacher)", "  test        run the whole test suite in both environments"]
+    lines += ["  setup       create both environments (student, teacher)", "  test        run the whole test suite in both environments (--fast: without the slow end-to-end tests)"]
     return "\n".join(lines)
 
 

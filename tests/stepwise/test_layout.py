@@ -1,0 +1,68 @@
+"""The code's layering, read with `ast` (every import statement, also those inside functions): the base package
+(stepwise/*.py) imports no stage, and no modules import each other, directly or in a circle."""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+STAGES = ("extraction", "training", "export", "serving")
+
+
+def module_files() -> dict[str, Path]:
+    """Import name -> file, for the installed namespace: stepwise/*.py and the stage folders as stepwise.<stage>."""
+    files = {}
+    for folder, prefix in [("stepwise", "stepwise")] + [(stage, f"stepwise.{stage}") for stage in STAGES]:
+        for path in sorted((ROOT / folder).glob("*.py")):
+            files[prefix if path.stem == "__init__" else f"{prefix}.{path.stem}"] = path
+    return files
+
+
+def imports(path: Path, known: set[str]) -> set[str]:
+    """The known modules `path` imports (`from stepwise import tasks` counts as stepwise.tasks)."""
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            names = [alias.name for alias in node.names]
+        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            names = [node.module] + [f"{node.module}.{alias.name}" for alias in node.names]
+        else:
+            continue
+        found |= {name for name in names if name in known}
+    return found
+
+
+def graph() -> dict[str, set[str]]:
+    files = module_files()
+    return {module: imports(path, set(files)) - {module} for module, path in files.items()}
+
+
+def test_the_base_package_imports_no_stage():
+    base = {m: deps for m, deps in graph().items() if m.count(".") <= 1 and m.split(".")[-1] not in STAGES}
+    offenders = {m: sorted(d for d in deps if d.split(".")[1:2] and d.split(".")[1] in STAGES) for m, deps in base.items()}
+    assert {m: d for m, d in offenders.items() if d} == {}
+
+
+def test_no_import_circles():
+    edges, circles, state = graph(), [], {}
+
+    def visit(module: str, path: list[str]) -> None:
+        state[module] = "open"
+        for dependency in sorted(edges[module]):
+            if state.get(dependency) == "open":
+                circles.append(path[path.index(dependency):] + [dependency])
+            elif dependency not in state:
+                visit(dependency, path + [dependency])
+        state[module] = "done"
+
+    for module in sorted(edges):
+        if module not in state:
+            visit(module, [module])
+    assert circles == []
+
+
+def test_the_graph_sees_real_imports():
+    edges = graph()
+    assert "stepwise.tasks" in edges["stepwise.export.runtime"] and "stepwise.artifacts" in edges["stepwise.tasks"]
+    assert "stepwise.serving.app" in edges["stepwise.serving.lifecycle"]  # an import inside a function counts
