@@ -83,13 +83,14 @@ def install_steps(name: str, gpu: bool) -> list[list[str]]:
 
 
 def recipe_stamp(name: str, gpu: bool) -> str:
-    """What the environment was built from: the project's requirements and package layout, and the install
-    steps. Not the checkout's path: a venv built from one checkout serves another (`exec_in_env` puts the
-    running checkout's code first on the path)."""
+    """What environment `name` was built from: its own requirements, the package layout and the install steps.
+    Not the other environment's requirements (a student-side change must not rebuild the teacher), and not the
+    checkout's path: a venv built from one checkout serves another (`exec_in_env` puts the running checkout's
+    code first on the path)."""
     import tomllib
 
     pyproject = tomllib.loads((ROOT / "pyproject.toml").read_text())
-    recipe = {"project": {k: pyproject["project"].get(k) for k in ("dependencies", "optional-dependencies", "requires-python")},
+    recipe = {"requirements": pyproject["project"]["dependencies"] + requirements(name, gpu), "python": pyproject["project"].get("requires-python"),
               "layout": pyproject.get("tool", {}).get("setuptools"), "steps": install_steps(name, gpu)}
     text = json.dumps(recipe, sort_keys=True).replace(str(ROOT), "<checkout>")
     return hashlib.sha256(text.encode()).hexdigest()[:16]
