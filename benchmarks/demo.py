@@ -75,8 +75,8 @@ class StudentOptions:
 
     def __post_init__(self) -> None:
         if min(self.max_steps, self.train_limit, self.learning_rate, self.eval_limit) < 0 or self.train_minutes <= 0:
-            raise ValueError("--train-minutes must be above 0, and --max-steps, --train-limit, --learning-rate and --eval-limit "
-                             "0 or more")
+            raise ValueError("--train-minutes must be above 0, and --max-steps, --train-limit, --learning-rate and "
+                             "--eval-limit 0 or more")
 
 
 @dataclass(frozen=True)
@@ -99,7 +99,8 @@ class DeliveryOptions:
 
     def __post_init__(self) -> None:
         if self.requests < 1 or self.bench_calls < 1:
-            raise ValueError(f"--requests and --bench-calls must be 1 or more, got {self.requests} and {self.bench_calls}")
+            raise ValueError(
+                f"--requests and --bench-calls must be 1 or more, got {self.requests} and {self.bench_calls}")
 
 
 def say(step: int, text: str) -> None:
@@ -143,7 +144,8 @@ def stepwise(*args: str) -> dict:
 
 def extract(out: Path, task: str, teacher: str, teacher_model: str, limit: int, force: bool) -> dict:
     folder = out / "extract"
-    if (folder / artifacts.MANIFEST).exists() and not force and (manifest := artifacts.read_manifest(folder))["complete"]:
+    manifest = artifacts.read_manifest(folder) if (folder / artifacts.MANIFEST).exists() else None
+    if manifest and manifest["complete"] and not force:
         print(f"reusing {folder} ({manifest['counts']['records']} records)")
         return json.loads((out / "extract.json").read_text()) if (out / "extract.json").exists() else {}
     if force:
@@ -165,18 +167,22 @@ def teacher_cost(out: Path, task: str, teacher: str, extract_run: dict, limit: i
         return cached
     folder = teacher_cost_folder(out, teacher)
     if teacher == "vllm":
-        return save(result_path, cost_from_manifest(artifacts.read_manifest(folder), extract_run, "the teacher model of the run"))
+        cost = cost_from_manifest(artifacts.read_manifest(folder), extract_run, "the teacher model of the run")
+        return save(result_path, cost)
     model_dir = out / "tiny-teacher"
     if not (model_dir / "config.json").exists():
-        build = ("import sys; from pathlib import Path; from stepwise.extraction.tiny_teacher import build_tiny_teacher; "
-                 "build_tiny_teacher(Path(sys.argv[1]))")
+        build = ("import sys; from pathlib import Path; from stepwise.extraction.tiny_teacher import "
+                 "build_tiny_teacher; build_tiny_teacher(Path(sys.argv[1]))")
         built = subprocess.run([str(envs.ensure_env("teacher")), "-c", build, str(model_dir)], cwd=envs.ROOT,
                                env=envs.quiet_runtime_env() | {"PYTHONPATH": str(envs.ROOT)})
         if built.returncode != 0:
-            raise RuntimeError(f"building the tiny teacher in {model_dir} failed (exit {built.returncode}); see the error above")
+            raise RuntimeError(
+                f"building the tiny teacher in {model_dir} failed (exit {built.returncode}); see the error above")
     run = stepwise("extract", "--task", task, "--split", "test", "--limit", str(limit), "--teacher", "vllm", "--model", str(model_dir),
                    "--max-tokens", "64", "--enforce-eager", "--out", str(folder), "--overwrite")
-    return save(result_path, cost_from_manifest(artifacts.read_manifest(folder), run, "a tiny random local teacher (2 layers, hidden 128)"))
+    tiny = "a tiny random local teacher (2 layers, hidden 128)"
+    cost = cost_from_manifest(artifacts.read_manifest(folder), run, tiny)
+    return save(result_path, cost)
 
 
 def teacher_cost_folder(out: Path, teacher: str) -> Path:
@@ -206,8 +212,8 @@ def train(out: Path, task: str, mode: str, training: StudentOptions, force: bool
     else:
         learning_rate = training.learning_rate or (1e-3 if training.student in ("tiny", "small") else 5e-5)
         args = ["train", "--task", task, "--student", training.student, "--mode", mode, "--out", str(folder),
-                "--max-minutes", str(training.train_minutes), "--learning-rate", str(learning_rate), "--batch-size", "32",
-                "--eval-every", "100", "--eval-limit", str(training.eval_limit)]
+                "--max-minutes", str(training.train_minutes), "--learning-rate", str(learning_rate),
+                "--batch-size", "32", "--eval-every", "100", "--eval-limit", str(training.eval_limit)]
         if mode != "standard-finetune":
             args += ["--rationales", str(out / "extract")]
         if training.max_steps:
@@ -248,8 +254,9 @@ def serve_and_query(out: Path, requests: int, port: int, force: bool) -> dict:
     runtime = load_runtime(export_dir, threads=1)
     offline = [predict(runtime, [example])[0].label for example in examples]
     env = envs.quiet_runtime_env() | {"PYTHONPATH": str(envs.ROOT), "RAY_AUTH_MODE": "disabled"}
-    server = subprocess.Popen([sys.executable, "-m", "stepwise", "serve", "--model", str(export_dir), "--port", str(port),
-                               "--run-dir", str(out / "serve")], cwd=envs.ROOT, env=env, start_new_session=True)
+    command = [sys.executable, "-m", "stepwise", "serve", "--model", str(export_dir), "--port", str(port),
+               "--run-dir", str(out / "serve")]
+    server = subprocess.Popen(command, cwd=envs.ROOT, env=env, start_new_session=True)
     url = f"http://127.0.0.1:{port}"
     try:
         try:
@@ -321,9 +328,9 @@ def benchmark(out: Path, calls: int, force: bool) -> dict:
     # The export benchmark picks its loader by backend kind; the folder decides the precision.
     for name, backend, path in (("pytorch", "pytorch-eager", student), ("onnx", "ort-fp32", out / "export")):
         print(f"timing {name}", flush=True)
-        result = in_fresh_process(time_backend, env={"OMP_NUM_THREADS": "1"}, backend=backend, path=path, model_dir=student,
-                                  label_tokens=export_config["max_new_tokens"]["label"], threads=1, calls_batch1=calls,
-                                  calls_batch16=max(3, calls // 5))
+        result = in_fresh_process(time_backend, env={"OMP_NUM_THREADS": "1"}, backend=backend, path=path,
+                                  model_dir=student, label_tokens=export_config["max_new_tokens"]["label"], threads=1,
+                                  calls_batch1=calls, calls_batch16=max(3, calls // 5))
         for row in result["rows"]:
             row.pop("labels")
         backends[name] = result | {"precision": export_config["precision"] if name == "onnx" else "fp32"}
@@ -363,7 +370,8 @@ def write_report(out: Path, task: str, teacher: str, results: dict) -> Path:
     plots.mkdir(parents=True, exist_ok=True)
     spec = tasks.get_task(task)
     manifest = artifacts.read_manifest(out / "extract")
-    train_metrics, bench, served, cost, parity = (results[k] for k in ("train", "bench", "serve", "teacher_cost", "parity"))
+    train_metrics, bench, served = results["train"], results["bench"], results["serve"]
+    cost, parity = results["teacher_cost"], results["parity"]
 
     accuracy = {mode: m["test"]["accuracy"] for mode, m in train_metrics.items()}
     figure, axis = plt.subplots(figsize=(6, 4))
@@ -461,9 +469,10 @@ def cascade_section(out: Path, result: dict | None) -> str:
     heading = "\n## 6. Cascade (`stepwise cascade`)\n"
     if result is None:
         return heading + "Skipped: the task ships no teacher completions for its test split.\n"
-    return heading + f"""The student answers first and hands its least sure share of the {result['examples']} test inputs (smallest margin
-between its two best labels) to the teacher, whose answers are the {result['teacher']}. The teacher's cost per
-1k predictions is the teacher-cost step's ({result['teacher_per_1k']['seconds']:.1f} s). Files: `cascade/`.
+    examples, teacher, seconds = result["examples"], result["teacher"], result["teacher_per_1k"]["seconds"]
+    return heading + f"""The student answers first and hands its least sure share of the {examples} test inputs
+(smallest margin between its two best labels) to the teacher, whose answers are the {teacher}. The teacher's
+cost per 1k predictions is the teacher-cost step's ({seconds:.1f} s of generation). Files: `cascade/`.
 
 ![cascade](cascade/cascade.png)
 
@@ -506,7 +515,7 @@ def main(
         say(3 + i, f"train {mode} ({training.student} student, up to {training.train_minutes:g} min)")
         results["train"][mode] = train(out, task, mode, training, force)
     precision = "int8" if delivery.export_target == "cpu" else "fp16"
-    say(5, f"export the step-by-step student to ONNX ({precision}, {delivery.export_target}), parity-gated against PyTorch")
+    say(5, f"export the step-by-step student to ONNX ({precision}, {delivery.export_target}), parity-gated")
     results["parity"] = export(out, delivery.export_target, delivery.max_accuracy_drop, force)
     say(6, f"serve it on Ray Serve at 127.0.0.1:{delivery.port} and send {delivery.requests} real requests")
     results["serve"] = serve_and_query(out, delivery.requests, delivery.port, force)

@@ -158,8 +158,8 @@ def time_backend(backend: str, path: Path, model_dir: Path, label_tokens: int, t
                 latencies.append(time.perf_counter() - started)
             ms = np.array(latencies) * 1000
             rows.append({"batch": batch, "fast_path": fast, "p50_ms": float(np.percentile(ms, 50)),
-                         "p95_ms": float(np.percentile(ms, 95)), "throughput_per_s": batch * len(ms) / (ms.sum() / 1000),
-                         "labels": labels})
+                         "p95_ms": float(np.percentile(ms, 95)),
+                         "throughput_per_s": batch * len(ms) / (ms.sum() / 1000), "labels": labels})
     return {"rows": rows, "peak_rss_mb": peak_rss_mb()}
 
 
@@ -183,7 +183,8 @@ class TimedSession:
 SESSIONS = {"encoder": "encoder", "decoder": "start step", "decoder_with_past": "continuation"}
 
 
-def head_to_head(paths: dict[str, str], label_tokens: int, threads: int, rounds_batch1: int, rounds_batch16: int) -> dict[str, Any]:
+def head_to_head(paths: dict[str, str], label_tokens: int, threads: int, rounds_batch1: int,
+                 rounds_batch16: int) -> dict[str, Any]:
     """The int8 label paths taking turns call by call: p50 per path and batch, and the batched path's time
     per ONNX session (median per call). `paths`: backend -> folder, as `prepare` returns them."""
     import dataclasses
@@ -198,7 +199,8 @@ def head_to_head(paths: dict[str, str], label_tokens: int, threads: int, rounds_
     runtime = load_runtime(Path(paths["ort-int8"]), threads=threads)
     tally: dict[str, float] = {}
     timed = dataclasses.replace(runtime, **{name: TimedSession(getattr(runtime, name), tally, name) for name in SESSIONS})
-    translator = ctranslate2.Translator(paths["ct2-int8"], device="cpu", compute_type="int8", inter_threads=1, intra_threads=threads)
+    translator = ctranslate2.Translator(paths["ct2-int8"], device="cpu", compute_type="int8", inter_threads=1,
+                                        intra_threads=threads)
     tokenizer = runtime.tokenizer
     examples = tasks.load_split(runtime.task, "valid")
 
@@ -361,15 +363,17 @@ def time_every_backend(prepared: dict[str, Any], timing: TimingOptions) -> tuple
                                       calls_batch1=timing.calls_batch1, calls_batch16=timing.calls_batch16)
             for row in result["rows"]:
                 labels = row.pop("labels")
-                reference = torch_labels.setdefault((row["batch"], row["fast_path"]), labels)  # pytorch-eager runs first
+                reference = torch_labels.setdefault((row["batch"], row["fast_path"]), labels)  # pytorch-eager is first
+                agreement = sum(a == b for a, b in zip(labels, reference)) / len(reference)
                 rows.append(row | {"model": size, "backend": backend, "peak_rss_mb": result["peak_rss_mb"],
                                    "size_mb": size_on_disk(backend, Path(paths[backend])) / 1e6,
-                                   "agreement_with_pytorch": sum(a == b for a, b in zip(labels, reference)) / len(reference)})
+                                   "agreement_with_pytorch": agreement})
         print(f"[bench] {size} head-to-head", flush=True)
         duels[size] = in_fresh_process(head_to_head, env=env, paths=paths, label_tokens=info["label_tokens"],
                                        threads=timing.threads, rounds_batch1=timing.rounds_batch1,
                                        rounds_batch16=timing.rounds_batch16)
-    rows.sort(key=lambda r: (list(prepared).index(r["model"]), r["batch"], not r["fast_path"], list(BACKENDS).index(r["backend"])))
+    sizes, backends = list(prepared), list(BACKENDS)
+    rows.sort(key=lambda r: (sizes.index(r["model"]), r["batch"], not r["fast_path"], backends.index(r["backend"])))
     return rows, duels
 
 

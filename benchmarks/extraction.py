@@ -29,8 +29,9 @@ from stepwise.extraction.tiny_teacher import build_tiny_teacher
 def engine_environment(run_dir: Path) -> dict[str, str]:
     """What vLLM reads at import: the engine in this process, one thread, a small KV cache, caches in the run folder."""
     return {"VLLM_ENABLE_V1_MULTIPROCESSING": "0", "VLLM_CPU_KVCACHE_SPACE": "1", "OMP_NUM_THREADS": "1",
-            "VLLM_CACHE_ROOT": str(run_dir / "vllm"), "XDG_CACHE_HOME": str(run_dir / "cache"), "HF_HOME": str(run_dir / "hf"),
-            "TMPDIR": str(run_dir), "VLLM_NO_USAGE_STATS": "1", "TOKENIZERS_PARALLELISM": "false"}
+            "VLLM_CACHE_ROOT": str(run_dir / "vllm"), "XDG_CACHE_HOME": str(run_dir / "cache"),
+            "HF_HOME": str(run_dir / "hf"), "TMPDIR": str(run_dir), "VLLM_NO_USAGE_STATS": "1",
+            "TOKENIZERS_PARALLELISM": "false"}
 
 
 def job(task_name: str, count: int) -> tuple[tasks.Task, list[str], list[tasks.Example], list[str]]:
@@ -61,7 +62,8 @@ def time_pipeline(llm, task: tasks.Task, shots: list[str], examples: list[tasks.
     return wall, sum(t["tokens_in"] for t in tallies), sum(t["tokens_out"] for t in tallies)
 
 
-def bench_vllm(model: Path, task_name: str, count: int, max_tokens: int, chunk_sizes: list[int], repeats: int, run_dir: Path) -> list[dict]:
+def bench_vllm(model: Path, task_name: str, count: int, max_tokens: int, chunk_sizes: list[int], repeats: int,
+               run_dir: Path) -> list[dict]:
     from vllm import SamplingParams
 
     task, shots, examples, prompts = job(task_name, count)
@@ -165,9 +167,10 @@ def main(
                                          max_tokens=max_tokens, batch_size=hf_batch))
     finally:
         shutil.rmtree(run_dir, ignore_errors=True)
-    result = {"task": task, "prompts": prompts, "max_tokens": max_tokens, "threads": 1, "dtype": "float32", "repeats": repeats,
-              "machine": "shared 2-core CPU, no GPU (others' jobs ran meanwhile)",
-              "model": str(model) if model else "tiny Llama-shaped teacher (hidden 128, 2 layers, random weights)", "rows": rows}
+    result = {"task": task, "prompts": prompts, "max_tokens": max_tokens, "threads": 1, "dtype": "float32",
+              "repeats": repeats, "machine": "shared 2-core CPU, no GPU (others' jobs ran meanwhile)",
+              "model": str(model) if model else "tiny Llama-shaped teacher (hidden 128, 2 layers, random weights)",
+              "rows": rows}
     path = artifacts.write_json(Path(out).with_suffix(".json"), result)
     print(table(rows))
     return path

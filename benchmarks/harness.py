@@ -43,7 +43,9 @@ def in_fresh_process(fn: Callable[..., Result], /, env: dict[str, str] | None = 
     peak memory are its own, and no two frameworks share one process. `env` is added to that process's environment
     before `fn` runs (e.g. OMP_NUM_THREADS). Its return value and exceptions come back here."""
     spawn = multiprocessing.get_context("spawn")
-    with ProcessPoolExecutor(max_workers=1, mp_context=spawn, initializer=_set_environment, initargs=(env or {},)) as pool:
+    with ProcessPoolExecutor(
+        max_workers=1, mp_context=spawn, initializer=_set_environment, initargs=(env or {},)
+    ) as pool:
         return pool.submit(fn, **kwargs).result()
 
 

@@ -113,8 +113,9 @@ def hey(url: str, body_file: Path, concurrency: int, requests: int) -> dict[str,
                          capture_output=True, text=True, timeout=600).stdout
     seconds = {int(p): float(v) for p, v in re.findall(r"(\d+)%% in ([\d.]+) secs".replace("%%", "%"), out)}
     statuses = dict(re.findall(r"\[(\d+)\]\s+(\d+) responses", out))
-    p99 = round(1000 * seconds[99], 2) if 99 in seconds else None  # hey prints "0% in 0.0000 secs" for it below ~100 requests
-    return {"p50_ms": round(1000 * seconds[50], 2), "p99_ms": p99, "rps": round(float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1)), 1),
+    p99 = round(1000 * seconds[99], 2) if 99 in seconds else None  # hey prints "0% in 0.0000 secs" below ~100 requests
+    rps = round(float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1)), 1)
+    return {"p50_ms": round(1000 * seconds[50], 2), "p99_ms": p99, "rps": rps,
             "non_200": sum(int(n) for code, n in statuses.items() if code != "200")}
 
 

@@ -53,7 +53,8 @@ def main(
         experiment.main(
             task=task, out=Path(runs), rationales=rationales, student="tiny", seeds=seeds, fractions=fractions,
             data=DataOptions(max_input_length=128, max_target_length=64),
-            optim=OptimOptions(learning_rate=1e-3, batch_size=32, max_steps=0, max_minutes=minutes, schedule="linear", warmup_steps=20),
+            optim=OptimOptions(learning_rate=1e-3, batch_size=32, max_steps=0, max_minutes=minutes, schedule="linear",
+                               warmup_steps=20),
             evaluation=EvalOptions(eval_every=100, eval_limit=eval_limit),
             results=Path(out).parent, name=Path(out).name,
         )

@@ -146,7 +146,8 @@ def main(
         if unknown:
             raise ValueError(f"unknown {what} {unknown}; known: {list(known)}")
     if steps < 0 or steps == 1:
-        raise ValueError(f"--steps must be 0 (each shape's own) or 2 or more (the timing runs between two log rows), got {steps}")
+        raise ValueError(
+            f"--steps must be 0 (each shape's own) or 2 or more (timing runs between two log rows), got {steps}")
     workdir = Path(workdir).resolve()
     rationales = workdir / "esnli-teacher-train"
     if not (rationales / artifacts.MANIFEST).exists():
@@ -156,9 +157,10 @@ def main(
         for student in students:
             shape_steps, log_every = SHAPES[student][1:]
             run_steps = steps or shape_steps
+            log_every = min(log_every, max(1, run_steps // 2))
             for name in configs:
                 print(f"[bench] {student}: {name}", flush=True)
-                rows.append(run_config(name, student, rationales, workdir, run_steps, min(log_every, max(1, run_steps // 2))))
+                rows.append(run_config(name, student, rationales, workdir, run_steps, log_every))
                 print(f"[bench]   {rows[-1]['steps_per_s']} steps/s ({rows[-1]['wall_s']} s wall)", flush=True)
     load = os.getloadavg()
     lines = [
@@ -171,7 +173,8 @@ def main(
     ]
     table = "\n".join(lines) + "\n"
     out = Path(out)
-    report = {"command": command_line(), "cpus": os.cpu_count(), "load_average_after": [round(x, 2) for x in load], "rows": rows}
+    report = {"command": command_line(), "cpus": os.cpu_count(), "load_average_after": [round(x, 2) for x in load],
+              "rows": rows}
     artifacts.write_json(out.with_suffix(".json"), report)
     artifacts.write_atomic(out.with_suffix(".md"), table)
     plot(rows, out.with_suffix(".png"))

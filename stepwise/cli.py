@@ -35,17 +35,18 @@ STAGES: dict[str, tuple[str, str, str]] = {
     "train": ("stepwise.training.train", "main", "student"),
     "experiment": ("stepwise.training.experiment", "main", "student"),
 }
-# `stepwise bench <name>` -> the environment of benchmarks/<name, dashes as underscores>.py, whose `main` it runs.
-BENCHMARKS: dict[str, str] = {
-    "export": "student",
-    "serving": "student",
-    "extraction": "teacher",
-    "training-grid": "student",
-    "training-scale": "student",
-    "training-memory": "student",
-    "gpu-train-check": "student",
+# `stepwise bench <name>` -> (module, environment); it runs the module's `main`. benchmarks/ (the benchmarks and the
+# demo) is not installed: these need a source checkout.
+BENCHMARKS: dict[str, tuple[str, str]] = {
+    "export": ("benchmarks.export", "student"),
+    "serving": ("benchmarks.serving", "student"),
+    "extraction": ("benchmarks.extraction", "teacher"),
+    "training-grid": ("benchmarks.training_grid", "student"),
+    "training-scale": ("benchmarks.training_scale", "student"),
+    "training-memory": ("benchmarks.training_memory", "student"),
+    "gpu-train-check": ("benchmarks.gpu_train_check", "student"),
 }
-CHECKOUT_PACKAGE = "benchmarks"  # the demo and the benchmarks: in a source checkout only
+CHECKOUT_PACKAGE = "benchmarks"
 
 
 def _unwrap_optional(hint: Any) -> Any:
@@ -216,21 +217,17 @@ def run_tests(pytest_args: list[str]) -> int:
 def usage() -> str:
     lines = ["usage: stepwise <command> [options]", "", "commands:"]
     lines += [f"  {name:<11} ({env} environment)" for name, (_, _, env) in STAGES.items()]
-    lines += ["  bench       a benchmark: `stepwise bench` lists them", "  setup       create both environments (student, teacher)",
-              "  test        run the whole test suite in both environments"]
+    lines += ["  bench       a benchmark (`stepwise bench` lists them; checkout only)"]
+    lines += ["  setup       create both environments (student, teacher)", "  test        run the whole test suite in both environments"]
     return "\n".join(lines)
-
-
-def benchmark_module(name: str) -> str:
-    return f"{CHECKOUT_PACKAGE}.{name.replace('-', '_')}"
 
 
 def bench_usage() -> str:
     """One line per benchmark: the first line of its module's docstring, read without importing it."""
     lines = ["usage: stepwise bench <name> [options]   (stepwise bench <name> --help: its options)", "", "benchmarks:"]
-    for name, env in BENCHMARKS.items():
-        path = envs.ROOT / (benchmark_module(name).replace(".", "/") + ".py")
-        summary = (ast.get_docstring(ast.parse(path.read_text())) or "").split("\n")[0] if path.exists() else "(not in this checkout)"
+    for name, (module_name, env) in BENCHMARKS.items():
+        path = envs.ROOT / (module_name.replace(".", "/") + ".py")
+        summary = (ast.get_docstring(ast.parse(path.read_text())) or "").split("\n")[0]
         lines.append(f"  {name:<16} ({env}) {summary}")
     return "\n".join(lines)
 
@@ -239,8 +236,8 @@ def import_function(module_name: str, fn_name: str) -> Callable:
     """A command's function; the checkout's benchmarks/ (the demo, the benchmarks) joins the path first."""
     if module_name.split(".")[0] == CHECKOUT_PACKAGE:
         if not (envs.ROOT / CHECKOUT_PACKAGE).is_dir():
-            raise SystemExit(f"stepwise: {module_name} lives in a source checkout of stepwise (benchmarks/ is not installed): "
-                             "run it from a clone")
+            raise SystemExit(f"stepwise: {module_name} needs a source checkout of stepwise (benchmarks/ is not "
+                             "installed): run it from a clone")
         if str(envs.ROOT) not in sys.path:
             sys.path.insert(0, str(envs.ROOT))
     return getattr(importlib.import_module(module_name), fn_name)
@@ -285,7 +282,8 @@ def main(argv: list[str] | None = None) -> None:
             return
         if rest[0] not in BENCHMARKS:
             raise SystemExit(f"stepwise bench: unknown benchmark {rest[0]!r}\n\n{bench_usage()}")
-        run_in_env(BENCHMARKS[rest[0]], benchmark_module(rest[0]), "main", ["bench", rest[0]], rest[1:])
+        module_name, env_name = BENCHMARKS[rest[0]]
+        run_in_env(env_name, module_name, "main", ["bench", rest[0]], rest[1:])
         return
     if command not in STAGES:
         raise SystemExit(f"stepwise: unknown command {command!r}\n\n{usage()}")

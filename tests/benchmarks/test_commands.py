@@ -20,22 +20,32 @@ HEAVY = ("torch", "transformers", "onnxruntime", "ctranslate2", "vllm", "ray", "
 
 def run(python, *args, **kwargs) -> subprocess.CompletedProcess:
     env = {k: v for k, v in os.environ.items() if k != "STEPWISE_INPROCESS"} | {"PYTHONPATH": str(envs.ROOT)}
-    return subprocess.run([str(python), *args], cwd=envs.ROOT, env=env | kwargs.pop("env", {}), capture_output=True, text=True,
-                          timeout=300, **kwargs)
+    return subprocess.run(
+        [str(python), *args],
+        cwd=envs.ROOT,
+        env=env | kwargs.pop("env", {}),
+        capture_output=True,
+        text=True,
+        timeout=300,
+        **kwargs,
+    )
 
 
-def test_every_benchmark_module_is_a_command():
+def test_every_benchmark_module_is_a_command_named_after_it():
     modules = {path.stem for path in BENCHMARKS.glob("*.py")} - NOT_COMMANDS
-    assert {cli.benchmark_module(name) for name in cli.BENCHMARKS} == {f"benchmarks.{m}" for m in modules}
+    assert {module: name for name, (module, _) in cli.BENCHMARKS.items()} == {
+        f"benchmarks.{m}": m.replace("_", "-") for m in modules
+    }
 
 
 @pytest.mark.parametrize("module", sorted({p.stem for p in BENCHMARKS.glob("*.py")} - {"__init__", "serving_plain"}))
 def test_importing_a_benchmark_does_no_work(module, tmp_path):
     """A fresh interpreter imports the module: no framework loaded, nothing printed, no file or folder made."""
-    env_name = cli.BENCHMARKS.get(module.replace("_", "-"), "student")
+    env_name = dict(cli.BENCHMARKS.values()).get(f"benchmarks.{module}", "student")
     temp = tmp_path / "tmp"
     temp.mkdir()
-    probe = f"import importlib, sys; importlib.import_module('benchmarks.{module}'); print(sorted(set({HEAVY!r}) & set(sys.modules)))"
+    probe = (f"import importlib, sys; importlib.import_module('benchmarks.{module}'); "
+             f"print(sorted(set({HEAVY!r}) & set(sys.modules)))")
     result = run(envs.venv_python(env_name), "-c", probe, env={"TMPDIR": str(temp)})
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == "[]"  # and nothing else printed
@@ -47,7 +57,7 @@ def test_bench_alone_lists_every_benchmark_with_a_line():
     assert result.returncode == 0, result.stderr
     lines = {line.split()[0]: line for line in result.stdout.splitlines() if line.startswith("  ")}
     assert set(lines) == set(cli.BENCHMARKS)
-    for name, env_name in cli.BENCHMARKS.items():
+    for name, (_, env_name) in cli.BENCHMARKS.items():
         summary = lines[name].split(f"({env_name})", 1)[1].strip()
         assert len(summary) > 20, lines[name]
 
@@ -55,8 +65,9 @@ def test_bench_alone_lists_every_benchmark_with_a_line():
 @pytest.mark.parametrize("name", sorted(cli.BENCHMARKS))
 def test_bench_help_lists_the_options_of_main(name):
     """Run by its own environment's python (no re-execution, nothing installed)."""
-    main = importlib.import_module(cli.benchmark_module(name)).main
-    result = run(envs.venv_python(cli.BENCHMARKS[name]), "-m", "stepwise", "bench", name, "--help")
+    module, env_name = cli.BENCHMARKS[name]
+    main = importlib.import_module(module).main
+    result = run(envs.venv_python(env_name), "-m", "stepwise", "bench", name, "--help")
     assert result.returncode == 0, result.stderr
     assert result.stdout.startswith(f"usage: stepwise bench {name}")
     flags = {"--" + option.name.replace("_", "-") for option in cli.options_of(main)}

@@ -14,7 +14,12 @@ PARENT_ONLY: list[str] = []  # filled by the test: a forked child would see it, 
 
 
 def child_facts(name: str) -> dict:
-    return {"pid": os.getpid(), "env": os.environ.get(name), "parent_state": list(PARENT_ONLY), "peak_mb": harness.peak_rss_mb()}
+    return {
+        "pid": os.getpid(),
+        "env": os.environ.get(name),
+        "parent_state": list(PARENT_ONLY),
+        "peak_mb": harness.peak_rss_mb(),
+    }
 
 
 def fail(message: str) -> None:
