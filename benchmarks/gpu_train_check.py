@@ -1,5 +1,6 @@
-"""The training loop on one GPU without Ray: bf16 steps in one process, under DDP and under FSDP (a
-torch.distributed group of one, NCCL), through the same `train_worker` Ray Train workers run.
+"""The training loop on one GPU without Ray: bf16 in one process, under DDP and under FSDP (a group of one).
+
+DDP and FSDP run as a torch.distributed group of one (NCCL), through the same `train_worker` Ray Train workers run.
 
 Checks, each printed with its numbers; the exit status is 1 when any fails:
   1. a tiny student learns the words task (label = the category most of four words belong to, chance 25%) in
@@ -7,37 +8,34 @@ Checks, each printed with its numbers; the exit status is 1 when any fails:
      accuracy >= 0.75, and the three agree on the first losses (DDP: same arithmetic; FSDP: within bf16 rounding);
   2. a t5-v1_1-base-shaped student (random weights, built here) trains two step-by-step steps at inputs of 1024
      and targets of 256 tokens, 8 examples (16 rows), under DDP and FSDP: peak GPU memory against the model
-     states benchmarks/training_memory.py counts, i.e. what the activations of 8 examples take.
+     states `stepwise bench training-memory` counts, i.e. what the activations of 8 examples take.
 
-Needs only torch, transformers (4.57 or 5.x), sentencepiece and tqdm, and this checkout (no Ray, no hub):
+Needs only torch, transformers (4.57 or 5.x), sentencepiece and tqdm, and this checkout (no Ray, no hub, no
+stepwise environment), from the repository root:
 
-    python3 benchmarks/gpu_train_check.py [--out results.json]      # on a GPU box, from the repository root
-    python3 benchmarks/gpu_train_check.py --device cpu --skip-base   # the same loop on CPU (gloo, float32)
+    python3 -m benchmarks.gpu_train_check [--out results.json]       # on a bare GPU box
+    python3 -m benchmarks.gpu_train_check --device cpu --skip-base   # the same loop on CPU (gloo, float32)
+    python3 -m stepwise bench gpu-train-check ...                    # the same, in the student environment
 """
 
 from __future__ import annotations
 
-import argparse
 import csv
 import json
-import socket
 import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Literal
 
-ROOT = Path(__file__).resolve().parent.parent
+from benchmarks.harness import free_port
+from stepwise import artifacts
+
 GiB = 2**30
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def losses(out: Path) -> list[float]:
-    with (out / "log.csv").open() as f:
+    with (out / artifacts.TRAIN_LOG).open() as f:
         return [float(r["loss"]) for r in csv.DictReader(f) if r["loss"]]
 
 
@@ -62,7 +60,7 @@ def run(label: str, strategy: str | None, device: str, **train_options) -> dict:
     finally:
         if strategy:
             dist.destroy_process_group()
-    metrics = json.loads((out / "metrics.json").read_text())
+    metrics = artifacts.read_metrics(out)
     return {
         "run": label,
         "seconds": round(time.monotonic() - started, 1),
@@ -103,27 +101,26 @@ def base_student(folder: Path, task: Path) -> tuple[Path, int]:
     return folder, sum(p.numel() for p in model.parameters())
 
 
-def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--device", default="cuda", choices=["cuda", "cpu"])
-    parser.add_argument("--skip-base", action="store_true", help="only the tiny-student checks")
-    parser.add_argument("--out", type=Path, default=None, help="also write the results as JSON here")
-    args = parser.parse_args()
-    sys.path.insert(0, str(ROOT))  # this checkout's `stepwise`, however the script was started
+def main(device: Literal["cuda", "cpu"] = "cuda", skip_base: bool = False, out: Path | None = None) -> Path:
+    """The training loop on one GPU without Ray: bf16 in one process, under DDP and under FSDP (a group of one).
 
+    Args:
+        device: cuda, or cpu for the same loop on CPU (gloo, float32)
+        skip_base: only the tiny-student checks (not the t5-v1_1-base shape)
+        out: where the results go as JSON (default: gpu_train_check.json in the run's temporary folder)
+    """
     import torch
     import transformers
 
     from stepwise.training.train import DataOptions, EvalOptions, OptimOptions
     from stepwise.training.tiny import write_words_task
 
-    if args.device == "cuda" and not torch.cuda.is_available():
-        print("no CUDA device: run with --device cpu for the CPU variant")
-        return 1
+    if device == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("no CUDA device: pass --device cpu for the CPU variant")
     environment = {
         "torch": torch.__version__,
         "transformers": transformers.__version__,
-        "device": torch.cuda.get_device_name() if args.device == "cuda" else "cpu",
+        "device": torch.cuda.get_device_name() if device == "cuda" else "cpu",
     }
     print(json.dumps(environment), flush=True)
     results: dict = {"environment": environment, "runs": [], "checks": []}
@@ -148,7 +145,7 @@ def main() -> int:
     tiny_runs = {}
     for label, strategy in (("one process", None), ("ddp", "ddp"), ("fsdp", "fsdp")):
         tiny_runs[label] = run(
-            f"tiny, {label}", strategy, args.device, out=work / f"tiny-{label.replace(' ', '-')}", **tiny
+            f"tiny, {label}", strategy, device, out=work / f"tiny-{label.replace(' ', '-')}", **tiny
         )
         results["runs"].append(tiny_runs[label])
         print(json.dumps(tiny_runs[label]), flush=True)
@@ -169,7 +166,7 @@ def main() -> int:
         f"first losses {alone[:3]} vs {fsdp[:3]}",
     )
 
-    if not args.skip_base:
+    if not skip_base:
         long_task, long_rationales = write_words_task(work / "long-words", filler_words=1100)
         student, params = base_student(work / "base-student", long_task)
         base = dict(
@@ -186,7 +183,7 @@ def main() -> int:
             ("ddp", "ddp", 18),
             ("fsdp", "fsdp", 16),
         ):  # bytes per parameter of the model states (one GPU: nothing sharded)
-            row = run(f"t5-v1_1-base shape, {label}", strategy, args.device, out=work / f"base-{label}", **base)
+            row = run(f"t5-v1_1-base shape, {label}", strategy, device, out=work / f"base-{label}", **base)
             row["model_states_gib"] = round(states * params / GiB, 2)
             results["runs"].append(row)
             print(json.dumps(row), flush=True)
@@ -198,16 +195,16 @@ def main() -> int:
             )
             check(f"base shape {label} trains", finite and len(row["losses"]) == 2, f"losses {row['losses']}; {detail}")
 
-    if args.out:
-        args.out.write_text(json.dumps(results, indent=2) + "\n")
+    out = artifacts.write_json(Path(out) if out else work / "gpu_train_check.json", results)
     failed = [c["check"] for c in results["checks"] if not c["passed"]]
-    print(
-        f"{len(results['checks']) - len(failed)}/{len(results['checks'])} checks passed"
-        + (f"; failed: {', '.join(failed)}" if failed else ""),
-        flush=True,
-    )
-    return 1 if failed else 0
+    summary = f"{len(results['checks']) - len(failed)}/{len(results['checks'])} checks passed"
+    if failed:
+        raise RuntimeError(f"{summary}; failed: {', '.join(failed)} (results: {out})")
+    print(summary, flush=True)
+    return out
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from stepwise.cli import run_command
+
+    run_command(main, sys.argv[1:], prog="python3 -m benchmarks.gpu_train_check")

@@ -1,25 +1,21 @@
-"""The training grid of issue #4 on this CPU: step-by-step vs standard fine-tuning vs standard
-distillation on e-SNLI (train on the shipped valid file, i.e. our train split; test on the test split),
-a tiny T5 from scratch, data fractions 0.25 and 1.0, 3 seeds, a fixed wall-clock budget per run.
+"""The training grid of issue #4: step-by-step vs standard fine-tuning vs distillation, 3 seeds, 2 data fractions.
 
-The teacher is the shipped PaLM-540B output, extracted by the real extraction stage (`--teacher replay`).
-Writes benchmarks/results/training_grid.{md,json,csv,png}. Run it alone (timings are wall-clock budgets):
+On e-SNLI (train on the shipped valid file, i.e. our train split; test on the test split), a tiny T5 from
+scratch, data fractions 0.25 and 1.0, 3 seeds, a fixed wall-clock budget per run. The teacher is the shipped
+PaLM-540B output, extracted by the real extraction stage (`--teacher replay`, in the teacher environment).
+Timings are wall-clock budgets, so the runs hold the benchmark lock.
 
-    flock /tmp/stepwise-bench.lock .venv/student/bin/python -m benchmarks.training_grid --minutes 2.5
+    python3 -m stepwise bench training-grid --minutes 2.5   # -> benchmarks/results/training_grid.{md,json,csv,png}
 """
 
 from __future__ import annotations
 
-import argparse
 import os
 import subprocess
 import sys
 from pathlib import Path
 
-from stepwise.training import experiment
-from stepwise.training.train import DataOptions, EvalOptions, OptimOptions
-
-ROOT = Path(__file__).resolve().parent.parent
+from benchmarks.harness import RESULTS, ROOT, bench_lock
 
 
 def extract_rationales(task: str, out: Path) -> Path:
@@ -29,23 +25,37 @@ def extract_rationales(task: str, out: Path) -> Path:
     return out
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--task", default="esnli")
-    parser.add_argument("--minutes", type=float, default=2.5, help="wall-clock training budget per run (validation included)")
-    parser.add_argument("--eval-limit", type=int, default=500, help="validation and test examples per run (the same ones in every run)")
-    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    parser.add_argument("--runs", type=Path, default=ROOT / "runs" / "training-grid", help="folder of the runs (reused when rerun)")
-    args = parser.parse_args()
-    rationales = extract_rationales(args.task, args.runs / f"{args.task}-teacher-train")
-    experiment.main(
-        task=args.task, out=args.runs, rationales=rationales, student="tiny", seeds=args.seeds, fractions=[0.25, 1.0],
-        data=DataOptions(max_input_length=128, max_target_length=64),
-        optim=OptimOptions(learning_rate=1e-3, batch_size=32, max_steps=0, max_minutes=args.minutes, schedule="linear", warmup_steps=20),
-        evaluation=EvalOptions(eval_every=100, eval_limit=args.eval_limit),
-        results=ROOT / "benchmarks" / "results", name="training_grid",
-    )
+def main(
+    task: str = "esnli",
+    minutes: float = 2.5,
+    eval_limit: int = 500,
+    seeds: list[int] = [0, 1, 2],
+    fractions: list[float] = [0.25, 1.0],
+    runs: Path = ROOT / "runs" / "training-grid",
+    out: Path = RESULTS / "training_grid",
+) -> Path:
+    """The training grid: every mode x data fraction x seed, a tiny student, a fixed wall-clock budget per run.
 
+    Args:
+        task: the task (its train split is extracted with the replay teacher)
+        minutes: wall-clock training budget per run (validation included)
+        eval_limit: validation and test examples per run (the same ones in every run)
+        seeds: seeds per (mode, fraction)
+        fractions: shares of the training set
+        runs: folder of the runs (finished runs are reused when rerun)
+        out: result files (.md, .json, .csv, .png) without suffix
+    """
+    from stepwise.training import experiment
+    from stepwise.training.train import DataOptions, EvalOptions, OptimOptions
 
-if __name__ == "__main__":
-    main()
+    rationales = extract_rationales(task, Path(runs) / f"{task}-teacher-train")
+    with bench_lock():
+        experiment.main(
+            task=task, out=Path(runs), rationales=rationales, student="tiny", seeds=seeds, fractions=fractions,
+            data=DataOptions(max_input_length=128, max_target_length=64),
+            optim=OptimOptions(learning_rate=1e-3, batch_size=32, max_steps=0, max_minutes=minutes, schedule="linear",
+                               warmup_steps=20),
+            evaluation=EvalOptions(eval_every=100, eval_limit=eval_limit),
+            results=Path(out).parent, name=Path(out).name,
+        )
+    return Path(out).with_suffix(".json")

@@ -1,5 +1,6 @@
-"""GPU memory per worker for the t5-v1_1 students under DDP and FSDP, on paper: computed from parameter counts
-(each model laid out on PyTorch's meta device, so nothing is downloaded or allocated), for the way
+"""GPU memory per worker for the t5-v1_1 students under DDP and FSDP, on paper, from parameter counts.
+
+Each model is laid out on PyTorch's meta device, so nothing is downloaded or allocated, for the way
 `stepwise train` wraps them (FSDP: one unit per T5 block, the root unit holding the embeddings and lm_head).
 
 Model states per GPU, bf16 compute with fp32 master weights and fp32 AdamW moments:
@@ -7,23 +8,19 @@ Model states per GPU, bf16 compute with fp32 master weights and fp32 AdamW momen
         + 2 B/param of bf16 weight copies autocast keeps through a forward pass;
   FSDP  16 B/param / N (weights, gradients and moments sharded over N GPUs)
         + ~8 B/param of the largest unit while it is gathered (bf16 weights, bf16 gradients, fp32 reduce buffer).
-Activations come on top: they grow with the batch per GPU and the sequence lengths (benchmarks/gpu_train_check.py
+Activations come on top: they grow with the batch per GPU and the sequence lengths (`stepwise bench gpu-train-check`
 measures them on a GPU), as do the CUDA context (~0.5 GB) and allocator slack.
 
-    .venv/student/bin/python -m benchmarks.training_memory   # -> benchmarks/results/training_memory.{json,md}
+    python3 -m stepwise bench training-memory   # -> benchmarks/results/training_memory.{json,md}
 """
 
 from __future__ import annotations
 
-import argparse
-import json
 from pathlib import Path
 
-import torch
-from transformers import T5Config, T5ForConditionalGeneration
+from benchmarks.harness import RESULTS
+from stepwise import artifacts
 
-ROOT = Path(__file__).resolve().parent.parent
-RESULTS = ROOT / "benchmarks" / "results"
 GiB = 2**30
 # google/t5-v1_1-* config.json: d_model, d_ff, layers (encoder = decoder), heads, d_kv; vocabulary 32128, gated-GELU, untied lm_head.
 T5_V1_1 = {
@@ -37,6 +34,9 @@ GPU_MEMORY_GIB = 80  # an A100/H100 80 GB
 
 
 def counts(size: str) -> dict[str, int]:
+    import torch
+    from transformers import T5Config, T5ForConditionalGeneration
+
     d_model, d_ff, layers, heads, d_kv = T5_V1_1[size]
     config = T5Config(
         vocab_size=32128,
@@ -66,10 +66,12 @@ def command(size: str, strategy: str, accum: int) -> str:
     )
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--out", type=Path, default=RESULTS / "training_memory")
-    args = parser.parse_args()
+def main(out: Path = RESULTS / "training_memory") -> Path:
+    """GPU memory per worker for the t5-v1_1 students under DDP and FSDP, on paper, from parameter counts.
+
+    Args:
+        out: result files (.json, .md) without suffix
+    """
     rows = []
     for size in T5_V1_1:
         c = counts(size)
@@ -100,16 +102,9 @@ def main() -> None:
         + "\n\nModel states only (weights, gradients, AdamW moments, gathered FSDP units); activations come on top.\n\n"
     )
     table += "\n".join(f"- {r['student']}: `{r['command']}`" for r in rows) + "\n"
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.with_suffix(".json").write_text(
-        json.dumps(
-            {"gpus": GPUS, "bytes_per_param": {"ddp": 18, "fsdp": "16/N + 8 x largest unit"}, "rows": rows}, indent=2
-        )
-        + "\n"
-    )
-    args.out.with_suffix(".md").write_text(table)
+    out = Path(out)
+    report = {"gpus": GPUS, "bytes_per_param": {"ddp": 18, "fsdp": "16/N + 8 x largest unit"}, "rows": rows}
+    artifacts.write_json(out.with_suffix(".json"), report)
+    artifacts.write_atomic(out.with_suffix(".md"), table)
     print(table)
-
-
-if __name__ == "__main__":
-    main()
+    return out.with_suffix(".json")

@@ -1,20 +1,19 @@
-"""Training throughput on this machine: optimizer steps per second of one process against two Ray Train
-workers (DDP and FSDP over gloo), at the same global batch and the same recipe (step-by-step on e-SNLI with the
-shipped PaLM-540B rationales; a tiny and a t5-small-shaped student from scratch).
+"""Training throughput: optimizer steps per second of one process against two Ray Train workers (DDP, FSDP).
+
+Over gloo, at the same global batch and the same recipe (step-by-step on e-SNLI with the shipped PaLM-540B
+rationales; a tiny and a t5-small-shaped student from scratch).
 
 Each configuration is a real `stepwise train` command in its own process. Steps per second are read from its
 log.csv between the first and the last loss row (validation only once, at the end, outside that window), so
 Ray's start-up is reported apart. This machine has 2 cores shared with other jobs: two workers each get one
 core where one process gets both, so this measures the cost of the data-parallel machinery here, not a speed-up.
 
-    flock /tmp/stepwise-bench.lock .venv/student/bin/python -m benchmarks.training_scale   # -> benchmarks/results/training_scale.{json,md,png}
+    python3 -m stepwise bench training-scale   # -> benchmarks/results/training_scale.{json,md,png}
 """
 
 from __future__ import annotations
 
-import argparse
 import csv
-import json
 import os
 import re
 import shutil
@@ -24,10 +23,9 @@ import time
 from pathlib import Path
 from typing import Any
 
+from benchmarks.harness import RESULTS, ROOT, bench_lock, command_line
 from benchmarks.training_grid import extract_rationales
-
-ROOT = Path(__file__).resolve().parent.parent
-RESULTS = ROOT / "benchmarks" / "results"
+from stepwise import artifacts
 # name -> (extra `stepwise train` flags, torch threads of the single process)
 CONFIGS: dict[str, tuple[list[str], int]] = {
     "1 process, 1 thread": ([], 1),
@@ -39,9 +37,9 @@ CONFIGS: dict[str, tuple[list[str], int]] = {
 SHAPES = {"tiny": (32, 60, 10), "small": (16, 12, 3)}
 
 
-def run_config(name: str, student: str, rationales: Path, workdir: Path) -> dict[str, Any]:
+def run_config(name: str, student: str, rationales: Path, workdir: Path, steps: int, log_every: int) -> dict[str, Any]:
     flags, threads = CONFIGS[name]
-    batch, steps, log_every = SHAPES[student]
+    batch = SHAPES[student][0]
     out = workdir / student / re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-")
     shutil.rmtree(out, ignore_errors=True)
     command = [
@@ -83,12 +81,12 @@ def run_config(name: str, student: str, rationales: Path, workdir: Path) -> dict
     wall = time.monotonic() - started
     if done.returncode:
         raise RuntimeError(f"{student} / {name} failed:\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}")
-    with (out / "log.csv").open() as f:
+    with (out / artifacts.TRAIN_LOG).open() as f:
         rows = [r for r in csv.DictReader(f) if r["loss"]]
     first, last = rows[0], rows[-1]
     measured_steps = int(last["step"]) - int(first["step"])
     seconds = float(last["elapsed_s"]) - float(first["elapsed_s"])
-    metrics = json.loads((out / "metrics.json").read_text())
+    metrics = artifacts.read_metrics(out)
     return {
         "student": student,
         "config": name,
@@ -127,21 +125,43 @@ def plot(rows: list[dict], path: Path) -> None:
     plt.close(figure)
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--students", nargs="+", default=list(SHAPES), choices=list(SHAPES))
-    parser.add_argument("--workdir", type=Path, default=ROOT / "runs" / "training-scale")
-    parser.add_argument("--out", type=Path, default=RESULTS / "training_scale")
-    args = parser.parse_args()
-    rationales = args.workdir / "esnli-teacher-train"
-    if not (rationales / "manifest.json").exists():
+def main(
+    students: list[str] = list(SHAPES),
+    configs: list[str] = list(CONFIGS),
+    steps: int = 0,
+    workdir: Path = ROOT / "runs" / "training-scale",
+    out: Path = RESULTS / "training_scale",
+) -> Path:
+    """Optimizer steps per second: one process against two Ray Train workers (DDP, FSDP) at the same global batch.
+
+    Args:
+        students: student shapes (tiny, small = t5-small's shape), trained from scratch
+        configs: configurations to time (see CONFIGS)
+        steps: optimizer steps per run (0: each shape's own, see SHAPES); at least 2 log rows are timed
+        workdir: the extracted rationales and the runs
+        out: result files (.json, .md, .png) without suffix
+    """
+    for what, given, known in (("students", students, SHAPES), ("configs", configs, CONFIGS)):
+        unknown = sorted(set(given) - set(known))
+        if unknown:
+            raise ValueError(f"unknown {what} {unknown}; known: {list(known)}")
+    if steps < 0 or steps == 1:
+        raise ValueError(
+            f"--steps must be 0 (each shape's own) or 2 or more (timing runs between two log rows), got {steps}")
+    workdir = Path(workdir).resolve()
+    rationales = workdir / "esnli-teacher-train"
+    if not (rationales / artifacts.MANIFEST).exists():
         extract_rationales("esnli", rationales)
-    rows = []  # timed under `flock /tmp/stepwise-bench.lock` (see the command above): no other benchmark runs meanwhile
-    for student in args.students:
-        for name in CONFIGS:
-            print(f"[bench] {student}: {name}", flush=True)
-            rows.append(run_config(name, student, rationales, args.workdir))
-            print(f"[bench]   {rows[-1]['steps_per_s']} steps/s ({rows[-1]['wall_s']} s wall)", flush=True)
+    rows = []
+    with bench_lock():
+        for student in students:
+            shape_steps, log_every = SHAPES[student][1:]
+            run_steps = steps or shape_steps
+            log_every = min(log_every, max(1, run_steps // 2))
+            for name in configs:
+                print(f"[bench] {student}: {name}", flush=True)
+                rows.append(run_config(name, student, rationales, workdir, run_steps, log_every))
+                print(f"[bench]   {rows[-1]['steps_per_s']} steps/s ({rows[-1]['wall_s']} s wall)", flush=True)
     load = os.getloadavg()
     lines = [
         "| student | configuration | global batch | steps/s | steps timed | wall s (incl. start-up, validation) |",
@@ -152,21 +172,11 @@ def main() -> None:
         for r in rows
     ]
     table = "\n".join(lines) + "\n"
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    command = "flock /tmp/stepwise-bench.lock .venv/student/bin/python -m benchmarks.training_scale " + " ".join(
-        sys.argv[1:]
-    )
-    report = {
-        "command": command.strip(),
-        "cpus": os.cpu_count(),
-        "load_average_after": [round(x, 2) for x in load],
-        "rows": rows,
-    }
-    args.out.with_suffix(".json").write_text(json.dumps(report, indent=2) + "\n")
-    args.out.with_suffix(".md").write_text(table)
-    plot(rows, args.out.with_suffix(".png"))
+    out = Path(out)
+    report = {"command": command_line(), "cpus": os.cpu_count(), "load_average_after": [round(x, 2) for x in load],
+              "rows": rows}
+    artifacts.write_json(out.with_suffix(".json"), report)
+    artifacts.write_atomic(out.with_suffix(".md"), table)
+    plot(rows, out.with_suffix(".png"))
     print(table, flush=True)
-
-
-if __name__ == "__main__":
-    main()
+    return out.with_suffix(".json")

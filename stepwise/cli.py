@@ -2,12 +2,14 @@
 
 Standard library only at import time. A stage runs in the environment it belongs to: when called from
 another interpreter (the system `python3`, or the other venv), the command re-executes itself there,
-creating the environment on first use.
+creating the environment on first use. `stepwise demo` and `stepwise bench <name>` run the checkout's
+benchmarks/ folder (not installed) the same way.
 """
 
 from __future__ import annotations
 
 import argparse
+import ast
 import dataclasses
 import importlib
 import inspect
@@ -25,7 +27,7 @@ from stepwise import artifacts, envs
 # stage -> (module, function, environment). Only stages that exist are listed.
 STAGES: dict[str, tuple[str, str, str]] = {
     "data": ("stepwise.data_report", "main", "student"),
-    "demo": ("stepwise.demo", "main", "student"),
+    "demo": ("benchmarks.demo", "main", "student"),
     "export": ("stepwise.export.run", "main", "student"),
     "serve": ("stepwise.serving.run", "main", "student"),
     "cascade": ("stepwise.serving.cascade", "main", "student"),
@@ -33,6 +35,18 @@ STAGES: dict[str, tuple[str, str, str]] = {
     "train": ("stepwise.training.train", "main", "student"),
     "experiment": ("stepwise.training.experiment", "main", "student"),
 }
+# `stepwise bench <name>` -> (module, environment); it runs the module's `main`. benchmarks/ (the benchmarks and the
+# demo) is not installed: these need a source checkout.
+BENCHMARKS: dict[str, tuple[str, str]] = {
+    "export": ("benchmarks.export", "student"),
+    "serving": ("benchmarks.serving", "student"),
+    "extraction": ("benchmarks.extraction", "teacher"),
+    "training-grid": ("benchmarks.training_grid", "student"),
+    "training-scale": ("benchmarks.training_scale", "student"),
+    "training-memory": ("benchmarks.training_memory", "student"),
+    "gpu-train-check": ("benchmarks.gpu_train_check", "student"),
+}
+CHECKOUT_PACKAGE = "benchmarks"
 
 
 def _unwrap_optional(hint: Any) -> Any:
@@ -214,8 +228,52 @@ def run_tests(pytest_args: list[str]) -> int:
 def usage() -> str:
     lines = ["usage: stepwise <command> [options]", "", "commands:"]
     lines += [f"  {name:<11} ({env} environment)" for name, (_, _, env) in STAGES.items()]
-    lines += ["  setup       create both environments (student, teacher)", "  test        run the whole test suite in both environments (--fast: without the slow end-to-end tests)"]
+    lines += ["  bench       a benchmark (`stepwise bench` lists them; checkout only)"]
+    lines += ["  setup       create both environments (student, teacher)",
+              "  test        run the whole test suite in both environments (--fast: without the slow end-to-end tests)"]
     return "\n".join(lines)
+
+
+def bench_usage() -> str:
+    """One line per benchmark: the first line of its module's docstring, read without importing it."""
+    lines = ["usage: stepwise bench <name> [options]   (stepwise bench <name> --help: its options)", "", "benchmarks:"]
+    for name, (module_name, env) in BENCHMARKS.items():
+        path = envs.ROOT / (module_name.replace(".", "/") + ".py")
+        summary = (ast.get_docstring(ast.parse(path.read_text())) or "").split("\n")[0]
+        lines.append(f"  {name:<16} ({env}) {summary}")
+    return "\n".join(lines)
+
+
+def import_function(module_name: str, fn_name: str) -> Callable:
+    """A command's function; the checkout's benchmarks/ (the demo, the benchmarks) joins the path first."""
+    if module_name.split(".")[0] == CHECKOUT_PACKAGE:
+        if not (envs.ROOT / CHECKOUT_PACKAGE).is_dir():
+            raise SystemExit(f"stepwise: {module_name} needs a source checkout of stepwise (benchmarks/ is not "
+                             "installed): run it from a clone")
+        if str(envs.ROOT) not in sys.path:
+            sys.path.insert(0, str(envs.ROOT))
+    return getattr(importlib.import_module(module_name), fn_name)
+
+
+def run_command(fn: Callable, argv: list[str], prog: str) -> None:
+    """`fn` called with the options in `argv`. Library code raises; here, and only here, an error becomes a
+    one-line message and an exit code (a traceback would bury what the message names; STEPWISE_DEBUG=1 keeps it)."""
+    try:
+        result = call_with_argv(fn, argv, prog=prog)
+    except (ValueError, FileNotFoundError, RuntimeError, artifacts.ParityFailed) as problem:
+        if os.environ.get("STEPWISE_DEBUG") == "1":
+            raise
+        raise SystemExit(f"{prog}: error: {problem}") from None
+    if isinstance(result, Path):
+        print(f"[{prog}] output: {result}", flush=True)
+
+
+def run_in_env(env_name: str, module_name: str, fn_name: str, command: list[str], argv: list[str]) -> None:
+    """`stepwise COMMAND... ARGV...`: `module_name.fn_name` with the options in `argv`, in environment `env_name`
+    (this command re-executes itself there when another interpreter runs it)."""
+    if envs.current_env() != env_name and os.environ.get("STEPWISE_INPROCESS") != "1":
+        envs.exec_in_env(env_name, command + argv)
+    run_command(import_function(module_name, fn_name), argv, prog=" ".join(["stepwise", *command]))
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -230,19 +288,16 @@ def main(argv: list[str] | None = None) -> None:
         return
     if command == "test":
         raise SystemExit(run_tests(rest))
+    if command == "bench":
+        if not rest or rest[0] in ("-h", "--help"):
+            print(bench_usage())
+            return
+        if rest[0] not in BENCHMARKS:
+            raise SystemExit(f"stepwise bench: unknown benchmark {rest[0]!r}\n\n{bench_usage()}")
+        module_name, env_name = BENCHMARKS[rest[0]]
+        run_in_env(env_name, module_name, "main", ["bench", rest[0]], rest[1:])
+        return
     if command not in STAGES:
         raise SystemExit(f"stepwise: unknown command {command!r}\n\n{usage()}")
     module_name, fn_name, env_name = STAGES[command]
-    if envs.current_env() != env_name and os.environ.get("STEPWISE_INPROCESS") != "1":
-        envs.exec_in_env(env_name, argv)
-    fn = getattr(importlib.import_module(module_name), fn_name)
-    try:
-        result = call_with_argv(fn, rest, prog=f"stepwise {command}")
-    except (ValueError, FileNotFoundError, artifacts.ParityFailed) as problem:
-        # Library code raises; here, and only here, an error becomes a one-line message and an exit code
-        # (a traceback would bury what the message names; STEPWISE_DEBUG=1 keeps it).
-        if os.environ.get("STEPWISE_DEBUG") == "1":
-            raise
-        raise SystemExit(f"stepwise {command}: error: {problem}") from None
-    if isinstance(result, Path):
-        print(f"[stepwise {command}] output: {result}", flush=True)
+    run_in_env(env_name, module_name, fn_name, [command], rest)

@@ -5,7 +5,7 @@ t5-small-shaped random untied T5): PyTorch eager `generate`, ONNX Runtime fp32 a
 decoder layouts), and CTranslate2 int8 (beam 1) as the reference — each with the label fast path (score
 the closed label set exactly; ONNX Runtime: the runtime's batched label path, PyTorch: one teacher-forced
 pass, CTranslate2: `score_batch`) and without (greedy generation).
-Each backend runs in its own subprocess (peak RSS is that process's); the timed part holds
+Each backend runs in its own fresh process (peak RSS is that process's); the timed part holds
 /tmp/stepwise-bench.lock so no two benchmarks overlap.
 
 Then, per model size, a head-to-head in one process, the label paths taking turns call by call so that the
@@ -15,25 +15,22 @@ full decoder row projecting its example's encoder states again), CTranslate2 int
 on CTranslate2 would pay at least). The issue-10 targets are read from it, and
 the batched path's time is split per ONNX session (encoder, start step, cached continuation) and the rest.
 
-    .venv/student/bin/python -m benchmarks.export_bench   # -> benchmarks/results/export.{json,md,png}
+    python3 -m stepwise bench export   # -> benchmarks/results/export.{json,md,png}
 """
 
 from __future__ import annotations
 
-import argparse
-import fcntl
 import json
 import os
-import subprocess
-import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-ROOT = Path(__file__).resolve().parent.parent
-RESULTS = ROOT / "benchmarks" / "results"
-LOCK = Path("/tmp/stepwise-bench.lock")
+from benchmarks.harness import RESULTS, ROOT, bench_lock, command_line, in_fresh_process, peak_rss_mb
+
 TASK = "esnli"
+SIZES = ("tiny", "small")
 # backend -> (kind, export variant); ORT variants are folders written by `stepwise export`.
 BACKENDS = {
     "pytorch-eager": ("pytorch", None),
@@ -52,6 +49,7 @@ def prepare(workdir: Path, size: str) -> dict[str, Any]:
     """The student folder, its ONNX exports (each parity-gated) and its CTranslate2 int8 conversion."""
     from ctranslate2.converters import TransformersConverter
 
+    from stepwise import artifacts
     from stepwise.export.run import ParityOptions
     from stepwise.export.run import main as export_main
     from stepwise.training.tiny import build_student_folder
@@ -63,15 +61,16 @@ def prepare(workdir: Path, size: str) -> dict[str, Any]:
         if kind != "ort":
             continue
         out = workdir / size / backend
-        if not (out / "parity.json").exists():
+        if not (out / artifacts.PARITY).exists():
             export_main(model=model_dir, out=out, parity=ParityOptions(parity_limit=64), overwrite=True, **variant)
-        parity[backend] = json.loads((out / "parity.json").read_text())
+        parity[backend] = artifacts.read_parity(out)
         paths[backend] = str(out)
     ct2_dir = workdir / size / "ct2-int8"
     if not (ct2_dir / "model.bin").exists():
         TransformersConverter(str(model_dir)).convert(str(ct2_dir), quantization="int8", force=True)
     paths["ct2-int8"] = str(ct2_dir)
-    return {"paths": paths, "parity": parity, "label_tokens": json.loads((workdir / size / "ort-fp32" / "export_config.json").read_text())["max_new_tokens"]["label"]}
+    label_tokens = artifacts.read_export_config(workdir / size / "ort-fp32")["max_new_tokens"]["label"]
+    return {"paths": paths, "parity": parity, "label_tokens": label_tokens}
 
 
 def size_on_disk(backend: str, path: Path) -> int:
@@ -134,17 +133,20 @@ def label_decoder(backend: str, path: Path, model_dir: Path, threads: int, label
     return decode_ct2
 
 
-def time_backend(spec: dict[str, Any]) -> dict[str, Any]:
-    """Latency per call (p50/p95) and throughput for batch 1 and 16, with and without the fast path."""
+def time_backend(backend: str, path: Path, model_dir: Path, label_tokens: int, threads: int, calls_batch1: int,
+                 calls_batch16: int) -> dict[str, Any]:
+    """Latency per call (p50/p95) and throughput for batch 1 and 16, with and without the fast path, of one
+    backend (a key of BACKENDS) loaded from `path`, with this process's peak RSS. Run it in a fresh process
+    (`harness.in_fresh_process`): the peak is then this backend's alone. `model_dir` is the PyTorch student (its
+    task and tokenizer); `label_tokens` caps greedy decoding."""
     import numpy as np
 
     from stepwise import tasks
 
-    model_dir, path = Path(spec["model_dir"]), Path(spec["path"])
-    decode = label_decoder(spec["backend"], path, model_dir, spec["threads"], spec["label_tokens"])
-    examples = tasks.load_split(tasks.load_task(model_dir), "valid")
+    decode = label_decoder(backend, Path(path), Path(model_dir), threads, label_tokens)
+    examples = tasks.load_split(tasks.load_task(Path(model_dir)), "valid")
     rows = []
-    for batch, calls in ((1, spec["calls_batch1"]), (16, spec["calls_batch16"])):
+    for batch, calls in ((1, calls_batch1), (16, calls_batch16)):
         batches = [examples[(i * batch) % len(examples) :][:batch] for i in range(calls)]
         for fast in (True, False):
             for warm in batches[:3]:
@@ -155,7 +157,9 @@ def time_backend(spec: dict[str, Any]) -> dict[str, Any]:
                 labels += decode(chunk, fast)
                 latencies.append(time.perf_counter() - started)
             ms = np.array(latencies) * 1000
-            rows.append({"batch": batch, "fast_path": fast, "p50_ms": float(np.percentile(ms, 50)), "p95_ms": float(np.percentile(ms, 95)), "throughput_per_s": batch * len(ms) / (ms.sum() / 1000), "labels": labels})
+            rows.append({"batch": batch, "fast_path": fast, "p50_ms": float(np.percentile(ms, 50)),
+                         "p95_ms": float(np.percentile(ms, 95)),
+                         "throughput_per_s": batch * len(ms) / (ms.sum() / 1000), "labels": labels})
     return {"rows": rows, "peak_rss_mb": peak_rss_mb()}
 
 
@@ -179,9 +183,10 @@ class TimedSession:
 SESSIONS = {"encoder": "encoder", "decoder": "start step", "decoder_with_past": "continuation"}
 
 
-def head_to_head(spec: dict[str, Any]) -> dict[str, Any]:
+def head_to_head(paths: dict[str, str], label_tokens: int, threads: int, rounds_batch1: int,
+                 rounds_batch16: int) -> dict[str, Any]:
     """The int8 label paths taking turns call by call: p50 per path and batch, and the batched path's time
-    per ONNX session (median per call)."""
+    per ONNX session (median per call). `paths`: backend -> folder, as `prepare` returns them."""
     import dataclasses
 
     import ctranslate2
@@ -191,16 +196,17 @@ def head_to_head(spec: dict[str, Any]) -> dict[str, Any]:
     from stepwise.export import parity
     from stepwise.export.runtime import candidates_for, load_runtime, predict
 
-    model_dir = Path(spec["model_dir"])
-    runtime = load_runtime(Path(spec["paths"]["ort-int8"]), threads=spec["threads"])
+    runtime = load_runtime(Path(paths["ort-int8"]), threads=threads)
     tally: dict[str, float] = {}
     timed = dataclasses.replace(runtime, **{name: TimedSession(getattr(runtime, name), tally, name) for name in SESSIONS})
-    translator = ctranslate2.Translator(spec["paths"]["ct2-int8"], device="cpu", compute_type="int8", inter_threads=1, intra_threads=spec["threads"])
+    translator = ctranslate2.Translator(paths["ct2-int8"], device="cpu", compute_type="int8", inter_threads=1,
+                                        intra_threads=threads)
     tokenizer = runtime.tokenizer
     examples = tasks.load_split(runtime.task, "valid")
 
     def ct2(batch: list[tasks.Example], steps: int) -> None:
-        translator.translate_batch([tokenizer.convert_ids_to_tokens(tokenizer(tasks.label_input(e)).input_ids) for e in batch], beam_size=1, max_decoding_length=steps)
+        sources = [tokenizer.convert_ids_to_tokens(tokenizer(tasks.label_input(e)).input_ids) for e in batch]
+        translator.translate_batch(sources, beam_size=1, max_decoding_length=steps)
 
     one_encoder_call = dataclasses.replace(runtime, encoder_call_tokens=1 << 30)
 
@@ -209,20 +215,20 @@ def head_to_head(spec: dict[str, Any]) -> dict[str, Any]:
         scores = parity.onnx_one_pass_scores(one_encoder_call, [tasks.label_input(e) for e in batch], candidates)
         [cs[int(np.argmax(s))] for cs, s in zip(candidates, scores)]
 
-    paths = {
+    label_paths = {
         "ort-int8 batched label path": lambda batch: predict(timed, batch),
         "ort-int8 batched label path, one encoder call": lambda batch: predict(one_encoder_call, batch),
         "ort-int8 one-pass scorer (before)": one_pass,
-        "ct2-int8 greedy": lambda batch: ct2(batch, spec["label_tokens"]),
+        "ct2-int8 greedy": lambda batch: ct2(batch, label_tokens),
         "ct2-int8 encoder + 1 step": lambda batch: ct2(batch, 1),
     }
     results: dict[str, Any] = {}
-    for size, rounds in ((1, spec["rounds_batch1"]), (16, spec["rounds_batch16"])):
+    for size, rounds in ((1, rounds_batch1), (16, rounds_batch16)):
         batches = [examples[(i * size) % len(examples) :][:size] for i in range(rounds)]
-        times: dict[str, list[float]] = {name: [] for name in paths}
+        times: dict[str, list[float]] = {name: [] for name in label_paths}
         profile: list[dict[str, float]] = []
         for index, batch in enumerate(batches):
-            for name, run in paths.items():
+            for name, run in label_paths.items():
                 tally.update(dict.fromkeys(SESSIONS, 0.0))
                 started = time.perf_counter()
                 run(batch)
@@ -230,22 +236,14 @@ def head_to_head(spec: dict[str, Any]) -> dict[str, Any]:
                 if index >= 2:  # the first rounds warm up
                     times[name].append(elapsed * 1000)
                     if name == "ort-int8 batched label path":
-                        profile.append({SESSIONS[k]: v * 1000 for k, v in tally.items()} | {"rest (Python, NumPy)": (elapsed - sum(tally.values())) * 1000, "total": elapsed * 1000})
+                        rest = {"rest (Python, NumPy)": (elapsed - sum(tally.values())) * 1000, "total": elapsed * 1000}
+                        profile.append({SESSIONS[k]: v * 1000 for k, v in tally.items()} | rest)
         results[f"batch{size}"] = {
             "p50_ms": {name: float(np.median(v)) for name, v in times.items()},
             "profile_p50_ms": {part: float(np.median([p[part] for p in profile])) for part in profile[0]},
             "rounds": len(batches) - 2,
         }
     return results
-
-
-def peak_rss_mb() -> float:
-    """This process's peak resident set (VmHWM). Not ru_maxrss: Linux carries that over fork+exec from
-    the parent, which here is the process that built and exported the models."""
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
-            return int(line.split()[1]) / 1024
-    raise RuntimeError("no VmHWM in /proc/self/status")
 
 
 # ---------------------------------------------------------------- the run
@@ -322,60 +320,70 @@ def plot(rows: list[dict[str, Any]], path: Path) -> None:
     fig.savefig(path, dpi=110)
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--sizes", nargs="+", default=["tiny", "small"], choices=["tiny", "small"])
-    parser.add_argument("--threads", type=int, default=1, help="intra-op threads for every backend (1: stable on a shared 2-core box)")
-    parser.add_argument("--calls-batch1", type=int, default=60)
-    parser.add_argument("--calls-batch16", type=int, default=12)
-    parser.add_argument("--rounds-batch1", type=int, default=60, help="head-to-head rounds (every label path once per round)")
-    parser.add_argument("--rounds-batch16", type=int, default=20)
-    parser.add_argument("--workdir", type=Path, default=ROOT / "runs" / "export-bench")
-    parser.add_argument("--out", type=Path, default=RESULTS / "export")
-    parser.add_argument("--lock", type=Path, default=LOCK, help="held while timing, shared with `flock` in other benchmarks")
-    parser.add_argument("--worker", type=str, default=None, help=argparse.SUPPRESS)
-    args = parser.parse_args()
-    if args.worker:  # one backend (or the head-to-head), timed in this process
-        spec = json.loads(args.worker)
-        print(json.dumps(head_to_head(spec) if spec.get("head_to_head") else time_backend(spec)))
-        return
+@dataclass(frozen=True)
+class TimingOptions:
+    """How each backend is timed.
 
-    prepared = {size: prepare(args.workdir, size) for size in args.sizes}
-    env = dict(os.environ, OMP_NUM_THREADS=str(args.threads), ORT_DISABLE_TELEMETRY="1", TOKENIZERS_PARALLELISM="false", PYTHONPATH=str(ROOT))
+    Args:
+        threads: intra-op threads for every backend (1: stable on a shared 2-core box)
+        calls_batch1: timed calls per backend and path at batch 1 (after 3 warm-up calls)
+        calls_batch16: timed calls per backend and path at batch 16
+        rounds_batch1: head-to-head rounds at batch 1 (every int8 label path once per round; 2 warm up)
+        rounds_batch16: head-to-head rounds at batch 16
+    """
+
+    threads: int = 1
+    calls_batch1: int = 60
+    calls_batch16: int = 12
+    rounds_batch1: int = 60
+    rounds_batch16: int = 20
+
+    def __post_init__(self) -> None:
+        if self.threads < 1 or min(self.calls_batch1, self.calls_batch16) < 1:
+            raise ValueError(f"--threads, --calls-batch1 and --calls-batch16 must be 1 or more, got {self.threads}, "
+                             f"{self.calls_batch1} and {self.calls_batch16}")
+        if min(self.rounds_batch1, self.rounds_batch16) < 3:
+            raise ValueError(f"--rounds-batch1 and --rounds-batch16 must be 3 or more (the first 2 rounds warm up), "
+                             f"got {self.rounds_batch1} and {self.rounds_batch16}")
+
+
+def time_every_backend(prepared: dict[str, Any], timing: TimingOptions) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+    """Every backend of every size in its own fresh process, then the size's head-to-head: the result rows
+    (labels compared with PyTorch's) and the head-to-heads by size."""
+    env = {"OMP_NUM_THREADS": str(timing.threads), "TOKENIZERS_PARALLELISM": "false"}
     rows: list[dict[str, Any]] = []
     duels: dict[str, Any] = {}
+    for size, info in prepared.items():
+        paths, model_dir = info["paths"], info["paths"]["pytorch-eager"]
+        torch_labels: dict[tuple[int, bool], list[str]] = {}
+        for backend in BACKENDS:
+            print(f"[bench] {size} {backend}", flush=True)
+            result = in_fresh_process(time_backend, env=env, backend=backend, path=paths[backend], model_dir=model_dir,
+                                      label_tokens=info["label_tokens"], threads=timing.threads,
+                                      calls_batch1=timing.calls_batch1, calls_batch16=timing.calls_batch16)
+            for row in result["rows"]:
+                labels = row.pop("labels")
+                reference = torch_labels.setdefault((row["batch"], row["fast_path"]), labels)  # pytorch-eager is first
+                agreement = sum(a == b for a, b in zip(labels, reference)) / len(reference)
+                rows.append(row | {"model": size, "backend": backend, "peak_rss_mb": result["peak_rss_mb"],
+                                   "size_mb": size_on_disk(backend, Path(paths[backend])) / 1e6,
+                                   "agreement_with_pytorch": agreement})
+        print(f"[bench] {size} head-to-head", flush=True)
+        duels[size] = in_fresh_process(head_to_head, env=env, paths=paths, label_tokens=info["label_tokens"],
+                                       threads=timing.threads, rounds_batch1=timing.rounds_batch1,
+                                       rounds_batch16=timing.rounds_batch16)
+    sizes, backends = list(prepared), list(BACKENDS)
+    rows.sort(key=lambda r: (sizes.index(r["model"]), r["batch"], not r["fast_path"], backends.index(r["backend"])))
+    return rows, duels
 
-    def worker(spec: dict[str, Any], what: str) -> dict[str, Any]:
-        done = subprocess.run([sys.executable, "-m", "benchmarks.export_bench", "--worker", json.dumps(spec)], env=env, cwd=ROOT, capture_output=True, text=True)
-        if done.returncode != 0:
-            raise SystemExit(f"benchmark worker {what} failed:\n{done.stderr[-3000:]}")
-        return json.loads(done.stdout.strip().splitlines()[-1])
 
-    args.lock.touch(exist_ok=True)
-    with args.lock.open() as lock:
-        print(f"[bench] waiting for {args.lock}", flush=True)
-        fcntl.flock(lock, fcntl.LOCK_EX)  # the same lock `flock /tmp/stepwise-bench.lock` takes
-        for size, info in prepared.items():
-            torch_labels: dict[tuple[int, bool], list[str]] = {}
-            for backend in BACKENDS:
-                spec = {"backend": backend, "path": info["paths"][backend], "model_dir": info["paths"]["pytorch-eager"], "threads": args.threads, "label_tokens": info["label_tokens"], "calls_batch1": args.calls_batch1, "calls_batch16": args.calls_batch16}
-                print(f"[bench] {size} {backend}", flush=True)
-                result = worker(spec, f"{size}/{backend}")
-                for row in result["rows"]:
-                    key = (row["batch"], row["fast_path"])
-                    labels = row.pop("labels")
-                    torch_labels.setdefault(key, labels)  # pytorch-eager runs first
-                    reference = torch_labels[key]
-                    rows.append(row | {"model": size, "backend": backend, "peak_rss_mb": result["peak_rss_mb"], "size_mb": size_on_disk(backend, Path(info["paths"][backend])) / 1e6, "agreement_with_pytorch": sum(a == b for a, b in zip(labels, reference)) / len(reference)})
-            print(f"[bench] {size} head-to-head", flush=True)
-            spec = {"head_to_head": True, "paths": info["paths"], "model_dir": info["paths"]["pytorch-eager"], "threads": args.threads, "label_tokens": info["label_tokens"], "rounds_batch1": args.rounds_batch1, "rounds_batch16": args.rounds_batch16}
-            duels[size] = worker(spec, f"{size}/head-to-head")
-    rows.sort(key=lambda r: (args.sizes.index(r["model"]), r["batch"], not r["fast_path"], list(BACKENDS).index(r["backend"])))
+def speedups(rows: list[dict[str, Any]], sizes: list[str]) -> dict[str, Any]:
+    """The p50 ratios the README quotes, per size and batch."""
 
     def p50(model: str, backend: str, batch: int, fast: bool) -> float:
         return next(r["p50_ms"] for r in rows if (r["model"], r["backend"], r["batch"], r["fast_path"]) == (model, backend, batch, fast))
 
-    summary = {
+    return {
         size: {
             f"batch{batch}": {
                 "ort_int8_fast_vs_pytorch_generate": p50(size, "pytorch-eager", batch, False) / p50(size, "ort-int8", batch, True),
@@ -388,19 +396,44 @@ def main() -> None:
             }
             for batch in (1, 16)
         }
-        for size in args.sizes
+        for size in sizes
     }
-    targets = {size: issue_targets(duel) for size, duel in duels.items()}
+
+
+def main(
+    sizes: list[str] = list(SIZES),
+    timing: TimingOptions = TimingOptions(),
+    workdir: Path = ROOT / "runs" / "export-bench",
+    out: Path = RESULTS / "export",
+) -> Path:
+    """Label-only decoding speed of the exported student against PyTorch eager and CTranslate2.
+
+    Args:
+        sizes: student shapes (tiny, small = t5-small's shape), each exported in every ONNX variant
+        timing: how each backend is timed
+        workdir: the students, their exports and CTranslate2 conversions (reused when rerun)
+        out: result files (.json, .md, .png) without suffix
+    """
     import platform
 
+    from stepwise import artifacts
+
+    unknown = sorted(set(sizes) - set(SIZES))
+    if unknown:
+        raise ValueError(f"unknown sizes {unknown}; known: {list(SIZES)}")
+    prepared = {size: prepare(Path(workdir), size) for size in sizes}
+    with bench_lock():
+        rows, duels = time_every_backend(prepared, timing)
+    summary = speedups(rows, sizes)
+    targets = {size: issue_targets(duel) for size, duel in duels.items()}
     import ctranslate2
     import onnxruntime
     import torch
 
     report = {
-        "command": ".venv/student/bin/python -m benchmarks.export_bench " + " ".join(sys.argv[1:]),  # it takes the lock itself
+        "command": command_line(),  # it takes the lock itself
         "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs (shared with other work)",
-        "threads": args.threads,
+        "threads": timing.threads,
         "task": TASK,
         "versions": {"torch": torch.__version__, "onnxruntime": onnxruntime.__version__, "ctranslate2": ctranslate2.__version__},
         "label_tokens": {s: i["label_tokens"] for s, i in prepared.items()},
@@ -410,14 +443,11 @@ def main() -> None:
         "targets": targets,
         "rows": rows,
     }
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.with_suffix(".json").write_text(json.dumps(report, indent=2))
+    out = Path(out)
+    artifacts.write_json(out.with_suffix(".json"), report)
     table = render_table(rows) + "\n\n" + render_head_to_head(duels, targets)
-    args.out.with_suffix(".md").write_text(table + "\n")
-    plot(rows, args.out.with_suffix(".png"))
+    artifacts.write_atomic(out.with_suffix(".md"), table + "\n")
+    plot(rows, out.with_suffix(".png"))
     print(table)
     print(json.dumps(summary | {"targets": targets}, indent=2))
-
-
-if __name__ == "__main__":
-    main()
+    return out.with_suffix(".json")

@@ -4,38 +4,34 @@ Same prompts (the task's few-shot prompts), same tiny local teacher, same greedy
 each prefix-caching setting one engine serves both sides, and the two alternate (the prefix cache reset
 before each) so machine noise hits both alike. "overhead" is the wall time the pipeline (chunking, prompt
 building, parsing, atomic shards, manifest, progress bar) adds over one raw `generate` on the whole list.
-Engine start-up is left out of both sides. The transformers loop runs in a child process (its own threads).
+Engine start-up is left out of both sides. The transformers loop runs in a fresh process (its own threads).
 
-    flock /tmp/stepwise-bench.lock .venv/teacher/bin/python -m benchmarks.extraction_bench
+    python3 -m stepwise bench extraction   # -> benchmarks/results/extraction.json (teacher environment)
 """
 
 from __future__ import annotations
 
-import argparse
 import gc
-import json
 import os
 import shutil
 import statistics
-import subprocess
-import sys
 import tempfile
 import time
 from dataclasses import asdict
 from pathlib import Path
 
-# vLLM reads these at import: engine in this process, one thread, a small KV cache, caches in the run folder.
-RUN_DIR = Path(tempfile.mkdtemp(prefix="stepwise-extraction-bench-"))
-for key, value in {"VLLM_ENABLE_V1_MULTIPROCESSING": "0", "VLLM_CPU_KVCACHE_SPACE": "1", "OMP_NUM_THREADS": "1",
-                   "VLLM_CACHE_ROOT": str(RUN_DIR / "vllm"), "XDG_CACHE_HOME": str(RUN_DIR / "cache"), "HF_HOME": str(RUN_DIR / "hf"),
-                   "TMPDIR": str(RUN_DIR), "VLLM_NO_USAGE_STATS": "1", "TOKENIZERS_PARALLELISM": "false"}.items():
-    os.environ.setdefault(key, value)
+from benchmarks.harness import RESULTS, bench_lock, in_fresh_process
+from stepwise import artifacts, tasks
+from stepwise.extraction import run, teachers
+from stepwise.extraction.tiny_teacher import build_tiny_teacher
 
-from stepwise.extraction import run, teachers  # noqa: E402
-from stepwise.extraction.tiny_teacher import build_tiny_teacher  # noqa: E402
-from stepwise import tasks  # noqa: E402
 
-RESULTS = Path(__file__).resolve().parent / "results" / "extraction.json"
+def engine_environment(run_dir: Path) -> dict[str, str]:
+    """What vLLM reads at import: the engine in this process, one thread, a small KV cache, caches in the run folder."""
+    return {"VLLM_ENABLE_V1_MULTIPROCESSING": "0", "VLLM_CPU_KVCACHE_SPACE": "1", "OMP_NUM_THREADS": "1",
+            "VLLM_CACHE_ROOT": str(run_dir / "vllm"), "XDG_CACHE_HOME": str(run_dir / "cache"),
+            "HF_HOME": str(run_dir / "hf"), "TMPDIR": str(run_dir), "VLLM_NO_USAGE_STATS": "1",
+            "TOKENIZERS_PARALLELISM": "false"}
 
 
 def job(task_name: str, count: int) -> tuple[tasks.Task, list[str], list[tasks.Example], list[str]]:
@@ -66,7 +62,8 @@ def time_pipeline(llm, task: tasks.Task, shots: list[str], examples: list[tasks.
     return wall, sum(t["tokens_in"] for t in tallies), sum(t["tokens_out"] for t in tallies)
 
 
-def bench_vllm(model: Path, task_name: str, count: int, max_tokens: int, chunk_sizes: list[int], repeats: int) -> list[dict]:
+def bench_vllm(model: Path, task_name: str, count: int, max_tokens: int, chunk_sizes: list[int], repeats: int,
+               run_dir: Path) -> list[dict]:
     from vllm import SamplingParams
 
     task, shots, examples, prompts = job(task_name, count)
@@ -81,7 +78,7 @@ def bench_vllm(model: Path, task_name: str, count: int, max_tokens: int, chunk_s
         for _ in range(repeats):  # alternate, so drift on a shared machine hits every side
             times["raw"].append(time_raw(llm, prompts, params))
             for c in chunk_sizes:
-                times[f"chunk{c}"].append(time_pipeline(llm, task, shots, examples, sampling, c, RUN_DIR / f"out-{c}"))
+                times[f"chunk{c}"].append(time_pipeline(llm, task, shots, examples, sampling, c, run_dir / f"out-{c}"))
         raw_wall = statistics.median(t[0] for t in times["raw"])
         raw_best = min(t[0] for t in times["raw"])
         for name, samples in times.items():
@@ -101,7 +98,8 @@ def bench_vllm(model: Path, task_name: str, count: int, max_tokens: int, chunk_s
 
 
 def bench_transformers(model: Path, task_name: str, count: int, max_tokens: int, batch_size: int) -> dict:
-    """A plain batched `generate` loop (greedy, left padding, the same stop strings), as a reference."""
+    """A plain batched `generate` loop (greedy, left padding, the same stop strings), as a reference. Run it in a
+    fresh process (`harness.in_fresh_process`): its threads are its own."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -134,41 +132,45 @@ def table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--task", default="cqa")
-    parser.add_argument("--prompts", type=int, default=256)
-    parser.add_argument("--max-tokens", type=int, default=64)
-    parser.add_argument("--chunk-sizes", type=int, nargs="+", default=[64, 256])
-    parser.add_argument("--repeats", type=int, default=5)
-    parser.add_argument("--hf-batch", type=int, default=16)
-    parser.add_argument("--model", type=Path, default=None, help="a model folder (default: build the tiny teacher)")
-    parser.add_argument("--part", choices=["all", "transformers"], default="all", help=argparse.SUPPRESS)
-    parser.add_argument("--json-out", type=Path, default=RESULTS)
-    args = parser.parse_args()
+def main(
+    task: str = "cqa",
+    prompts: int = 256,
+    max_tokens: int = 64,
+    chunk_sizes: list[int] = [64, 256],
+    repeats: int = 5,
+    hf_batch: int = 16,
+    model: Path | None = None,
+    out: Path = RESULTS / "extraction",
+) -> Path:
+    """Extraction throughput: `stepwise extract`'s vLLM pipeline vs raw vllm.LLM.generate vs a transformers loop.
+
+    Args:
+        task: the task whose few-shot prompts are generated (its train split)
+        prompts: prompts per side
+        max_tokens: new tokens per completion
+        chunk_sizes: the pipeline's chunk sizes (records per shard) to time
+        repeats: alternating repeats per side (the median and the best are reported)
+        hf_batch: batch of the transformers loop
+        model: a causal LM folder (default: build the tiny teacher)
+        out: the result file (.json) without suffix
+    """
+    if min([prompts, max_tokens, repeats, hf_batch, *chunk_sizes]) < 1:
+        raise ValueError("--prompts, --max-tokens, --repeats, --hf-batch and --chunk-sizes must be 1 or more")
+    run_dir = Path(tempfile.mkdtemp(prefix="stepwise-extraction-bench-"))
+    for key, value in engine_environment(run_dir).items():
+        os.environ.setdefault(key, value)  # before vLLM is imported (in bench_vllm)
     try:
-        measure(args)
+        teacher = Path(model) if model else build_tiny_teacher(run_dir / "tiny-teacher")
+        with bench_lock():
+            rows = bench_vllm(teacher, task, prompts, max_tokens, chunk_sizes, repeats, run_dir)
+            rows.append(in_fresh_process(bench_transformers, model=teacher, task_name=task, count=prompts,
+                                         max_tokens=max_tokens, batch_size=hf_batch))
     finally:
-        shutil.rmtree(RUN_DIR, ignore_errors=True)
-
-
-def measure(args: argparse.Namespace) -> None:
-    if args.part == "transformers":  # the child process
-        print(json.dumps(bench_transformers(args.model, args.task, args.prompts, args.max_tokens, args.hf_batch)))
-        return
-    model = args.model or build_tiny_teacher(RUN_DIR / "tiny-teacher")
-    rows = bench_vllm(model, args.task, args.prompts, args.max_tokens, args.chunk_sizes, args.repeats)
-    child = subprocess.run([sys.executable, "-m", "benchmarks.extraction_bench", "--part", "transformers", "--model", str(model), "--task", args.task,
-                            "--prompts", str(args.prompts), "--max-tokens", str(args.max_tokens), "--hf-batch", str(args.hf_batch)],
-                           capture_output=True, text=True, check=True)
-    rows.append(json.loads(child.stdout.strip().splitlines()[-1]))
-    result = {"task": args.task, "prompts": args.prompts, "max_tokens": args.max_tokens, "threads": 1, "dtype": "float32", "repeats": args.repeats,
-              "machine": "shared 2-core CPU, no GPU (others' jobs ran meanwhile)", "model": "tiny Llama-shaped teacher (hidden 128, 2 layers, random weights)",
+        shutil.rmtree(run_dir, ignore_errors=True)
+    result = {"task": task, "prompts": prompts, "max_tokens": max_tokens, "threads": 1, "dtype": "float32",
+              "repeats": repeats, "machine": "shared 2-core CPU, no GPU (others' jobs ran meanwhile)",
+              "model": str(model) if model else "tiny Llama-shaped teacher (hidden 128, 2 layers, random weights)",
               "rows": rows}
-    args.json_out.parent.mkdir(parents=True, exist_ok=True)
-    args.json_out.write_text(json.dumps(result, indent=2) + "\n")
+    path = artifacts.write_json(Path(out).with_suffix(".json"), result)
     print(table(rows))
-
-
-if __name__ == "__main__":
-    main()
+    return path

@@ -7,7 +7,7 @@ reads each response's Server-Timing header, to show where a request's millisecon
 the whole serving stack's: the proportional set size (PSS) and the RSS summed over the server process and every
 process it started (proxy or HAProxy, controller, replicas, Ray's own processes).
 
-    flock /tmp/stepwise-bench.lock .venv/student/bin/python -m benchmarks.serving_bench   # -> benchmarks/results/serving.*
+    python3 -m stepwise bench serving   # -> benchmarks/results/serving.{json,md,png}
 """
 
 from __future__ import annotations
@@ -18,20 +18,19 @@ import os
 import platform
 import re
 import shutil
-import socket
 import statistics
 import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import httpx
+from benchmarks.harness import RESULTS, ROOT, bench_lock, free_port
+from stepwise import artifacts, tasks
 
-from stepwise import tasks
+if TYPE_CHECKING:
+    import httpx
 
-ROOT = Path(__file__).resolve().parent.parent
-RESULTS = ROOT / "benchmarks" / "results"
 FAST = {"RAY_SERVE_ENABLE_HA_PROXY": "1", "RAY_SERVE_THROUGHPUT_OPTIMIZED": "1"}
 # name -> (environment of the server, extra `stepwise serve` flags); "plain" is the uvicorn app.
 CONFIGS: dict[str, tuple[dict[str, str], list[str]]] = {
@@ -60,16 +59,10 @@ def int8_export(size: str, workdir: Path) -> Path:
     from stepwise.training.tiny import build_student_folder
 
     export = workdir / f"export-{size}-int8"
-    if (export / "parity.json").exists():
+    if (export / artifacts.PARITY).exists():
         return export
     student = build_student_folder(workdir / f"student-{size}", size, "esnli")
     return export_main(model=student, out=export, quantize="int8", parity=ParityOptions(parity_limit=32), overwrite=True)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def start_server(config: str, export: Path, port: int, run_dir: Path) -> subprocess.Popen:
@@ -120,7 +113,9 @@ def hey(url: str, body_file: Path, concurrency: int, requests: int) -> dict[str,
                          capture_output=True, text=True, timeout=600).stdout
     seconds = {int(p): float(v) for p, v in re.findall(r"(\d+)%% in ([\d.]+) secs".replace("%%", "%"), out)}
     statuses = dict(re.findall(r"\[(\d+)\]\s+(\d+) responses", out))
-    return {"p50_ms": round(1000 * seconds[50], 2), "p99_ms": round(1000 * seconds[99], 2), "rps": round(float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1)), 1),
+    p99 = round(1000 * seconds[99], 2) if 99 in seconds else None  # hey prints "0% in 0.0000 secs" below ~100 requests
+    rps = round(float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1)), 1)
+    return {"p50_ms": round(1000 * seconds[50], 2), "p99_ms": p99, "rps": rps,
             "non_200": sum(int(n) for code, n in statuses.items() if code != "200")}
 
 
@@ -135,6 +130,8 @@ async def httpx_load(url: str, body: dict, concurrency: int, requests: int) -> d
     and the runtime, so that what the client saw splits into hops."""
     latencies: list[float] = []
     parts: dict[str, list[float]] = {"app": [], "queue": [], "runtime": [], "batch": []}
+    import httpx
+
     remaining = iter(range(requests))
     async with httpx.AsyncClient(limits=httpx.Limits(max_connections=concurrency), timeout=120) as client:
 
@@ -272,29 +269,24 @@ def main(
         raise ValueError(f"unknown configs {unknown}; known: {list(CONFIGS)}")
     if not shutil.which("hey"):
         print("[bench] hey is not installed (apt-get install hey): load numbers come from the httpx client alone", flush=True)
-    workdir = workdir.resolve()
+    workdir = Path(workdir).resolve()
     workdir.mkdir(parents=True, exist_ok=True)
     body = {"inputs": {"premise": "A man plays a guitar on a stage in front of a crowd.", "hypothesis": "A person makes music."}}
     body_file = workdir / "body.json"
     body_file.write_text(json.dumps(body))
     result: dict[str, Any] = {"machine": f"{platform.machine()}, {os.cpu_count()} CPUs, shared: compare rows of one run", "load_generator": "hey" if shutil.which("hey") else "httpx",
                               "requests_per_point": requests, "sizes": {}}
-    for size in sizes:
-        export = int8_export(size, workdir)
-        block: dict[str, Any] = {"in_process": in_process(export, body, 200), "rows": []}
-        print(f"[bench] {size} in process: {block['in_process']}", flush=True)
-        for config in configs:
-            block["rows"].append(measure(config, export, workdir, body, body_file, concurrency, requests))
-        result["sizes"][size] = block
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.with_suffix(".json").write_text(json.dumps(result, indent=2))
-    out.with_suffix(".md").write_text(markdown(result))
+    exports = {size: int8_export(size, workdir) for size in sizes}
+    with bench_lock():
+        for size, export in exports.items():
+            block: dict[str, Any] = {"in_process": in_process(export, body, 200), "rows": []}
+            print(f"[bench] {size} in process: {block['in_process']}", flush=True)
+            for config in configs:
+                block["rows"].append(measure(config, export, workdir, body, body_file, concurrency, requests))
+            result["sizes"][size] = block
+    out = Path(out)
+    artifacts.write_json(out.with_suffix(".json"), result)
+    artifacts.write_atomic(out.with_suffix(".md"), markdown(result))
     plot(result, out.with_suffix(".png"))
     print(markdown(result))
     return out.with_suffix(".json")
-
-
-if __name__ == "__main__":
-    from stepwise.cli import call_with_argv
-
-    call_with_argv(main, sys.argv[1:], prog="python -m benchmarks.serving_bench")

@@ -1,9 +1,11 @@
 """`stepwise demo`: the whole pipeline on the embedded default, then a report of what it did.
 
 extract (replay teacher) -> train (step-by-step and standard fine-tuning) -> export (int8) -> serve on
-loopback and send real requests -> benchmark -> report.md with plots. Every stage runs as the user would
-run it (`python -m stepwise <stage>`, each in its own environment); each step's artifact is reused when
+loopback and send real requests -> benchmark -> cascade -> report.md with plots. Every stage runs as the user
+would run it (`python -m stepwise <stage>`, each in its own environment); each step's artifact is reused when
 already there (unless --force), and every artifact is written whole or not at all, so Ctrl-C loses nothing.
+It sits on top of the stages and the benchmarks (its latency step is the export benchmark's timing), so it
+lives in the checkout beside them.
 """
 
 from __future__ import annotations
@@ -17,35 +19,111 @@ import statistics
 import subprocess
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
-from stepwise import envs, tasks
+from benchmarks.export import time_backend
+from benchmarks.harness import in_fresh_process
+from stepwise import artifacts, envs, tasks
 
 MODES = ("step-by-step", "standard-finetune")
-STEP_COUNT = 8
+STEP_COUNT = 9
+
+
+@dataclass(frozen=True)
+class TeacherOptions:
+    """The teacher that writes the rationales.
+
+    Args:
+        teacher: replay (the shipped PaLM-540B outputs) or vllm (a real teacher; needs --teacher-model).
+        teacher_model: vLLM model name or folder for --teacher vllm.
+        teacher_probe: inputs the tiny vLLM teacher answers to measure teacher cost (replay teacher only).
+    """
+
+    teacher: Literal["replay", "vllm"] = "replay"
+    teacher_model: str = ""
+    teacher_probe: int = 64
+
+    def __post_init__(self) -> None:
+        if self.teacher == "vllm" and not self.teacher_model:
+            raise ValueError("--teacher vllm needs --teacher-model (a vLLM model name or folder)")
+        if self.teacher_probe < 1:
+            raise ValueError(f"--teacher-probe must be 1 or more, got {self.teacher_probe}")
+
+
+@dataclass(frozen=True)
+class StudentOptions:
+    """The two students the demo trains (step-by-step and standard fine-tuning).
+
+    Args:
+        student: tiny (built locally) or a T5 checkpoint name/folder, e.g. google/t5-v1_1-base.
+        train_minutes: wall-clock budget of each training run.
+        max_steps: cap on training steps per run (0: the time budget decides).
+        train_limit: only the first N train examples are extracted (0: all).
+        learning_rate: 0: 1e-3 for a student built from scratch (tiny, small), 5e-5 (the paper's) for a checkpoint.
+        eval_limit: validation/test examples scored during and after training, and test inputs of the cascade (0: all
+            in training, 1000 in the cascade).
+    """
+
+    student: str = "tiny"
+    train_minutes: float = 4.0
+    max_steps: int = 0
+    train_limit: int = 0
+    learning_rate: float = 0.0
+    eval_limit: int = 300
+
+    def __post_init__(self) -> None:
+        if min(self.max_steps, self.train_limit, self.learning_rate, self.eval_limit) < 0 or self.train_minutes <= 0:
+            raise ValueError("--train-minutes must be above 0, and --max-steps, --train-limit, --learning-rate and "
+                             "--eval-limit 0 or more")
+
+
+@dataclass(frozen=True)
+class DeliveryOptions:
+    """How the step-by-step student is exported, served and timed.
+
+    Args:
+        export_target: cpu (int8, CPU EP), cuda (fp16, CUDA EP) or tensorrt (fp16, TensorRT EP).
+        max_accuracy_drop: the export's parity gate: validation accuracy the ONNX model may lose against PyTorch.
+        requests: test requests sent to the served student.
+        port: HTTP port for the served student (loopback).
+        bench_calls: timed calls per backend in the latency benchmark.
+    """
+
+    export_target: Literal["cpu", "cuda", "tensorrt"] = "cpu"
+    max_accuracy_drop: float = 0.02
+    requests: int = 100
+    port: int = 8765
+    bench_calls: int = 40
+
+    def __post_init__(self) -> None:
+        if self.requests < 1 or self.bench_calls < 1:
+            raise ValueError(
+                f"--requests and --bench-calls must be 1 or more, got {self.requests} and {self.bench_calls}")
 
 
 def say(step: int, text: str) -> None:
     print(f"\n[demo {step}/{STEP_COUNT}] {text}", flush=True)
 
 
-def write_json(path: Path, data: dict) -> dict:
-    """Whole or not at all: a half-written artifact would be 'reused' on the next run."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    partial = path.with_suffix(".partial")
-    partial.write_text(json.dumps(data, indent=2))
-    os.replace(partial, path)
+def save(path: Path, data: dict) -> dict:
+    """A step's result, whole or not at all: a half-written one would be 'reused' on the next run."""
+    artifacts.write_json(path, data)
     return data
 
 
-def read_json(path: Path) -> dict | None:
-    return json.loads(path.read_text()) if path.exists() else None
+def reused(path: Path, force: bool) -> dict | None:
+    """A step's earlier result, unless --force."""
+    if force or not path.exists():
+        return None
+    print(f"reusing {path}")
+    return artifacts.read_json(path, "a result the demo wrote")
 
 
 def stepwise(*args: str) -> dict:
     """Run `python -m stepwise ARGS` (it re-executes in the stage's environment); return its wall time
-    and peak RSS, or stop the demo with the stage's own error."""
+    and peak RSS. A failing stage prints its own error; the demo then stops, naming the command."""
     started = time.time()
     env = envs.quiet_runtime_env() | {"PYTHONPATH": str(envs.ROOT)}
     env.pop("STEPWISE_INPROCESS", None)
@@ -56,7 +134,8 @@ def stepwise(*args: str) -> dict:
         process.wait()
         raise
     if os.waitstatus_to_exitcode(status) != 0:
-        raise SystemExit(f"[demo] `stepwise {' '.join(args)}` failed (exit {os.waitstatus_to_exitcode(status)}); fix the error above and rerun the demo: finished steps are reused")
+        raise RuntimeError(f"`stepwise {' '.join(args)}` failed (exit {os.waitstatus_to_exitcode(status)}); "
+                           "fix the error above and rerun the demo: finished steps are reused")
     return {"wall_s": round(time.time() - started, 2), "peak_rss_mb": round(usage.ru_maxrss / 1024, 1)}
 
 
@@ -65,10 +144,10 @@ def stepwise(*args: str) -> dict:
 
 def extract(out: Path, task: str, teacher: str, teacher_model: str, limit: int, force: bool) -> dict:
     folder = out / "extract"
-    manifest = read_json(folder / "manifest.json")
+    manifest = artifacts.read_manifest(folder) if (folder / artifacts.MANIFEST).exists() else None
     if manifest and manifest["complete"] and not force:
         print(f"reusing {folder} ({manifest['counts']['records']} records)")
-        return read_json(out / "extract.json") or {}
+        return json.loads((out / "extract.json").read_text()) if (out / "extract.json").exists() else {}
     if force:
         shutil.rmtree(folder, ignore_errors=True)
     args = ["extract", "--task", task, "--split", "train", "--teacher", teacher, "--out", str(folder)]
@@ -76,7 +155,7 @@ def extract(out: Path, task: str, teacher: str, teacher_model: str, limit: int, 
         args += ["--model", teacher_model]
     if limit:
         args += ["--limit", str(limit)]
-    return write_json(out / "extract.json", stepwise(*args))
+    return save(out / "extract.json", stepwise(*args))
 
 
 def teacher_cost(out: Path, task: str, teacher: str, extract_run: dict, limit: int, force: bool) -> dict:
@@ -84,24 +163,34 @@ def teacher_cost(out: Path, task: str, teacher: str, extract_run: dict, limit: i
     nothing to measure, so the demo times a tiny local teacher of the student's own size instead (a lower
     bound: same-size models, so what remains is the few-shot prompt plus the rationale it generates)."""
     result_path = out / "teacher-cost.json"
-    if (cached := read_json(result_path)) and not force:
-        print(f"reusing {result_path}")
+    if (cached := reused(result_path, force)) is not None:
         return cached
+    folder = teacher_cost_folder(out, teacher)
     if teacher == "vllm":
-        manifest = read_json(out / "extract" / "manifest.json")
-        return write_json(result_path, cost_from_manifest(manifest, extract_run, "the teacher model of the run"))
+        cost = cost_from_manifest(artifacts.read_manifest(folder), extract_run, "the teacher model of the run")
+        return save(result_path, cost)
     model_dir = out / "tiny-teacher"
     if not (model_dir / "config.json").exists():
-        build = "import sys; from pathlib import Path; from stepwise.extraction.tiny_teacher import build_tiny_teacher; build_tiny_teacher(Path(sys.argv[1]))"
-        subprocess.run([str(envs.ensure_env("teacher")), "-c", build, str(model_dir)], check=True, cwd=envs.ROOT,
-                       env=envs.quiet_runtime_env() | {"PYTHONPATH": str(envs.ROOT)})
-    folder = out / "teacher-cost"
+        build = ("import sys; from pathlib import Path; from stepwise.extraction.tiny_teacher import "
+                 "build_tiny_teacher; build_tiny_teacher(Path(sys.argv[1]))")
+        built = subprocess.run([str(envs.ensure_env("teacher")), "-c", build, str(model_dir)], cwd=envs.ROOT,
+                               env=envs.quiet_runtime_env() | {"PYTHONPATH": str(envs.ROOT)})
+        if built.returncode != 0:
+            raise RuntimeError(
+                f"building the tiny teacher in {model_dir} failed (exit {built.returncode}); see the error above")
     run = stepwise("extract", "--task", task, "--split", "test", "--limit", str(limit), "--teacher", "vllm", "--model", str(model_dir),
                    "--max-tokens", "64", "--enforce-eager", "--out", str(folder), "--overwrite")
-    return write_json(result_path, cost_from_manifest(read_json(folder / "manifest.json"), run, "a tiny random local teacher (2 layers, hidden 128)"))
+    tiny = "a tiny random local teacher (2 layers, hidden 128)"
+    cost = cost_from_manifest(artifacts.read_manifest(folder), run, tiny)
+    return save(result_path, cost)
 
 
-def cost_from_manifest(manifest: dict, run: dict, teacher_name: str) -> dict:
+def teacher_cost_folder(out: Path, teacher: str) -> Path:
+    """The extraction whose manifest times the teacher: the run's own for a vLLM teacher, else the tiny teacher's."""
+    return out / ("extract" if teacher == "vllm" else "teacher-cost")
+
+
+def cost_from_manifest(manifest: artifacts.Manifest, run: dict, teacher_name: str) -> dict:
     records = manifest["counts"]["records"]
     generation_s = manifest["last_run"]["generation_s"]
     return {
@@ -116,41 +205,41 @@ def cost_from_manifest(manifest: dict, run: dict, teacher_name: str) -> dict:
     }
 
 
-def train(out: Path, task: str, student: str, mode: str, minutes: float, max_steps: int, learning_rate: float, eval_limit: int, force: bool) -> dict:
+def train(out: Path, task: str, mode: str, training: StudentOptions, force: bool) -> dict:
     folder = out / "train" / mode
-    if (folder / "metrics.json").exists() and not force:
+    if (folder / artifacts.METRICS).exists() and not force:
         print(f"reusing {folder}")
     else:
-        args = ["train", "--task", task, "--student", student, "--mode", mode, "--out", str(folder), "--max-minutes", str(minutes),
-                "--learning-rate", str(learning_rate), "--batch-size", "32", "--eval-every", "100", "--eval-limit", str(eval_limit)]
+        learning_rate = training.learning_rate or (1e-3 if training.student in ("tiny", "small") else 5e-5)
+        args = ["train", "--task", task, "--student", training.student, "--mode", mode, "--out", str(folder),
+                "--max-minutes", str(training.train_minutes), "--learning-rate", str(learning_rate),
+                "--batch-size", "32", "--eval-every", "100", "--eval-limit", str(training.eval_limit)]
         if mode != "standard-finetune":
             args += ["--rationales", str(out / "extract")]
-        if max_steps:
-            args += ["--max-steps", str(max_steps)]
+        if training.max_steps:
+            args += ["--max-steps", str(training.max_steps)]
         if force:
             args += ["--force"]
         stepwise(*args)
-    return read_json(folder / "metrics.json")
+    return artifacts.read_metrics(folder)
 
 
 def export(out: Path, target: str, max_accuracy_drop: float, force: bool) -> dict:
     folder = out / "export"
-    parity = read_json(folder / "parity.json")
-    if parity and parity.get("passed") and not force:
+    if (folder / artifacts.PARITY).exists() and not force and (parity := artifacts.read_parity(folder))["passed"]:
         print(f"reusing {folder}")
         return parity
     # A folder without a passing parity report is a half-finished export: start it again.
     precision = ["--quantize", "int8"] if target == "cpu" else ["--precision", "fp16"]  # int8 for CPU, fp16 (+TensorRT) for GPU
     stepwise("export", "--model", str(out / "train" / "step-by-step"), "--out", str(folder), "--target", target, *precision,
              "--max-accuracy-drop", str(max_accuracy_drop), "--overwrite")
-    return read_json(folder / "parity.json")
+    return artifacts.read_parity(folder)
 
 
 def serve_and_query(out: Path, requests: int, port: int, force: bool) -> dict:
     """Start `stepwise serve` on loopback, send real test-split requests over HTTP, compare with offline predictions."""
     result_path = out / "serve.json"
-    if (cached := read_json(result_path)) and not force:
-        print(f"reusing {result_path}")
+    if (cached := reused(result_path, force)) is not None:
         return cached
     import httpx
 
@@ -165,14 +254,15 @@ def serve_and_query(out: Path, requests: int, port: int, force: bool) -> dict:
     runtime = load_runtime(export_dir, threads=1)
     offline = [predict(runtime, [example])[0].label for example in examples]
     env = envs.quiet_runtime_env() | {"PYTHONPATH": str(envs.ROOT), "RAY_AUTH_MODE": "disabled"}
-    server = subprocess.Popen([sys.executable, "-m", "stepwise", "serve", "--model", str(export_dir), "--port", str(port), "--run-dir", str(out / "serve")],
-                              cwd=envs.ROOT, env=env, start_new_session=True)
+    command = [sys.executable, "-m", "stepwise", "serve", "--model", str(export_dir), "--port", str(port),
+               "--run-dir", str(out / "serve")]
+    server = subprocess.Popen(command, cwd=envs.ROOT, env=env, start_new_session=True)
     url = f"http://127.0.0.1:{port}"
     try:
         try:
             wait_ready(url, timeout_s=240, process=server)
         except (RuntimeError, TimeoutError) as problem:
-            raise SystemExit(f"[demo] `stepwise serve`: {problem}") from None
+            raise RuntimeError(f"`stepwise serve` did not come up: {problem}") from None
         body = lambda e: {"inputs": {"input": e.input, **({"choices": e.choices} if e.choices else {})}}  # noqa: E731
         with httpx.Client(base_url=url, timeout=60) as client:
             latencies, served = [], []
@@ -186,7 +276,7 @@ def serve_and_query(out: Path, requests: int, port: int, force: bool) -> dict:
         burst = asyncio.run(concurrent_burst(url, [body(e) for e in examples], concurrency=16))
     finally:
         stop_server(server)
-    return write_json(result_path, {
+    return save(result_path, {
         "requests": len(examples),
         "p50_ms": statistics.median(latencies),
         "p95_ms": sorted(latencies)[int(0.95 * (len(latencies) - 1))],
@@ -228,28 +318,39 @@ async def concurrent_burst(url: str, bodies: list[dict], concurrency: int) -> di
 
 def benchmark(out: Path, calls: int, force: bool) -> dict:
     """Label-only latency of the trained student: PyTorch eager vs the ONNX export, greedy vs the fast
-    path, each backend in its own process (the export benchmark's worker)."""
+    path, each backend alone in a fresh process (the export benchmark's timing)."""
     result_path = out / "bench.json"
-    if (cached := read_json(result_path)) and not force:
-        print(f"reusing {result_path}")
+    if (cached := reused(result_path, force)) is not None:
         return cached
-    export_config = read_json(out / "export" / "export_config.json")
-    env = envs.quiet_runtime_env() | {"PYTHONPATH": str(envs.ROOT), "OMP_NUM_THREADS": "1"}
+    export_config = artifacts.read_export_config(out / "export")
+    student = out / "train" / "step-by-step"
     backends: dict[str, Any] = {}
-    # The export benchmark's worker picks its loader by backend kind; the folder decides the precision.
-    for name, backend, path in (("pytorch", "pytorch-eager", out / "train" / "step-by-step"), ("onnx", "ort-fp32", out / "export")):
-        spec = {"backend": backend, "path": str(path), "model_dir": str(out / "train" / "step-by-step"), "threads": 1,
-                "label_tokens": export_config["max_new_tokens"]["label"], "calls_batch1": calls, "calls_batch16": max(3, calls // 5)}
+    # The export benchmark picks its loader by backend kind; the folder decides the precision.
+    for name, backend, path in (("pytorch", "pytorch-eager", student), ("onnx", "ort-fp32", out / "export")):
         print(f"timing {name}", flush=True)
-        done = subprocess.run([sys.executable, "-m", "benchmarks.export_bench", "--worker", json.dumps(spec)], cwd=envs.ROOT, env=env,
-                              capture_output=True, text=True)
-        if done.returncode != 0:
-            raise SystemExit(f"[demo] benchmark of {name} failed:\n{done.stderr[-2000:]}")
-        result = json.loads(done.stdout.strip().splitlines()[-1])
+        result = in_fresh_process(time_backend, env={"OMP_NUM_THREADS": "1"}, backend=backend, path=path,
+                                  model_dir=student, label_tokens=export_config["max_new_tokens"]["label"], threads=1,
+                                  calls_batch1=calls, calls_batch16=max(3, calls // 5))
         for row in result["rows"]:
             row.pop("labels")
         backends[name] = result | {"precision": export_config["precision"] if name == "onnx" else "fp32"}
-    return write_json(result_path, backends)
+    return save(result_path, backends)
+
+
+def cascade(out: Path, teacher: str, limit: int, force: bool) -> dict | None:
+    """`stepwise cascade` on the export: accuracy against the share of test inputs the student hands the teacher
+    (least sure first), the teacher's answers being the task's shipped test completions (PaLM-540B for the built-in
+    tasks), its cost per 1k the teacher-cost step's. None when the task ships no test completions."""
+    folder = out / "cascade"
+    if (cached := reused(folder / "cascade.json", force)) is not None:
+        return cached
+    task = tasks.load_task(out / "export")
+    if not any(e.teacher_completion for e in tasks.load_split(task, "test")[:limit]):
+        print(f"skipped: {task.name} ships no teacher completions for its test split")
+        return None
+    stepwise("cascade", "--model", str(out / "export"), "--split", "test", "--limit", str(limit),
+             "--teacher-cost", str(teacher_cost_folder(out, teacher)), "--out", str(folder))
+    return artifacts.read_json(folder / "cascade.json", "written by `stepwise cascade`")
 
 
 # ---------------------------------------------------------------- report
@@ -268,13 +369,15 @@ def write_report(out: Path, task: str, teacher: str, results: dict) -> Path:
     plots = out / "plots"
     plots.mkdir(parents=True, exist_ok=True)
     spec = tasks.get_task(task)
-    manifest = read_json(out / "extract" / "manifest.json")
-    train_metrics, bench, served, cost, parity = results["train"], results["bench"], results["serve"], results["teacher_cost"], results["parity"]
+    manifest = artifacts.read_manifest(out / "extract")
+    train_metrics, bench, served = results["train"], results["bench"], results["serve"]
+    cost, parity = results["teacher_cost"], results["parity"]
 
     accuracy = {mode: m["test"]["accuracy"] for mode, m in train_metrics.items()}
     figure, axis = plt.subplots(figsize=(6, 4))
     axis.bar(list(accuracy), list(accuracy.values()), color=["tab:green", "tab:gray"])
-    axis.axhline(manifest["counts"]["teacher_accuracy"] or 0, color="tab:red", linestyle="--", label="teacher on train (shipped PaLM-540B)" if teacher == "replay" else "teacher on train")
+    axis.axhline(manifest["counts"]["teacher_accuracy"] or 0, color="tab:red", linestyle="--",
+                 label="teacher on train (shipped PaLM-540B)" if teacher == "replay" else "teacher on train")
     axis.set_ylabel("test accuracy")
     axis.set_title(f"{spec.name}: student accuracy by training mode")
     axis.legend(loc="lower right")
@@ -357,12 +460,23 @@ Example (`"explain": true`): input `{example['input'][:160]!r}`, gold `{example[
 
 Teacher time: {cost['note']} ({cost['startup_s']:.0f} s). Teacher memory includes the KV cache vLLM reserves up front
 (on a CPU, `VLLM_CPU_KVCACHE_SPACE` GiB, 4 by default in stepwise). Figures come from one run on a shared 2-core CPU; compare ratios, not absolutes.
-"""
-    report = out / "report.md"
-    partial = report.with_suffix(".partial")
-    partial.write_text(text)
-    os.replace(partial, report)
-    return report
+""" + cascade_section(out, results["cascade"])
+    return artifacts.write_atomic(out / "report.md", text)
+
+
+def cascade_section(out: Path, result: dict | None) -> str:
+    """The report's cascade section: `stepwise cascade`'s plot and table."""
+    heading = "\n## 6. Cascade (`stepwise cascade`)\n"
+    if result is None:
+        return heading + "Skipped: the task ships no teacher completions for its test split.\n"
+    examples, teacher, seconds = result["examples"], result["teacher"], result["teacher_per_1k"]["seconds"]
+    return heading + f"""The student answers first and hands its least sure share of the {examples} test inputs
+(smallest margin between its two best labels) to the teacher, whose answers are the {teacher}. The teacher's
+cost per 1k predictions is the teacher-cost step's ({seconds:.1f} s of generation). Files: `cascade/`.
+
+![cascade](cascade/cascade.png)
+
+{(out / "cascade" / "cascade.md").read_text()}"""
 
 
 # ---------------------------------------------------------------- the recipe
@@ -370,67 +484,46 @@ Teacher time: {cost['note']} ({cost['startup_s']:.0f} s). Teacher memory include
 
 def main(
     task: str = "esnli",
-    teacher: Literal["replay", "vllm"] = "replay",
-    teacher_model: str = "",
-    student: str = "tiny",
     out: Path = Path("runs/demo"),
-    train_minutes: float = 4.0,
-    max_steps: int = 0,
-    train_limit: int = 0,
-    learning_rate: float = 0.0,
-    eval_limit: int = 300,
-    export_target: Literal["cpu", "cuda", "tensorrt"] = "cpu",
-    max_accuracy_drop: float = 0.02,
-    requests: int = 100,
-    teacher_probe: int = 64,
-    bench_calls: int = 40,
-    port: int = 8765,
+    teaching: TeacherOptions = TeacherOptions(),
+    training: StudentOptions = StudentOptions(),
+    delivery: DeliveryOptions = DeliveryOptions(),
     force: bool = False,
-) -> int:
+) -> Path:
     """The whole pipeline on the embedded default (replay teacher on e-SNLI, tiny student), then a report.
 
     Args:
         task: svamp, cqa, esnli, or a custom dataset path.
-        teacher: replay (the shipped PaLM-540B outputs) or vllm (a real teacher; needs --teacher-model).
-        teacher_model: vLLM model name or folder for --teacher vllm.
-        student: tiny (built locally) or a T5 checkpoint name/folder, e.g. google/t5-v1_1-base.
         out: run folder; every step's artifact lands here and is reused on the next run.
-        train_minutes: wall-clock budget of each training run.
-        max_steps: cap on training steps per run (0: the time budget decides).
-        train_limit: only the first N train examples are extracted (0: all).
-        learning_rate: 0: 1e-3 for a student built from scratch (tiny, small), 5e-5 (the paper's) for a checkpoint.
-        eval_limit: validation/test examples scored during and after training (0: all).
-        export_target: cpu (int8, CPU EP), cuda (fp16, CUDA EP) or tensorrt (fp16, TensorRT EP).
-        max_accuracy_drop: the export's parity gate: validation accuracy the ONNX model may lose against PyTorch.
-        requests: test requests sent to the served student.
-        teacher_probe: inputs the tiny vLLM teacher answers to measure teacher cost (replay teacher only).
-        bench_calls: timed calls per backend in the latency benchmark.
-        port: HTTP port for the served student (loopback).
+        teaching: the teacher that writes the rationales.
+        training: the two students the demo trains.
+        delivery: how the step-by-step student is exported, served and timed.
         force: redo every step even where its artifact exists.
     """
-    if teacher == "vllm" and not teacher_model:
-        raise SystemExit("stepwise demo: --teacher vllm needs --teacher-model (a vLLM model name or folder)")
-    learning_rate = learning_rate or (1e-3 if student in ("tiny", "small") else 5e-5)
+    teacher = teaching.teacher
     started = time.time()
     out = Path(out).resolve()
     out.mkdir(parents=True, exist_ok=True)
     results: dict[str, Any] = {}
 
     say(1, f"extract: {teacher} teacher on {task}/train -> {out / 'extract'}")
-    extract_run = extract(out, task, teacher, teacher_model, train_limit, force)
+    extract_run = extract(out, task, teacher, teaching.teacher_model, training.train_limit, force)
     say(2, "teacher cost: a real vLLM engine answering few-shot chain-of-thought prompts")
-    results["teacher_cost"] = teacher_cost(out, task, teacher, extract_run, teacher_probe, force)
+    results["teacher_cost"] = teacher_cost(out, task, teacher, extract_run, teaching.teacher_probe, force)
     results["train"] = {}
     for i, mode in enumerate(MODES):
-        say(3 + i, f"train {mode} ({student} student, up to {train_minutes:g} min)")
-        results["train"][mode] = train(out, task, student, mode, train_minutes, max_steps, learning_rate, eval_limit, force)
-    say(5, f"export the step-by-step student to ONNX ({'int8' if export_target == 'cpu' else 'fp16'}, {export_target}), parity-gated against PyTorch")
-    results["parity"] = export(out, export_target, max_accuracy_drop, force)
-    say(6, f"serve it on Ray Serve at 127.0.0.1:{port} and send {requests} real requests")
-    results["serve"] = serve_and_query(out, requests, port, force)
+        say(3 + i, f"train {mode} ({training.student} student, up to {training.train_minutes:g} min)")
+        results["train"][mode] = train(out, task, mode, training, force)
+    precision = "int8" if delivery.export_target == "cpu" else "fp16"
+    say(5, f"export the step-by-step student to ONNX ({precision}, {delivery.export_target}), parity-gated")
+    results["parity"] = export(out, delivery.export_target, delivery.max_accuracy_drop, force)
+    say(6, f"serve it on Ray Serve at 127.0.0.1:{delivery.port} and send {delivery.requests} real requests")
+    results["serve"] = serve_and_query(out, delivery.requests, delivery.port, force)
     say(7, "benchmark label-only latency: PyTorch eager vs ONNX Runtime, greedy vs fast path")
-    results["bench"] = benchmark(out, bench_calls, force)
-    say(8, "report")
+    results["bench"] = benchmark(out, delivery.bench_calls, force)
+    say(8, "cascade: the student first, its least sure test inputs to the teacher")
+    results["cascade"] = cascade(out, teacher, training.eval_limit or 1000, force)
+    say(9, "report")
     report = write_report(out, task, teacher, results)
     print(f"\n[demo] done in {(time.time() - started) / 60:.1f} min. Report: {report}", flush=True)
-    return 0
+    return out
