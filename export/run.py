@@ -22,7 +22,7 @@ ONNX_FILES = {
     "decoder_merged": "decoder_model_merged.onnx",
 }
 COPIED_FILES = (artifacts.TASK, artifacts.TRAIN_CONFIG)
-# CPU: split, measured (README "## Export", benchmarks/export_bench.py: int8 split 2.9x faster greedy at batch 1,
+# CPU: split, measured (export/README.md, `stepwise bench export`: int8 split 2.9x faster greedy at batch 1,
 # fp32 a tie). TensorRT: split, it cannot build one engine across the merged decoder's If node. CUDA EP:
 # merged, one decoder's weights in GPU memory instead of two (not measured: no GPU here).
 DEFAULT_LAYOUT = {"cpu": "split", "cuda": "merged", "tensorrt": "split"}

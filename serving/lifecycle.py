@@ -43,7 +43,7 @@ def is_loopback(host: str) -> bool:
         return False
 
 
-# Serve's fastest request path measured here (benchmarks/serving_bench.py, README "Serving"): HAProxy as the
+# Serve's fastest request path measured here (`stepwise bench serving`, serving/README.md): HAProxy as the
 # ingress, forwarding straight to each replica's own HTTP server (direct ingress), and Serve's throughput-
 # optimized mode (user code and router on the replica's main loop, gRPC between Serve's actors). An operator's
 # own setting of either variable wins.
