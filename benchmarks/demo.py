@@ -75,8 +75,10 @@ class StudentOptions:
 
     def __post_init__(self) -> None:
         if min(self.max_steps, self.train_limit, self.learning_rate, self.eval_limit) < 0 or self.train_minutes <= 0:
-            raise ValueError("--train-minutes must be above 0, and --max-steps, --train-limit, --learning-rate and "
-                             "--eval-limit 0 or more")
+            raise ValueError(
+                "--train-minutes must be above 0, and --max-steps, --train-limit, --learning-rate and "
+                "--eval-limit 0 or more"
+            )
 
 
 @dataclass(frozen=True)
@@ -100,7 +102,8 @@ class DeliveryOptions:
     def __post_init__(self) -> None:
         if self.requests < 1 or self.bench_calls < 1:
             raise ValueError(
-                f"--requests and --bench-calls must be 1 or more, got {self.requests} and {self.bench_calls}")
+                f"--requests and --bench-calls must be 1 or more, got {self.requests} and {self.bench_calls}"
+            )
 
 
 def say(step: int, text: str) -> None:
@@ -134,8 +137,10 @@ def stepwise(*args: str) -> dict:
         process.wait()
         raise
     if os.waitstatus_to_exitcode(status) != 0:
-        raise RuntimeError(f"`stepwise {' '.join(args)}` failed (exit {os.waitstatus_to_exitcode(status)}); "
-                           "fix the error above and rerun the demo: finished steps are reused")
+        raise RuntimeError(
+            f"`stepwise {' '.join(args)}` failed (exit {os.waitstatus_to_exitcode(status)}); "
+            "fix the error above and rerun the demo: finished steps are reused"
+        )
     return {"wall_s": round(time.time() - started, 2), "peak_rss_mb": round(usage.ru_maxrss / 1024, 1)}
 
 
@@ -171,15 +176,38 @@ def teacher_cost(out: Path, task: str, teacher: str, extract_run: dict, limit: i
         return save(result_path, cost)
     model_dir = out / "tiny-teacher"
     if not (model_dir / "config.json").exists():
-        build = ("import sys; from pathlib import Path; from stepwise.extraction.tiny_teacher import "
-                 "build_tiny_teacher; build_tiny_teacher(Path(sys.argv[1]))")
-        built = subprocess.run([str(envs.ensure_env("teacher")), "-c", build, str(model_dir)], cwd=envs.ROOT,
-                               env=envs.quiet_runtime_env() | {"PYTHONPATH": str(envs.ROOT)})
+        build = (
+            "import sys; from pathlib import Path; from stepwise.extraction.tiny_teacher import "
+            "build_tiny_teacher; build_tiny_teacher(Path(sys.argv[1]))"
+        )
+        built = subprocess.run(
+            [str(envs.ensure_env("teacher")), "-c", build, str(model_dir)],
+            cwd=envs.ROOT,
+            env=envs.quiet_runtime_env() | {"PYTHONPATH": str(envs.ROOT)},
+        )
         if built.returncode != 0:
             raise RuntimeError(
-                f"building the tiny teacher in {model_dir} failed (exit {built.returncode}); see the error above")
-    run = stepwise("extract", "--task", task, "--split", "test", "--limit", str(limit), "--teacher", "vllm", "--model", str(model_dir),
-                   "--max-tokens", "64", "--enforce-eager", "--out", str(folder), "--overwrite")
+                f"building the tiny teacher in {model_dir} failed (exit {built.returncode}); see the error above"
+            )
+    run = stepwise(
+        "extract",
+        "--task",
+        task,
+        "--split",
+        "test",
+        "--limit",
+        str(limit),
+        "--teacher",
+        "vllm",
+        "--model",
+        str(model_dir),
+        "--max-tokens",
+        "64",
+        "--enforce-eager",
+        "--out",
+        str(folder),
+        "--overwrite",
+    )
     tiny = "a tiny random local teacher (2 layers, hidden 128)"
     cost = cost_from_manifest(artifacts.read_manifest(folder), run, tiny)
     return save(result_path, cost)
@@ -211,9 +239,27 @@ def train(out: Path, task: str, mode: str, training: StudentOptions, force: bool
         print(f"reusing {folder}")
     else:
         learning_rate = training.learning_rate or (1e-3 if training.student in ("tiny", "small") else 5e-5)
-        args = ["train", "--task", task, "--student", training.student, "--mode", mode, "--out", str(folder),
-                "--max-minutes", str(training.train_minutes), "--learning-rate", str(learning_rate),
-                "--batch-size", "32", "--eval-every", "100", "--eval-limit", str(training.eval_limit)]
+        args = [
+            "train",
+            "--task",
+            task,
+            "--student",
+            training.student,
+            "--mode",
+            mode,
+            "--out",
+            str(folder),
+            "--max-minutes",
+            str(training.train_minutes),
+            "--learning-rate",
+            str(learning_rate),
+            "--batch-size",
+            "32",
+            "--eval-every",
+            "100",
+            "--eval-limit",
+            str(training.eval_limit),
+        ]
         if mode != "standard-finetune":
             args += ["--rationales", str(out / "extract")]
         if training.max_steps:
@@ -230,9 +276,22 @@ def export(out: Path, target: str, max_accuracy_drop: float, force: bool) -> dic
         print(f"reusing {folder}")
         return parity
     # A folder without a passing parity report is a half-finished export: start it again.
-    precision = ["--quantize", "int8"] if target == "cpu" else ["--precision", "fp16"]  # int8 for CPU, fp16 (+TensorRT) for GPU
-    stepwise("export", "--model", str(out / "train" / "step-by-step"), "--out", str(folder), "--target", target, *precision,
-             "--max-accuracy-drop", str(max_accuracy_drop), "--overwrite")
+    precision = (
+        ["--quantize", "int8"] if target == "cpu" else ["--precision", "fp16"]
+    )  # int8 for CPU, fp16 (+TensorRT) for GPU
+    stepwise(
+        "export",
+        "--model",
+        str(out / "train" / "step-by-step"),
+        "--out",
+        str(folder),
+        "--target",
+        target,
+        *precision,
+        "--max-accuracy-drop",
+        str(max_accuracy_drop),
+        "--overwrite",
+    )
     return artifacts.read_parity(folder)
 
 
@@ -254,8 +313,18 @@ def serve_and_query(out: Path, requests: int, port: int, force: bool) -> dict:
     runtime = load_runtime(export_dir, threads=1)
     offline = [predict(runtime, [example])[0].label for example in examples]
     env = envs.quiet_runtime_env() | {"PYTHONPATH": str(envs.ROOT), "RAY_AUTH_MODE": "disabled"}
-    command = [sys.executable, "-m", "stepwise", "serve", "--model", str(export_dir), "--port", str(port),
-               "--run-dir", str(out / "serve")]
+    command = [
+        sys.executable,
+        "-m",
+        "stepwise",
+        "serve",
+        "--model",
+        str(export_dir),
+        "--port",
+        str(port),
+        "--run-dir",
+        str(out / "serve"),
+    ]
     server = subprocess.Popen(command, cwd=envs.ROOT, env=env, start_new_session=True)
     url = f"http://127.0.0.1:{port}"
     try:
@@ -276,15 +345,18 @@ def serve_and_query(out: Path, requests: int, port: int, force: bool) -> dict:
         burst = asyncio.run(concurrent_burst(url, [body(e) for e in examples], concurrency=16))
     finally:
         stop_server(server)
-    return save(result_path, {
-        "requests": len(examples),
-        "p50_ms": statistics.median(latencies),
-        "p95_ms": sorted(latencies)[int(0.95 * (len(latencies) - 1))],
-        "agreement_with_offline": sum(a == b for a, b in zip(served, offline)) / len(offline),
-        "accuracy": tasks.accuracy(task, served, [e.label for e in examples]),
-        "burst": burst,
-        "example": {"input": examples[0].input, "gold": examples[0].label, "response": explained},
-    })
+    return save(
+        result_path,
+        {
+            "requests": len(examples),
+            "p50_ms": statistics.median(latencies),
+            "p95_ms": sorted(latencies)[int(0.95 * (len(latencies) - 1))],
+            "agreement_with_offline": sum(a == b for a, b in zip(served, offline)) / len(offline),
+            "accuracy": tasks.accuracy(task, served, [e.label for e in examples]),
+            "burst": burst,
+            "example": {"input": examples[0].input, "gold": examples[0].label, "response": explained},
+        },
+    )
 
 
 def stop_server(server: subprocess.Popen) -> None:
@@ -313,7 +385,12 @@ async def concurrent_burst(url: str, bodies: list[dict], concurrency: int) -> di
         started = time.perf_counter()
         await asyncio.gather(*(one(b) for b in bodies))
         wall = time.perf_counter() - started
-    return {"concurrency": concurrency, "requests": len(bodies), "ok": statuses.count(200), "requests_per_s": len(bodies) / wall}
+    return {
+        "concurrency": concurrency,
+        "requests": len(bodies),
+        "ok": statuses.count(200),
+        "requests_per_s": len(bodies) / wall,
+    }
 
 
 def benchmark(out: Path, calls: int, force: bool) -> dict:
@@ -328,9 +405,17 @@ def benchmark(out: Path, calls: int, force: bool) -> dict:
     # The export benchmark picks its loader by backend kind; the folder decides the precision.
     for name, backend, path in (("pytorch", "pytorch-eager", student), ("onnx", "ort-fp32", out / "export")):
         print(f"timing {name}", flush=True)
-        result = in_fresh_process(time_backend, env={"OMP_NUM_THREADS": "1"}, backend=backend, path=path,
-                                  model_dir=student, label_tokens=export_config["max_new_tokens"]["label"], threads=1,
-                                  calls_batch1=calls, calls_batch16=max(3, calls // 5))
+        result = in_fresh_process(
+            time_backend,
+            env={"OMP_NUM_THREADS": "1"},
+            backend=backend,
+            path=path,
+            model_dir=student,
+            label_tokens=export_config["max_new_tokens"]["label"],
+            threads=1,
+            calls_batch1=calls,
+            calls_batch16=max(3, calls // 5),
+        )
         for row in result["rows"]:
             row.pop("labels")
         backends[name] = result | {"precision": export_config["precision"] if name == "onnx" else "fp32"}
@@ -348,8 +433,19 @@ def cascade(out: Path, teacher: str, limit: int, force: bool) -> dict | None:
     if not any(e.teacher_completion for e in tasks.load_split(task, "test")[:limit]):
         print(f"skipped: {task.name} ships no teacher completions for its test split")
         return None
-    stepwise("cascade", "--model", str(out / "export"), "--split", "test", "--limit", str(limit),
-             "--teacher-cost", str(teacher_cost_folder(out, teacher)), "--out", str(folder))
+    stepwise(
+        "cascade",
+        "--model",
+        str(out / "export"),
+        "--split",
+        "test",
+        "--limit",
+        str(limit),
+        "--teacher-cost",
+        str(teacher_cost_folder(out, teacher)),
+        "--out",
+        str(folder),
+    )
     return artifacts.read_json(folder / "cascade.json", "written by `stepwise cascade`")
 
 
@@ -376,8 +472,12 @@ def write_report(out: Path, task: str, teacher: str, results: dict) -> Path:
     accuracy = {mode: m["test"]["accuracy"] for mode, m in train_metrics.items()}
     figure, axis = plt.subplots(figsize=(6, 4))
     axis.bar(list(accuracy), list(accuracy.values()), color=["tab:green", "tab:gray"])
-    axis.axhline(manifest["counts"]["teacher_accuracy"] or 0, color="tab:red", linestyle="--",
-                 label="teacher on train (shipped PaLM-540B)" if teacher == "replay" else "teacher on train")
+    axis.axhline(
+        manifest["counts"]["teacher_accuracy"] or 0,
+        color="tab:red",
+        linestyle="--",
+        label="teacher on train (shipped PaLM-540B)" if teacher == "replay" else "teacher on train",
+    )
     axis.set_ylabel("test accuracy")
     axis.set_title(f"{spec.name}: student accuracy by training mode")
     axis.legend(loc="lower right")
@@ -402,7 +502,9 @@ def write_report(out: Path, task: str, teacher: str, results: dict) -> Path:
     student_seconds_per_1k = 1000 / student_fast["throughput_per_s"]
     student_rss = bench["onnx"]["peak_rss_mb"]
     figure, axes = plt.subplots(1, 2, figsize=(9, 4))
-    axes[0].bar(["teacher", "student"], [cost["seconds_per_1k"], student_seconds_per_1k], color=["tab:red", "tab:green"])
+    axes[0].bar(
+        ["teacher", "student"], [cost["seconds_per_1k"], student_seconds_per_1k], color=["tab:red", "tab:green"]
+    )
     axes[0].set_ylabel("seconds per 1k predictions")
     axes[0].set_yscale("log")
     axes[1].bar(["teacher", "student"], [cost["peak_rss_mb"], student_rss], color=["tab:red", "tab:green"])
@@ -412,15 +514,18 @@ def write_report(out: Path, task: str, teacher: str, results: dict) -> Path:
     figure.savefig(plots / "cost_per_1k.png", dpi=110)
 
     counts = manifest["counts"]
-    rows = "\n".join(f"| {mode} | {m['steps']} | {m['train_minutes']:.1f} | {m['valid']['accuracy']:.3f} | {m['test']['accuracy']:.3f} ({m['test'].get('examples', '?')} examples) |"
-                     for mode, m in train_metrics.items())
+    rows = "\n".join(
+        f"| {mode} | {m['steps']} | {m['train_minutes']:.1f} | {m['valid']['accuracy']:.3f} | {m['test']['accuracy']:.3f} ({m['test'].get('examples', '?')} examples) |"
+        for mode, m in train_metrics.items()
+    )
     example = served["example"]
-    text = f"""# stepwise demo report
+    text = (
+        f"""# stepwise demo report
 
-Task **{spec.name}**, teacher **{teacher}**, written {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}. Artifacts are in `{out}`.
+Task **{spec.name}**, teacher **{teacher}**, written {time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}. Artifacts are in `{out}`.
 
 ## 1. Teacher rationales (`stepwise extract`)
-{counts['records']} train records, parse rate {counts['parse_rate']:.1%}, teacher accuracy against gold {counts['teacher_accuracy']:.1%}.
+{counts["records"]} train records, parse rate {counts["parse_rate"]:.1%}, teacher accuracy against gold {counts["teacher_accuracy"]:.1%}.
 
 ## 2. Students (`stepwise train`)
 | mode | steps | minutes | valid accuracy | test accuracy |
@@ -432,35 +537,39 @@ Task **{spec.name}**, teacher **{teacher}**, written {time.strftime('%Y-%m-%d %H
 A tiny T5 trained from scratch for minutes on a CPU is not the paper's pretrained T5: read these as a check
 that the pipeline learns, not as a reproduction (README, Training, has the GPU recipe for that).
 
-## 3. Export (`stepwise export`, {bench['onnx']['precision']})
-Parity gate {'passed' if parity['passed'] else 'FAILED'} on {parity['examples']} validation examples: labels equal to PyTorch's for
-{parity['fast_path_agreement']:.1%} (label fast path, what serving uses) and {parity['greedy_agreement']:.1%} (greedy); accuracy
-{parity['accuracy_pytorch']:.3f} (PyTorch) -> {parity['accuracy_onnx']:.3f} (ONNX). Full report: `export/parity.json`.
+## 3. Export (`stepwise export`, {bench["onnx"]["precision"]})
+Parity gate {"passed" if parity["passed"] else "FAILED"} on {parity["examples"]} validation examples: labels equal to PyTorch's for
+{parity["fast_path_agreement"]:.1%} (label fast path, what serving uses) and {parity["greedy_agreement"]:.1%} (greedy); accuracy
+{parity["accuracy_pytorch"]:.3f} (PyTorch) -> {parity["accuracy_onnx"]:.3f} (ONNX). Full report: `export/parity.json`.
 
 ## 4. Serving (`stepwise serve`, real HTTP on 127.0.0.1)
-{served['requests']} test requests one at a time: p50 {served['p50_ms']:.1f} ms, p95 {served['p95_ms']:.1f} ms; labels equal to offline
-prediction for {served['agreement_with_offline']:.1%}; accuracy {served['accuracy']:.3f}. Burst of {served['burst']['requests']} at
-concurrency {served['burst']['concurrency']}: {served['burst']['ok']} answered 200, {served['burst']['requests_per_s']:.0f} requests/s.
+{served["requests"]} test requests one at a time: p50 {served["p50_ms"]:.1f} ms, p95 {served["p95_ms"]:.1f} ms; labels equal to offline
+prediction for {served["agreement_with_offline"]:.1%}; accuracy {served["accuracy"]:.3f}. Burst of {served["burst"]["requests"]} at
+concurrency {served["burst"]["concurrency"]}: {served["burst"]["ok"]} answered 200, {served["burst"]["requests_per_s"]:.0f} requests/s.
 
-Example (`"explain": true`): input `{example['input'][:160]!r}`, gold `{example['gold']}`, response `{json.dumps(example['response'])[:400]}`
+Example (`"explain": true`): input `{example["input"][:160]!r}`, gold `{example["gold"]}`, response `{json.dumps(example["response"])[:400]}`
 
 ## 5. Latency and cost
 ![latency by backend](plots/latency_by_backend.png)
 
 | backend (batch 1, label only) | p50 ms |
 |---|---|
-""" + "\n".join(f"| {name.replace(chr(10), ' ')} | {ms:.2f} |" for name, ms in latency.items()) + f"""
+"""
+        + "\n".join(f"| {name.replace(chr(10), ' ')} | {ms:.2f} |" for name, ms in latency.items())
+        + f"""
 
 ![cost per 1k predictions](plots/cost_per_1k.png)
 
 | per 1k predictions | seconds | peak RSS MB |
 |---|---|---|
-| teacher: {cost['teacher']} ({cost['tokens_in_per_record']:.0f} prompt + {cost['tokens_out_per_record']:.0f} generated tokens per input) | {cost['seconds_per_1k']:.1f} | {cost['peak_rss_mb']:.0f} |
+| teacher: {cost["teacher"]} ({cost["tokens_in_per_record"]:.0f} prompt + {cost["tokens_out_per_record"]:.0f} generated tokens per input) | {cost["seconds_per_1k"]:.1f} | {cost["peak_rss_mb"]:.0f} |
 | student: {onnx}, label fast path, batch 16 | {student_seconds_per_1k:.2f} | {student_rss:.0f} |
 
-Teacher time: {cost['note']} ({cost['startup_s']:.0f} s). Teacher memory includes the KV cache vLLM reserves up front
+Teacher time: {cost["note"]} ({cost["startup_s"]:.0f} s). Teacher memory includes the KV cache vLLM reserves up front
 (on a CPU, `VLLM_CPU_KVCACHE_SPACE` GiB, 4 by default in stepwise). Figures come from one run on a shared 2-core CPU; compare ratios, not absolutes.
-""" + cascade_section(out, results["cascade"])
+"""
+        + cascade_section(out, results["cascade"])
+    )
     return artifacts.write_atomic(out / "report.md", text)
 
 
@@ -470,13 +579,16 @@ def cascade_section(out: Path, result: dict | None) -> str:
     if result is None:
         return heading + "Skipped: the task ships no teacher completions for its test split.\n"
     examples, teacher, seconds = result["examples"], result["teacher"], result["teacher_per_1k"]["seconds"]
-    return heading + f"""The student answers first and hands its least sure share of the {examples} test inputs
+    return (
+        heading
+        + f"""The student answers first and hands its least sure share of the {examples} test inputs
 (smallest margin between its two best labels) to the teacher, whose answers are the {teacher}. The teacher's
 cost per 1k predictions is the teacher-cost step's ({seconds:.1f} s of generation). Files: `cascade/`.
 
 ![cascade](cascade/cascade.png)
 
 {(out / "cascade" / "cascade.md").read_text()}"""
+    )
 
 
 # ---------------------------------------------------------------- the recipe

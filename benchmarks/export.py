@@ -112,7 +112,9 @@ def label_decoder(backend: str, path: Path, model_dir: Path, threads: int, label
 
     from stepwise.export.runtime import candidates_for
 
-    translator = ctranslate2.Translator(str(path), device="cpu", compute_type="int8", inter_threads=1, intra_threads=threads)
+    translator = ctranslate2.Translator(
+        str(path), device="cpu", compute_type="int8", inter_threads=1, intra_threads=threads
+    )
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
 
     def tokens(text: str, eos: bool = True) -> list[str]:
@@ -126,15 +128,19 @@ def label_decoder(backend: str, path: Path, model_dir: Path, threads: int, label
             return [tokenizer.convert_tokens_to_string(r.hypotheses[0]).strip() for r in results]
         candidates = [candidates_for(task, e) for e in examples]
         # score_batch appends EOS to each target itself; all candidates of the batch in one call.
-        scored = translator.score_batch([s for s, cs in zip(sources, candidates) for _ in cs], [tokens(c, eos=False) for cs in candidates for c in cs])
+        scored = translator.score_batch(
+            [s for s, cs in zip(sources, candidates) for _ in cs],
+            [tokens(c, eos=False) for cs in candidates for c in cs],
+        )
         sums = iter([sum(r.log_probs) for r in scored])
         return [cs[int(np.argmax([next(sums) for _ in cs]))] for cs in candidates]
 
     return decode_ct2
 
 
-def time_backend(backend: str, path: Path, model_dir: Path, label_tokens: int, threads: int, calls_batch1: int,
-                 calls_batch16: int) -> dict[str, Any]:
+def time_backend(
+    backend: str, path: Path, model_dir: Path, label_tokens: int, threads: int, calls_batch1: int, calls_batch16: int
+) -> dict[str, Any]:
     """Latency per call (p50/p95) and throughput for batch 1 and 16, with and without the fast path, of one
     backend (a key of BACKENDS) loaded from `path`, with this process's peak RSS. Run it in a fresh process
     (`harness.in_fresh_process`): the peak is then this backend's alone. `model_dir` is the PyTorch student (its
@@ -157,9 +163,16 @@ def time_backend(backend: str, path: Path, model_dir: Path, label_tokens: int, t
                 labels += decode(chunk, fast)
                 latencies.append(time.perf_counter() - started)
             ms = np.array(latencies) * 1000
-            rows.append({"batch": batch, "fast_path": fast, "p50_ms": float(np.percentile(ms, 50)),
-                         "p95_ms": float(np.percentile(ms, 95)),
-                         "throughput_per_s": batch * len(ms) / (ms.sum() / 1000), "labels": labels})
+            rows.append(
+                {
+                    "batch": batch,
+                    "fast_path": fast,
+                    "p50_ms": float(np.percentile(ms, 50)),
+                    "p95_ms": float(np.percentile(ms, 95)),
+                    "throughput_per_s": batch * len(ms) / (ms.sum() / 1000),
+                    "labels": labels,
+                }
+            )
     return {"rows": rows, "peak_rss_mb": peak_rss_mb()}
 
 
@@ -183,8 +196,9 @@ class TimedSession:
 SESSIONS = {"encoder": "encoder", "decoder": "start step", "decoder_with_past": "continuation"}
 
 
-def head_to_head(paths: dict[str, str], label_tokens: int, threads: int, rounds_batch1: int,
-                 rounds_batch16: int) -> dict[str, Any]:
+def head_to_head(
+    paths: dict[str, str], label_tokens: int, threads: int, rounds_batch1: int, rounds_batch16: int
+) -> dict[str, Any]:
     """The int8 label paths taking turns call by call: p50 per path and batch, and the batched path's time
     per ONNX session (median per call). `paths`: backend -> folder, as `prepare` returns them."""
     import dataclasses
@@ -198,9 +212,12 @@ def head_to_head(paths: dict[str, str], label_tokens: int, threads: int, rounds_
 
     runtime = load_runtime(Path(paths["ort-int8"]), threads=threads)
     tally: dict[str, float] = {}
-    timed = dataclasses.replace(runtime, **{name: TimedSession(getattr(runtime, name), tally, name) for name in SESSIONS})
-    translator = ctranslate2.Translator(paths["ct2-int8"], device="cpu", compute_type="int8", inter_threads=1,
-                                        intra_threads=threads)
+    timed = dataclasses.replace(
+        runtime, **{name: TimedSession(getattr(runtime, name), tally, name) for name in SESSIONS}
+    )
+    translator = ctranslate2.Translator(
+        paths["ct2-int8"], device="cpu", compute_type="int8", inter_threads=1, intra_threads=threads
+    )
     tokenizer = runtime.tokenizer
     examples = tasks.load_split(runtime.task, "valid")
 
@@ -210,7 +227,9 @@ def head_to_head(paths: dict[str, str], label_tokens: int, threads: int, rounds_
 
     one_encoder_call = dataclasses.replace(runtime, encoder_call_tokens=1 << 30)
 
-    def one_pass(batch: list[tasks.Example]) -> None:  # the runtime before: one encoder call, every candidate a full decoder row
+    def one_pass(
+        batch: list[tasks.Example],
+    ) -> None:  # the runtime before: one encoder call, every candidate a full decoder row
         candidates = [candidates_for(runtime.task, e) for e in batch]
         scores = parity.onnx_one_pass_scores(one_encoder_call, [tasks.label_input(e) for e in batch], candidates)
         [cs[int(np.argmax(s))] for cs, s in zip(candidates, scores)]
@@ -273,13 +292,18 @@ def issue_targets(duel: dict[str, Any]) -> dict[str, float]:
         "speedup_vs_before_batch1": one[before] / one[path],
         "speedup_vs_before_batch16": sixteen[before] / sixteen[path],
         "speedup_from_length_groups_batch16": sixteen["ort-int8 batched label path, one encoder call"] / sixteen[path],
-        "ct2_encoder_plus_1_step_over_ct2_greedy_batch16": sixteen["ct2-int8 encoder + 1 step"] / sixteen["ct2-int8 greedy"],
-        "ort_encoder_share_of_label_path_batch16": duel["batch16"]["profile_p50_ms"]["encoder"] / duel["batch16"]["profile_p50_ms"]["total"],
+        "ct2_encoder_plus_1_step_over_ct2_greedy_batch16": sixteen["ct2-int8 encoder + 1 step"]
+        / sixteen["ct2-int8 greedy"],
+        "ort_encoder_share_of_label_path_batch16": duel["batch16"]["profile_p50_ms"]["encoder"]
+        / duel["batch16"]["profile_p50_ms"]["total"],
     }
 
 
 def render_head_to_head(duels: dict[str, Any], targets: dict[str, dict[str, float]]) -> str:
-    lines = ["| model | label path (int8, taking turns) | batch 1 p50 ms | batch 16 p50 ms | batch 16 ms per example |", "|---|---|---|---|---|"]
+    lines = [
+        "| model | label path (int8, taking turns) | batch 1 p50 ms | batch 16 p50 ms | batch 16 ms per example |",
+        "|---|---|---|---|---|",
+    ]
     for size, duel in duels.items():
         for name, one in duel["batch1"]["p50_ms"].items():
             sixteen = duel["batch16"]["p50_ms"][name]
@@ -288,8 +312,16 @@ def render_head_to_head(duels: dict[str, Any], targets: dict[str, dict[str, floa
     lines += ["", "| model | batch | " + " | ".join(f"{p} ms" for p in parts) + " |", "|---|---|" + "---|" * len(parts)]
     for size, duel in duels.items():
         for batch in ("batch1", "batch16"):
-            lines.append(f"| {size} | {batch.removeprefix('batch')} | " + " | ".join(f"{duel[batch]['profile_p50_ms'][p]:.2f}" for p in parts) + " |")
-    lines += ["", "| model | " + " | ".join(next(iter(targets.values()))) + " |", "|---|" + "---|" * len(next(iter(targets.values())))]
+            lines.append(
+                f"| {size} | {batch.removeprefix('batch')} | "
+                + " | ".join(f"{duel[batch]['profile_p50_ms'][p]:.2f}" for p in parts)
+                + " |"
+            )
+    lines += [
+        "",
+        "| model | " + " | ".join(next(iter(targets.values()))) + " |",
+        "|---|" + "---|" * len(next(iter(targets.values()))),
+    ]
     for size, values in targets.items():
         lines.append(f"| {size} | " + " | ".join(f"{v:.2f}" for v in values.values()) + " |")
     return "\n".join(lines)
@@ -308,8 +340,20 @@ def plot(rows: list[dict[str, Any]], path: Path) -> None:
         for j, batch in enumerate((1, 16)):
             ax = axes[i][j]
             for k, fast in enumerate((False, True)):
-                values = [next(r["p50_ms"] for r in rows if (r["model"], r["backend"], r["batch"], r["fast_path"]) == (model, b, batch, fast)) for b in backends]
-                ax.bar([x + (k - 0.5) * 0.4 for x in range(len(backends))], values, width=0.4, label="fast path" if fast else "greedy generate")
+                values = [
+                    next(
+                        r["p50_ms"]
+                        for r in rows
+                        if (r["model"], r["backend"], r["batch"], r["fast_path"]) == (model, b, batch, fast)
+                    )
+                    for b in backends
+                ]
+                ax.bar(
+                    [x + (k - 0.5) * 0.4 for x in range(len(backends))],
+                    values,
+                    width=0.4,
+                    label="fast path" if fast else "greedy generate",
+                )
             ax.set_xticks(range(len(backends)), backends, rotation=25, ha="right")
             ax.set_yscale("log")
             ax.set_ylabel("p50 latency, ms (log)")
@@ -340,11 +384,15 @@ class TimingOptions:
 
     def __post_init__(self) -> None:
         if self.threads < 1 or min(self.calls_batch1, self.calls_batch16) < 1:
-            raise ValueError(f"--threads, --calls-batch1 and --calls-batch16 must be 1 or more, got {self.threads}, "
-                             f"{self.calls_batch1} and {self.calls_batch16}")
+            raise ValueError(
+                f"--threads, --calls-batch1 and --calls-batch16 must be 1 or more, got {self.threads}, "
+                f"{self.calls_batch1} and {self.calls_batch16}"
+            )
         if min(self.rounds_batch1, self.rounds_batch16) < 3:
-            raise ValueError(f"--rounds-batch1 and --rounds-batch16 must be 3 or more (the first 2 rounds warm up), "
-                             f"got {self.rounds_batch1} and {self.rounds_batch16}")
+            raise ValueError(
+                f"--rounds-batch1 and --rounds-batch16 must be 3 or more (the first 2 rounds warm up), "
+                f"got {self.rounds_batch1} and {self.rounds_batch16}"
+            )
 
 
 def time_every_backend(prepared: dict[str, Any], timing: TimingOptions) -> tuple[list[dict[str, Any]], dict[str, Any]]:
@@ -358,20 +406,41 @@ def time_every_backend(prepared: dict[str, Any], timing: TimingOptions) -> tuple
         torch_labels: dict[tuple[int, bool], list[str]] = {}
         for backend in BACKENDS:
             print(f"[bench] {size} {backend}", flush=True)
-            result = in_fresh_process(time_backend, env=env, backend=backend, path=paths[backend], model_dir=model_dir,
-                                      label_tokens=info["label_tokens"], threads=timing.threads,
-                                      calls_batch1=timing.calls_batch1, calls_batch16=timing.calls_batch16)
+            result = in_fresh_process(
+                time_backend,
+                env=env,
+                backend=backend,
+                path=paths[backend],
+                model_dir=model_dir,
+                label_tokens=info["label_tokens"],
+                threads=timing.threads,
+                calls_batch1=timing.calls_batch1,
+                calls_batch16=timing.calls_batch16,
+            )
             for row in result["rows"]:
                 labels = row.pop("labels")
                 reference = torch_labels.setdefault((row["batch"], row["fast_path"]), labels)  # pytorch-eager is first
                 agreement = sum(a == b for a, b in zip(labels, reference)) / len(reference)
-                rows.append(row | {"model": size, "backend": backend, "peak_rss_mb": result["peak_rss_mb"],
-                                   "size_mb": size_on_disk(backend, Path(paths[backend])) / 1e6,
-                                   "agreement_with_pytorch": agreement})
+                rows.append(
+                    row
+                    | {
+                        "model": size,
+                        "backend": backend,
+                        "peak_rss_mb": result["peak_rss_mb"],
+                        "size_mb": size_on_disk(backend, Path(paths[backend])) / 1e6,
+                        "agreement_with_pytorch": agreement,
+                    }
+                )
         print(f"[bench] {size} head-to-head", flush=True)
-        duels[size] = in_fresh_process(head_to_head, env=env, paths=paths, label_tokens=info["label_tokens"],
-                                       threads=timing.threads, rounds_batch1=timing.rounds_batch1,
-                                       rounds_batch16=timing.rounds_batch16)
+        duels[size] = in_fresh_process(
+            head_to_head,
+            env=env,
+            paths=paths,
+            label_tokens=info["label_tokens"],
+            threads=timing.threads,
+            rounds_batch1=timing.rounds_batch1,
+            rounds_batch16=timing.rounds_batch16,
+        )
     sizes, backends = list(prepared), list(BACKENDS)
     rows.sort(key=lambda r: (sizes.index(r["model"]), r["batch"], not r["fast_path"], backends.index(r["backend"])))
     return rows, duels
@@ -381,18 +450,28 @@ def speedups(rows: list[dict[str, Any]], sizes: list[str]) -> dict[str, Any]:
     """The p50 ratios the README quotes, per size and batch."""
 
     def p50(model: str, backend: str, batch: int, fast: bool) -> float:
-        return next(r["p50_ms"] for r in rows if (r["model"], r["backend"], r["batch"], r["fast_path"]) == (model, backend, batch, fast))
+        return next(
+            r["p50_ms"]
+            for r in rows
+            if (r["model"], r["backend"], r["batch"], r["fast_path"]) == (model, backend, batch, fast)
+        )
 
     return {
         size: {
             f"batch{batch}": {
-                "ort_int8_fast_vs_pytorch_generate": p50(size, "pytorch-eager", batch, False) / p50(size, "ort-int8", batch, True),
-                "ort_int8_fast_vs_ct2_int8_generate": p50(size, "ct2-int8", batch, False) / p50(size, "ort-int8", batch, True),
-                "ort_int8_fast_vs_ct2_int8_score": p50(size, "ct2-int8", batch, True) / p50(size, "ort-int8", batch, True),
-                "ort_int8_greedy_vs_ct2_int8_greedy": p50(size, "ct2-int8", batch, False) / p50(size, "ort-int8", batch, False),
+                "ort_int8_fast_vs_pytorch_generate": p50(size, "pytorch-eager", batch, False)
+                / p50(size, "ort-int8", batch, True),
+                "ort_int8_fast_vs_ct2_int8_generate": p50(size, "ct2-int8", batch, False)
+                / p50(size, "ort-int8", batch, True),
+                "ort_int8_fast_vs_ct2_int8_score": p50(size, "ct2-int8", batch, True)
+                / p50(size, "ort-int8", batch, True),
+                "ort_int8_greedy_vs_ct2_int8_greedy": p50(size, "ct2-int8", batch, False)
+                / p50(size, "ort-int8", batch, False),
                 "fast_path_gain_ort_int8": p50(size, "ort-int8", batch, False) / p50(size, "ort-int8", batch, True),
-                "split_vs_merged_int8_greedy": p50(size, "ort-int8-merged", batch, False) / p50(size, "ort-int8", batch, False),
-                "split_vs_merged_fp32_greedy": p50(size, "ort-fp32-merged", batch, False) / p50(size, "ort-fp32", batch, False),
+                "split_vs_merged_int8_greedy": p50(size, "ort-int8-merged", batch, False)
+                / p50(size, "ort-int8", batch, False),
+                "split_vs_merged_fp32_greedy": p50(size, "ort-fp32-merged", batch, False)
+                / p50(size, "ort-fp32", batch, False),
             }
             for batch in (1, 16)
         }
@@ -435,7 +514,11 @@ def main(
         "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs (shared with other work)",
         "threads": timing.threads,
         "task": TASK,
-        "versions": {"torch": torch.__version__, "onnxruntime": onnxruntime.__version__, "ctranslate2": ctranslate2.__version__},
+        "versions": {
+            "torch": torch.__version__,
+            "onnxruntime": onnxruntime.__version__,
+            "ctranslate2": ctranslate2.__version__,
+        },
         "label_tokens": {s: i["label_tokens"] for s, i in prepared.items()},
         "parity": {s: i["parity"] for s, i in prepared.items()},
         "speedups_p50": summary,

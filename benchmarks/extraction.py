@@ -28,10 +28,17 @@ from stepwise.extraction.tiny_teacher import build_tiny_teacher
 
 def engine_environment(run_dir: Path) -> dict[str, str]:
     """What vLLM reads at import: the engine in this process, one thread, a small KV cache, caches in the run folder."""
-    return {"VLLM_ENABLE_V1_MULTIPROCESSING": "0", "VLLM_CPU_KVCACHE_SPACE": "1", "OMP_NUM_THREADS": "1",
-            "VLLM_CACHE_ROOT": str(run_dir / "vllm"), "XDG_CACHE_HOME": str(run_dir / "cache"),
-            "HF_HOME": str(run_dir / "hf"), "TMPDIR": str(run_dir), "VLLM_NO_USAGE_STATS": "1",
-            "TOKENIZERS_PARALLELISM": "false"}
+    return {
+        "VLLM_ENABLE_V1_MULTIPROCESSING": "0",
+        "VLLM_CPU_KVCACHE_SPACE": "1",
+        "OMP_NUM_THREADS": "1",
+        "VLLM_CACHE_ROOT": str(run_dir / "vllm"),
+        "XDG_CACHE_HOME": str(run_dir / "cache"),
+        "HF_HOME": str(run_dir / "hf"),
+        "TMPDIR": str(run_dir),
+        "VLLM_NO_USAGE_STATS": "1",
+        "TOKENIZERS_PARALLELISM": "false",
+    }
 
 
 def job(task_name: str, count: int) -> tuple[tasks.Task, list[str], list[tasks.Example], list[str]]:
@@ -46,11 +53,22 @@ def time_raw(llm, prompts: list[str], params) -> tuple[float, int, int]:
     started = time.perf_counter()
     outputs = llm.generate(prompts, params, use_tqdm=False)
     wall = time.perf_counter() - started
-    return wall, sum(len(o.prompt_token_ids) for o in outputs), sum(len(c.token_ids) for o in outputs for c in o.outputs)
+    return (
+        wall,
+        sum(len(o.prompt_token_ids) for o in outputs),
+        sum(len(c.token_ids) for o in outputs for c in o.outputs),
+    )
 
 
-def time_pipeline(llm, task: tasks.Task, shots: list[str], examples: list[tasks.Example], sampling: teachers.Sampling,
-                  chunk_size: int, out: Path) -> tuple[float, int, int]:
+def time_pipeline(
+    llm,
+    task: tasks.Task,
+    shots: list[str],
+    examples: list[tasks.Example],
+    sampling: teachers.Sampling,
+    chunk_size: int,
+    out: Path,
+) -> tuple[float, int, int]:
     """The stage's own loop (`run.extract_chunks`) on a prebuilt engine, into a fresh output folder."""
     llm.reset_prefix_cache()
     config = run.job_config(task, "train", "vllm", "tiny", asdict(sampling), False, shots)
@@ -62,8 +80,9 @@ def time_pipeline(llm, task: tasks.Task, shots: list[str], examples: list[tasks.
     return wall, sum(t["tokens_in"] for t in tallies), sum(t["tokens_out"] for t in tallies)
 
 
-def bench_vllm(model: Path, task_name: str, count: int, max_tokens: int, chunk_sizes: list[int], repeats: int,
-               run_dir: Path) -> list[dict]:
+def bench_vllm(
+    model: Path, task_name: str, count: int, max_tokens: int, chunk_sizes: list[int], repeats: int, run_dir: Path
+) -> list[dict]:
     from vllm import SamplingParams
 
     task, shots, examples, prompts = job(task_name, count)
@@ -84,14 +103,24 @@ def bench_vllm(model: Path, task_name: str, count: int, max_tokens: int, chunk_s
         for name, samples in times.items():
             wall = statistics.median(t[0] for t in samples)
             tokens_in, tokens_out = samples[0][1], samples[0][2]
-            rows.append({
-                "engine": "raw vllm.LLM.generate (whole list)" if name == "raw" else f"stepwise extract (chunks of {name[5:]})",
-                "prefix_caching": prefix_caching, "prompts": len(prompts), "wall_s": wall, "walls_s": [t[0] for t in samples],
-                "tokens_in": tokens_in, "tokens_out": tokens_out, "tokens_out_per_s": tokens_out / wall, "tokens_in_per_s": tokens_in / wall,
-                "overhead_vs_raw": None if name == "raw" else wall / raw_wall - 1,
-                # noise from other jobs only ever adds time, so the fastest repeats are the cleanest comparison
-                "overhead_vs_raw_best": None if name == "raw" else min(t[0] for t in samples) / raw_best - 1,
-            })
+            rows.append(
+                {
+                    "engine": "raw vllm.LLM.generate (whole list)"
+                    if name == "raw"
+                    else f"stepwise extract (chunks of {name[5:]})",
+                    "prefix_caching": prefix_caching,
+                    "prompts": len(prompts),
+                    "wall_s": wall,
+                    "walls_s": [t[0] for t in samples],
+                    "tokens_in": tokens_in,
+                    "tokens_out": tokens_out,
+                    "tokens_out_per_s": tokens_out / wall,
+                    "tokens_in_per_s": tokens_in / wall,
+                    "overhead_vs_raw": None if name == "raw" else wall / raw_wall - 1,
+                    # noise from other jobs only ever adds time, so the fastest repeats are the cleanest comparison
+                    "overhead_vs_raw_best": None if name == "raw" else min(t[0] for t in samples) / raw_best - 1,
+                }
+            )
         del llm
         gc.collect()
     return rows
@@ -112,23 +141,45 @@ def bench_transformers(model: Path, task_name: str, count: int, max_tokens: int,
     with torch.inference_mode():
         for start in range(0, len(prompts), batch_size):
             batch = tokenizer(prompts[start : start + batch_size], return_tensors="pt", padding=True)
-            generated = lm.generate(**batch, max_new_tokens=max_tokens, do_sample=False, stop_strings=tasks.stop_strings(task),
-                                    tokenizer=tokenizer, pad_token_id=tokenizer.pad_token_id)[:, batch["input_ids"].shape[1]:]
+            generated = lm.generate(
+                **batch,
+                max_new_tokens=max_tokens,
+                do_sample=False,
+                stop_strings=tasks.stop_strings(task),
+                tokenizer=tokenizer,
+                pad_token_id=tokenizer.pad_token_id,
+            )[:, batch["input_ids"].shape[1] :]
             tokens_in += int(batch["attention_mask"].sum())
             tokens_out += int((generated != tokenizer.pad_token_id).sum())
     wall = time.perf_counter() - started
-    return {"engine": f"transformers generate loop (batch {batch_size})", "prefix_caching": False, "prompts": len(prompts), "wall_s": wall,
-            "walls_s": [wall], "tokens_in": tokens_in, "tokens_out": tokens_out, "tokens_out_per_s": tokens_out / wall,
-            "tokens_in_per_s": tokens_in / wall, "overhead_vs_raw": None, "overhead_vs_raw_best": None}
+    return {
+        "engine": f"transformers generate loop (batch {batch_size})",
+        "prefix_caching": False,
+        "prompts": len(prompts),
+        "wall_s": wall,
+        "walls_s": [wall],
+        "tokens_in": tokens_in,
+        "tokens_out": tokens_out,
+        "tokens_out_per_s": tokens_out / wall,
+        "tokens_in_per_s": tokens_in / wall,
+        "overhead_vs_raw": None,
+        "overhead_vs_raw_best": None,
+    }
 
 
 def table(rows: list[dict]) -> str:
-    lines = ["| engine | prefix cache | prompts | wall s (median) | tokens in/out | out tok/s | overhead vs raw vLLM (median / best) |",
-             "|---|---|---|---|---|---|---|"]
+    lines = [
+        "| engine | prefix cache | prompts | wall s (median) | tokens in/out | out tok/s | overhead vs raw vLLM (median / best) |",
+        "|---|---|---|---|---|---|---|",
+    ]
     for r in rows:
-        overhead = "-" if r["overhead_vs_raw"] is None else f"{r['overhead_vs_raw']:+.1%} / {r['overhead_vs_raw_best']:+.1%}"
-        lines.append(f"| {r['engine']} | {'on' if r['prefix_caching'] else 'off'} | {r['prompts']} | {r['wall_s']:.2f} | "
-                     f"{r['tokens_in']}/{r['tokens_out']} | {r['tokens_out_per_s']:.0f} | {overhead} |")
+        overhead = (
+            "-" if r["overhead_vs_raw"] is None else f"{r['overhead_vs_raw']:+.1%} / {r['overhead_vs_raw_best']:+.1%}"
+        )
+        lines.append(
+            f"| {r['engine']} | {'on' if r['prefix_caching'] else 'off'} | {r['prompts']} | {r['wall_s']:.2f} | "
+            f"{r['tokens_in']}/{r['tokens_out']} | {r['tokens_out_per_s']:.0f} | {overhead} |"
+        )
     return "\n".join(lines)
 
 
@@ -163,14 +214,29 @@ def main(
         teacher = Path(model) if model else build_tiny_teacher(run_dir / "tiny-teacher")
         with bench_lock():
             rows = bench_vllm(teacher, task, prompts, max_tokens, chunk_sizes, repeats, run_dir)
-            rows.append(in_fresh_process(bench_transformers, model=teacher, task_name=task, count=prompts,
-                                         max_tokens=max_tokens, batch_size=hf_batch))
+            rows.append(
+                in_fresh_process(
+                    bench_transformers,
+                    model=teacher,
+                    task_name=task,
+                    count=prompts,
+                    max_tokens=max_tokens,
+                    batch_size=hf_batch,
+                )
+            )
     finally:
         shutil.rmtree(run_dir, ignore_errors=True)
-    result = {"task": task, "prompts": prompts, "max_tokens": max_tokens, "threads": 1, "dtype": "float32",
-              "repeats": repeats, "machine": "shared 2-core CPU, no GPU (others' jobs ran meanwhile)",
-              "model": str(model) if model else "tiny Llama-shaped teacher (hidden 128, 2 layers, random weights)",
-              "rows": rows}
+    result = {
+        "task": task,
+        "prompts": prompts,
+        "max_tokens": max_tokens,
+        "threads": 1,
+        "dtype": "float32",
+        "repeats": repeats,
+        "machine": "shared 2-core CPU, no GPU (others' jobs ran meanwhile)",
+        "model": str(model) if model else "tiny Llama-shaped teacher (hidden 128, 2 layers, random weights)",
+        "rows": rows,
+    }
     path = artifacts.write_json(Path(out).with_suffix(".json"), result)
     print(table(rows))
     return path

@@ -112,8 +112,8 @@ def main(device: Literal["cuda", "cpu"] = "cuda", skip_base: bool = False, out: 
     import torch
     import transformers
 
-    from stepwise.training.train import DataOptions, EvalOptions, OptimOptions
     from stepwise.training.tiny import write_words_task
+    from stepwise.training.train import DataOptions, EvalOptions, OptimOptions
 
     if device == "cuda" and not torch.cuda.is_available():
         raise RuntimeError("no CUDA device: pass --device cpu for the CPU variant")
@@ -144,9 +144,7 @@ def main(device: Literal["cuda", "cpu"] = "cuda", skip_base: bool = False, out: 
     )
     tiny_runs = {}
     for label, strategy in (("one process", None), ("ddp", "ddp"), ("fsdp", "fsdp")):
-        tiny_runs[label] = run(
-            f"tiny, {label}", strategy, device, out=work / f"tiny-{label.replace(' ', '-')}", **tiny
-        )
+        tiny_runs[label] = run(f"tiny, {label}", strategy, device, out=work / f"tiny-{label.replace(' ', '-')}", **tiny)
         results["runs"].append(tiny_runs[label])
         print(json.dumps(tiny_runs[label]), flush=True)
         check(

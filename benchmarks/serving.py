@@ -36,9 +36,19 @@ FAST = {"RAY_SERVE_ENABLE_HA_PROXY": "1", "RAY_SERVE_THROUGHPUT_OPTIMIZED": "1"}
 CONFIGS: dict[str, tuple[dict[str, str], list[str]]] = {
     "plain FastAPI": ({}, []),
     "Serve, Python proxy": ({"RAY_SERVE_ENABLE_HA_PROXY": "0", "RAY_SERVE_THROUGHPUT_OPTIMIZED": "0"}, []),
-    "Serve, Python proxy, same-loop": ({"RAY_SERVE_ENABLE_HA_PROXY": "0", "RAY_SERVE_THROUGHPUT_OPTIMIZED": "0", "RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD": "0",
-                                        "RAY_SERVE_RUN_ROUTER_IN_SEPARATE_LOOP": "0"}, []),
-    "Serve, Python proxy, throughput-optimized": ({"RAY_SERVE_ENABLE_HA_PROXY": "0", "RAY_SERVE_THROUGHPUT_OPTIMIZED": "1"}, []),
+    "Serve, Python proxy, same-loop": (
+        {
+            "RAY_SERVE_ENABLE_HA_PROXY": "0",
+            "RAY_SERVE_THROUGHPUT_OPTIMIZED": "0",
+            "RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD": "0",
+            "RAY_SERVE_RUN_ROUTER_IN_SEPARATE_LOOP": "0",
+        },
+        [],
+    ),
+    "Serve, Python proxy, throughput-optimized": (
+        {"RAY_SERVE_ENABLE_HA_PROXY": "0", "RAY_SERVE_THROUGHPUT_OPTIMIZED": "1"},
+        [],
+    ),
     "Serve, HAProxy": ({"RAY_SERVE_ENABLE_HA_PROXY": "1", "RAY_SERVE_THROUGHPUT_OPTIMIZED": "0"}, []),
     "stepwise serve (HAProxy, throughput-optimized)": (FAST, []),
     "  without batching (max batch 1)": (FAST, ["--max-batch-size", "1"]),
@@ -62,18 +72,55 @@ def int8_export(size: str, workdir: Path) -> Path:
     if (export / artifacts.PARITY).exists():
         return export
     student = build_student_folder(workdir / f"student-{size}", size, "esnli")
-    return export_main(model=student, out=export, quantize="int8", parity=ParityOptions(parity_limit=32), overwrite=True)
+    return export_main(
+        model=student, out=export, quantize="int8", parity=ParityOptions(parity_limit=32), overwrite=True
+    )
 
 
 def start_server(config: str, export: Path, port: int, run_dir: Path) -> subprocess.Popen:
     env, flags = CONFIGS[config]
-    env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_SERVE_")} | env | {"PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    env = (
+        {k: v for k, v in os.environ.items() if not k.startswith("RAY_SERVE_")}
+        | env
+        | {"PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    )
     if config == "plain FastAPI":
-        command = [sys.executable, "-m", "uvicorn", "benchmarks.serving_plain:app", "--host", "127.0.0.1", "--port", str(port), "--no-access-log", "--log-level", "warning"]
+        command = [
+            sys.executable,
+            "-m",
+            "uvicorn",
+            "benchmarks.serving_plain:app",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--no-access-log",
+            "--log-level",
+            "warning",
+        ]
         env["STEPWISE_PLAIN_MODEL"] = str(export)
     else:
-        command = [sys.executable, "-m", "stepwise", "serve", "--model", str(export), "--port", str(port), "--metrics-port", str(free_port()), "--run-dir", str(run_dir),
-                   "--max-ongoing-requests", "128", "--max-queued-requests", "1024", "--request-timeout-s", "120", *flags]
+        command = [
+            sys.executable,
+            "-m",
+            "stepwise",
+            "serve",
+            "--model",
+            str(export),
+            "--port",
+            str(port),
+            "--metrics-port",
+            str(free_port()),
+            "--run-dir",
+            str(run_dir),
+            "--max-ongoing-requests",
+            "128",
+            "--max-queued-requests",
+            "1024",
+            "--request-timeout-s",
+            "120",
+            *flags,
+        ]
     log = (run_dir.parent / f"{run_dir.name}.log").open("w")
     return subprocess.Popen(command, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
 
@@ -99,7 +146,11 @@ def stack_memory_mb(server: subprocess.Popen) -> dict[str, float]:
             pss, rss = pss + info.pss, rss + info.rss
         except (psutil.NoSuchProcess, psutil.AccessDenied):
             pass
-    return {"pss_mb": round(pss / 2**20), "rss_mb": round(rss / 2**20), "processes": len(root.children(recursive=True)) + 1}
+    return {
+        "pss_mb": round(pss / 2**20),
+        "rss_mb": round(rss / 2**20),
+        "processes": len(root.children(recursive=True)) + 1,
+    }
 
 
 # ---------------------------------------------------------------- load
@@ -109,19 +160,42 @@ def hey(url: str, body_file: Path, concurrency: int, requests: int) -> dict[str,
     """`hey` from Debian's packages: p50/p99 latency and requests per second, or None when it is not installed."""
     if not shutil.which("hey"):
         return None
-    out = subprocess.run(["hey", "-n", str(requests), "-c", str(concurrency), "-m", "POST", "-T", "application/json", "-D", str(body_file), url],
-                         capture_output=True, text=True, timeout=600).stdout
+    out = subprocess.run(
+        [
+            "hey",
+            "-n",
+            str(requests),
+            "-c",
+            str(concurrency),
+            "-m",
+            "POST",
+            "-T",
+            "application/json",
+            "-D",
+            str(body_file),
+            url,
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    ).stdout
     seconds = {int(p): float(v) for p, v in re.findall(r"(\d+)%% in ([\d.]+) secs".replace("%%", "%"), out)}
     statuses = dict(re.findall(r"\[(\d+)\]\s+(\d+) responses", out))
     p99 = round(1000 * seconds[99], 2) if 99 in seconds else None  # hey prints "0% in 0.0000 secs" below ~100 requests
     rps = round(float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1)), 1)
-    return {"p50_ms": round(1000 * seconds[50], 2), "p99_ms": p99, "rps": rps,
-            "non_200": sum(int(n) for code, n in statuses.items() if code != "200")}
+    return {
+        "p50_ms": round(1000 * seconds[50], 2),
+        "p99_ms": p99,
+        "rps": rps,
+        "non_200": sum(int(n) for code, n in statuses.items() if code != "200"),
+    }
 
 
 def timings(response: httpx.Response) -> dict[str, float]:
     """Server-Timing's durations (ms) and the batch size (its desc)."""
-    parts = dict(part.strip().split(";", 1) for part in response.headers.get("server-timing", "").split(",") if ";" in part)
+    parts = dict(
+        part.strip().split(";", 1) for part in response.headers.get("server-timing", "").split(",") if ";" in part
+    )
     return {name: float(value.split("=", 1)[1]) for name, value in parts.items() if value.startswith(("dur=", "desc="))}
 
 
@@ -147,7 +221,11 @@ async def httpx_load(url: str, body: dict, concurrency: int, requests: int) -> d
         await asyncio.gather(*(one_client() for _ in range(concurrency)))
         wall = time.perf_counter() - started
     result = {"p50_ms": round(statistics.median(latencies), 2), "rps": round(requests / wall, 1)}
-    return result | {f"{name}_p50{'' if name == 'batch' else '_ms'}": round(statistics.median(values), 2) for name, values in parts.items() if values}
+    return result | {
+        f"{name}_p50{'' if name == 'batch' else '_ms'}": round(statistics.median(values), 2)
+        for name, values in parts.items()
+        if values
+    }
 
 
 def in_process(export: Path, body: dict, requests: int) -> dict[str, float]:
@@ -167,13 +245,19 @@ def in_process(export: Path, body: dict, requests: int) -> dict[str, float]:
     for _ in range(requests // 16):
         predict(runtime, [example] * 16)
     per_example_16 = 1000 * (time.perf_counter() - started) / (16 * (requests // 16))
-    return {"p50_ms": round(statistics.median(one), 2), "examples_per_s_batch1": round(1000 / statistics.median(one), 1), "examples_per_s_batch16": round(1000 / per_example_16, 1)}
+    return {
+        "p50_ms": round(statistics.median(one), 2),
+        "examples_per_s_batch1": round(1000 / statistics.median(one), 1),
+        "examples_per_s_batch16": round(1000 / per_example_16, 1),
+    }
 
 
 # ---------------------------------------------------------------- the run
 
 
-def measure(config: str, export: Path, workdir: Path, body: dict, body_file: Path, concurrency: list[int], requests: int) -> dict[str, Any]:
+def measure(
+    config: str, export: Path, workdir: Path, body: dict, body_file: Path, concurrency: list[int], requests: int
+) -> dict[str, Any]:
     port = free_port()
     run_dir = workdir / re.sub(r"\W+", "-", config.strip()).strip("-").lower()
     server = start_server(config, export, port, run_dir)
@@ -186,7 +270,11 @@ def measure(config: str, export: Path, workdir: Path, body: dict, body_file: Pat
         row: dict[str, Any] = {"config": config, "points": []}
         for clients in concurrency:
             count = requests if clients > 1 else requests // 2
-            point = {"clients": clients, "hey": hey(url, body_file, clients, count), "httpx": asyncio.run(httpx_load(url, body, clients, count))}
+            point = {
+                "clients": clients,
+                "hey": hey(url, body_file, clients, count),
+                "httpx": asyncio.run(httpx_load(url, body, clients, count)),
+            }
             row["points"].append(point)
             print(f"[bench] {config:48s} c={clients:<3d} hey {point['hey']}  httpx {point['httpx']}", flush=True)
         row["memory"] = stack_memory_mb(server)
@@ -200,22 +288,36 @@ def markdown(result: dict[str, Any]) -> str:
     for size, block in result["sizes"].items():
         direct = block["in_process"]
         clients = [p["clients"] for p in block["rows"][0]["points"]]
-        lines += [f"\n**{size} student (int8)** - in process: p50 {direct['p50_ms']} ms at batch 1, {direct['examples_per_s_batch16']} examples/s in batches of 16\n",
-                  "| configuration | " + " | ".join(f"p50 ms / req/s, {c} client{'s' if c > 1 else ''}" for c in clients) + " | stack PSS MB (RSS) | processes |",
-                  "|---|" + "---|" * len(clients) + "---|---|"]
+        lines += [
+            f"\n**{size} student (int8)** - in process: p50 {direct['p50_ms']} ms at batch 1, {direct['examples_per_s_batch16']} examples/s in batches of 16\n",
+            "| configuration | "
+            + " | ".join(f"p50 ms / req/s, {c} client{'s' if c > 1 else ''}" for c in clients)
+            + " | stack PSS MB (RSS) | processes |",
+            "|---|" + "---|" * len(clients) + "---|---|",
+        ]
         for row in block["rows"]:
             cells = [f"{(p['hey'] or p['httpx'])['p50_ms']} / {(p['hey'] or p['httpx'])['rps']}" for p in row["points"]]
-            lines.append(f"| {row['config'].strip()} | " + " | ".join(cells) + f" | {row['memory']['pss_mb']} ({row['memory']['rss_mb']}) | {row['memory']['processes']} |")
-        lines += ["", "Where one request's milliseconds go (httpx client, Server-Timing; p50):", "",
-                  "| configuration | clients | client total | outside the app (ingress, Serve's hop, transport) | in the app before and after decoding | batch queue | runtime (tokenize + ONNX Runtime) | batch size |",
-                  "|---|---|---|---|---|---|---|---|"]
+            lines.append(
+                f"| {row['config'].strip()} | "
+                + " | ".join(cells)
+                + f" | {row['memory']['pss_mb']} ({row['memory']['rss_mb']}) | {row['memory']['processes']} |"
+            )
+        lines += [
+            "",
+            "Where one request's milliseconds go (httpx client, Server-Timing; p50):",
+            "",
+            "| configuration | clients | client total | outside the app (ingress, Serve's hop, transport) | in the app before and after decoding | batch queue | runtime (tokenize + ONNX Runtime) | batch size |",
+            "|---|---|---|---|---|---|---|---|",
+        ]
         for row in block["rows"]:
             for point in row["points"]:
                 h = point["httpx"]
                 if "app_p50_ms" not in h or "runtime_p50_ms" not in h:
                     continue
-                lines.append(f"| {row['config'].strip()} | {point['clients']} | {h['p50_ms']} | {h['p50_ms'] - h['app_p50_ms']:.2f} | {h['app_p50_ms'] - h['queue_p50_ms'] - h['runtime_p50_ms']:.2f} | "
-                             f"{h['queue_p50_ms']} | {h['runtime_p50_ms']} | {h.get('batch_p50', '-')} |")
+                lines.append(
+                    f"| {row['config'].strip()} | {point['clients']} | {h['p50_ms']} | {h['p50_ms'] - h['app_p50_ms']:.2f} | {h['app_p50_ms'] - h['queue_p50_ms'] - h['runtime_p50_ms']:.2f} | "
+                    f"{h['queue_p50_ms']} | {h['runtime_p50_ms']} | {h.get('batch_p50', '-')} |"
+                )
     return "\n".join(lines) + "\n"
 
 
@@ -231,8 +333,16 @@ def plot(result: dict[str, Any], path: Path) -> None:
         for row in result["sizes"][size]["rows"]:
             points = [(p["clients"], p["hey"] or p["httpx"]) for p in row["points"]]
             style = {"linewidth": 3} if row["config"] in (DEFAULT, "plain FastAPI") else {"linewidth": 1, "alpha": 0.7}
-            axes[i][0].plot([c for c, _ in points], [m["p50_ms"] for _, m in points], marker="o", label=row["config"].strip(), **style)
-            axes[i][1].plot([c for c, _ in points], [m["rps"] for _, m in points], marker="o", label=row["config"].strip(), **style)
+            axes[i][0].plot(
+                [c for c, _ in points],
+                [m["p50_ms"] for _, m in points],
+                marker="o",
+                label=row["config"].strip(),
+                **style,
+            )
+            axes[i][1].plot(
+                [c for c, _ in points], [m["rps"] for _, m in points], marker="o", label=row["config"].strip(), **style
+            )
         for ax, ylabel in ((axes[i][0], "p50 latency, ms (log)"), (axes[i][1], "requests per second")):
             ax.set_xscale("log", base=2)
             ax.set_xlabel("concurrent clients")
@@ -268,14 +378,26 @@ def main(
     if unknown:
         raise ValueError(f"unknown configs {unknown}; known: {list(CONFIGS)}")
     if not shutil.which("hey"):
-        print("[bench] hey is not installed (apt-get install hey): load numbers come from the httpx client alone", flush=True)
+        print(
+            "[bench] hey is not installed (apt-get install hey): load numbers come from the httpx client alone",
+            flush=True,
+        )
     workdir = Path(workdir).resolve()
     workdir.mkdir(parents=True, exist_ok=True)
-    body = {"inputs": {"premise": "A man plays a guitar on a stage in front of a crowd.", "hypothesis": "A person makes music."}}
+    body = {
+        "inputs": {
+            "premise": "A man plays a guitar on a stage in front of a crowd.",
+            "hypothesis": "A person makes music.",
+        }
+    }
     body_file = workdir / "body.json"
     body_file.write_text(json.dumps(body))
-    result: dict[str, Any] = {"machine": f"{platform.machine()}, {os.cpu_count()} CPUs, shared: compare rows of one run", "load_generator": "hey" if shutil.which("hey") else "httpx",
-                              "requests_per_point": requests, "sizes": {}}
+    result: dict[str, Any] = {
+        "machine": f"{platform.machine()}, {os.cpu_count()} CPUs, shared: compare rows of one run",
+        "load_generator": "hey" if shutil.which("hey") else "httpx",
+        "requests_per_point": requests,
+        "sizes": {},
+    }
     exports = {size: int8_export(size, workdir) for size in sizes}
     with bench_lock():
         for size, export in exports.items():

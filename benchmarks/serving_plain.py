@@ -26,8 +26,14 @@ app = FastAPI(title="stepwise student, plain FastAPI")
 async def predict_endpoint(body: PredictRequest) -> PredictResponse:
     items = body.inputs if isinstance(body.inputs, list) else [body.inputs]
     examples = [to_example(item, runtime.task, f"inputs.{i}") for i, item in enumerate(items)]
-    predictions = await asyncio.get_running_loop().run_in_executor(runtime_thread, predict, runtime, examples, body.explain)
-    return PredictResponse(model=runtime.task.name, version=runtime.version, predictions=[PredictionOut(label=p.label, rationale=p.rationale) for p in predictions])
+    predictions = await asyncio.get_running_loop().run_in_executor(
+        runtime_thread, predict, runtime, examples, body.explain
+    )
+    return PredictResponse(
+        model=runtime.task.name,
+        version=runtime.version,
+        predictions=[PredictionOut(label=p.label, rationale=p.rationale) for p in predictions],
+    )
 
 
 @app.get("/healthz")

@@ -20,7 +20,20 @@ from benchmarks.harness import RESULTS, ROOT, bench_lock
 
 def extract_rationales(task: str, out: Path) -> Path:
     """The train split's teacher records through the extraction stage (it runs in the teacher environment)."""
-    command = [sys.executable, "-m", "stepwise", "extract", "--task", task, "--split", "train", "--teacher", "replay", "--out", str(out)]
+    command = [
+        sys.executable,
+        "-m",
+        "stepwise",
+        "extract",
+        "--task",
+        task,
+        "--split",
+        "train",
+        "--teacher",
+        "replay",
+        "--out",
+        str(out),
+    ]
     subprocess.run(command, cwd=ROOT, env=dict(os.environ, TQDM_DISABLE="1"), check=True)
     return out
 
@@ -51,11 +64,18 @@ def main(
     rationales = extract_rationales(task, Path(runs) / f"{task}-teacher-train")
     with bench_lock():
         experiment.main(
-            task=task, out=Path(runs), rationales=rationales, student="tiny", seeds=seeds, fractions=fractions,
+            task=task,
+            out=Path(runs),
+            rationales=rationales,
+            student="tiny",
+            seeds=seeds,
+            fractions=fractions,
             data=DataOptions(max_input_length=128, max_target_length=64),
-            optim=OptimOptions(learning_rate=1e-3, batch_size=32, max_steps=0, max_minutes=minutes, schedule="linear",
-                               warmup_steps=20),
+            optim=OptimOptions(
+                learning_rate=1e-3, batch_size=32, max_steps=0, max_minutes=minutes, schedule="linear", warmup_steps=20
+            ),
             evaluation=EvalOptions(eval_every=100, eval_limit=eval_limit),
-            results=Path(out).parent, name=Path(out).name,
+            results=Path(out).parent,
+            name=Path(out).name,
         )
     return Path(out).with_suffix(".json")

@@ -26,6 +26,7 @@ from typing import Any
 from benchmarks.harness import RESULTS, ROOT, bench_lock, command_line
 from benchmarks.training_grid import extract_rationales
 from stepwise import artifacts
+
 # name -> (extra `stepwise train` flags, torch threads of the single process)
 CONFIGS: dict[str, tuple[list[str], int]] = {
     "1 process, 1 thread": ([], 1),
@@ -147,7 +148,8 @@ def main(
             raise ValueError(f"unknown {what} {unknown}; known: {list(known)}")
     if steps < 0 or steps == 1:
         raise ValueError(
-            f"--steps must be 0 (each shape's own) or 2 or more (timing runs between two log rows), got {steps}")
+            f"--steps must be 0 (each shape's own) or 2 or more (timing runs between two log rows), got {steps}"
+        )
     workdir = Path(workdir).resolve()
     rationales = workdir / "esnli-teacher-train"
     if not (rationales / artifacts.MANIFEST).exists():
@@ -173,8 +175,12 @@ def main(
     ]
     table = "\n".join(lines) + "\n"
     out = Path(out)
-    report = {"command": command_line(), "cpus": os.cpu_count(), "load_average_after": [round(x, 2) for x in load],
-              "rows": rows}
+    report = {
+        "command": command_line(),
+        "cpus": os.cpu_count(),
+        "load_average_after": [round(x, 2) for x in load],
+        "rows": rows,
+    }
     artifacts.write_json(out.with_suffix(".json"), report)
     artifacts.write_atomic(out.with_suffix(".md"), table)
     plot(rows, out.with_suffix(".png"))

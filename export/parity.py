@@ -11,8 +11,8 @@ import torch
 from tqdm import tqdm
 from transformers import AutoTokenizer, T5ForConditionalGeneration
 
-from stepwise.export import runtime as ort_runtime
 from stepwise import tasks
+from stepwise.export import runtime as ort_runtime
 
 
 def load_torch_model(model_dir: Path) -> tuple[T5ForConditionalGeneration, Any]:
@@ -21,46 +21,90 @@ def load_torch_model(model_dir: Path) -> tuple[T5ForConditionalGeneration, Any]:
 
 
 @torch.inference_mode()
-def torch_greedy_labels(model: T5ForConditionalGeneration, tokenizer: Any, texts: list[str], max_new_tokens: int, max_input_tokens: int = 512) -> list[str]:
+def torch_greedy_labels(
+    model: T5ForConditionalGeneration,
+    tokenizer: Any,
+    texts: list[str],
+    max_new_tokens: int,
+    max_input_tokens: int = 512,
+) -> list[str]:
     batch = tokenizer(texts, padding=True, truncation=True, max_length=max_input_tokens, return_tensors="pt")
     ids = model.generate(**batch, max_new_tokens=max_new_tokens, do_sample=False, num_beams=1)
     return [t.strip() for t in tokenizer.batch_decode(ids, skip_special_tokens=True)]
 
 
 @torch.inference_mode()
-def torch_teacher_forced_logits(model: T5ForConditionalGeneration, tokenizer: Any, texts: list[str], targets: list[str], max_input_tokens: int = 512) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def torch_teacher_forced_logits(
+    model: T5ForConditionalGeneration, tokenizer: Any, texts: list[str], targets: list[str], max_input_tokens: int = 512
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Logits for each (text, target) pair, with the targets and mask from the shared candidate batching."""
     batch = tokenizer(texts, padding=True, truncation=True, max_length=max_input_tokens, return_tensors="pt")
-    decoder_ids, target_ids, mask = ort_runtime.candidate_batch(tokenizer, targets, model.config.decoder_start_token_id, model.config.pad_token_id)
+    decoder_ids, target_ids, mask = ort_runtime.candidate_batch(
+        tokenizer, targets, model.config.decoder_start_token_id, model.config.pad_token_id
+    )
     logits = model(**batch, decoder_input_ids=torch.from_numpy(decoder_ids)).logits
     return logits.numpy(), target_ids, mask
 
 
 @torch.inference_mode()
-def torch_candidate_scores(model: T5ForConditionalGeneration, tokenizer: Any, task: tasks.Task, examples: list[tasks.Example], max_input_tokens: int = 512) -> tuple[list[list[str]], list[np.ndarray]]:
+def torch_candidate_scores(
+    model: T5ForConditionalGeneration,
+    tokenizer: Any,
+    task: tasks.Task,
+    examples: list[tasks.Example],
+    max_input_tokens: int = 512,
+) -> tuple[list[list[str]], list[np.ndarray]]:
     """Closed label set: each example's candidates and their log-likelihoods (EOS included), every candidate
     a row of one teacher-forced decoder pass: the reference the runtime's batched scorer must match."""
     candidates = [ort_runtime.candidates_for(task, e) for e in examples]
     counts = [len(c) for c in candidates]
-    batch = tokenizer([tasks.label_input(e) for e in examples], padding=True, truncation=True, max_length=max_input_tokens, return_tensors="pt")
+    batch = tokenizer(
+        [tasks.label_input(e) for e in examples],
+        padding=True,
+        truncation=True,
+        max_length=max_input_tokens,
+        return_tensors="pt",
+    )
     hidden = model.get_encoder()(**batch).last_hidden_state
     rows = torch.from_numpy(np.repeat(np.arange(len(examples)), counts))
-    decoder_ids, targets, mask = ort_runtime.candidate_batch(tokenizer, [c for cs in candidates for c in cs], model.config.decoder_start_token_id, model.config.pad_token_id)
-    logits = model(encoder_outputs=(hidden[rows],), attention_mask=batch["attention_mask"][rows], decoder_input_ids=torch.from_numpy(decoder_ids)).logits
-    return candidates, np.split(ort_runtime.sequence_log_likelihood(logits.numpy(), targets, mask), np.cumsum(counts)[:-1])
+    decoder_ids, targets, mask = ort_runtime.candidate_batch(
+        tokenizer, [c for cs in candidates for c in cs], model.config.decoder_start_token_id, model.config.pad_token_id
+    )
+    logits = model(
+        encoder_outputs=(hidden[rows],),
+        attention_mask=batch["attention_mask"][rows],
+        decoder_input_ids=torch.from_numpy(decoder_ids),
+    ).logits
+    return candidates, np.split(
+        ort_runtime.sequence_log_likelihood(logits.numpy(), targets, mask), np.cumsum(counts)[:-1]
+    )
 
 
-def torch_fast_path_predictions(model: T5ForConditionalGeneration, tokenizer: Any, task: tasks.Task, examples: list[tasks.Example], max_input_tokens: int = 512) -> list[ort_runtime.Prediction]:
+def torch_fast_path_predictions(
+    model: T5ForConditionalGeneration,
+    tokenizer: Any,
+    task: tasks.Task,
+    examples: list[tasks.Example],
+    max_input_tokens: int = 512,
+) -> list[ort_runtime.Prediction]:
     """Closed label set: the runtime's predictions (label, probabilities, margin) from PyTorch's scores."""
     candidates, scores = torch_candidate_scores(model, tokenizer, task, examples, max_input_tokens)
     return [ort_runtime.closed_set_prediction(cs, s) for cs, s in zip(candidates, scores)]
 
 
-def torch_fast_path_labels(model: T5ForConditionalGeneration, tokenizer: Any, task: tasks.Task, examples: list[tasks.Example], max_input_tokens: int = 512) -> list[str]:
+def torch_fast_path_labels(
+    model: T5ForConditionalGeneration,
+    tokenizer: Any,
+    task: tasks.Task,
+    examples: list[tasks.Example],
+    max_input_tokens: int = 512,
+) -> list[str]:
     return [p.label for p in torch_fast_path_predictions(model, tokenizer, task, examples, max_input_tokens)]
 
 
-def onnx_one_pass_scores(runtime: ort_runtime.Runtime, texts: list[str], candidates: list[list[str]]) -> list[np.ndarray]:
+def onnx_one_pass_scores(
+    runtime: ort_runtime.Runtime, texts: list[str], candidates: list[list[str]]
+) -> list[np.ndarray]:
     """The runtime's scorer before the batched label path: every candidate a row of one teacher-forced
     decoder pass, its example's encoder states copied to it and projected to cross-attention keys/values
     again per row. Kept as the exact reference for the tests and the benchmark's before/after."""
@@ -68,7 +112,9 @@ def onnx_one_pass_scores(runtime: ort_runtime.Runtime, texts: list[str], candida
     hidden, mask = ort_runtime.encode(runtime, texts)
     counts = [len(c) for c in candidates]
     rows = np.repeat(np.arange(len(texts)), counts)
-    decoder_ids, targets, target_mask = ort_runtime.candidate_batch(runtime.tokenizer, [c for cs in candidates for c in cs], model["decoder_start_token_id"], model["pad_token_id"])
+    decoder_ids, targets, target_mask = ort_runtime.candidate_batch(
+        runtime.tokenizer, [c for cs in candidates for c in cs], model["decoder_start_token_id"], model["pad_token_id"]
+    )
     logits, _ = ort_runtime.decoder_logits(runtime, ort_runtime.to_numpy(hidden)[rows], mask[rows], decoder_ids)
     return np.split(ort_runtime.sequence_log_likelihood(logits, targets, target_mask), np.cumsum(counts)[:-1])
 
@@ -77,7 +123,13 @@ def agreement(a: list[str], b: list[str]) -> float:
     return sum(x == y for x, y in zip(a, b)) / max(1, len(a))
 
 
-def compare(runtime: ort_runtime.Runtime, model_dir: Path, examples: list[tasks.Example], batch_size: int = 16, logit_batches: int = 4) -> dict[str, Any]:
+def compare(
+    runtime: ort_runtime.Runtime,
+    model_dir: Path,
+    examples: list[tasks.Example],
+    batch_size: int = 16,
+    logit_batches: int = 4,
+) -> dict[str, Any]:
     """ONNX vs PyTorch on `examples`: greedy labels, fast-path labels (closed label sets) and the largest
     difference of their candidate probabilities, accuracy on the path serving uses, and the max absolute
     teacher-forced logit difference on the gold labels."""
@@ -99,11 +151,17 @@ def compare(runtime: ort_runtime.Runtime, model_dir: Path, examples: list[tasks.
             out["torch_fast"] += [p.label for p in torch_fast]
             out["onnx_fast"] += [p.label for p in onnx_fast]
             for expected, got in zip(torch_fast, onnx_fast):
-                max_probability_diff = max(max_probability_diff, max(abs(p - got.scores[c]) for c, p in expected.scores.items()))
+                max_probability_diff = max(
+                    max_probability_diff, max(abs(p - got.scores[c]) for c, p in expected.scores.items())
+                )
         if index < logit_batches:
-            torch_logits, targets, mask = torch_teacher_forced_logits(model, tokenizer, texts, [e.label for e in batch], max_input)
+            torch_logits, targets, mask = torch_teacher_forced_logits(
+                model, tokenizer, texts, [e.label for e in batch], max_input
+            )
             hidden, attention = ort_runtime.encode(runtime, texts)
-            decoder_ids = np.concatenate([np.full((len(batch), 1), model.config.decoder_start_token_id), targets[:, :-1]], axis=1)
+            decoder_ids = np.concatenate(
+                [np.full((len(batch), 1), model.config.decoder_start_token_id), targets[:, :-1]], axis=1
+            )
             onnx_logits, _ = ort_runtime.decoder_logits(runtime, hidden, attention, decoder_ids)
             difference = np.abs(onnx_logits.astype(np.float32) - torch_logits)[mask.astype(bool)]
             max_diff = max(max_diff, float(difference.max()))
@@ -124,7 +182,9 @@ def compare(runtime: ort_runtime.Runtime, model_dir: Path, examples: list[tasks.
     return report
 
 
-def gate(report: dict[str, Any], precision: str, min_agreement: float, max_accuracy_drop: float, max_logit_diff: float) -> list[str]:
+def gate(
+    report: dict[str, Any], precision: str, min_agreement: float, max_accuracy_drop: float, max_logit_diff: float
+) -> list[str]:
     """Reasons the export fails parity (empty: it passes). Every precision must keep the labels of the
     decoding path serving uses and the accuracy; fp32 must also match greedy generation and the logits
     (int8/fp16 greedy agreement is reported: whole generated strings flip on small logit changes)."""

@@ -95,16 +95,33 @@ def convert_fp16(path: Path) -> Path:
 
     model = onnx.load(str(path))
     blocked_nodes = [n.name for n in model.graph.node if any(m in n.name for m in FP16_BLOCKED_NODE_MARKERS)]
-    converted = convert_float_to_float16(model, keep_io_types=True, op_block_list=FP16_BLOCKED_OPS, node_block_list=blocked_nodes)
+    converted = convert_float_to_float16(
+        model, keep_io_types=True, op_block_list=FP16_BLOCKED_OPS, node_block_list=blocked_nodes
+    )
     target = path.with_name(path.stem + "_fp16.onnx")
     onnx.save(converted, str(target))
     return target
 
 
-def providers_for(target: str, precision: str, max_batch: int, max_candidates: int, limits: dict[str, int], model_config: dict[str, Any]) -> list[dict[str, Any]]:
+def providers_for(
+    target: str,
+    precision: str,
+    max_batch: int,
+    max_candidates: int,
+    limits: dict[str, int],
+    model_config: dict[str, Any],
+) -> list[dict[str, Any]]:
     """Execution providers with their options, in priority order; serving passes them to ORT as they are."""
     cpu = {"name": "CPUExecutionProvider"}
-    cuda = {"name": "CUDAExecutionProvider", "options": {"device_id": 0, "arena_extend_strategy": "kSameAsRequested", "cudnn_conv_algo_search": "HEURISTIC", "do_copy_in_default_stream": True}}
+    cuda = {
+        "name": "CUDAExecutionProvider",
+        "options": {
+            "device_id": 0,
+            "arena_extend_strategy": "kSameAsRequested",
+            "cudnn_conv_algo_search": "HEURISTIC",
+            "do_copy_in_default_stream": True,
+        },
+    }
     if target == "cpu":
         return [cpu]
     if target == "cuda":
@@ -126,11 +143,18 @@ def providers_for(target: str, precision: str, max_batch: int, max_candidates: i
     return [trt, cuda, cpu]
 
 
-def trt_profiles(max_batch: int, max_candidates: int, limits: dict[str, int], model: dict[str, Any]) -> dict[str, dict[str, str]]:
+def trt_profiles(
+    max_batch: int, max_candidates: int, limits: dict[str, int], model: dict[str, Any]
+) -> dict[str, dict[str, str]]:
     """TensorRT optimisation profiles (min/opt/max shapes) per session, so engines are built once for the
     whole serving range instead of rebuilt per new shape. Scoring runs batch x candidates decoder rows."""
     heads, d_kv, d_model = model["num_heads"], model["d_kv"], model["d_model"]
-    seq, rows, label, total = limits["input"], max_batch * max_candidates, limits["label_tokens"], max(limits["label"], limits["rationale"])
+    seq, rows, label, total = (
+        limits["input"],
+        max_batch * max_candidates,
+        limits["label_tokens"],
+        max(limits["label"], limits["rationale"]),
+    )
 
     def shapes(batch: int, source: int, target: int, past: int) -> dict[str, str]:
         return {
@@ -139,12 +163,28 @@ def trt_profiles(max_batch: int, max_candidates: int, limits: dict[str, int], mo
             "decoder_with_past": ",".join(
                 # A generation step feeds one token; label scoring feeds a candidate's remaining tokens at once.
                 [f"input_ids:{batch}x{target}", f"encoder_attention_mask:{batch}x{source}"]
-                + [f"past_key_values.{i}.{kind}.{kv}:{batch}x{heads}x{past if kind == 'decoder' else source}x{d_kv}" for i in range(model["num_decoder_layers"]) for kind in ("decoder", "encoder") for kv in ("key", "value")]
+                + [
+                    f"past_key_values.{i}.{kind}.{kv}:{batch}x{heads}x{past if kind == 'decoder' else source}x{d_kv}"
+                    for i in range(model["num_decoder_layers"])
+                    for kind in ("decoder", "encoder")
+                    for kv in ("key", "value")
+                ]
             ),
         }
 
-    low, opt, high = shapes(1, 1, 1, 1), shapes(max(1, max_batch // 4), min(128, seq), label, 8), shapes(rows, seq, label, total)
-    return {session: {"trt_profile_min_shapes": low[session], "trt_profile_opt_shapes": opt[session], "trt_profile_max_shapes": high[session]} for session in low}
+    low, opt, high = (
+        shapes(1, 1, 1, 1),
+        shapes(max(1, max_batch // 4), min(128, seq), label, 8),
+        shapes(rows, seq, label, total),
+    )
+    return {
+        session: {
+            "trt_profile_min_shapes": low[session],
+            "trt_profile_opt_shapes": opt[session],
+            "trt_profile_max_shapes": high[session],
+        }
+        for session in low
+    }
 
 
 def token_limits(task: tasks.Task, tokenizer: Any, max_rationale_tokens: int) -> dict[str, int]:
@@ -152,7 +192,11 @@ def token_limits(task: tasks.Task, tokenizer: Any, max_rationale_tokens: int) ->
     train = tasks.load_split(task, "train")[:5000]
     labels = {e.label for e in train} | set(task.labels) | {c for e in train for c in (e.choices or [])}
     longest = max((len(tokenizer(label).input_ids) for label in labels), default=16)
-    return {"label": longest + (0 if task.closed_label_set else 2), "label_tokens": longest, "rationale": max_rationale_tokens}
+    return {
+        "label": longest + (0 if task.closed_label_set else 2),
+        "label_tokens": longest,
+        "rationale": max_rationale_tokens,
+    }
 
 
 def folder_version(out: Path, files: dict[str, str]) -> str:
@@ -194,16 +238,30 @@ def check_out(model: Path, out: Path, overwrite: bool) -> None:
     one inside it), or a non-empty folder that `stepwise export` did not write."""
     model_path, out_path = model.resolve(), out.resolve()
     if out_path == model_path or out_path in model_path.parents or model_path in out_path.parents:
-        raise ValueError(f"--out {out} is the model folder, holds it or lies inside it: choose a folder apart from {model}")
+        raise ValueError(
+            f"--out {out} is the model folder, holds it or lies inside it: choose a folder apart from {model}"
+        )
     if out.exists() and any(out.iterdir()):
         if not overwrite:
             raise ValueError(f"{out} exists and is not empty (pass --overwrite to replace an earlier export)")
         if not (out / artifacts.EXPORT_CONFIG).exists():
-            raise ValueError(f"{out} holds no {artifacts.EXPORT_CONFIG}: --overwrite replaces only a folder `stepwise export` wrote")
+            raise ValueError(
+                f"{out} holds no {artifacts.EXPORT_CONFIG}: --overwrite replaces only a folder `stepwise export` wrote"
+            )
 
 
-def write_export(model: Path, folder: Path, task: tasks.Task, kind: str, layout: str, target: str, threads: int, max_input_tokens: int,
-                 max_rationale_tokens: int, max_batch: int) -> artifacts.ExportConfig:
+def write_export(
+    model: Path,
+    folder: Path,
+    task: tasks.Task,
+    kind: str,
+    layout: str,
+    target: str,
+    threads: int,
+    max_input_tokens: int,
+    max_rationale_tokens: int,
+    max_batch: int,
+) -> artifacts.ExportConfig:
     """ONNX files (converted to `kind`), tokenizer, task and export_config.json into `folder`."""
     export_onnx(model, folder)
     for name in COPIED_FILES:
@@ -226,8 +284,22 @@ def write_export(model: Path, folder: Path, task: tasks.Task, kind: str, layout:
 
     hf_config = AutoConfig.from_pretrained(folder)
     tokenizer = AutoTokenizer.from_pretrained(folder)
-    model_config = {k: getattr(hf_config, k) for k in ("d_model", "num_heads", "d_kv", "num_decoder_layers", "vocab_size", "eos_token_id", "pad_token_id", "decoder_start_token_id")}
-    trained = artifacts.read_json(model / artifacts.TRAIN_CONFIG, "") if (model / artifacts.TRAIN_CONFIG).exists() else {}
+    model_config = {
+        k: getattr(hf_config, k)
+        for k in (
+            "d_model",
+            "num_heads",
+            "d_kv",
+            "num_decoder_layers",
+            "vocab_size",
+            "eos_token_id",
+            "pad_token_id",
+            "decoder_start_token_id",
+        )
+    }
+    trained = (
+        artifacts.read_json(model / artifacts.TRAIN_CONFIG, "") if (model / artifacts.TRAIN_CONFIG).exists() else {}
+    )
     max_input_tokens = max_input_tokens or int(trained.get("max_input_length", 512))
     max_rationale_tokens = max_rationale_tokens or int(trained.get("max_target_length", 128))
     limits = token_limits(task, tokenizer, max_rationale_tokens) | {"input": max_input_tokens}
@@ -239,13 +311,31 @@ def write_export(model: Path, folder: Path, task: tasks.Task, kind: str, layout:
         "precision": kind,
         "decoder_layout": layout,
         # The runtime opens "decoder" as the no-past (split) or merged decoder.
-        "files": {"encoder": files["encoder"], "decoder": files.get("decoder_merged", files.get("decoder")), **({"decoder_with_past": files["decoder_with_past"]} if layout == "split" else {})},
+        "files": {
+            "encoder": files["encoder"],
+            "decoder": files.get("decoder_merged", files.get("decoder")),
+            **({"decoder_with_past": files["decoder_with_past"]} if layout == "split" else {}),
+        },
         "providers": providers_for(target, kind, max_batch, max_candidates, limits, model_config),
         "io_binding": target in ("cuda", "tensorrt"),
         "threads": threads,
         "session_config": {"graph_optimization_level": "ORT_ENABLE_ALL", "session.intra_op.allow_spinning": "0 on CPU"},
-        "quantization": {"method": "dynamic", "weights": "int8 per-channel", "ops": ["MatMul"], "excluded_nodes": INT8_EXCLUDED_NODES, "vnni": cpu_has_vnni()} if kind == "int8" else None,
-        "fp16": {"blocked_ops": FP16_BLOCKED_OPS, "blocked_nodes": list(FP16_BLOCKED_NODE_MARKERS), "keep_io_types": True} if kind == "fp16" else None,
+        "quantization": {
+            "method": "dynamic",
+            "weights": "int8 per-channel",
+            "ops": ["MatMul"],
+            "excluded_nodes": INT8_EXCLUDED_NODES,
+            "vnni": cpu_has_vnni(),
+        }
+        if kind == "int8"
+        else None,
+        "fp16": {
+            "blocked_ops": FP16_BLOCKED_OPS,
+            "blocked_nodes": list(FP16_BLOCKED_NODE_MARKERS),
+            "keep_io_types": True,
+        }
+        if kind == "fp16"
+        else None,
         "model": model_config,
         "max_input_tokens": max_input_tokens,
         "max_new_tokens": {"label": limits["label"], "rationale": limits["rationale"]},
@@ -308,7 +398,9 @@ def main(
         raise ValueError("int8 dynamic quantization is a CPU target; use --precision fp16 for cuda/tensorrt")
     layout = DEFAULT_LAYOUT[target] if decoder_layout == "auto" else decoder_layout
     if target == "tensorrt" and layout == "merged":
-        raise ValueError("the tensorrt target needs the split decoder layout (TensorRT cannot build engines across the merged decoder's If node)")
+        raise ValueError(
+            "the tensorrt target needs the split decoder layout (TensorRT cannot build engines across the merged decoder's If node)"
+        )
     check_out(model, out, overwrite)
     kind = "int8" if quantize == "int8" else precision
     started = time.time()
@@ -319,7 +411,9 @@ def main(
 
     print(f"[export] {model} -> {out} ({kind}, {layout} decoder, target {target})", flush=True)
     try:
-        write_export(model, staging, task, kind, layout, target, threads, max_input_tokens, max_rationale_tokens, max_batch)
+        write_export(
+            model, staging, task, kind, layout, target, threads, max_input_tokens, max_rationale_tokens, max_batch
+        )
         report = parity_gate(staging, model, task, kind, parity)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
@@ -332,7 +426,9 @@ def main(
     return out
 
 
-def parity_gate(out: Path, model: Path, task: tasks.Task, precision: str, options: ParityOptions) -> artifacts.ParityReport:
+def parity_gate(
+    out: Path, model: Path, task: tasks.Task, precision: str, options: ParityOptions
+) -> artifacts.ParityReport:
     """Compare the export with the PyTorch model on the validation split; write parity.json; say loudly when it fails."""
     from stepwise.export import parity
     from stepwise.export.runtime import load_runtime
@@ -342,7 +438,10 @@ def parity_gate(out: Path, model: Path, task: tasks.Task, precision: str, option
         # Written as not passed: serving refuses an unverified export unless told --allow-unverified.
         report: dict[str, Any] = {"skipped": True, "passed": False, "reason": "--parity-limit 0", "failures": []}
         artifacts.write_json(out / artifacts.PARITY, report)
-        print("[export] WARNING: parity gate skipped (--parity-limit 0); `stepwise serve` will need --allow-unverified", file=sys.stderr)
+        print(
+            "[export] WARNING: parity gate skipped (--parity-limit 0); `stepwise serve` will need --allow-unverified",
+            file=sys.stderr,
+        )
         return report
     examples = tasks.load_split(task, "valid")[: options.parity_limit]
     if not examples:
@@ -354,12 +453,20 @@ def parity_gate(out: Path, model: Path, task: tasks.Task, precision: str, option
         "skipped": False,
         "precision": precision,
         "providers": runtime.providers,
-        "thresholds": {"min_agreement": threshold, "max_accuracy_drop": options.max_accuracy_drop, "max_logit_diff": options.max_logit_diff if precision == "fp32" else None},
+        "thresholds": {
+            "min_agreement": threshold,
+            "max_accuracy_drop": options.max_accuracy_drop,
+            "max_logit_diff": options.max_logit_diff if precision == "fp32" else None,
+        },
         "failures": failures,
         "passed": not failures,
     }
     artifacts.write_json(out / artifacts.PARITY, report)
-    fast = f", fast-path agreement {report['fast_path_agreement']:.3f}" if report["fast_path_agreement"] is not None else ""
+    fast = (
+        f", fast-path agreement {report['fast_path_agreement']:.3f}"
+        if report["fast_path_agreement"] is not None
+        else ""
+    )
     print(
         f"[export] parity on {report['examples']} valid examples ({', '.join(runtime.providers)}): greedy agreement {report['greedy_agreement']:.3f}{fast}; "
         f"accuracy {report['accuracy_pytorch']:.3f} (PyTorch) -> {report['accuracy_onnx']:.3f} (ONNX {precision}), delta {report['accuracy_delta']:+.3f}; "

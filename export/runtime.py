@@ -17,7 +17,6 @@ come from the folder's export_config.json, so serving applies what export decide
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -65,8 +64,12 @@ class Runtime:
     device: str  # "cpu" or "cuda": where IO-bound outputs live
     past_names: list[str] = field(default_factory=list)  # decoder past inputs, in graph order
     step_weight_bytes: int = 0  # size of the cached-step decoder's file: what one call streams through memory
-    label_token_ids: dict[str, list[int]] = field(default_factory=dict)  # a label task's labels, tokenized once (EOS included)
-    encoder_call_tokens: int = ENCODER_CALL_TOKENS  # the encoder's batch splits by length where padding costs more than this per call
+    label_token_ids: dict[str, list[int]] = field(
+        default_factory=dict
+    )  # a label task's labels, tokenized once (EOS included)
+    encoder_call_tokens: int = (
+        ENCODER_CALL_TOKENS  # the encoder's batch splits by length where padding costs more than this per call
+    )
 
     @property
     def merged(self) -> bool:
@@ -104,14 +107,18 @@ def configured_providers(export_dir: Path, config: dict[str, Any], session: str)
     return result
 
 
-def provider_list(export_dir: Path, config: dict[str, Any], names: list[str] | None, session: str) -> list[tuple[str, dict[str, Any]]]:
+def provider_list(
+    export_dir: Path, config: dict[str, Any], names: list[str] | None, session: str
+) -> list[tuple[str, dict[str, Any]]]:
     """What to open a session with: the configured providers (or just `names`, with the configured
     options) that this onnxruntime build has."""
     configured = dict(configured_providers(export_dir, config, session))
     chosen = names or list(configured)
     available = ort.get_available_providers()
     if not any(n in available for n in chosen):
-        raise RuntimeError(f"none of the providers {chosen} is available in this onnxruntime build (available: {available})")
+        raise RuntimeError(
+            f"none of the providers {chosen} is available in this onnxruntime build (available: {available})"
+        )
     result = [(name, configured.get(name, {})) for name in chosen if name in available]
     for _, options in result:
         if "trt_engine_cache_path" in options:
@@ -119,7 +126,9 @@ def provider_list(export_dir: Path, config: dict[str, Any], names: list[str] | N
     return result
 
 
-def load_runtime(export_dir: Path, providers: list[str] | None = None, threads: int | None = None, io_binding: bool | None = None) -> Runtime:
+def load_runtime(
+    export_dir: Path, providers: list[str] | None = None, threads: int | None = None, io_binding: bool | None = None
+) -> Runtime:
     """Open the ONNX sessions of an exported student.
 
     Args:
@@ -138,7 +147,9 @@ def load_runtime(export_dir: Path, providers: list[str] | None = None, threads: 
         path = export_dir / files[key]
         if not path.exists():
             raise FileNotFoundError(f"{path} is missing: the export folder is incomplete")
-        return ort.InferenceSession(str(path), sess_options=options, providers=provider_list(export_dir, config, providers, key))
+        return ort.InferenceSession(
+            str(path), sess_options=options, providers=provider_list(export_dir, config, providers, key)
+        )
 
     encoder = open_session("encoder")
     decoder = open_session("decoder")
@@ -170,7 +181,9 @@ def load_runtime(export_dir: Path, providers: list[str] | None = None, threads: 
 # ---------------------------------------------------------------- running sessions
 
 
-def run_session(runtime: Runtime, session: ort.InferenceSession, feeds: dict[str, Any], outputs: list[str] | None = None) -> dict[str, Any]:
+def run_session(
+    runtime: Runtime, session: ort.InferenceSession, feeds: dict[str, Any], outputs: list[str] | None = None
+) -> dict[str, Any]:
     """Outputs by name (all, or just `outputs`). With IO binding, inputs that are already OrtValues stay
     where they are and the outputs stay on the device (the key/value cache never crosses PCIe); call
     `to_numpy` for logits."""
@@ -224,7 +237,9 @@ def encode(runtime: Runtime, texts: list[str]) -> tuple[Any, np.ndarray]:
     lengths = mask.sum(1)
     groups = length_groups(lengths, runtime.encoder_call_tokens)
     if len(groups) == 1 or runtime.io_binding:  # with IO binding the states stay on the device, from one call
-        return run_session(runtime, runtime.encoder, {"input_ids": ids, "attention_mask": mask})["last_hidden_state"], mask
+        return run_session(runtime, runtime.encoder, {"input_ids": ids, "attention_mask": mask})[
+            "last_hidden_state"
+        ], mask
     hidden = np.zeros((*ids.shape, runtime.export_config["model"]["d_model"]), dtype=np.float32)
     for rows in groups:
         width = int(lengths[rows].max())
@@ -240,7 +255,9 @@ def empty_past(runtime: Runtime, batch: int) -> dict[str, np.ndarray]:
     return {name: np.zeros(shape, dtype=np.float32) for name in runtime.past_names}
 
 
-def decoder_logits(runtime: Runtime, hidden: Any, mask: np.ndarray, decoder_ids: np.ndarray, with_presents: bool = False) -> tuple[np.ndarray, dict[str, Any]]:
+def decoder_logits(
+    runtime: Runtime, hidden: Any, mask: np.ndarray, decoder_ids: np.ndarray, with_presents: bool = False
+) -> tuple[np.ndarray, dict[str, Any]]:
     """Teacher-forced decoder pass without a cache: logits [batch, length, vocab] (and the presents, to
     continue generating)."""
     feeds = {"input_ids": decoder_ids.astype(np.int64), "encoder_attention_mask": mask, "encoder_hidden_states": hidden}
@@ -250,7 +267,9 @@ def decoder_logits(runtime: Runtime, hidden: Any, mask: np.ndarray, decoder_ids:
     return to_numpy(outputs["logits"]), outputs
 
 
-def next_step_logits(runtime: Runtime, tokens: np.ndarray, mask: np.ndarray, past: dict[str, Any], hidden: Any, logits_only: bool = False) -> tuple[np.ndarray, dict[str, Any]]:
+def next_step_logits(
+    runtime: Runtime, tokens: np.ndarray, mask: np.ndarray, past: dict[str, Any], hidden: Any, logits_only: bool = False
+) -> tuple[np.ndarray, dict[str, Any]]:
     """Cached decoder steps for `tokens` [batch, new] (one per call when generating, a candidate's remaining
     tokens when scoring; both decoder layouts take several): logits [batch, new, vocab] and the outputs (new presents)."""
     feeds = {"input_ids": tokens.astype(np.int64), "encoder_attention_mask": mask} | past
@@ -269,7 +288,9 @@ def carry_past(runtime: Runtime, outputs: dict[str, Any], past: dict[str, Any]) 
     carried = {}
     for name in runtime.past_names:
         present = name.replace("past_key_values.", "present.")
-        carried[name] = outputs[present] if present in outputs and (".decoder." in name or name not in past) else past[name]
+        carried[name] = (
+            outputs[present] if present in outputs and (".decoder." in name or name not in past) else past[name]
+        )
     return carried
 
 
@@ -284,7 +305,9 @@ def logsumexp(logits: np.ndarray) -> np.ndarray:
     return np.log(np.exp(logits - top[..., None]).sum(-1)) + top
 
 
-def greedy_decode(runtime: Runtime, texts: list[str], max_new_tokens: int, score: bool = False) -> tuple[list[list[int]], np.ndarray | None]:
+def greedy_decode(
+    runtime: Runtime, texts: list[str], max_new_tokens: int, score: bool = False
+) -> tuple[list[list[int]], np.ndarray | None]:
     """Greedy generation with the key/value cache; a row stops at EOS, the batch when all rows have. With
     score=True also each row's sequence log-probability (its generated tokens' log-probs, EOS included)."""
     model = runtime.export_config["model"]
@@ -323,7 +346,9 @@ def token_rows(rows: list[list[int]], pad_id: int) -> tuple[np.ndarray, np.ndarr
     return ids, mask
 
 
-def candidate_batch(tokenizer: PreTrainedTokenizerBase, candidates: list[str], start_id: int, pad_id: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def candidate_batch(
+    tokenizer: PreTrainedTokenizerBase, candidates: list[str], start_id: int, pad_id: int
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Teacher-forcing inputs for scoring candidates in one decoder pass: decoder inputs (start + tokens,
     right-shifted), targets (tokens + EOS) and a mask of real target positions (the PyTorch reference's layout)."""
     targets, mask = token_rows([tokenizer(c).input_ids for c in candidates], pad_id)  # T5 tokenizers append EOS
@@ -347,7 +372,9 @@ def candidates_for(task: tasks.Task, example: tasks.Example) -> list[str]:
     return list(dict.fromkeys(example.choices))
 
 
-def continuation_calls(runtime: Runtime, positions: np.ndarray, rows: np.ndarray, source_length: int) -> list[np.ndarray]:
+def continuation_calls(
+    runtime: Runtime, positions: np.ndarray, rows: np.ndarray, source_length: int
+) -> list[np.ndarray]:
     """How the candidate rows with tokens after the first split into cached decoder calls. One call for all
     of them needs each row's cross-attention keys/values gathered out of its example's (a copy, no matmul);
     one call per candidate position (every example's i-th candidate) reads them in place, but streams the
@@ -355,14 +382,24 @@ def continuation_calls(runtime: Runtime, positions: np.ndarray, rows: np.ndarray
     moves fewer bytes (t5-small-shaped int8, 3 labels, one thread: at batch 16 three calls took 59 ms against
     78 ms for one call with the copy; at batch 1 the copy is a few rows and one call wins)."""
     model = runtime.export_config["model"]
-    row_bytes = 2 * model["num_decoder_layers"] * model["num_heads"] * source_length * model["d_kv"] * 4  # fp32 keys + values
+    row_bytes = (
+        2 * model["num_decoder_layers"] * model["num_heads"] * source_length * model["d_kv"] * 4
+    )  # fp32 keys + values
     calls = np.unique(positions[rows])
     if (len(calls) - 1) * runtime.step_weight_bytes >= len(rows) * row_bytes:
         return [rows]
     return [rows[positions[rows] == position] for position in calls]
 
 
-def continuation_log_likelihood(runtime: Runtime, token_ids: list[list[int]], rows: np.ndarray, examples: np.ndarray, mask: np.ndarray, past: dict[str, Any], hidden: Any) -> np.ndarray:
+def continuation_log_likelihood(
+    runtime: Runtime,
+    token_ids: list[list[int]],
+    rows: np.ndarray,
+    examples: np.ndarray,
+    mask: np.ndarray,
+    past: dict[str, Any],
+    hidden: Any,
+) -> np.ndarray:
     """Log-likelihood of candidate `rows`' tokens after the first, EOS included, in one cached decoder call
     on their examples' start-step keys/values (gathered by index unless the rows are the examples in order)."""
     pad = runtime.export_config["model"]["pad_token_id"]
@@ -371,7 +408,9 @@ def continuation_log_likelihood(runtime: Runtime, token_ids: list[list[int]], ro
     if not np.array_equal(examples, np.arange(len(mask))):
         past = {name: to_numpy(value)[examples] for name, value in past.items()}
         mask = mask[examples]
-        hidden = to_numpy(hidden)[examples] if runtime.merged else hidden  # the merged graph takes it, unused with a cache
+        hidden = (
+            to_numpy(hidden)[examples] if runtime.merged else hidden
+        )  # the merged graph takes it, unused with a cache
     logits, _ = next_step_logits(runtime, inputs, mask, past, hidden, logits_only=True)
     return sequence_log_likelihood(logits, targets, target_mask)
 
@@ -394,7 +433,9 @@ def score_candidates(runtime: Runtime, texts: list[str], candidates: list[list[s
     positions = np.concatenate([np.arange(count) for count in counts])
     flat = [c for cs in candidates for c in cs]
     unseen = [c for c in dict.fromkeys(flat) if c not in runtime.label_token_ids]  # a choice task's choices
-    tokenized = runtime.label_token_ids | (dict(zip(unseen, runtime.tokenizer(unseen).input_ids)) if unseen else {})  # T5 tokenizers append EOS
+    tokenized = runtime.label_token_ids | (
+        dict(zip(unseen, runtime.tokenizer(unseen).input_ids)) if unseen else {}
+    )  # T5 tokenizers append EOS
     token_ids = [tokenized[c] for c in flat]
     first = logits[:, 0, :]
     scores = first[owners, [ids[0] for ids in token_ids]] - logsumexp(first)[owners]
@@ -423,7 +464,9 @@ def closed_set_prediction(candidates: list[str], log_likelihoods: np.ndarray) ->
     )
 
 
-def predict(runtime: Runtime, examples: list[tasks.Example], explain: bool = False, fast_path: bool = True) -> list[Prediction]:
+def predict(
+    runtime: Runtime, examples: list[tasks.Example], explain: bool = False, fast_path: bool = True
+) -> list[Prediction]:
     """Labels for `examples` ("predict: " input); with explain=True also rationales ("explain: " input).
 
     Args:
@@ -438,7 +481,10 @@ def predict(runtime: Runtime, examples: list[tasks.Example], explain: bool = Fal
     label_texts = [tasks.label_input(e) for e in examples]
     if fast_path and runtime.task.closed_label_set:
         candidates = [candidates_for(runtime.task, e) for e in examples]
-        predictions = [closed_set_prediction(cs, s) for cs, s in zip(candidates, score_candidates(runtime, label_texts, candidates))]
+        predictions = [
+            closed_set_prediction(cs, s)
+            for cs, s in zip(candidates, score_candidates(runtime, label_texts, candidates))
+        ]
     else:
         ids, log_probs = greedy_decode(runtime, label_texts, limits["label"], score=True)
         labels = [t.strip() for t in runtime.tokenizer.batch_decode(ids, skip_special_tokens=True)]

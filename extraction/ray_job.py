@@ -17,9 +17,9 @@ from pathlib import Path
 
 from tqdm import tqdm
 
+from stepwise import tasks
 from stepwise.extraction import records as extraction_records
 from stepwise.extraction import teachers
-from stepwise import tasks
 
 
 @dataclass(frozen=True)
@@ -44,8 +44,17 @@ class RayCluster:
 class EngineActor:
     """Ray Data's stateful-actor form: the engine loads once per actor, then serves many batches."""
 
-    def __init__(self, task_fields: dict, shots: list[str], teacher_meta: dict, model: str, engine: dict,
-                 sampling: dict, out: str, shard_format: str):
+    def __init__(
+        self,
+        task_fields: dict,
+        shots: list[str],
+        teacher_meta: dict,
+        model: str,
+        engine: dict,
+        sampling: dict,
+        out: str,
+        shard_format: str,
+    ):
         self.task = tasks.Task(**task_fields)
         self.shots, self.teacher_meta, self.out, self.shard_format = shots, teacher_meta, Path(out), shard_format
         engine_options, sampling_options = teachers.VllmEngine(**engine), teachers.Sampling(**sampling)
@@ -54,13 +63,25 @@ class EngineActor:
 
     def __call__(self, batch: dict) -> dict:
         examples = [tasks.Example(**json.loads(text)) for text in batch["example"]]
-        records = extraction_records.process_chunk(self.task, self.generate, self.shots, examples, self.teacher_meta, self.out, self.shard_format)
+        records = extraction_records.process_chunk(
+            self.task, self.generate, self.shots, examples, self.teacher_meta, self.out, self.shard_format
+        )
         return {"tally": [json.dumps(extraction_records.tally(r)) for r in records]}
 
 
-def extract_on_ray(task: tasks.Task, shots: list[str], pending: list[tasks.Example], teacher_meta: dict, model: str,
-                   engine: teachers.VllmEngine, sampling: teachers.Sampling, cluster: RayCluster, out: Path,
-                   chunk_size: int, shard_format: str) -> list[dict]:
+def extract_on_ray(
+    task: tasks.Task,
+    shots: list[str],
+    pending: list[tasks.Example],
+    teacher_meta: dict,
+    model: str,
+    engine: teachers.VllmEngine,
+    sampling: teachers.Sampling,
+    cluster: RayCluster,
+    out: Path,
+    chunk_size: int,
+    shard_format: str,
+) -> list[dict]:
     """Run `pending` through `cluster.ray_actors` vLLM engine actors; return the tallies of the records written."""
     import ray
 
@@ -77,12 +98,21 @@ def extract_on_ray(task: tasks.Task, shots: list[str], pending: list[tasks.Examp
             concurrency=actors,
             num_cpus=1,
             num_gpus=gpus_per_actor,
-            fn_constructor_kwargs={"task_fields": asdict(task), "shots": shots, "teacher_meta": teacher_meta,
-                                   "model": model, "engine": asdict(engine), "sampling": asdict(sampling),
-                                   "out": str(out.resolve()), "shard_format": shard_format},
+            fn_constructor_kwargs={
+                "task_fields": asdict(task),
+                "shots": shots,
+                "teacher_meta": teacher_meta,
+                "model": model,
+                "engine": asdict(engine),
+                "sampling": asdict(sampling),
+                "out": str(out.resolve()),
+                "shard_format": shard_format,
+            },
         )
         tallies = []
-        with tqdm(total=len(pending), unit="rec", desc=f"extract {task.name} on ray ({actors} engines)", dynamic_ncols=True) as bar:
+        with tqdm(
+            total=len(pending), unit="rec", desc=f"extract {task.name} on ray ({actors} engines)", dynamic_ncols=True
+        ) as bar:
             for row in results.iter_rows():
                 tallies.append(json.loads(row["tally"]))
                 bar.update(1)

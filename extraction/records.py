@@ -61,15 +61,28 @@ def make_record(task: tasks.Task, example: tasks.Example, generation: teachers.G
     }
 
 
-def generate_records(task: tasks.Task, generate: teachers.Teacher, shots: list[str], examples: Iterable[tasks.Example], teacher_meta: dict) -> Iterator[dict]:
+def generate_records(
+    task: tasks.Task,
+    generate: teachers.Teacher,
+    shots: list[str],
+    examples: Iterable[tasks.Example],
+    teacher_meta: dict,
+) -> Iterator[dict]:
     """Records as the teacher finishes them; prompts are built lazily, as the backend pulls work."""
     work = ((e, tasks.few_shot_prompt(task, shots, e)) for e in examples)
     for example, generation in generate(work):
         yield make_record(task, example, generation, teacher_meta)
 
 
-def process_chunk(task: tasks.Task, generate: teachers.Teacher, shots: list[str], chunk: list[tasks.Example], teacher_meta: dict, out: Path,
-                  shard_format: str) -> list[dict]:
+def process_chunk(
+    task: tasks.Task,
+    generate: teachers.Teacher,
+    shots: list[str],
+    chunk: list[tasks.Example],
+    teacher_meta: dict,
+    out: Path,
+    shard_format: str,
+) -> list[dict]:
     """One chunk through the teacher into one shard (what each Ray actor does per batch)."""
     records = list(generate_records(task, generate, shots, chunk, teacher_meta))
     shards.write_shard(out, records, shard_format)

@@ -71,8 +71,10 @@ def folder_lock(out_dir: Path) -> Iterator[None]:
         handle.seek(0)
         holder = handle.read().strip() or "a process"
         handle.close()
-        raise ValueError(f"{out_dir} is being written by another `stepwise extract` ({holder}); wait for it to finish, "
-                         "or choose another --out") from None
+        raise ValueError(
+            f"{out_dir} is being written by another `stepwise extract` ({holder}); wait for it to finish, "
+            "or choose another --out"
+        ) from None
     try:
         handle.seek(0)
         handle.truncate()

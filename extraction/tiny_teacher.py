@@ -30,8 +30,15 @@ def training_text(task_names: tuple[str, ...]) -> list[str]:
     return lines
 
 
-def build_tiny_teacher(out_dir: Path, task_names: tuple[str, ...] = ("svamp", "cqa", "esnli"), vocab_size: int = 2048, hidden_size: int = 128,
-                       layers: int = 2, max_positions: int = 4096, seed: int = 0) -> Path:
+def build_tiny_teacher(
+    out_dir: Path,
+    task_names: tuple[str, ...] = ("svamp", "cqa", "esnli"),
+    vocab_size: int = 2048,
+    hidden_size: int = 128,
+    layers: int = 2,
+    max_positions: int = 4096,
+    seed: int = 0,
+) -> Path:
     """Write a random-weight Llama-shaped model + locally trained tokenizer to `out_dir`; return it."""
     import torch
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
@@ -42,9 +49,13 @@ def build_tiny_teacher(out_dir: Path, task_names: tuple[str, ...] = ("svamp", "c
     bpe = Tokenizer(models.BPE())
     bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     bpe.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=SPECIAL_TOKENS, initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size, special_tokens=SPECIAL_TOKENS, initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
+    )
     bpe.train_from_iterator(training_text(task_names), trainer)
-    tokenizer = PreTrainedTokenizerFast(tokenizer_object=bpe, eos_token="<|endoftext|>", bos_token="<|bos|>", pad_token="<|pad|>")
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=bpe, eos_token="<|endoftext|>", bos_token="<|bos|>", pad_token="<|pad|>"
+    )
     tokenizer.chat_template = CHAT_TEMPLATE
     tokenizer.save_pretrained(out_dir)
 

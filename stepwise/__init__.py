@@ -9,5 +9,7 @@ from pathlib import Path
 
 STAGES = ("extraction", "training", "export", "serving")
 _checkout = Path(__file__).resolve().parent.parent
-if not (Path(__file__).parent / "export").is_dir() and all((_checkout / stage / "__init__.py").is_file() for stage in STAGES):
+if not (Path(__file__).parent / "export").is_dir() and all(
+    (_checkout / stage / "__init__.py").is_file() for stage in STAGES
+):
     __path__.append(str(_checkout))

@@ -177,7 +177,9 @@ def _read_typed(folder: Path, name: str, kind: type[Typed], what: str) -> Typed:
     data = read_json(Path(folder) / name, what)
     missing = sorted(set(kind.__required_keys__) - set(data))
     if missing:
-        raise ValueError(f"{Path(folder) / name} lacks {', '.join(missing)}: {what} (written by another stepwise version?)")
+        raise ValueError(
+            f"{Path(folder) / name} lacks {', '.join(missing)}: {what} (written by another stepwise version?)"
+        )
     return data
 
 
@@ -190,7 +192,9 @@ def read_metrics(folder: Path) -> Metrics:
 
 
 def read_parity(folder: Path) -> ParityReport:
-    return _read_typed(folder, PARITY, ParityReport, "an export folder without a parity report (rerun `stepwise export`)")
+    return _read_typed(
+        folder, PARITY, ParityReport, "an export folder without a parity report (rerun `stepwise export`)"
+    )
 
 
 def read_export_config(folder: Path) -> ExportConfig:

@@ -96,9 +96,24 @@ def options_of(fn: Callable) -> list[Option]:
         if dataclasses.is_dataclass(hint):
             field_helps, field_hints = _doc_args(hint), typing.get_type_hints(hint)
             for field in dataclasses.fields(hint):
-                default = field.default if field.default is not dataclasses.MISSING else (
-                    field.default_factory() if field.default_factory is not dataclasses.MISSING else inspect.Parameter.empty)
-                found.append(Option(field.name, _unwrap_optional(field_hints[field.name]), default, field_helps.get(field.name, " "), name))
+                default = (
+                    field.default
+                    if field.default is not dataclasses.MISSING
+                    else (
+                        field.default_factory()
+                        if field.default_factory is not dataclasses.MISSING
+                        else inspect.Parameter.empty
+                    )
+                )
+                found.append(
+                    Option(
+                        field.name,
+                        _unwrap_optional(field_hints[field.name]),
+                        default,
+                        field_helps.get(field.name, " "),
+                        name,
+                    )
+                )
         else:
             found.append(Option(name, hint, param.default, helps.get(name, " "), None))
     return found
@@ -108,7 +123,9 @@ def parser_for(fn: Callable, prog: str) -> argparse.ArgumentParser:
     """An argparse parser whose options mirror `fn`'s keyword parameters and type hints (dataclass
     parameters become argument groups)."""
     doc = inspect.getdoc(fn) or ""
-    parser = argparse.ArgumentParser(prog=prog, description=doc.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog=prog, description=doc.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter
+    )
     hints = typing.get_type_hints(fn)
     groups: dict[str, Any] = {}
     for option in options_of(fn):
@@ -138,7 +155,9 @@ def parser_for(fn: Callable, prog: str) -> argparse.ArgumentParser:
         else:
             kwargs["type"] = hint
         where.add_argument("--" + option.name.replace("_", "-"), **kwargs)
-    parser.add_argument("--config", type=Path, default=None, help="JSON or TOML file whose keys override the defaults above")
+    parser.add_argument(
+        "--config", type=Path, default=None, help="JSON or TOML file whose keys override the defaults above"
+    )
     return parser
 
 
@@ -229,8 +248,10 @@ def usage() -> str:
     lines = ["usage: stepwise <command> [options]", "", "commands:"]
     lines += [f"  {name:<11} ({env} environment)" for name, (_, _, env) in STAGES.items()]
     lines += ["  bench       a benchmark (`stepwise bench` lists them; checkout only)"]
-    lines += ["  setup       create both environments (student, teacher)",
-              "  test        run the whole test suite in both environments (--fast: without the slow end-to-end tests)"]
+    lines += [
+        "  setup       create both environments (student, teacher)",
+        "  test        run the whole test suite in both environments (--fast: without the slow end-to-end tests)",
+    ]
     return "\n".join(lines)
 
 
@@ -248,8 +269,10 @@ def import_function(module_name: str, fn_name: str) -> Callable:
     """A command's function; the checkout's benchmarks/ (the demo, the benchmarks) joins the path first."""
     if module_name.split(".")[0] == CHECKOUT_PACKAGE:
         if not (envs.ROOT / CHECKOUT_PACKAGE).is_dir():
-            raise SystemExit(f"stepwise: {module_name} needs a source checkout of stepwise (benchmarks/ is not "
-                             "installed): run it from a clone")
+            raise SystemExit(
+                f"stepwise: {module_name} needs a source checkout of stepwise (benchmarks/ is not "
+                "installed): run it from a clone"
+            )
         if str(envs.ROOT) not in sys.path:
             sys.path.insert(0, str(envs.ROOT))
     return getattr(importlib.import_module(module_name), fn_name)
@@ -283,7 +306,7 @@ def main(argv: list[str] | None = None) -> None:
         return
     command, rest = argv[0], argv[1:]
     if command == "setup":
-        for name in (rest or list(envs.ENV_NAMES)):
+        for name in rest or list(envs.ENV_NAMES):
             envs.ensure_env(name)
         return
     if command == "test":

@@ -76,7 +76,10 @@ def install_steps(name: str, gpu: bool) -> list[list[str]]:
     steps = [] if gpu else [pip + [pinned(name, gpu, "torch")]]
     steps.append(pip + ["-e", f"{ROOT}[{','.join(extras(name, gpu))}]"])
     if name == "student" and gpu:  # onnxruntime and onnxruntime-gpu both provide the module; keep only the GPU one
-        steps += [["uninstall", "-y", "onnxruntime"], pip + ["--force-reinstall", "--no-deps", pinned(name, gpu, "onnxruntime-gpu")]]
+        steps += [
+            ["uninstall", "-y", "onnxruntime"],
+            pip + ["--force-reinstall", "--no-deps", pinned(name, gpu, "onnxruntime-gpu")],
+        ]
     if name == "teacher" and not gpu:
         steps.append(["uninstall", "-y", *TEACHER_CPU_UNUSED])
     return steps
@@ -90,8 +93,12 @@ def recipe_stamp(name: str, gpu: bool) -> str:
     import tomllib
 
     pyproject = tomllib.loads((ROOT / "pyproject.toml").read_text())
-    recipe = {"requirements": pyproject["project"]["dependencies"] + requirements(name, gpu), "python": pyproject["project"].get("requires-python"),
-              "layout": pyproject.get("tool", {}).get("setuptools"), "steps": install_steps(name, gpu)}
+    recipe = {
+        "requirements": pyproject["project"]["dependencies"] + requirements(name, gpu),
+        "python": pyproject["project"].get("requires-python"),
+        "layout": pyproject.get("tool", {}).get("setuptools"),
+        "steps": install_steps(name, gpu),
+    }
     text = json.dumps(recipe, sort_keys=True).replace(str(ROOT), "<checkout>")
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
@@ -104,7 +111,11 @@ def ensure_env(name: str, quiet: bool = False) -> Path:
     if stamp_file.exists() and stamp_file.read_text().strip() == stamp:
         return venv_python(name)
     started = time.time()
-    print(f"[stepwise] setting up the {name} environment in {venv_dir(name)} (first run, a few minutes)", file=sys.stderr, flush=True)
+    print(
+        f"[stepwise] setting up the {name} environment in {venv_dir(name)} (first run, a few minutes)",
+        file=sys.stderr,
+        flush=True,
+    )
     if not venv_python(name).exists():
         subprocess.run([sys.executable, "-m", "venv", str(venv_dir(name))], check=True)
     for step in install_steps(name, gpu):

@@ -155,7 +155,9 @@ def save_task(task: Task, folder: Path) -> None:
 
 
 def load_task(folder: Path) -> Task:
-    return Task(**artifacts.read_json(Path(folder) / artifacts.TASK, "not a stepwise model, export or extraction folder"))
+    return Task(
+        **artifacts.read_json(Path(folder) / artifacts.TASK, "not a stepwise model, export or extraction folder")
+    )
 
 
 def in_valid_split(example_id: str) -> bool:
@@ -220,9 +222,26 @@ def _load_shipped(task: Task, our_split: str) -> list[Example]:
         if task.name == "svamp":
             examples.append(Example(example_id, row["input"], row["label"], teacher_completion=completion))
         elif task.name == "cqa":
-            examples.append(Example(example_id, cqa_input(row["question"], row["choices"]), row["answer"], row["choices"], row.get("abstractive_explanation"), completion))
+            examples.append(
+                Example(
+                    example_id,
+                    cqa_input(row["question"], row["choices"]),
+                    row["answer"],
+                    row["choices"],
+                    row.get("abstractive_explanation"),
+                    completion,
+                )
+            )
         else:
-            examples.append(Example(example_id, nli_input(row["premise"], row["hypothesis"]), NLI_LABELS[int(row["label"])], rationale=row.get("explanation_1"), teacher_completion=completion))
+            examples.append(
+                Example(
+                    example_id,
+                    nli_input(row["premise"], row["hypothesis"]),
+                    NLI_LABELS[int(row["label"])],
+                    rationale=row.get("explanation_1"),
+                    teacher_completion=completion,
+                )
+            )
     return examples
 
 
@@ -371,8 +390,10 @@ def _answer_style(path: Path, settings: dict, has_choices: bool, train_labels: l
     where = f"custom task {path}"
     if has_choices:
         if labels or declared not in (None, "choice"):
-            raise ValueError(f"{where}: rows have 'choices', so each row's answer is one of its choices; "
-                             "drop labels/answer_style from the task file")
+            raise ValueError(
+                f"{where}: rows have 'choices', so each row's answer is one of its choices; "
+                "drop labels/answer_style from the task file"
+            )
         return "choice", []
     if declared == "choice":
         raise ValueError(f"{where}: answer_style 'choice' needs a 'choices' column")
@@ -408,8 +429,10 @@ def _custom_table(path: Path) -> dict[str, list[dict]]:
                 raise ValueError(f"custom task folder {path}: several {split} files ({found}); keep one")
             table[split] = [dict(row, _row=i) for i, row in enumerate(_read_table(files[0]))] if files else []
         if not any(table.values()):
-            raise ValueError(f"custom task folder {path}: no train/valid/test files ({'/'.join(TABLE_SUFFIXES)}), "
-                             "and not a Hugging Face datasets folder")
+            raise ValueError(
+                f"custom task folder {path}: no train/valid/test files ({'/'.join(TABLE_SUFFIXES)}), "
+                "and not a Hugging Face datasets folder"
+            )
         return table
     return _split_by_column(path, _read_table(path))
 
@@ -420,8 +443,9 @@ def _split_by_column(where: Path, rows: list[dict]) -> dict[str, list[dict]]:
         given = _text(row.get("split")) or "train"
         split = SPLIT_ALIASES.get(given, given)
         if split not in table:
-            raise ValueError(f"custom task {where}, row {i + 1}: split {given!r} is not one of train, "
-                             "valid (validation), test")
+            raise ValueError(
+                f"custom task {where}, row {i + 1}: split {given!r} is not one of train, valid (validation), test"
+            )
         table[split].append(dict(row, _row=i))
     return table
 
@@ -441,8 +465,9 @@ def _read_table(path: Path) -> list[dict]:
         try:
             import pyarrow.parquet as pq
         except ImportError:
-            raise ValueError(f"{path}: reading Parquet needs pyarrow, which this environment lacks "
-                             "(pip install pyarrow)") from None
+            raise ValueError(
+                f"{path}: reading Parquet needs pyarrow, which this environment lacks (pip install pyarrow)"
+            ) from None
         return pq.read_table(path).to_pylist()
     raise ValueError(f"custom task {path}: expected a .jsonl, .json, .csv or .parquet file, or a folder")
 
@@ -453,8 +478,10 @@ def _hf_table(path: Path) -> dict[str, list[dict]]:
     try:
         import datasets
     except ImportError:
-        raise ValueError(f"{path} is a Hugging Face datasets folder: reading it needs the `datasets` package, which "
-                         "this environment lacks (pip install datasets), or export it to JSONL or Parquet") from None
+        raise ValueError(
+            f"{path} is a Hugging Face datasets folder: reading it needs the `datasets` package, which "
+            "this environment lacks (pip install datasets), or export it to JSONL or Parquet"
+        ) from None
 
     def rows_of(dataset: Any) -> list[dict]:
         features = dataset.features.items()
@@ -501,8 +528,10 @@ def _custom_example(task: Task, row: dict, split: str) -> Example:
         known = [name for name in task.labels if normalize(name) == normalize(label)]
         if not known:
             task_file = task_file_paths(Path(task.source))[0].name
-            raise ValueError(f"{where}: label {label!r} is not one of the task's labels {'/'.join(task.labels)}: "
-                             f"fix the row, or declare the whole set (labels in {task_file}, or --labels)")
+            raise ValueError(
+                f"{where}: label {label!r} is not one of the task's labels {'/'.join(task.labels)}: "
+                f"fix the row, or declare the whole set (labels in {task_file}, or --labels)"
+            )
         label = known[0]
     example_id = _text(row.get("id")) or f"{task.name}-{split}-{row['_row']:06d}"
     text = cqa_input(text, choices) if choices else text
@@ -571,7 +600,11 @@ def exemplars(task: Task, pool: list[Example]) -> list[str]:
             continue
         if example.teacher_completion is not None:
             parsed = parse_completion(task, example.teacher_completion, example.choices)
-            if parsed.status != "ok" or not is_correct(task, parsed.label, example.label) or len(parsed.rationale) > 400:
+            if (
+                parsed.status != "ok"
+                or not is_correct(task, parsed.label, example.label)
+                or len(parsed.rationale) > 400
+            ):
                 continue
             rationale, label = parsed.rationale, parsed.label  # the teacher's own wording of a correct answer
         elif example.rationale:
@@ -641,7 +674,9 @@ def parse_completion(task: Task, completion: str | None, choices: list[str] | No
             if found:
                 return Parsed(rationale, found[0], "ok")
             return Parsed(rationale, "", "malformed", f"answer is none of the choices: {text_answer[:60]!r}")
-        return Parsed(rationale, text_answer, "ok") if text_answer else Parsed(rationale, "", "malformed", "empty answer")
+        return (
+            Parsed(rationale, text_answer, "ok") if text_answer else Parsed(rationale, "", "malformed", "empty answer")
+        )
     label = match.group(1).strip()
     return Parsed(rationale, label, "ok") if label else Parsed(rationale, "", "malformed", "empty answer")
 
@@ -668,7 +703,15 @@ def normalize(text: str) -> str:
     return " ".join(text.lower().strip().strip(".").split())
 
 
-_OPERATORS = {ast.Add: operator.add, ast.Sub: operator.sub, ast.Mult: operator.mul, ast.Div: operator.truediv, ast.FloorDiv: operator.floordiv, ast.Mod: operator.mod, ast.Pow: operator.pow}
+_OPERATORS = {
+    ast.Add: operator.add,
+    ast.Sub: operator.sub,
+    ast.Mult: operator.mul,
+    ast.Div: operator.truediv,
+    ast.FloorDiv: operator.floordiv,
+    ast.Mod: operator.mod,
+    ast.Pow: operator.pow,
+}
 _UNARY = {ast.USub: operator.neg, ast.UAdd: operator.pos}
 
 
@@ -703,7 +746,11 @@ def _evaluate(node: ast.AST) -> float:
 def is_correct(task: Task, prediction: str, gold: str) -> bool:
     if task.answer_style == "equation":
         predicted, expected = evaluate_equation(prediction), evaluate_equation(gold)
-        return predicted is not None and expected is not None and math.isclose(predicted, expected, rel_tol=1e-4, abs_tol=1e-4)
+        return (
+            predicted is not None
+            and expected is not None
+            and math.isclose(predicted, expected, rel_tol=1e-4, abs_tol=1e-4)
+        )
     return normalize(prediction) == normalize(gold)
 
 

@@ -34,7 +34,9 @@ def records_by_id(folder: Path) -> dict[str, dict]:
     for row in artifacts.read_records(folder):
         missing = [name for name in RECORD_FIELDS if name not in row]
         if missing:
-            raise ValueError(f"rationales folder {folder}: a record lacks {', '.join(missing)}: {json.dumps(row)[:120]}")
+            raise ValueError(
+                f"rationales folder {folder}: a record lacks {', '.join(missing)}: {json.dumps(row)[:120]}"
+            )
         previous = records.get(str(row["id"]))
         if previous is None or previous["status"] != "ok":
             records[str(row["id"])] = row
@@ -55,8 +57,10 @@ def check_task_matches(folder: Path, task: tasks.Task) -> None:
     for name in compared:
         theirs, ours = getattr(extracted_for, name), getattr(task, name)
         if theirs != ours:
-            raise ValueError(f"rationales in {folder} were extracted with {name} {theirs!r}, this task has {ours!r}: "
-                             "give both stages the same task file or --labels")
+            raise ValueError(
+                f"rationales in {folder} were extracted with {name} {theirs!r}, this task has {ours!r}: "
+                "give both stages the same task file or --labels"
+            )
 
 
 def data_fraction(examples: list, fraction: float, seed: int) -> list:
@@ -78,7 +82,14 @@ def input_changed(record: dict, example: tasks.Example) -> bool:
     return record.get("input") is not None and record["input"] != example.input
 
 
-def training_examples(task: tasks.Task, records: dict[str, dict] | None, needs_teacher_label: bool, needs_rationale: bool, fraction: float, seed: int) -> tuple[list[StudentExample], dict]:
+def training_examples(
+    task: tasks.Task,
+    records: dict[str, dict] | None,
+    needs_teacher_label: bool,
+    needs_rationale: bool,
+    fraction: float,
+    seed: int,
+) -> tuple[list[StudentExample], dict]:
     """The train split's fraction, with the teacher's label and/or rationale joined by id where the mode
     needs them. Inputs the teacher failed on (status not ok), never saw, or saw in another version (the data
     changed since: `skipped_input_changed`) are skipped and counted."""
@@ -88,7 +99,9 @@ def training_examples(task: tasks.Task, records: dict[str, dict] | None, needs_t
     if (needs_teacher_label or needs_rationale) and records is None:
         raise ValueError("this mode learns from the teacher: pass --rationales (an extraction output folder)")
     if records is not None and not any(e.id in records for e in train):
-        raise ValueError(f"none of the {len(records)} records' ids are in task {task.name!r}'s train split: wrong --task or --rationales?")
+        raise ValueError(
+            f"none of the {len(records)} records' ids are in task {task.name!r}'s train split: wrong --task or --rationales?"
+        )
     examples = []
     for example in selected:
         record = records.get(example.id) if records is not None else None
@@ -96,7 +109,11 @@ def training_examples(task: tasks.Task, records: dict[str, dict] | None, needs_t
             if record is None:
                 counts["skipped_no_record"] += 1
                 continue
-            if record["status"] != "ok" or (needs_rationale and not record.get("rationale")) or (needs_teacher_label and not record.get("teacher_label")):
+            if (
+                record["status"] != "ok"
+                or (needs_rationale and not record.get("rationale"))
+                or (needs_teacher_label and not record.get("teacher_label"))
+            ):
                 counts["skipped_not_ok"] += 1
                 continue
             if input_changed(record, example):  # its rationale explains another input: never train on it

@@ -44,8 +44,10 @@ def test_importing_a_benchmark_does_no_work(module, tmp_path):
     env_name = dict(cli.BENCHMARKS.values()).get(f"benchmarks.{module}", "student")
     temp = tmp_path / "tmp"
     temp.mkdir()
-    probe = (f"import importlib, sys; importlib.import_module('benchmarks.{module}'); "
-             f"print(sorted(set({HEAVY!r}) & set(sys.modules)))")
+    probe = (
+        f"import importlib, sys; importlib.import_module('benchmarks.{module}'); "
+        f"print(sorted(set({HEAVY!r}) & set(sys.modules)))"
+    )
     result = run(envs.venv_python(env_name), "-c", probe, env={"TMPDIR": str(temp)})
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == "[]"  # and nothing else printed

@@ -9,7 +9,6 @@ import pytest
 
 from benchmarks import harness
 
-
 PARENT_ONLY: list[str] = []  # filled by the test: a forked child would see it, a spawned one imports this module anew
 
 

@@ -16,14 +16,37 @@ pytestmark = pytest.mark.slow
 
 # A 60-step student sits on near-ties, where int8 flips a few validation labels either way: a looser gate
 # than the default 0.02 keeps this test about the pipeline, not about rounding noise.
-SHORT = ["--max-accuracy-drop", "0.06", "--max-steps", "60", "--train-limit", "300", "--eval-limit", "24", "--requests", "8", "--teacher-probe", "4", "--bench-calls", "4", "--port", "8797"]
+SHORT = [
+    "--max-accuracy-drop",
+    "0.06",
+    "--max-steps",
+    "60",
+    "--train-limit",
+    "300",
+    "--eval-limit",
+    "24",
+    "--requests",
+    "8",
+    "--teacher-probe",
+    "4",
+    "--bench-calls",
+    "4",
+    "--port",
+    "8797",
+]
 
 
 def run_demo(out, *extra):
     env = {k: v for k, v in os.environ.items() if k != "STEPWISE_INPROCESS"}
     system_python = getattr(sys, "_base_executable", sys.executable)
-    return subprocess.run([system_python, "-m", "stepwise", "demo", "--out", str(out), *SHORT, *extra], cwd=envs.ROOT, env=env,
-                          capture_output=True, text=True, timeout=1500)
+    return subprocess.run(
+        [system_python, "-m", "stepwise", "demo", "--out", str(out), *SHORT, *extra],
+        cwd=envs.ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=1500,
+    )
 
 
 def test_demo_runs_every_stage_and_writes_the_report(tmp_path):

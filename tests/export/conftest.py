@@ -12,7 +12,10 @@ import pytest
 def choice_and_open_students(tmp_path_factory) -> dict[str, Path]:
     from stepwise.training.tiny import build_student_folder
 
-    return {name: build_student_folder(tmp_path_factory.mktemp(f"tiny-{name}"), "tiny", name, vocab_size=1000) for name in ("cqa", "svamp")}
+    return {
+        name: build_student_folder(tmp_path_factory.mktemp(f"tiny-{name}"), "tiny", name, vocab_size=1000)
+        for name in ("cqa", "svamp")
+    }
 
 
 @pytest.fixture(scope="session")
@@ -21,7 +24,12 @@ def tiny_merged_export_dir(tiny_student_dir, tmp_path_factory) -> Path:
     from stepwise.export.run import ParityOptions
     from stepwise.export.run import main as export_main
 
-    return export_main(model=tiny_student_dir, out=tmp_path_factory.mktemp("tiny-merged") / "onnx", decoder_layout="merged", parity=ParityOptions(parity_limit=16))
+    return export_main(
+        model=tiny_student_dir,
+        out=tmp_path_factory.mktemp("tiny-merged") / "onnx",
+        decoder_layout="merged",
+        parity=ParityOptions(parity_limit=16),
+    )
 
 
 @pytest.fixture(scope="session")
@@ -30,4 +38,8 @@ def cqa_export_dir(choice_and_open_students, tmp_path_factory) -> Path:
     from stepwise.export.run import ParityOptions
     from stepwise.export.run import main as export_main
 
-    return export_main(model=choice_and_open_students["cqa"], out=tmp_path_factory.mktemp("tiny-cqa") / "onnx", parity=ParityOptions(parity_limit=16))
+    return export_main(
+        model=choice_and_open_students["cqa"],
+        out=tmp_path_factory.mktemp("tiny-cqa") / "onnx",
+        parity=ParityOptions(parity_limit=16),
+    )

@@ -12,18 +12,20 @@ from pathlib import Path
 
 import pytest
 
+from stepwise import tasks
 from stepwise.export import parity
 from stepwise.export.run import ParityOptions
 from stepwise.export.run import main as export_main
 from stepwise.export.runtime import configured_providers, load_runtime, predict
-from stepwise import tasks
 
 ROOT = Path(__file__).resolve().parents[2]
 
 
 def run_cli(*args: str) -> subprocess.CompletedProcess:
     env = dict(os.environ, OMP_NUM_THREADS="1", ORT_DISABLE_TELEMETRY="1", PYTHONPATH=str(ROOT))
-    return subprocess.run([sys.executable, "-m", "stepwise", "export", *args], cwd=ROOT, env=env, capture_output=True, text=True)
+    return subprocess.run(
+        [sys.executable, "-m", "stepwise", "export", *args], cwd=ROOT, env=env, capture_output=True, text=True
+    )
 
 
 def test_export_folder_is_self_contained(tiny_export_dir, tmp_path):
@@ -48,9 +50,20 @@ def test_fp32_parity_report(tiny_export_dir):
 
 
 def test_gate_names_each_failure():
-    report = {"served_path": "greedy", "greedy_agreement": 0.5, "fast_path_agreement": None, "accuracy_delta": -0.1, "max_abs_logit_diff": 0.5}
+    report = {
+        "served_path": "greedy",
+        "greedy_agreement": 0.5,
+        "fast_path_agreement": None,
+        "accuracy_delta": -0.1,
+        "max_abs_logit_diff": 0.5,
+    }
     failures = parity.gate(report, "fp32", min_agreement=0.99, max_accuracy_drop=0.02, max_logit_diff=1e-3)
-    assert len(failures) == 3 and "greedy_agreement" in failures[0] and "accuracy" in failures[1] and "logit" in failures[2]
+    assert (
+        len(failures) == 3
+        and "greedy_agreement" in failures[0]
+        and "accuracy" in failures[1]
+        and "logit" in failures[2]
+    )
     assert parity.gate(report | {"greedy_agreement": 1.0, "accuracy_delta": 0.0}, "int8", 0.9, 0.02, 1e-3) == []
 
 
@@ -95,16 +108,25 @@ def test_cli_int8_export_reports_accuracy_delta(tiny_student_dir, tiny_export_di
     assert config["precision"] == "int8" and all(name.endswith("_int8.onnx") for name in config["files"].values())
     assert report["passed"] and report["accuracy_delta"] >= -0.02
     int8_bytes = sum((out / n).stat().st_size for n in config["files"].values())
-    fp32_bytes = sum((tiny_export_dir / n).stat().st_size for n in json.loads((tiny_export_dir / "export_config.json").read_text())["files"].values())
+    fp32_bytes = sum(
+        (tiny_export_dir / n).stat().st_size
+        for n in json.loads((tiny_export_dir / "export_config.json").read_text())["files"].values()
+    )
     assert int8_bytes < 0.75 * fp32_bytes
 
 
 @pytest.mark.slow
 def test_cli_fails_loudly_when_parity_fails(tiny_student_dir, tmp_path):
     out = tmp_path / "strict"
-    done = run_cli("--model", str(tiny_student_dir), "--out", str(out), "--parity-limit", "16", "--max-logit-diff", "1e-12")
+    done = run_cli(
+        "--model", str(tiny_student_dir), "--out", str(out), "--parity-limit", "16", "--max-logit-diff", "1e-12"
+    )
     assert done.returncode == 1
-    assert "PARITY FAILED" in done.stderr and "parity gate failed" in done.stderr and "max abs logit difference" in done.stderr
+    assert (
+        "PARITY FAILED" in done.stderr
+        and "parity gate failed" in done.stderr
+        and "max abs logit difference" in done.stderr
+    )
     assert "Traceback" not in done.stderr
     assert not out.exists(), "a failed export must not land where serving would load it"
     rejected = tmp_path / "strict.rejected"
@@ -129,23 +151,41 @@ def test_fp16_gpu_export_writes_tensorrt_options_and_runs_on_cpu(tiny_student_di
     """The GPU artifact: fp16 with T5's overflow-prone ops kept in fp32, TensorRT EP options in the config.
     No GPU here: ONNX Runtime falls back to the CPU EP, where the fp16 model must still agree with PyTorch."""
     out = tmp_path / "trt"
-    assert export_main(model=tiny_student_dir, out=out, precision="fp16", target="tensorrt", parity=ParityOptions(parity_limit=16)) == out
+    assert (
+        export_main(
+            model=tiny_student_dir, out=out, precision="fp16", target="tensorrt", parity=ParityOptions(parity_limit=16)
+        )
+        == out
+    )
     config = json.loads((out / "export_config.json").read_text())
     trt = config["providers"][0]
-    assert [p["name"] for p in config["providers"]] == ["TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider"]
+    assert [p["name"] for p in config["providers"]] == [
+        "TensorrtExecutionProvider",
+        "CUDAExecutionProvider",
+        "CPUExecutionProvider",
+    ]
     assert trt["options"]["trt_fp16_enable"] and trt["options"]["trt_engine_cache_enable"] and config["io_binding"]
     assert set(trt["profiles"]) == {"encoder", "decoder", "decoder_with_past"} and config["decoder_layout"] == "split"
     # What serving hands ONNX Runtime on a GPU box, per session: the session's own shape profile, the cache in the folder.
     name, options = configured_providers(out, config, "decoder_with_past")[0]
     assert name == "TensorrtExecutionProvider" and options["trt_engine_cache_path"] == str(out / "trt_cache")
-    assert "past_key_values.0.encoder.key:" in options["trt_profile_max_shapes"] and "encoder_hidden_states" not in options["trt_profile_max_shapes"]
+    assert (
+        "past_key_values.0.encoder.key:" in options["trt_profile_max_shapes"]
+        and "encoder_hidden_states" not in options["trt_profile_max_shapes"]
+    )
     new_tokens = options["trt_profile_max_shapes"].split("input_ids:")[1].split(",")[0].split("x")[1]
-    assert int(new_tokens) == config["max_new_tokens"]["label"] > 1  # label scoring feeds a candidate's remaining tokens in one call
+    assert (
+        int(new_tokens) == config["max_new_tokens"]["label"] > 1
+    )  # label scoring feeds a candidate's remaining tokens in one call
     import onnx
 
     decoder = onnx.load(str(out / config["files"]["decoder"]))
     weight_types = {t.name: t.data_type for t in decoder.graph.initializer}
-    ffn = {n.name: weight_types[n.input[1]] for n in decoder.graph.node if n.op_type == "MatMul" and "/DenseReluDense/" in n.name}
+    ffn = {
+        n.name: weight_types[n.input[1]]
+        for n in decoder.graph.node
+        if n.op_type == "MatMul" and "/DenseReluDense/" in n.name
+    }
     assert ffn and all(t == onnx.TensorProto.FLOAT for name, t in ffn.items() if "/wo/" in name)  # overflow-prone: fp32
     assert all(t == onnx.TensorProto.FLOAT16 for name, t in ffn.items() if "/wi" in name)
     report = json.loads((out / "parity.json").read_text())
@@ -156,15 +196,24 @@ def test_fp16_gpu_export_writes_tensorrt_options_and_runs_on_cpu(tiny_student_di
 def test_choice_task_scores_each_examples_choices_and_open_task_generates(choice_and_open_students, tmp_path):
     for name, student in choice_and_open_students.items():
         out = tmp_path / name
-        assert export_main(model=student, out=out, parity=ParityOptions(parity_limit=16), decoder_layout="merged") == out
+        assert (
+            export_main(model=student, out=out, parity=ParityOptions(parity_limit=16), decoder_layout="merged") == out
+        )
         runtime = load_runtime(out, threads=1)
         examples = tasks.load_split(runtime.task, "valid")[:8]
         predictions = predict(runtime, examples)
         model, tokenizer = parity.load_torch_model(student)
         if name == "cqa":
             assert all(p.label in e.choices for p, e in zip(predictions, examples))
-            assert [p.label for p in predictions] == parity.torch_fast_path_labels(model, tokenizer, runtime.task, examples)
+            assert [p.label for p in predictions] == parity.torch_fast_path_labels(
+                model, tokenizer, runtime.task, examples
+            )
         else:
             assert not runtime.task.closed_label_set
-            expected = parity.torch_greedy_labels(model, tokenizer, [tasks.label_input(e) for e in examples], runtime.export_config["max_new_tokens"]["label"])
+            expected = parity.torch_greedy_labels(
+                model,
+                tokenizer,
+                [tasks.label_input(e) for e in examples],
+                runtime.export_config["max_new_tokens"]["label"],
+            )
             assert [p.label for p in predictions] == expected

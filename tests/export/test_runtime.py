@@ -11,9 +11,20 @@ import pytest
 import torch
 from transformers import AutoTokenizer
 
-from stepwise.export import parity
-from stepwise.export.runtime import Prediction, candidate_batch, candidates_for, closed_set_prediction, greedy_decode, length_groups, load_runtime, predict, score_candidates, sequence_log_likelihood
 from stepwise import tasks
+from stepwise.export import parity
+from stepwise.export.runtime import (
+    Prediction,
+    candidate_batch,
+    candidates_for,
+    closed_set_prediction,
+    greedy_decode,
+    length_groups,
+    load_runtime,
+    predict,
+    score_candidates,
+    sequence_log_likelihood,
+)
 
 PARITY_SET = 200  # the validation examples `stepwise export`'s parity gate compares by default
 CLOSED_EXPORTS = ["tiny_export_dir", "tiny_merged_export_dir", "cqa_export_dir"]  # e-SNLI split and merged, CQA split
@@ -67,7 +78,9 @@ def test_greedy_labels_match_pytorch_generate(tiny_export_dir, tiny_student_dir)
     runtime = load_runtime(tiny_export_dir, threads=1)
     examples = tasks.load_split(runtime.task, "valid")[:12]
     model, tokenizer = parity.load_torch_model(tiny_student_dir)
-    expected = parity.torch_greedy_labels(model, tokenizer, [tasks.label_input(e) for e in examples], runtime.export_config["max_new_tokens"]["label"])
+    expected = parity.torch_greedy_labels(
+        model, tokenizer, [tasks.label_input(e) for e in examples], runtime.export_config["max_new_tokens"]["label"]
+    )
     predictions = predict(runtime, examples, fast_path=False)
     assert [p.label for p in predictions] == expected
     assert any(expected), "a random untied model should generate some tokens"
@@ -108,14 +121,19 @@ def test_batched_label_path_ranks_as_the_one_pass_scorer_on_the_parity_set(expor
 @pytest.mark.parametrize("export, student", [("tiny_export_dir", "tiny_student_dir"), ("cqa_export_dir", None)])
 def test_probabilities_and_margin_match_pytorch_teacher_forcing(export, student, request, choice_and_open_students):
     runtime = load_runtime(request.getfixturevalue(export), threads=1)
-    model, tokenizer = parity.load_torch_model(request.getfixturevalue(student) if student else choice_and_open_students["cqa"])
+    model, tokenizer = parity.load_torch_model(
+        request.getfixturevalue(student) if student else choice_and_open_students["cqa"]
+    )
     examples = tasks.load_split(runtime.task, "valid")[:24]
     candidates, expected = parity.torch_candidate_scores(model, tokenizer, runtime.task, examples)
     for prediction, cs, scores in zip(predict(runtime, examples), candidates, expected):
         probabilities = softmax(scores)
         assert list(prediction.scores) == cs and sum(prediction.scores.values()) == pytest.approx(1.0, abs=1e-9)
         np.testing.assert_allclose([prediction.scores[c] for c in cs], probabilities, atol=1e-4)
-        assert prediction.label == cs[int(np.argmax(scores))] and prediction.probability == prediction.scores[prediction.label]
+        assert (
+            prediction.label == cs[int(np.argmax(scores))]
+            and prediction.probability == prediction.scores[prediction.label]
+        )
         assert prediction.margin == pytest.approx(np.sort(probabilities)[-1] - np.sort(probabilities)[-2], abs=1e-4)
         assert prediction.log_prob == pytest.approx(float(scores.max()), abs=1e-3)
 
@@ -126,7 +144,9 @@ def test_closed_set_prediction_normalises_over_the_candidates():
     assert prediction.margin == pytest.approx(0.2) and prediction.log_prob == pytest.approx(np.log(0.5))
     assert prediction.scores == pytest.approx({"yes": 0.2, "no": 0.5, "maybe": 0.3})
     # Normalised over the set: a shift of every log-likelihood changes nothing; a tie has no margin.
-    assert closed_set_prediction(["a", "b"], np.array([-300.0, -301.0])).probability == pytest.approx(1 / (1 + np.exp(-1)))
+    assert closed_set_prediction(["a", "b"], np.array([-300.0, -301.0])).probability == pytest.approx(
+        1 / (1 + np.exp(-1))
+    )
     assert closed_set_prediction(["a", "b"], np.array([-2.0, -2.0])).margin == 0.0
     alone = closed_set_prediction(["only"], np.array([-7.0]))
     assert (alone.probability, alone.margin, alone.scores) == (1.0, 1.0, {"only": 1.0})
@@ -150,20 +170,32 @@ def test_candidates_sharing_a_first_token_of_any_length_or_eos_alone(tiny_export
     runtime = load_runtime(tiny_export_dir, threads=1)
     candidates = ["entailment", "entailment neutral", "neutral", "contradiction", ""]
     token_ids = [runtime.tokenizer(c).input_ids for c in candidates]
-    assert token_ids[0][:-1] == token_ids[1][: len(token_ids[0]) - 1] and token_ids[-1] == [runtime.tokenizer.eos_token_id]
+    assert token_ids[0][:-1] == token_ids[1][: len(token_ids[0]) - 1] and token_ids[-1] == [
+        runtime.tokenizer.eos_token_id
+    ]
     assert min(len(ids) for ids in token_ids[:4]) >= 3  # every label is several tokens + EOS here
     examples = tasks.load_split(runtime.task, "valid")[:6]
     texts = [tasks.label_input(e) for e in examples]
     model, tokenizer = parity.load_torch_model(tiny_student_dir)
-    expected = [sequence_log_likelihood(*parity.torch_teacher_forced_logits(model, tokenizer, [t] * len(candidates), candidates)) for t in texts]
+    expected = [
+        sequence_log_likelihood(
+            *parity.torch_teacher_forced_logits(model, tokenizer, [t] * len(candidates), candidates)
+        )
+        for t in texts
+    ]
     for weight_bytes in (0, 1 << 40):  # per-position calls reading the keys/values in place; one call gathering them
-        scored = score_candidates(dataclasses.replace(runtime, step_weight_bytes=weight_bytes), texts, [candidates] * len(texts))
+        scored = score_candidates(
+            dataclasses.replace(runtime, step_weight_bytes=weight_bytes), texts, [candidates] * len(texts)
+        )
         np.testing.assert_allclose(np.stack(scored), np.stack(expected), atol=1e-3)
 
 
 def test_choice_examples_with_different_numbers_and_lengths_of_choices(cqa_export_dir, choice_and_open_students):
     runtime = load_runtime(cqa_export_dir, threads=1)
-    examples = [dataclasses.replace(e, choices=e.choices[: 1 + i % 5]) for i, e in enumerate(tasks.load_split(runtime.task, "valid")[:10])]
+    examples = [
+        dataclasses.replace(e, choices=e.choices[: 1 + i % 5])
+        for i, e in enumerate(tasks.load_split(runtime.task, "valid")[:10])
+    ]
     examples.append(dataclasses.replace(examples[0], id="repeated", choices=["same", "other", "same"]))
     model, tokenizer = parity.load_torch_model(choice_and_open_students["cqa"])
     candidates, expected = parity.torch_candidate_scores(model, tokenizer, runtime.task, examples)
@@ -189,7 +221,9 @@ def test_greedy_log_prob_is_the_generated_sequence_log_likelihood(tiny_export_di
     start = model.config.decoder_start_token_id
     for text, generated, log_prob in zip(texts, ids, log_probs):
         with torch.inference_mode():
-            logits = model(**tokenizer([text], return_tensors="pt"), decoder_input_ids=torch.tensor([[start] + generated[:-1]])).logits
+            logits = model(
+                **tokenizer([text], return_tensors="pt"), decoder_input_ids=torch.tensor([[start] + generated[:-1]])
+            ).logits
         expected = torch.log_softmax(logits[0], -1)[torch.arange(len(generated)), torch.tensor(generated)].sum()
         assert log_prob == pytest.approx(float(expected), abs=1e-3)
     predictions = predict(runtime, examples, fast_path=False)
@@ -203,7 +237,9 @@ def test_explain_adds_rationales_and_keeps_labels(tiny_export_dir):
     plain = predict(runtime, examples)
     explained = predict(runtime, examples, explain=True)
     assert all(isinstance(p, Prediction) and p.rationale is None for p in plain)
-    assert [(p.label, p.probability, p.scores) for p in explained] == [(p.label, p.probability, p.scores) for p in plain]
+    assert [(p.label, p.probability, p.scores) for p in explained] == [
+        (p.label, p.probability, p.scores) for p in plain
+    ]
     assert all(isinstance(p.rationale, str) and p.rationale for p in explained)
     assert predict(runtime, []) == []
 

@@ -11,8 +11,8 @@ import time
 import httpx
 import pytest
 
-from stepwise.extraction import read_records
 from stepwise import cli, tasks
+from stepwise.extraction import read_records
 
 
 def free_port() -> int:
@@ -26,9 +26,25 @@ def vllm_server(tiny_teacher, child_env, tmp_path):
     port = free_port()
     log = (tmp_path / "server.log").open("w")
     server = subprocess.Popen(
-        [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(tiny_teacher), "--host", "127.0.0.1",
-         "--port", str(port), "--enforce-eager", "--served-model-name", "tiny", "--max-model-len", "4096"],
-        env=child_env, stdout=log, stderr=subprocess.STDOUT,
+        [
+            sys.executable,
+            "-m",
+            "vllm.entrypoints.openai.api_server",
+            "--model",
+            str(tiny_teacher),
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--enforce-eager",
+            "--served-model-name",
+            "tiny",
+            "--max-model-len",
+            "4096",
+        ],
+        env=child_env,
+        stdout=log,
+        stderr=subprocess.STDOUT,
     )
     base_url = f"http://127.0.0.1:{port}"
     try:
@@ -57,10 +73,39 @@ def vllm_server(tiny_teacher, child_env, tmp_path):
 @pytest.mark.slow
 def test_openai_backend_against_a_real_vllm_server(vllm_server, tmp_path):
     out = tmp_path / "out"
-    cli.main(["extract", "--task", "cqa", "--split", "valid", "--teacher", "openai", "--model", "tiny", "--base-url", vllm_server,
-              "--limit", "12", "--chunk-size", "5", "--n", "2", "--temperature", "0.8", "--max-tokens", "24", "--concurrency", "4", "--out", str(out)])
+    cli.main(
+        [
+            "extract",
+            "--task",
+            "cqa",
+            "--split",
+            "valid",
+            "--teacher",
+            "openai",
+            "--model",
+            "tiny",
+            "--base-url",
+            vllm_server,
+            "--limit",
+            "12",
+            "--chunk-size",
+            "5",
+            "--n",
+            "2",
+            "--temperature",
+            "0.8",
+            "--max-tokens",
+            "24",
+            "--concurrency",
+            "4",
+            "--out",
+            str(out),
+        ]
+    )
     records = read_records(out)
-    assert sorted(r["id"] for r in records) == sorted(e.id for e in tasks.load_split(tasks.get_task("cqa"), "valid")[:12])
+    assert sorted(r["id"] for r in records) == sorted(
+        e.id for e in tasks.load_split(tasks.get_task("cqa"), "valid")[:12]
+    )
     for record in records:
         assert record["status"] in ("ok", "malformed") and len(record["completions"]) == 2
         assert record["tokens_in"] > 100 and 0 < record["tokens_out"] <= 48  # the server's usage: 2 samples x 24
@@ -69,8 +114,29 @@ def test_openai_backend_against_a_real_vllm_server(vllm_server, tmp_path):
 
 def test_unreachable_server_gives_error_records_not_a_crash(tmp_path):
     out = tmp_path / "out"
-    cli.main(["extract", "--task", "svamp", "--split", "valid", "--teacher", "openai", "--model", "m",
-              "--base-url", f"http://127.0.0.1:{free_port()}", "--limit", "3", "--retries", "2", "--timeout", "2", "--out", str(out)])
+    cli.main(
+        [
+            "extract",
+            "--task",
+            "svamp",
+            "--split",
+            "valid",
+            "--teacher",
+            "openai",
+            "--model",
+            "m",
+            "--base-url",
+            f"http://127.0.0.1:{free_port()}",
+            "--limit",
+            "3",
+            "--retries",
+            "2",
+            "--timeout",
+            "2",
+            "--out",
+            str(out),
+        ]
+    )
     records = read_records(out)
     assert len(records) == 3 and {r["status"] for r in records} == {"error"}
     assert all(r["reason"].startswith("server error after 2 retries: ConnectError") for r in records)

@@ -7,9 +7,8 @@ from collections import Counter
 
 import pytest
 
-from stepwise import artifacts
+from stepwise import artifacts, cli, tasks
 from stepwise.extraction import read_records
-from stepwise import cli, tasks
 
 pytestmark = pytest.mark.slow
 
@@ -25,8 +24,27 @@ def local_ray(run_dir):
 
 def test_ray_data_actor_pool_extracts_and_resumes(tiny_teacher, tmp_path, local_ray):
     out = tmp_path / "out"
-    args = ["extract", "--task", "esnli", "--split", "valid", "--teacher", "vllm", "--model", str(tiny_teacher), "--ray", "--ray-actors", "1",
-            "--chunk-size", "3", "--max-tokens", "16", "--enforce-eager", "--out", str(out)]
+    args = [
+        "extract",
+        "--task",
+        "esnli",
+        "--split",
+        "valid",
+        "--teacher",
+        "vllm",
+        "--model",
+        str(tiny_teacher),
+        "--ray",
+        "--ray-actors",
+        "1",
+        "--chunk-size",
+        "3",
+        "--max-tokens",
+        "16",
+        "--enforce-eager",
+        "--out",
+        str(out),
+    ]
     cli.main([*args, "--limit", "9"])
     assert len(artifacts.shard_paths(out)) == 3
     # the same job with more inputs continues: only the new ones go through the engines
@@ -35,6 +53,8 @@ def test_ray_data_actor_pool_extracts_and_resumes(tiny_teacher, tmp_path, local_
     wanted = {e.id for e in tasks.load_split(tasks.get_task("esnli"), "valid")[:12]}
     counts = Counter(r["id"] for r in records)
     assert set(counts) == wanted and set(counts.values()) == {1}
-    assert all(r["tokens_in"] > 100 and 0 < r["tokens_out"] <= 16 and r["status"] in ("ok", "malformed") for r in records)
+    assert all(
+        r["tokens_in"] > 100 and 0 < r["tokens_out"] <= 16 and r["status"] in ("ok", "malformed") for r in records
+    )
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["complete"] and manifest["last_run"]["records_this_run"] == 3 and manifest["shards"] == 4

@@ -6,11 +6,13 @@ import re
 
 import pytest
 
-from stepwise.extraction import records, shards, teachers
 from stepwise import tasks
+from stepwise.extraction import records, shards, teachers
 
 CQA = tasks.get_task("cqa")
-EXAMPLE = tasks.Example("q1", tasks.cqa_input("Where is a bed?", ["sea", "bedroom", "moon"]), "bedroom", ["sea", "bedroom", "moon"])
+EXAMPLE = tasks.Example(
+    "q1", tasks.cqa_input("Where is a bed?", ["sea", "bedroom", "moon"]), "bedroom", ["sea", "bedroom", "moon"]
+)
 
 
 def test_majority_vote_picks_the_most_common_label_and_its_rationale():
@@ -28,7 +30,12 @@ def test_majority_vote_picks_the_most_common_label_and_its_rationale():
 def test_equal_equations_vote_together():
     svamp = tasks.get_task("svamp")
     example = tasks.Example("s1", "6 apples?", "( 2.0 * 3.0 )")
-    completions = ["x. The answer is (2 * 3).", "y. The answer is (3 * 2).", "z. The answer is (5).", "w. The answer is (5)."]
+    completions = [
+        "x. The answer is (2 * 3).",
+        "y. The answer is (3 * 2).",
+        "z. The answer is (5).",
+        "w. The answer is (5).",
+    ]
     parsed, votes = records.vote(svamp, example, completions)
     assert parsed.label == "(2 * 3)" and sorted(votes.values()) == [2, 2]
 

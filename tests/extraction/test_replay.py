@@ -7,9 +7,8 @@ import re
 
 import pytest
 
-from stepwise import artifacts
+from stepwise import artifacts, cli, tasks
 from stepwise.extraction import read_records
-from stepwise import cli, tasks
 
 
 def extract(*args: str) -> None:
@@ -27,8 +26,17 @@ def test_replay_writes_the_whole_parsed_split(tmp_path, task_name):
     for record in records:
         example = examples[record["id"]]
         parsed = tasks.parse_completion(task, example.teacher_completion, example.choices)
-        assert (record["status"], record["teacher_label"], record["rationale"], record["reason"]) == (parsed.status, parsed.label, parsed.rationale, parsed.reason)
-        assert record["input"] == example.input and record["label"] == example.label and record["completions"] == [example.teacher_completion]
+        assert (record["status"], record["teacher_label"], record["rationale"], record["reason"]) == (
+            parsed.status,
+            parsed.label,
+            parsed.rationale,
+            parsed.reason,
+        )
+        assert (
+            record["input"] == example.input
+            and record["label"] == example.label
+            and record["completions"] == [example.teacher_completion]
+        )
         assert record["correct"] == (parsed.status == "ok" and tasks.is_correct(task, parsed.label, example.label))
         assert record["teacher"]["backend"] == "replay" and len(record["teacher"]["prompt_hash"]) == 16
     assert tasks.load_task(out) == task
@@ -93,7 +101,10 @@ def test_parquet_shards_hold_the_same_records_and_resume_across_formats(tmp_path
 @pytest.mark.parametrize(
     "flags,message",
     [
-        (["--teacher", "vllm", "--model", "m", "--n", "3"], "--n 3 with --temperature 0 draws the same greedy completion"),
+        (
+            ["--teacher", "vllm", "--model", "m", "--n", "3"],
+            "--n 3 with --temperature 0 draws the same greedy completion",
+        ),
         (["--teacher", "openai", "--model", "m", "--base-url", "localhost:8000"], "--base-url must start with http://"),
         (["--structured"], "--structured constrains the vllm engine's output; pass --teacher vllm"),
         (["--ray"], "--ray runs the vllm teacher"),

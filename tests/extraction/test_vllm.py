@@ -13,9 +13,8 @@ from pathlib import Path
 
 import pytest
 
-from stepwise import artifacts
+from stepwise import artifacts, cli, tasks
 from stepwise.extraction import read_records, teachers
-from stepwise import cli, tasks
 
 pytestmark = pytest.mark.slow
 
@@ -23,8 +22,30 @@ pytestmark = pytest.mark.slow
 def test_vllm_extracts_64_inputs(tiny_teacher, tmp_path):
     # sampled, so prefill chunking meets random generators (a vLLM CPU crash with per-request seeds)
     out = tmp_path / "out"
-    cli.main(["extract", "--task", "cqa", "--split", "train", "--teacher", "vllm", "--model", str(tiny_teacher),
-                         "--limit", "64", "--chunk-size", "16", "--max-tokens", "32", "--temperature", "0.7", "--enforce-eager", "--out", str(out)])
+    cli.main(
+        [
+            "extract",
+            "--task",
+            "cqa",
+            "--split",
+            "train",
+            "--teacher",
+            "vllm",
+            "--model",
+            str(tiny_teacher),
+            "--limit",
+            "64",
+            "--chunk-size",
+            "16",
+            "--max-tokens",
+            "32",
+            "--temperature",
+            "0.7",
+            "--enforce-eager",
+            "--out",
+            str(out),
+        ]
+    )
     records = read_records(out)
     wanted = [e.id for e in tasks.load_split(tasks.get_task("cqa"), "train")[:64]]
     assert sorted(r["id"] for r in records) == sorted(wanted) and len(artifacts.shard_paths(out)) == 4
@@ -39,8 +60,28 @@ def test_vllm_extracts_64_inputs(tiny_teacher, tmp_path):
 
 def test_prompts_longer_than_the_context_become_error_records(tiny_teacher, tmp_path):
     out = tmp_path / "out"
-    cli.main(["extract", "--task", "cqa", "--split", "valid", "--teacher", "vllm", "--model", str(tiny_teacher), "--limit", "5",
-              "--max-model-len", "512", "--max-tokens", "16", "--enforce-eager", "--out", str(out)])
+    cli.main(
+        [
+            "extract",
+            "--task",
+            "cqa",
+            "--split",
+            "valid",
+            "--teacher",
+            "vllm",
+            "--model",
+            str(tiny_teacher),
+            "--limit",
+            "5",
+            "--max-model-len",
+            "512",
+            "--max-tokens",
+            "16",
+            "--enforce-eager",
+            "--out",
+            str(out),
+        ]
+    )
     records = read_records(out)
     assert len(records) == 5 and {r["status"] for r in records} == {"error"}
     assert all(r["reason"].startswith("prompt too long") and "max_model_len 512" in r["reason"] for r in records)
@@ -61,9 +102,29 @@ def kill_after_new_shards(command: list[str], env: dict, out: Path, new: int) ->
 
 def test_kill_9_then_rerun_gives_exactly_one_record_per_input(tiny_teacher, tmp_path, child_env):
     out = tmp_path / "out"
-    command = [sys.executable, "-m", "stepwise", "extract", "--task", "svamp", "--split", "train", "--teacher", "vllm",
-               "--model", str(tiny_teacher), "--limit", "160", "--chunk-size", "4", "--max-tokens", "48",
-               "--enforce-eager", "--out", str(out)]
+    command = [
+        sys.executable,
+        "-m",
+        "stepwise",
+        "extract",
+        "--task",
+        "svamp",
+        "--split",
+        "train",
+        "--teacher",
+        "vllm",
+        "--model",
+        str(tiny_teacher),
+        "--limit",
+        "160",
+        "--chunk-size",
+        "4",
+        "--max-tokens",
+        "48",
+        "--enforce-eager",
+        "--out",
+        str(out),
+    ]
     first = kill_after_new_shards(command, child_env, out, 2)
     second = kill_after_new_shards(command, child_env, out, 2)
     assert 2 <= first < second < 40
@@ -82,8 +143,31 @@ def test_kill_9_then_rerun_gives_exactly_one_record_per_input(tiny_teacher, tmp_
 @pytest.mark.parametrize("task_name", ["esnli", "cqa"])
 def test_self_consistency_with_structured_output(tiny_teacher, tmp_path, task_name):
     out = tmp_path / "out"
-    cli.main(["extract", "--task", task_name, "--split", "valid", "--teacher", "vllm", "--model", str(tiny_teacher), "--limit", "6",
-              "--n", "3", "--temperature", "1.0", "--structured", "--max-tokens", "320", "--enforce-eager", "--out", str(out)])
+    cli.main(
+        [
+            "extract",
+            "--task",
+            task_name,
+            "--split",
+            "valid",
+            "--teacher",
+            "vllm",
+            "--model",
+            str(tiny_teacher),
+            "--limit",
+            "6",
+            "--n",
+            "3",
+            "--temperature",
+            "1.0",
+            "--structured",
+            "--max-tokens",
+            "320",
+            "--enforce-eager",
+            "--out",
+            str(out),
+        ]
+    )
     task = tasks.get_task(task_name)
     records = read_records(out)
     assert len(records) == 6

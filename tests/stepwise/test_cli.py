@@ -14,8 +14,15 @@ import pytest
 from stepwise import cli, envs
 
 
-def stage(task: str, steps: int = 10, rate: float = 0.5, mode: Literal["a", "b"] = "a", out: Path | None = None,
-          fast: bool = True, names: list[str] | None = None) -> dict:
+def stage(
+    task: str,
+    steps: int = 10,
+    rate: float = 0.5,
+    mode: Literal["a", "b"] = "a",
+    out: Path | None = None,
+    fast: bool = True,
+    names: list[str] | None = None,
+) -> dict:
     """A stage for testing.
 
     Args:
@@ -27,17 +34,26 @@ def stage(task: str, steps: int = 10, rate: float = 0.5, mode: Literal["a", "b"]
 
 
 def test_options_come_from_the_signature():
-    got = cli.call_with_argv(stage, ["--task", "cqa", "--steps", "3", "--mode", "b", "--out", "x", "--no-fast", "--names", "p", "q"], "t")
+    got = cli.call_with_argv(
+        stage, ["--task", "cqa", "--steps", "3", "--mode", "b", "--out", "x", "--no-fast", "--names", "p", "q"], "t"
+    )
     assert got == dict(task="cqa", steps=3, rate=0.5, mode="b", out=Path("x"), fast=False, names=["p", "q"])
-    assert cli.call_with_argv(stage, ["--task", "t", "--names", "p", "--names", "q", "r"], "t")["names"] == ["p", "q", "r"]
+    assert cli.call_with_argv(stage, ["--task", "t", "--names", "p", "--names", "q", "r"], "t")["names"] == [
+        "p",
+        "q",
+        "r",
+    ]
     assert cli.call_with_argv(stage, ["--task", "t"], "t")["names"] is None
     help_text = cli.parser_for(stage, "t").format_help()
     assert "how many steps, continued on a second line." in " ".join(help_text.split())
 
 
 def test_bad_options_are_rejected_with_the_reason(capsys):
-    for argv, message in [([], "the following arguments are required: --task"), (["--task", "x", "--mode", "c"], "invalid choice: 'c'"),
-                          (["--task", "x", "--steps", "many"], "invalid int value: 'many'")]:
+    for argv, message in [
+        ([], "the following arguments are required: --task"),
+        (["--task", "x", "--mode", "c"], "invalid choice: 'c'"),
+        (["--task", "x", "--steps", "many"], "invalid int value: 'many'"),
+    ]:
         with pytest.raises(SystemExit):
             cli.call_with_argv(stage, argv, "t")
         assert message in capsys.readouterr().err
@@ -64,7 +80,9 @@ def test_unknown_command_lists_the_commands(capsys):
 
 def test_install_recipe_keeps_the_cpu_torch_and_drops_cuda_extras_from_the_teacher():
     student, teacher = envs.install_steps("student", gpu=False), envs.install_steps("teacher", gpu=False)
-    assert student[0][-1] == teacher[0][-1] == "torch==2.13.0"  # the CPU wheel on disk, before anything can pull a CUDA torch
+    assert (
+        student[0][-1] == teacher[0][-1] == "torch==2.13.0"
+    )  # the CPU wheel on disk, before anything can pull a CUDA torch
     assert teacher[-1][:2] == ["uninstall", "-y"] and "torchvision" in teacher[-1]
     assert envs.recipe_stamp("student", False) != envs.recipe_stamp("student", True)
 
@@ -73,8 +91,14 @@ def test_data_command_routes_into_its_environment_and_prints_the_table(tmp_path)
     """As a user runs it: the system python re-executes in the student venv (already set up by `stepwise test`)."""
     env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "STEPWISE_INPROCESS")}
     system_python = getattr(sys, "_base_executable", sys.executable)  # outside any venv, as a user starts it
-    result = subprocess.run([system_python, "-m", "stepwise", "data", "--task", "esnli", "--json-out", str(tmp_path / "d.json")],
-                            cwd=envs.ROOT, env=env, capture_output=True, text=True, timeout=300)
+    result = subprocess.run(
+        [system_python, "-m", "stepwise", "data", "--task", "esnli", "--json-out", str(tmp_path / "d.json")],
+        cwd=envs.ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert result.returncode == 0, result.stderr
     test_row = next(line.split() for line in result.stdout.splitlines() if line.startswith("test "))
     assert test_row[:5] == ["test", "9824", "9824", "100.00%", "72.99%"]
@@ -84,7 +108,13 @@ def test_data_command_routes_into_its_environment_and_prints_the_table(tmp_path)
 
 def test_bad_input_from_a_stage_is_one_line_not_a_traceback(tmp_path):
     env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "STEPWISE_INPROCESS", "STEPWISE_DEBUG")}
-    result = subprocess.run([sys.executable, "-m", "stepwise", "data", "--task", str(tmp_path / "missing.jsonl")],
-                            cwd=envs.ROOT, env=env, capture_output=True, text=True, timeout=300)
+    result = subprocess.run(
+        [sys.executable, "-m", "stepwise", "data", "--task", str(tmp_path / "missing.jsonl")],
+        cwd=envs.ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert result.returncode == 1
     assert "stepwise data: error: unknown task" in result.stderr and "Traceback" not in result.stderr

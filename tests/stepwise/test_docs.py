@@ -26,7 +26,7 @@ def commands(page: Path) -> list[str]:
         for line in block.replace("\\\n", " ").splitlines():
             line = re.sub(r"\s+#.*$", "", line).strip()
             if "python3 -m stepwise" in line:
-                found.append(line[line.index("python3 -m stepwise"):])
+                found.append(line[line.index("python3 -m stepwise") :])
     found += re.findall(r"`(python3 -m stepwise [^`]+)`", re.sub(r"```.*?```", "", text, flags=re.S))
     return found
 
@@ -38,7 +38,9 @@ def test_the_pages_have_commands():
     assert len(ALL) > 30 and {page.parent.name for page, _ in ALL} >= {"extraction", "training", "export", "serving"}
 
 
-@pytest.mark.parametrize("page,command", ALL, ids=[f"{page.relative_to(ROOT)}: {command[20:70]}" for page, command in ALL])
+@pytest.mark.parametrize(
+    "page,command", ALL, ids=[f"{page.relative_to(ROOT)}: {command[20:70]}" for page, command in ALL]
+)
 def test_a_documented_command_parses(page, command, monkeypatch):
     monkeypatch.chdir(ROOT)  # --config paths are written relative to the checkout
     argv = shlex.split(command)[3:]

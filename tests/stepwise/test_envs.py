@@ -25,8 +25,24 @@ def canonical(name: str) -> str:
 
 def resolve(requirements: list[str]) -> dict[str, dict]:
     """pip's resolution of `requirements` alone (no dependencies, nothing installed): name -> metadata."""
-    done = subprocess.run([sys.executable, "-m", "pip", "install", "--dry-run", "--ignore-installed", "--no-deps", "--quiet", "--report", "-", *requirements],
-                          capture_output=True, text=True, timeout=600)
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "install",
+            "--dry-run",
+            "--ignore-installed",
+            "--no-deps",
+            "--quiet",
+            "--report",
+            "-",
+            *requirements,
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert done.returncode == 0, f"pip could not resolve {requirements}:\n{done.stderr[-3000:]}"
     report = json.loads(done.stdout)
     return {canonical(item["metadata"]["name"]): item["metadata"] for item in report["install"]}
@@ -36,10 +52,16 @@ def resolve(requirements: list[str]) -> dict[str, dict]:
 @pytest.mark.parametrize("env_name", ["student", "teacher"])
 def test_gpu_recipe_pins_exist_and_agree(env_name):
     requirements = envs.requirements(env_name, gpu=True)
-    exact = {canonical(Requirement(r).name): Version(next(iter(Requirement(r).specifier)).version) for r in requirements if "==" in r}
+    exact = {
+        canonical(Requirement(r).name): Version(next(iter(Requirement(r).specifier)).version)
+        for r in requirements
+        if "==" in r
+    }
     resolved = resolve(requirements)
     for name, version in exact.items():
-        assert name in resolved and Version(resolved[name]["version"]).public == str(version), f"{name}=={version} did not resolve"
+        assert name in resolved and Version(resolved[name]["version"]).public == str(version), (
+            f"{name}=={version} did not resolve"
+        )
     pins = exact | {STANDS_IN_FOR[name]: version for name, version in exact.items() if name in STANDS_IN_FOR}
     disagreements = []
     for package, metadata in resolved.items():

@@ -40,7 +40,9 @@ def graph() -> dict[str, set[str]]:
 
 def test_the_base_package_imports_no_stage():
     base = {m: deps for m, deps in graph().items() if m.count(".") <= 1 and m.split(".")[-1] not in STAGES}
-    offenders = {m: sorted(d for d in deps if d.split(".")[1:2] and d.split(".")[1] in STAGES) for m, deps in base.items()}
+    offenders = {
+        m: sorted(d for d in deps if d.split(".")[1:2] and d.split(".")[1] in STAGES) for m, deps in base.items()
+    }
     assert {m: d for m, d in offenders.items() if d} == {}
 
 
@@ -51,7 +53,7 @@ def test_no_import_circles():
         state[module] = "open"
         for dependency in sorted(edges[module]):
             if state.get(dependency) == "open":
-                circles.append(path[path.index(dependency):] + [dependency])
+                circles.append(path[path.index(dependency) :] + [dependency])
             elif dependency not in state:
                 visit(dependency, path + [dependency])
         state[module] = "done"

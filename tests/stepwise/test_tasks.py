@@ -21,7 +21,13 @@ MEASURED = {
     ("esnli", "valid"): (1.0000, 0.7129),
     ("esnli", "test"): (1.0000, 0.7299),
 }
-SIZES = {("svamp", "train"): 736, ("svamp", "valid"): 64, ("svamp", "test"): 200, ("cqa", "test"): 1221, ("esnli", "test"): 9824}
+SIZES = {
+    ("svamp", "train"): 736,
+    ("svamp", "valid"): 64,
+    ("svamp", "test"): 200,
+    ("cqa", "test"): 1221,
+    ("esnli", "test"): 9824,
+}
 
 
 @pytest.mark.parametrize("task_name,split", sorted(MEASURED))
@@ -90,7 +96,12 @@ CHOICES = ["british columbia", "body of water", "wooded area", "pay debts", "zoo
     "task_name,completion,choices,label",
     [
         ("cqa", "Beavers live near trees. So the answer is (c) wooded area.\n\nQ: next one", CHOICES, "wooded area"),
-        ("cqa", "Beavers live near trees. So the answer is (c) wooded areas.", CHOICES, "wooded area"),  # the letter wins
+        (
+            "cqa",
+            "Beavers live near trees. So the answer is (c) wooded areas.",
+            CHOICES,
+            "wooded area",
+        ),  # the letter wins
         ("cqa", "Beavers live near trees. So the answer is zoo.", CHOICES, "zoo"),
         ("esnli", "A man is a person.\nAnswer: entailment\n\nPremise: run-on", None, "entailment"),
         ("esnli", "A man is a person.\nAnswer: Contradiction.", None, "contradiction"),
@@ -148,8 +159,24 @@ def test_svamp_evaluator_computes_arithmetic(expression, value):
 
 @pytest.mark.parametrize(
     "garbage",
-    ["1 / 0", "5 % 0", "", "   ", "x + 1", "abs(-1)", "__import__('os').system('true')", "2 ** 100000", "9 ** 9 ** 9",
-     "(1 +", "1e400 * 1e400", "True + 1", "[1, 2]", "'a' * 3", "(-8) ** 0.5", "1" * 300],
+    [
+        "1 / 0",
+        "5 % 0",
+        "",
+        "   ",
+        "x + 1",
+        "abs(-1)",
+        "__import__('os').system('true')",
+        "2 ** 100000",
+        "9 ** 9 ** 9",
+        "(1 +",
+        "1e400 * 1e400",
+        "True + 1",
+        "[1, 2]",
+        "'a' * 3",
+        "(-8) ** 0.5",
+        "1" * 300,
+    ],
 )
 def test_svamp_evaluator_scores_garbage_as_none_without_raising(garbage):
     assert tasks.evaluate_equation(garbage) is None
@@ -168,7 +195,15 @@ def test_accuracy_normalises_labels_and_checks_lengths():
 
 
 def test_custom_jsonl_task_with_choices_holds_out_validation(tmp_path):
-    rows = [{"input": f"Which is number {i}?", "label": str(i % 3), "choices": ["0", "1", "2"], "rationale": f"It is {i % 3}."} for i in range(200)]
+    rows = [
+        {
+            "input": f"Which is number {i}?",
+            "label": str(i % 3),
+            "choices": ["0", "1", "2"],
+            "rationale": f"It is {i % 3}.",
+        }
+        for i in range(200)
+    ]
     rows += [{"input": "Test question?", "label": "1", "choices": ["0", "1", "2"], "split": "test"}]
     path = tmp_path / "mine.jsonl"
     path.write_text("\n".join(json.dumps(r) for r in rows))

@@ -14,7 +14,6 @@ from pathlib import Path
 
 import pytest
 from safetensors import safe_open
-
 from training_helpers import ROOT, cli_env, esnli_train, start_stepwise, stepwise
 
 pytestmark = pytest.mark.slow
