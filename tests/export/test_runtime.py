@@ -173,7 +173,7 @@ def test_candidates_sharing_a_first_token_of_any_length_or_eos_alone(tiny_export
     assert token_ids[0][:-1] == token_ids[1][: len(token_ids[0]) - 1] and token_ids[-1] == [
         runtime.tokenizer.eos_token_id
     ]
-    assert min(len(ids) for ids in token_ids[:4]) >= 3  # every label is several tokens + EOS here
+    assert len(token_ids[1]) >= 3  # several tokens + EOS, the first of them shared with "entailment"
     examples = tasks.load_split(runtime.task, "valid")[:6]
     texts = [tasks.label_input(e) for e in examples]
     model, tokenizer = parity.load_torch_model(tiny_student_dir)
