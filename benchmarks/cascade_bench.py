@@ -7,9 +7,12 @@ exported fp32. The teacher is the tiny random teacher (extraction/tiny_teacher.p
 CPU: one thread, slow per token, and its answers are noise (readable thanks to structured output); it stands in for
 a real teacher's latency shape, not its cost, so its time per fallback is measured and reported on its own. The
 margin is calibrated on the student's own margins over the benchmark's inputs (the 200 first e-SNLI test inputs,
-each request one of them, in turn): the 10th percentile. Every server runs as `python -m stepwise serve` in its own
-process; the load comes from an httpx client (`hey` sends one body over and over, and the share sent to the
-teacher depends on the inputs), which also reads who answered each request.
+each request one of them, in turn): the 10th percentile. One local Ray + Serve (`serving.lifecycle`, what `stepwise
+serve` runs) holds one application per configuration, each its own student replica behind the same HAProxy ingress,
+so that the configurations can take turns: every point is measured in several rounds, the order rotating, and pools
+them (on a machine shared with other work, load drifts over minutes). The load comes from an httpx client (`hey`
+sends one body over and over, and the share sent to the teacher depends on the inputs), which also reads who
+answered each request.
 
     flock /tmp/stepwise-bench.lock .venv/student/bin/python -m benchmarks.cascade_bench   # -> benchmarks/results/cascade_bench.*
 """
@@ -17,9 +20,10 @@ teacher depends on the inputs), which also reads who answered each request.
 from __future__ import annotations
 
 import asyncio
-import json
+import dataclasses
 import os
 import platform
+import re
 import statistics
 import subprocess
 import sys
@@ -31,6 +35,8 @@ import httpx
 
 from benchmarks.serving_bench import free_port, stop_server
 from stepwise import artifacts, envs, tasks
+from stepwise.serving import lifecycle
+from stepwise.serving.settings import Batching, Fallback, Overload, Scaling, ServeArgs
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "benchmarks" / "results"
@@ -124,7 +130,6 @@ def teacher_alone(teacher_url: str, examples: list[tasks.Example]) -> dict[str, 
     input, one after another, straight to the teacher."""
     from stepwise.export.runtime import Prediction
     from stepwise.serving import fallback
-    from stepwise.serving.settings import Fallback
 
     settings = Fallback(fallback=teacher_url, fallback_margin=1.0, fallback_model="tiny", fallback_max_tokens=TEACHER_TOKENS, fallback_timeout_s=120, fallback_retries=0)
     student = Prediction("neutral", None, 1 / 3, 0.0, {"entailment": 1 / 3, "neutral": 1 / 3, "contradiction": 1 / 3})
@@ -142,21 +147,29 @@ def teacher_alone(teacher_url: str, examples: list[tasks.Example]) -> dict[str, 
 # ---------------------------------------------------------------- serving and load
 
 
-def start_student(export: Path, workdir: Path, name: str, port: int, fallback: list[str]) -> subprocess.Popen:
-    run_dir = workdir / f"serve-{name}"
-    env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_SERVE_")} | {"PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
-    command = [sys.executable, "-m", "stepwise", "serve", "--model", str(export), "--port", str(port), "--metrics-port", str(free_port()), "--run-dir", str(run_dir),
-               "--max-ongoing-requests", "128", "--max-queued-requests", "1024", *fallback]
-    server = subprocess.Popen(command, cwd=ROOT, env=env, stdout=(workdir / f"serve-{name}.log").open("w"), stderr=subprocess.STDOUT, start_new_session=True)
-    wait_for(f"http://127.0.0.1:{port}/healthz", server, 600)
-    return server
+def start_apps(export: Path, workdir: Path, cascades: dict[str, Fallback]) -> dict[str, str]:
+    """One local Ray + Serve (`serving.lifecycle`, as `stepwise serve` runs it) with one application per cascade setting,
+    each its own student replica behind the same HAProxy ingress; config name -> its /v1/predict URL."""
+    from ray import serve
+
+    from stepwise.serving import app
+
+    os.environ["OMP_NUM_THREADS"] = "1"
+    base = ServeArgs(models={"esnli": str(export)}, batching=Batching(max_ongoing_requests=128), overload=Overload(max_queued_requests=1024),
+                     scaling=Scaling(replica_cpus=0.5))
+    names = list(cascades)
+    prefixes = {name: "/" + re.sub(r"\W+", "-", name).strip("-") for name in names}
+    url = lifecycle.start(dataclasses.replace(base, cascade=cascades[names[0]]), port=free_port(), run_dir=workdir / "serve")
+    prefixes[names[0]] = ""
+    for name in names[1:]:
+        serve.run(app.build_app(dataclasses.replace(base, cascade=cascades[name])), name=prefixes[name].strip("/"), route_prefix=prefixes[name])
+    return {name: f"{url}{prefix}/v1/predict" for name, prefix in prefixes.items()}
 
 
 async def load(url: str, bodies: list[dict], clients: int, requests: int) -> dict[str, Any]:
-    """`requests` requests from `clients` concurrent clients, the inputs in turn; latency by who answered."""
-    latencies: dict[str, list[float]] = {"student": [], "teacher": [], "student, teacher failed": []}
-    statuses: dict[int, int] = {}
-    errors: set[str] = set()
+    """`requests` requests from `clients` concurrent clients, the inputs in turn: latencies by who answered, statuses,
+    fallback errors by kind (numbers left out) and the wall time."""
+    run: dict[str, Any] = {"latencies": {"student": [], "teacher": [], "student, teacher failed": []}, "statuses": {}, "errors": {}}
     remaining = iter(range(requests))
     async with httpx.AsyncClient(limits=httpx.Limits(max_connections=clients), timeout=300) as client:
 
@@ -165,35 +178,49 @@ async def load(url: str, bodies: list[dict], clients: int, requests: int) -> dic
                 started = time.perf_counter()
                 response = await client.post(url, json=bodies[i % len(bodies)])
                 ms = 1000 * (time.perf_counter() - started)
-                statuses[response.status_code] = statuses.get(response.status_code, 0) + 1
+                run["statuses"][str(response.status_code)] = run["statuses"].get(str(response.status_code), 0) + 1
                 if response.status_code == 200:
                     [answer] = response.json()["predictions"]
-                    latencies["student, teacher failed" if answer.get("fallback_error") else answer["source"]].append(ms)
-                    errors.add((answer.get("fallback_error") or "")[:90])
+                    error = answer.get("fallback_error")
+                    run["latencies"]["student, teacher failed" if error else answer["source"]].append(ms)
+                    if error:
+                        kind = re.sub(r"\d+(\.\d+)?", "N", error.split(": All connection")[0])
+                        run["errors"][kind] = run["errors"].get(kind, 0) + 1
 
         started = time.perf_counter()
         await asyncio.gather(*(one_client() for _ in range(clients)))
-        wall = time.perf_counter() - started
-    every = sorted(ms for values in latencies.values() for ms in values)
-    return {"clients": clients, "requests": requests, "p50_ms": round(statistics.median(every), 1), "p99_ms": round(statistics.quantiles(every, n=100)[98], 1),
-            "rps": round(requests / wall, 1), "statuses": {str(k): v for k, v in sorted(statuses.items())},
-            "by_source": {source: {"requests": len(v), "p50_ms": round(statistics.median(v), 1)} for source, v in latencies.items() if v},
-            "fallback_errors": sorted(e for e in errors if e)}
+        run["wall_s"] = time.perf_counter() - started
+    return run
 
 
-def measure(export: Path, workdir: Path, name: str, fallback: list[str], bodies: list[dict], concurrency: list[int], requests: int) -> dict[str, Any]:
-    port = free_port()
-    server = start_student(export, workdir, name, port, fallback)
-    url = f"http://127.0.0.1:{port}/v1/predict"
-    try:
-        asyncio.run(load(url, bodies[:8], 2, 16))  # warm-up: the model loaded, connections open
-        points = []
-        for clients in concurrency:
-            points.append(asyncio.run(load(url, bodies, clients, requests)))
-            print(f"[bench] {name:28s} {json.dumps(points[-1])}", flush=True)
-        return {"config": name, "flags": fallback, "points": points}
-    finally:
-        stop_server(server)
+def summary(runs: list[dict[str, Any]], clients: int) -> dict[str, Any]:
+    """One point from its rounds: latencies pooled, throughput over the rounds' total time."""
+    by_source = {source: [ms for run in runs for ms in run["latencies"][source]] for source in runs[0]["latencies"]}
+    every = sorted(ms for values in by_source.values() for ms in values)
+    counted: dict[str, dict[str, int]] = {"statuses": {}, "errors": {}}
+    for run in runs:
+        for field, counts in counted.items():
+            for key, n in run[field].items():
+                counts[key] = counts.get(key, 0) + n
+    return {"clients": clients, "requests": len(every), "p50_ms": round(statistics.median(every), 1), "p99_ms": round(statistics.quantiles(every, n=100)[98], 1),
+            "rps": round(len(every) / sum(run["wall_s"] for run in runs), 1), "rps_per_round": [round(sum(map(len, run["latencies"].values())) / run["wall_s"], 1) for run in runs],
+            "statuses": counted["statuses"], "fallback_errors": counted["errors"],
+            "by_source": {source: {"requests": len(v), "p50_ms": round(statistics.median(v), 1)} for source, v in by_source.items() if v}}
+
+
+def measure(urls: dict[str, str], bodies: list[dict], concurrency: list[int], requests: int, rounds: int) -> list[dict[str, Any]]:
+    """Every configuration at every concurrency, in `rounds` rounds that take turns (the order rotating each round), so
+    that the shared machine's changing load falls on all of them alike."""
+    names = list(urls)
+    for url in urls.values():
+        asyncio.run(load(url, bodies[:8], 2, 16))  # warm-up: the model loaded, connections open, the teacher asked once
+    runs: dict[tuple[str, int], list[dict[str, Any]]] = {(name, clients): [] for name in names for clients in concurrency}
+    for round_number in range(rounds):
+        for name in names[round_number % len(names):] + names[: round_number % len(names)]:
+            for clients in concurrency:
+                runs[(name, clients)].append(asyncio.run(load(urls[name], bodies, clients, requests)))
+                print(f"[bench] round {round_number + 1} {name:30s} c={clients:<3d} {runs[(name, clients)][-1]['wall_s']:.1f} s", flush=True)
+    return [{"config": name, "points": [summary(runs[(name, clients)], clients) for clients in concurrency]} for name in names]
 
 
 # ---------------------------------------------------------------- report
@@ -204,7 +231,8 @@ def markdown(result: dict[str, Any]) -> str:
     teacher = result["teacher_alone"]
     lines = [f"Student: {result['student']}. Teacher: {result['teacher']}. Inputs: {result['calibration']['inputs']} e-SNLI test inputs in turn, one per "
              f"request; threshold margin {result['calibration']['margin']:.4f} sends {result['calibration']['sent']} of them "
-             f"({result['calibration']['sent'] / result['calibration']['inputs']:.0%}) to the teacher. Load: httpx, {result['requests_per_point']} requests per point.",
+             f"({result['calibration']['sent'] / result['calibration']['inputs']:.0%}) to the teacher. Load: httpx, {result['requests_per_point']} requests per point "
+             f"({result['rounds']} rounds, taking turns with the other configurations).",
              "", f"The teacher alone (the fallback's exchange, one call at a time, {teacher['calls']} unsure inputs): p50 {teacher['p50_ms']} ms per fallback, "
              f"max {teacher['max_ms']} ms; {teacher['answered']}/{teacher['calls']} answers readable.", "",
              "| fallback | clients | p50 ms | p99 ms | req/s | p50 / off | p99 / off | req/s / off | answered by | non-200 |", "|---|---|---|---|---|---|---|---|---|---|"]
@@ -215,9 +243,9 @@ def markdown(result: dict[str, Any]) -> str:
             non_200 = sum(n for code, n in p["statuses"].items() if code != "200")
             lines.append(f"| {row['config']} | {p['clients']} | {p['p50_ms']} | {p['p99_ms']} | {p['rps']} | {p['p50_ms'] / ref['p50_ms']:.2f} | "
                          f"{p['p99_ms'] / ref['p99_ms']:.2f} | {p['rps'] / ref['rps']:.2f} | {sources} | {non_200} |")
-    errors = sorted({e for row in result["rows"] for p in row["points"] for e in p["fallback_errors"]})
-    if errors:
-        lines += ["", "Fallback errors seen (the student's answer stood): " + "; ".join(f"`{e}`" for e in errors)]
+    lines += ["", "Why the student's answer stood where the teacher was asked (`fallback_error`, numbers as N):", "",
+              "| fallback | clients | fallback_error | requests |", "|---|---|---|---|"]
+    lines += [f"| {row['config']} | {p['clients']} | `{error}` | {count} |" for row in result["rows"] for p in row["points"] for error, count in p["fallback_errors"].items()]
     return "\n".join(lines) + "\n"
 
 
@@ -244,13 +272,14 @@ def plot(result: dict[str, Any], path: Path) -> None:
     plt.close(fig)
 
 
-def main(concurrency: list[int] = [1, 16], requests: int = 400, train_steps: int = 100, workdir: Path = Path("runs/bench-cascade"),
+def main(concurrency: list[int] = [1, 16], requests: int = 200, rounds: int = 3, train_steps: int = 100, workdir: Path = Path("runs/bench-cascade"),
          out: Path = RESULTS / "cascade_bench") -> Path:
     """Served p50/p99 and throughput with the teacher fallback off, on (~10% of requests) and with a dead teacher.
 
     Args:
         concurrency: concurrent clients per point
-        requests: requests per point (the inputs in turn)
+        requests: requests per point and round (the inputs in turn)
+        rounds: rounds over every configuration and concurrency, taking turns; a point pools its rounds
         train_steps: training steps of the tiny student (its margins must spread for a 10% share to exist)
         workdir: the student, the teacher and the servers' run folders
         out: result files (.json, .md, .png) without suffix
@@ -261,25 +290,28 @@ def main(concurrency: list[int] = [1, 16], requests: int = 400, train_steps: int
     examples, bodies = request_bodies(200)
     calibration, unsure = calibrate(export, examples)
     print(f"[bench] calibration: {calibration}", flush=True)
-    margin = f"{calibration['margin']:.6f}"
     teacher_port = free_port()
     teacher = start_teacher(build_teacher(workdir), workdir, teacher_port)
     teacher_url = f"http://127.0.0.1:{teacher_port}"
     try:
         alone = teacher_alone(teacher_url, unsure)
         print(f"[bench] teacher alone: {alone}", flush=True)
-        fallback = ["--fallback-margin", margin, "--fallback-model", "tiny", "--fallback-max-tokens", str(TEACHER_TOKENS)]
-        dead = ["--fallback", f"http://127.0.0.1:{free_port()}", *fallback]
-        configs = {"off": [], "on (vLLM tiny teacher)": ["--fallback", teacher_url, *fallback], "dead teacher URL": dead,
-                   "dead teacher URL, no cooldown": [*dead, "--fallback-cooldown-s", "0"]}
-        rows = [measure(export, workdir, name, flags, bodies, concurrency, requests) for name, flags in configs.items()]
+        common = {"fallback_margin": calibration["margin"], "fallback_model": "tiny", "fallback_max_tokens": TEACHER_TOKENS}
+        dead = f"http://127.0.0.1:{free_port()}"
+        cascades = {"off": Fallback(), "on (vLLM tiny teacher)": Fallback(fallback=teacher_url, **common), "dead teacher URL": Fallback(fallback=dead, **common),
+                    "dead teacher URL, no cooldown": Fallback(fallback=dead, fallback_cooldown_s=0, **common)}
+        urls = start_apps(export, workdir, cascades)
+        rows = measure(urls, bodies, concurrency, requests, rounds)
+        for row in rows:
+            row["fallback"] = dataclasses.asdict(cascades[row["config"]])
     finally:
+        lifecycle.stop()
         stop_server(teacher)
     result = {"machine": f"{platform.machine()}, {os.cpu_count()} CPUs, shared with other work: compare rows of one run",
-              "student": f"tiny T5 (1.3M parameters) trained {train_steps} steps on e-SNLI, fp32 ONNX, one replica, 1 ONNX Runtime thread",
+              "student": f"tiny T5 (1.3M parameters) trained {train_steps} steps on e-SNLI, fp32 ONNX, one replica per configuration (0.5 CPU reserved), 1 ONNX Runtime thread",
               "teacher": "the tiny random Llama-shaped teacher (2 layers, hidden 128) on vLLM's OpenAI server, CPU, 1 thread, structured output, "
                          f"up to {TEACHER_TOKENS} tokens",
-              "requests_per_point": requests, "calibration": calibration, "teacher_alone": alone, "rows": rows}
+              "requests_per_point": requests * rounds, "rounds": rounds, "calibration": calibration, "teacher_alone": alone, "rows": rows}
     out.parent.mkdir(parents=True, exist_ok=True)
     table = markdown(result)
     artifacts.write_json(out.with_suffix(".json"), result)
