@@ -282,6 +282,17 @@ def vllm_teacher(task: tasks.Task, llm, sampling: Sampling, structured: bool) ->
 RETRYABLE_STATUS = {408, 409, 425, 429, 500, 502, 503, 504}
 
 
+def backoff_s(attempt: int) -> float:
+    """The wait before retry `attempt` (1, 2, ...): exponential, capped at 30 s; jitter takes 50-150% of it."""
+    return min(30.0, 0.5 * 2 ** (attempt - 1))
+
+
+def retry_budget_s(client_options: OpenAIClient) -> float:
+    """How long one `complete` call may take, every attempt's timeout and the longest waits between them included
+    (the timeout bounds each network operation of an attempt, so a caller that needs a hard bound enforces this)."""
+    return client_options.timeout * (client_options.retries + 1) + sum(1.5 * backoff_s(k) for k in range(1, client_options.retries + 1))
+
+
 def openai_completion(task: tasks.Task, model: str, sampling: Sampling, client_options: OpenAIClient) -> Callable[..., Awaitable[Generation]]:
     """`complete(client, prompt, extra=None)`: one prompt (and `extra` request fields, e.g. vLLM's
     `structured_outputs`) to an OpenAI-compatible /v1/completions server through an
@@ -299,7 +310,7 @@ def openai_completion(task: tasks.Task, model: str, sampling: Sampling, client_o
         last = ""
         for attempt in range(retries + 1):
             if attempt:  # exponential backoff with jitter, so retries from many requests spread out
-                await asyncio.sleep(min(30.0, 0.5 * 2 ** (attempt - 1)) * (0.5 + random.random()))
+                await asyncio.sleep(backoff_s(attempt) * (0.5 + random.random()))
             try:
                 response = await client.post(url, json=body | {"prompt": prompt} | (extra or {}), headers=headers)
             except httpx.HTTPError as exc:
@@ -310,10 +321,13 @@ def openai_completion(task: tasks.Task, model: str, sampling: Sampling, client_o
                 continue
             if response.status_code != 200:  # a client error will not change on retry
                 return Generation(error=f"server error: HTTP {response.status_code}: {response.text[:200]}")
-            data = response.json()
-            choices = sorted(data["choices"], key=lambda c: c.get("index", 0))
-            usage = data.get("usage") or {}
-            return Generation([c["text"] for c in choices], usage.get("prompt_tokens", 0), usage.get("completion_tokens", 0))
+            try:
+                data = response.json()
+                choices = sorted(data["choices"], key=lambda c: c.get("index", 0))
+                usage = data.get("usage") or {}
+                return Generation([c["text"] for c in choices], usage.get("prompt_tokens", 0), usage.get("completion_tokens", 0))
+            except (ValueError, KeyError, TypeError, AttributeError) as problem:  # a 200 that is not a completion
+                return Generation(error=f"not a completion response ({type(problem).__name__}: {problem}): {response.text[:200]}")
         return Generation(error=f"server error after {retries} retries: {last}")
 
     return complete

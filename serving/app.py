@@ -205,7 +205,11 @@ class StudentServer:
         self.runtime_thread = ThreadPoolExecutor(1, thread_name_prefix="onnxruntime")
         # Runtimes this replica holds; an entry disappears when multiplexing drops (and frees) that runtime.
         self.loaded: weakref.WeakValueDictionary[str, Runtime] = weakref.WeakValueDictionary()
-        self.teachers: dict[str, fallback.Teacher] = {}  # made on first use, in the replica's event loop
+        # A teacher per closed-label student (open labels have no margin to send them by), its few-shot prompt read
+        # now: a replica that cannot build it fails at start, never a request.
+        cascade = self.args.cascade
+        self.teachers = {model_id: fallback.prepare(cascade, task)
+                         for model_id, task in self.tasks.items() if cascade.fallback and task.closed_label_set}
 
     def __serve_build_asgi_app__(self) -> FastAPI:
         return build_api(self)
@@ -271,8 +275,6 @@ class StudentServer:
         unsure = [i for i, p in enumerate(predictions) if fallback.unsure(settings, p)]
         if not unsure:
             return outcomes
-        if model_id not in self.teachers:
-            self.teachers[model_id] = fallback.prepare(settings, self.tasks[model_id])
         answers = await asyncio.gather(*(fallback.ask(self.teachers[model_id], examples[i], predictions[i]) for i in unsure))
         metrics = replica_metrics()
         for i, outcome in zip(unsure, answers):
@@ -395,6 +397,9 @@ def build_app(args: dict[str, Any] | ServeArgs) -> serve.Application:
     else:
         replicas = {"autoscaling_config": {"min_replicas": scaling.min_replicas, "max_replicas": scaling.max_replicas, "target_ongoing_requests": scaling.target_ongoing_requests}}
     models = check_models(args.models, args.allow_unverified)
+    if args.cascade.fallback:  # the teacher's few-shot prompts: refused here, before any replica starts, if unreadable
+        for folder in models.values():
+            fallback.few_shots(tasks.load_task(Path(folder)))
     # Ray hides GPUs from actors that reserve none, and ONNX Runtime then silently falls back to the CPU.
     gpus = scaling.replica_gpus if scaling.replica_gpus is not None else float(wants_gpu(models))
     deployment = StudentServer.options(

@@ -21,7 +21,7 @@ from stepwise import artifacts, tasks
 FRACTIONS = [round(i / 20, 2) for i in range(21)]
 
 
-def teacher_answers(task: tasks.Task, examples: list[tasks.Example], teacher: Path | None) -> dict[str, str]:
+def teacher_answers(task: tasks.Task, split: str, examples: list[tasks.Example], teacher: Path | None) -> dict[str, str]:
     """id -> the teacher's parsed label, for the examples it answered readably (a malformed answer is left out:
     as served, the student's answer then stands)."""
     if teacher is None:
@@ -30,18 +30,24 @@ def teacher_answers(task: tasks.Task, examples: list[tasks.Example], teacher: Pa
         parsed = {e.id: tasks.parse_completion(task, e.teacher_completion, e.choices) for e in examples if e.teacher_completion}
         return {i: p.label for i, p in parsed.items() if p.status == "ok"}
     records = artifacts.read_records(teacher)
+    config = artifacts.read_manifest(teacher)["config"]
+    made_for = (config.get("task", {}).get("name"), config.get("split"))
+    if made_for != (task.name, split):
+        raise ValueError(f"{teacher} holds the teacher's answers for {made_for[0]}/{made_for[1]}, not {task.name}/{split}")
     return {str(r["id"]): r["teacher_label"] for r in records if r["status"] == "ok"}
 
 
 def cost_per_1k(teacher_cost: Path | None) -> dict[str, float] | None:
-    """The teacher's generation seconds and tokens per 1k predictions, from an extraction folder's manifest."""
+    """The teacher's generation seconds and tokens (prompt + generated) per 1k predictions, from the last run recorded
+    in an extraction folder's manifest (the records it generated, not those an earlier run left)."""
     if teacher_cost is None:
         return None
-    manifest = artifacts.read_manifest(teacher_cost)
-    records, run = manifest["counts"]["records"], manifest["last_run"] or {}
-    if not records or not run.get("generation_s"):
-        raise ValueError(f"{teacher_cost}: its manifest records no generation time (a replay or dataset teacher costs nothing to measure)")
-    return {"seconds": 1000 * run["generation_s"] / records, "tokens": 1000 * (manifest["counts"]["tokens_in"] + manifest["counts"]["tokens_out"]) / records}
+    run = artifacts.read_manifest(teacher_cost)["last_run"] or {}
+    records, generated = run.get("records_this_run", 0), run.get("this_run", {})
+    if not records or not run.get("generation_s") or not generated.get("tokens_in"):
+        raise ValueError(f"{teacher_cost}: its manifest records no teacher generation (time and tokens) in its last run: give the folder of a "
+                         "`stepwise extract --teacher vllm|openai` run that generated records (replay and dataset teachers cost nothing to measure)")
+    return {"seconds": 1000 * run["generation_s"] / records, "tokens": 1000 * (generated["tokens_in"] + generated["tokens_out"]) / records}
 
 
 def curve(task: tasks.Task, examples: list[tasks.Example], labels: list[str], margins: list[float], answers: dict[str, str]) -> list[dict[str, Any]]:
@@ -109,7 +115,7 @@ def main(
     examples = tasks.load_split(task, split)[: limit or None]
     if not examples:
         raise ValueError(f"task {task.name!r} has no {split} examples")
-    answers = teacher_answers(task, examples, teacher)
+    answers = teacher_answers(task, split, examples, teacher)
     predictions, started = [], time.perf_counter()
     for start in tqdm(range(0, len(examples), batch_size), desc=f"student on {task.name}/{split}", unit="batch"):
         predictions += predict(runtime, examples[start : start + batch_size])

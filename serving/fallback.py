@@ -8,14 +8,17 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import logging
 import time
 from dataclasses import dataclass
 from typing import Any, Awaitable, Callable
 
 from stepwise import tasks
 from stepwise.export.runtime import Prediction
-from stepwise.extraction.teachers import Generation, OpenAIClient, Sampling, answer_regex, openai_completion
+from stepwise.extraction.teachers import Generation, Sampling, answer_regex, openai_completion
 from stepwise.serving.settings import Fallback
+
+logger = logging.getLogger("ray.serve")
 
 
 @dataclass
@@ -28,6 +31,8 @@ class Teacher:
     client: Any  # httpx.AsyncClient
     gate: asyncio.Semaphore
     settings: Fallback
+    down_until: float = 0.0  # time.monotonic() until which the teacher is skipped, after a failure
+    last_error: str = ""
 
 
 @dataclass(frozen=True)
@@ -38,44 +43,70 @@ class Outcome:
     seconds: float  # spent on the teacher (0 when not asked)
 
 
+def few_shots(task: tasks.Task) -> list[str]:
+    """The teacher's few-shot prefix for `task`, from its train split as in extraction (so the task's data must be
+    readable where the replicas run)."""
+    try:
+        return tasks.exemplars(task, tasks.load_split(task, "train"))
+    except (OSError, ValueError) as problem:
+        raise ValueError(f"the teacher fallback builds its few-shot prompt from the train split of task {task.name!r}, "
+                         f"which cannot be read here: {problem}") from None
+
+
 def prepare(settings: Fallback, task: tasks.Task) -> Teacher:
-    """A teacher for `task`. Its few-shot prefix comes from the task's train split (as in extraction), so the
-    task's data must be readable where the replica runs."""
+    """A teacher for `task`. Nothing connects yet: the client and the gate bind to the event loop that first uses them."""
     import httpx
 
-    try:
-        shots = tasks.exemplars(task, tasks.load_split(task, "train"))
-    except (OSError, ValueError) as problem:
-        raise ValueError(f"the teacher fallback builds its few-shot prompt from task {task.name!r}'s train split, which cannot be read here: {problem}") from None
+    client_options = settings.client()
     sampling = Sampling(max_tokens=settings.fallback_max_tokens)
-    client_options = OpenAIClient(base_url=settings.fallback, timeout=settings.fallback_timeout_s, retries=settings.fallback_retries,
-                                  concurrency=settings.fallback_concurrency)
-    client = httpx.AsyncClient(timeout=httpx.Timeout(settings.fallback_timeout_s), limits=httpx.Limits(max_connections=settings.fallback_concurrency))
-    return Teacher(task, shots, openai_completion(task, settings.fallback_model, sampling, client_options), client,
-                   asyncio.Semaphore(settings.fallback_concurrency), settings)
+    slots = settings.fallback_concurrency
+    client = httpx.AsyncClient(timeout=httpx.Timeout(settings.fallback_timeout_s), limits=httpx.Limits(max_connections=slots, max_keepalive_connections=slots))
+    complete = openai_completion(task, settings.fallback_model, sampling, client_options)
+    return Teacher(task, few_shots(task), complete, client, asyncio.Semaphore(slots), settings)
 
 
 def unsure(settings: Fallback, prediction: Prediction) -> bool:
-    """The student's answer goes to the teacher: a closed label set's margin below the threshold."""
+    """The student's answer goes to the teacher: a closed label set's margin below the threshold (open labels have no
+    margin and are never sent)."""
     return bool(settings.fallback) and prediction.margin is not None and prediction.margin < settings.fallback_margin
+
+
+def cooling_down(teacher: Teacher) -> str:
+    """Why the teacher is skipped now ("" when it is asked): it failed less than the cooldown ago."""
+    left = teacher.down_until - time.monotonic()
+    return f"teacher skipped for {left:.1f} s more: it failed ({teacher.last_error})" if left > 0 else ""
 
 
 async def ask(teacher: Teacher, example: tasks.Example, student: Prediction) -> Outcome:
     """The teacher's parsed answer to `example`, or the student's with the reason it stands."""
     settings, started = teacher.settings, time.perf_counter()
+    skipped = cooling_down(teacher)
+    if skipped:
+        return Outcome(student, "student", skipped, 0.0)
     prompt = tasks.few_shot_prompt(teacher.task, teacher.shots, example)
     extra = {"structured_outputs": {"regex": answer_regex(teacher.task, example)}} if settings.fallback_structured else None
-    # The client retries within its own timeout per attempt; this bounds the whole exchange, backoff included.
-    budget = settings.fallback_timeout_s * (settings.fallback_retries + 1) + 2.0
+    generation = Generation()
     try:
-        async with teacher.gate:
-            generation = await asyncio.wait_for(teacher.complete(teacher.client, prompt, extra), budget)
+        # The budget bounds the whole exchange: waiting for a free slot, every attempt and the backoff between them.
+        async with asyncio.timeout(settings.budget_s):
+            async with teacher.gate:
+                skipped = cooling_down(teacher)  # it may have failed while this one waited for the slot
+                if not skipped:
+                    generation = await teacher.complete(teacher.client, prompt, extra)
     except TimeoutError:
-        generation = Generation(error=f"no answer within {budget:.0f} s")
+        generation = Generation(error=f"no answer within {settings.budget_s:.1f} s")
+    except Exception as problem:  # whatever goes wrong with the teacher, the request still gets the student's answer
+        logger.warning(f"teacher fallback failed for {example.id}: {type(problem).__name__}: {problem}")
+        generation = Generation(error=f"{type(problem).__name__}: {problem}")
     seconds = time.perf_counter() - started
+    if skipped:
+        return Outcome(student, "student", skipped, seconds)
     if generation.error:
+        if settings.fallback_cooldown_s:
+            teacher.down_until = time.monotonic() + settings.fallback_cooldown_s
+            teacher.last_error = generation.error[:200]
         return Outcome(student, "student", f"teacher failed: {generation.error}", seconds)
-    parsed = tasks.parse_completion(teacher.task, generation.completions[0], example.choices)
+    parsed = tasks.parse_completion(teacher.task, next(iter(generation.completions), None), example.choices)
     if parsed.status != "ok":
         return Outcome(student, "student", f"teacher's answer unreadable: {parsed.reason}", seconds)
     # The scores stay the student's (why it asked); the probability is the one the student gave the teacher's label.

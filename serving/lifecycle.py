@@ -191,8 +191,9 @@ def start(args: ServeArgs, port: int = 8000, host: str = "127.0.0.1", run_dir: P
             # ray.init installs a SIGTERM handler that exits without shutting Serve down; from here on SIGTERM
             # (systemd, Docker, Kubernetes) takes the Ctrl-C path, also while Serve is still starting.
             signal.signal(signal.SIGTERM, interrupt)
-    # The proxy's own timeout is a backstop; the app answers 504 at request_timeout_s first.
-    http_options = {"host": host, "port": port, "request_timeout_s": args.limits.request_timeout_s + 30}
+    # The proxy's own timeout is a backstop: the app answers 504 at request_timeout_s first, and a teacher fallback
+    # gives up after its budget (the student's answer stands), so neither ever meets it.
+    http_options = {"host": host, "port": port, "request_timeout_s": args.limits.request_timeout_s + args.cascade.budget_s + 30}
     serve.start(http_options=http_options, logging_config=LoggingConfig(encoding="JSON", enable_access_log=args.access_log))
     serve.run(app, name=APP_NAME, route_prefix="/")
     url = f"http://{'127.0.0.1' if host in ('0.0.0.0', '::') else host}:{port}"

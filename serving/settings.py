@@ -9,6 +9,8 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any
 
+from stepwise.extraction.teachers import OpenAIClient, retry_budget_s
+
 MAX_CHOICES = 26  # choices are shown to the student lettered (a) to (z)
 
 
@@ -122,6 +124,8 @@ class Fallback:
         fallback_max_tokens: tokens the teacher may write (rationale and answer)
         fallback_concurrency: most teacher requests in flight per replica
         fallback_structured: constrain the teacher's answer to the task's label set (vLLM structured outputs)
+        fallback_cooldown_s: after the teacher fails (no answer, connection or server error), unsure predictions skip it
+            for this many seconds, the student's answer standing at once (0: always ask)
     """
 
     fallback: str = ""
@@ -132,6 +136,7 @@ class Fallback:
     fallback_max_tokens: int = 256
     fallback_concurrency: int = 8
     fallback_structured: bool = True
+    fallback_cooldown_s: float = 5.0
 
     def __post_init__(self) -> None:
         if self.fallback and not self.fallback.startswith(("http://", "https://")):
@@ -143,6 +148,18 @@ class Fallback:
         _at_least(self, fallback_retries=0, fallback_max_tokens=1, fallback_concurrency=1)
         if self.fallback_timeout_s <= 0:
             raise ValueError(f"--fallback-timeout-s must be positive, got {self.fallback_timeout_s}")
+        _at_least(self, fallback_cooldown_s=0)
+
+    def client(self) -> OpenAIClient:
+        """The extraction stage's client options for this teacher."""
+        return OpenAIClient(base_url=self.fallback, timeout=self.fallback_timeout_s, retries=self.fallback_retries,
+                            concurrency=self.fallback_concurrency)
+
+    @property
+    def budget_s(self) -> float:
+        """The longest a prediction waits for the teacher (every attempt, the backoff between them, a second for the
+        slot and the parsing); 0 without a teacher. Past it the student's answer stands."""
+        return retry_budget_s(self.client()) + 1.0 if self.fallback else 0.0
 
 
 GROUPS = {"batching": Batching, "limits": Limits, "overload": Overload, "scaling": Scaling, "cascade": Fallback}

@@ -4,11 +4,7 @@ from __future__ import annotations
 
 import json
 import socket
-import subprocess
-import sys
-import time
 
-import httpx
 import pytest
 
 from stepwise import cli, tasks
@@ -22,52 +18,9 @@ def free_port() -> int:
 
 
 @pytest.fixture
-def vllm_server(tiny_teacher, child_env, tmp_path):
-    port = free_port()
-    log = (tmp_path / "server.log").open("w")
-    server = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "vllm.entrypoints.openai.api_server",
-            "--model",
-            str(tiny_teacher),
-            "--host",
-            "127.0.0.1",
-            "--port",
-            str(port),
-            "--enforce-eager",
-            "--served-model-name",
-            "tiny",
-            "--max-model-len",
-            "4096",
-        ],
-        env=child_env,
-        stdout=log,
-        stderr=subprocess.STDOUT,
-    )
-    base_url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.time() + 240
-        while time.time() < deadline:
-            assert server.poll() is None, (tmp_path / "server.log").read_text()[-3000:]
-            try:
-                if httpx.get(base_url + "/health", timeout=2).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            time.sleep(1)
-        else:
-            pytest.fail("vLLM server did not become ready in 240 s")
+def vllm_server(tiny_teacher, start_vllm_server, tmp_path):
+    with start_vllm_server(tiny_teacher, tmp_path) as base_url:
         yield base_url
-    finally:
-        server.terminate()
-        try:
-            server.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            server.kill()
-            server.wait()
-        log.close()
 
 
 @pytest.mark.slow

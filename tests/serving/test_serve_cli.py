@@ -21,7 +21,6 @@ from stepwise import tasks
 
 pytestmark = pytest.mark.slow
 ROOT = Path(__file__).resolve().parents[2]
-BEFORE = {p.pid for p in psutil.process_iter(["name"]) if p.info["name"] == "haproxy"}  # not this module's servers'
 
 
 def free_port() -> int:
@@ -87,7 +86,8 @@ def haproxies() -> set[int]:
 
 
 def stop_and_check(server: subprocess.Popen, how: int, ports: tuple[int, ...], run_dir: Path) -> None:
-    ours = haproxies() - BEFORE
+    # The server's own (its descendants: other servers on the machine start and stop HAProxies meanwhile).
+    ours = {p.pid for p in psutil.Process(server.pid).children(recursive=True) if p.name() == "haproxy"}
     assert ours, "the server runs an HAProxy ingress"
     server.send_signal(how)
     output, _ = server.communicate(timeout=90)

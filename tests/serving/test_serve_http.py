@@ -23,6 +23,8 @@ from stepwise.export.runtime import load_runtime, predict
 from stepwise.serving import app, lifecycle, schema
 from stepwise.serving.settings import Batching, Limits, Overload, Scaling, ServeArgs
 
+from serving_helpers import metric_samples, premise_hypothesis, wait_for_metric
+
 pytestmark = pytest.mark.slow
 
 
@@ -82,11 +84,6 @@ def client(served) -> httpx.Client:
 @pytest.fixture(scope="module")
 def examples() -> list[tasks.Example]:
     return tasks.load_split(tasks.get_task("esnli"), "test")[:8]
-
-
-def premise_hypothesis(example: tasks.Example) -> dict[str, str]:
-    premise, hypothesis = example.input.removeprefix("Premise: ").split("\nHypothesis: ")
-    return {"premise": premise, "hypothesis": hypothesis}
 
 
 def test_health_models_and_docs(client):
@@ -156,20 +153,6 @@ def test_model_chosen_by_body_or_header(client, examples):
     assert missing.status_code == 422 and "model: required" in missing.json()["error"]
     unknown_header = client.post("/v1/predict", json={"inputs": text}, headers={schema.MODEL_HEADER: "cqa"})
     assert unknown_header.status_code == 404 and "'cqa' is not served" in unknown_header.json()["error"]
-
-
-def metric_samples(metrics_text: str, name: str, **labels: str) -> list[tuple[dict[str, str], float]]:
-    """(labels, value) of every sample of `name` whose labels include `labels` (Prometheus text format)."""
-    samples = []
-    for line in metrics_text.splitlines():
-        if not line.startswith(name + "{"):
-            continue
-        label_text, value = line[len(name) + 1 :].rsplit("} ", 1)
-        found = dict(part.split("=", 1) for part in label_text.split('",') if "=" in part)
-        found = {k: v.strip('"') for k, v in found.items()}
-        if all(found.get(k) == v for k, v in labels.items()):
-            samples.append((found, float(value)))
-    return samples
 
 
 def test_concurrent_requests_are_batched(served, tiny_export_dir, examples):
@@ -311,16 +294,6 @@ def test_logs_are_json(served, client):
     records = [json.loads(line) for line in lines]
     loads = [r for r in records if r.get("message", "").startswith("loaded model")]
     assert loads and all({"deployment", "replica", "levelname"} <= set(r) for r in loads)
-
-
-def wait_for_metric(url: str, name: str, **labels: str) -> list[tuple[dict[str, str], float]]:
-    """Samples of a metric once Ray has exported them (every second or so), or [] after 30 s."""
-    for _ in range(60):
-        samples = metric_samples(httpx.get(url, timeout=10).text, name, **labels)
-        if samples:
-            return samples
-        asyncio.run(asyncio.sleep(0.5))
-    return []
 
 
 def test_request_metrics_by_route_and_status(served):
