@@ -1,5 +1,6 @@
-"""What the benchmarks share: where results go, the lock that keeps timed runs apart, free ports, and running a
-function alone in a fresh process. Standard library only (the GPU check imports it on a bare box).
+"""What the benchmarks (and the tests) share: where results go, the lock that keeps timed runs apart, free ports,
+running a function alone in a fresh process, and a vLLM OpenAI server to fall back on. Standard library only (the
+GPU check imports it on a bare box).
 """
 
 from __future__ import annotations
@@ -8,8 +9,13 @@ import fcntl
 import multiprocessing
 import os
 import shlex
+import shutil
 import socket
+import subprocess
 import sys
+import tempfile
+import time
+import urllib.request
 from collections.abc import Callable, Iterator
 from concurrent.futures import ProcessPoolExecutor
 from contextlib import contextmanager
@@ -67,3 +73,71 @@ def free_port() -> int:
 def command_line() -> str:
     """The command this process runs, as a user types it (`stepwise bench ...`), recorded beside the results."""
     return "python3 -m stepwise " + shlex.join(sys.argv[1:])
+
+
+def wait_until_ready(url: str, process: subprocess.Popen, timeout_s: float, log: Path | None = None) -> None:
+    """Until `url` answers 200; a clear error if `process` exits first or the time runs out (with `log`'s tail)."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        tail = log.read_text()[-3000:] if log else ""
+        if process.poll() is not None:
+            raise RuntimeError(f"{shlex.join(map(str, process.args[:4]))} exited with {process.returncode}:\n{tail}")
+        try:
+            with urllib.request.urlopen(url, timeout=2) as response:
+                if response.status == 200:
+                    return
+        except OSError:
+            pass
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"{url} did not answer within {timeout_s:.0f} s:\n{tail}")
+        time.sleep(0.5)
+
+
+def stop_process(process: subprocess.Popen, grace_s: float = 30) -> None:
+    """SIGTERM, then SIGKILL after `grace_s`."""
+    process.terminate()
+    try:
+        process.wait(timeout=grace_s)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait()
+
+
+@contextmanager
+def vllm_openai_server(
+    model: Path, scratch: Path, python: Path | None = None, served_name: str = "tiny", ready_timeout_s: float = 300
+) -> Iterator[str]:
+    """A real vLLM OpenAI-compatible server (`python -m vllm.entrypoints.openai.api_server`) for `model` on a free
+    loopback port, with CPU settings for this machine (engine in the server process, 1 GiB KV cache, one thread,
+    eager mode, 4096-token context) and every cache, socket and temp file in a short temporary folder (vLLM's Unix
+    sockets live under TMPDIR). `python` is an interpreter with vLLM (default: this one; the student side passes the
+    teacher environment's). Yields the base URL; the server is stopped on exit, its log kept in `scratch`."""
+    port = free_port()
+    caches = Path(tempfile.mkdtemp(prefix="vllm-"))
+    for folder in ("tmp", "cache", "hf", "vllm-cache"):
+        (caches / folder).mkdir()
+    env = dict(os.environ) | {
+        "VLLM_ENABLE_V1_MULTIPROCESSING": "0",
+        "VLLM_CPU_KVCACHE_SPACE": "1",
+        "OMP_NUM_THREADS": "1",
+        "VLLM_NO_USAGE_STATS": "1",
+        "VLLM_CACHE_ROOT": str(caches / "vllm-cache"),
+        "XDG_CACHE_HOME": str(caches / "cache"),
+        "HF_HOME": str(caches / "hf"),
+        "TMPDIR": str(caches / "tmp"),
+        "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]).rstrip(os.pathsep),
+    }
+    command = [str(python or sys.executable), "-m", "vllm.entrypoints.openai.api_server", "--model", str(model),
+               "--host", "127.0.0.1", "--port", str(port), "--enforce-eager", "--served-model-name", served_name,
+               "--max-model-len", "4096"]  # fmt: skip
+    scratch.mkdir(parents=True, exist_ok=True)
+    log_path = scratch / "vllm-server.log"
+    base_url = f"http://127.0.0.1:{port}"
+    with log_path.open("w") as log:
+        server = subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT)
+        try:
+            wait_until_ready(base_url + "/health", server, ready_timeout_s, log_path)
+            yield base_url
+        finally:
+            stop_process(server)
+            shutil.rmtree(caches, ignore_errors=True)

@@ -25,7 +25,7 @@ import os
 import random
 import re
 from dataclasses import asdict, dataclass, field
-from typing import Any, Awaitable, Callable, Iterable, Iterator, Literal
+from typing import Awaitable, Callable, Iterable, Iterator, Literal
 
 from stepwise import tasks
 
@@ -71,8 +71,10 @@ class Sampling:
         if self.temperature < 0:
             raise ValueError(f"--temperature must be 0 or more, got {self.temperature}")
         if self.n > 1 and self.temperature == 0:
-            raise ValueError(f"--n {self.n} with --temperature 0 draws the same greedy completion {self.n} times: "
-                             "pass --temperature > 0 (e.g. 0.7)")
+            raise ValueError(
+                f"--n {self.n} with --temperature 0 draws the same greedy completion {self.n} times: "
+                "pass --temperature > 0 (e.g. 0.7)"
+            )
         if not 0 < self.top_p <= 1:
             raise ValueError(f"--top-p must be in (0, 1], got {self.top_p}")
         if self.max_tokens < 1:
@@ -146,8 +148,10 @@ class OpenAIClient:
 def replay_teacher(task: tasks.Task) -> Teacher:
     """Each example's own teacher completion, to be parsed like a fresh one."""
     if task.source:
-        missing = (f"no teacher completion in the data: put the teacher's raw text in a 'completion' column of "
-                   f"{task.source}, or use --teacher dataset (the 'rationale' column), vllm or openai")
+        missing = (
+            f"no teacher completion in the data: put the teacher's raw text in a 'completion' column of "
+            f"{task.source}, or use --teacher dataset (the 'rationale' column), vllm or openai"
+        )
     else:
         missing = "no shipped teacher completion: use --teacher vllm or openai for this example"
 
@@ -163,8 +167,10 @@ def replay_teacher(task: tasks.Task) -> Teacher:
 
 def dataset_teacher(task: tasks.Task) -> Teacher:
     """Each example's own rationale with its gold label, as they are (no model, nothing to parse)."""
-    missing = (f"no rationale in the data: fill the 'rationale' column of {task.source or task.name}, "
-               "or use --teacher replay, vllm or openai")
+    missing = (
+        f"no rationale in the data: fill the 'rationale' column of {task.source or task.name}, "
+        "or use --teacher replay, vllm or openai"
+    )
 
     def generate(work: Work) -> Results:
         for example, _ in work:
@@ -210,7 +216,11 @@ def load_vllm(model: str, engine: VllmEngine, seed: int):
 
     # On the CPU build, gpu_memory_utilization reserves that share of *host* RAM and refuses to start when
     # other processes hold memory; a fixed KV cache (VLLM_CPU_KVCACHE_SPACE GiB, default 4) is the CPU knob.
-    cpu_cache = {"kv_cache_memory_bytes": int(float(os.environ.get("VLLM_CPU_KVCACHE_SPACE") or 4) * 2**30)} if current_platform.is_cpu() else {}
+    cpu_cache = (
+        {"kv_cache_memory_bytes": int(float(os.environ.get("VLLM_CPU_KVCACHE_SPACE") or 4) * 2**30)}
+        if current_platform.is_cpu()
+        else {}
+    )
     return LLM(
         **cpu_cache,
         model=model,
@@ -241,7 +251,12 @@ def vllm_teacher(task: tasks.Task, llm, sampling: Sampling, structured: bool) ->
 
     def params_for(example: tasks.Example) -> SamplingParams:
         constraint = StructuredOutputsParams(regex=answer_regex(task, example)) if structured else None
-        return SamplingParams(**per_request, stop=tasks.stop_strings(task), structured_outputs=constraint, output_kind=RequestOutputKind.FINAL_ONLY)
+        return SamplingParams(
+            **per_request,
+            stop=tasks.stop_strings(task),
+            structured_outputs=constraint,
+            output_kind=RequestOutputKind.FINAL_ONLY,
+        )
 
     def generate(work: Work) -> Results:
         work = iter(work)
@@ -266,8 +281,13 @@ def vllm_teacher(task: tasks.Task, llm, sampling: Sampling, structured: bool) ->
                     continue  # everything pulled was too long: pull more
                 for output in engine.step():
                     if output.finished:
-                        yield in_flight.pop(output.request_id), Generation(
-                            [c.text for c in output.outputs], len(output.prompt_token_ids or []), sum(len(c.token_ids) for c in output.outputs)
+                        yield (
+                            in_flight.pop(output.request_id),
+                            Generation(
+                                [c.text for c in output.outputs],
+                                len(output.prompt_token_ids or []),
+                                sum(len(c.token_ids) for c in output.outputs),
+                            ),
                         )
         finally:  # a consumer that stops early leaves no requests behind in the engine
             if in_flight:
@@ -290,10 +310,14 @@ def backoff_s(attempt: int) -> float:
 def retry_budget_s(client_options: OpenAIClient) -> float:
     """How long one `complete` call may take, every attempt's timeout and the longest waits between them included
     (the timeout bounds each network operation of an attempt, so a caller that needs a hard bound enforces this)."""
-    return client_options.timeout * (client_options.retries + 1) + sum(1.5 * backoff_s(k) for k in range(1, client_options.retries + 1))
+    return client_options.timeout * (client_options.retries + 1) + sum(
+        1.5 * backoff_s(k) for k in range(1, client_options.retries + 1)
+    )
 
 
-def openai_completion(task: tasks.Task, model: str, sampling: Sampling, client_options: OpenAIClient) -> Callable[..., Awaitable[Generation]]:
+def openai_completion(
+    task: tasks.Task, model: str, sampling: Sampling, client_options: OpenAIClient
+) -> Callable[..., Awaitable[Generation]]:
     """`complete(client, prompt, extra=None)`: one prompt (and `extra` request fields, e.g. vLLM's
     `structured_outputs`) to an OpenAI-compatible /v1/completions server through an
     httpx.AsyncClient, with retries (exponential backoff and jitter) on connection errors, timeouts and
@@ -325,9 +349,13 @@ def openai_completion(task: tasks.Task, model: str, sampling: Sampling, client_o
                 data = response.json()
                 choices = sorted(data["choices"], key=lambda c: c.get("index", 0))
                 usage = data.get("usage") or {}
-                return Generation([c["text"] for c in choices], usage.get("prompt_tokens", 0), usage.get("completion_tokens", 0))
+                return Generation(
+                    [c["text"] for c in choices], usage.get("prompt_tokens", 0), usage.get("completion_tokens", 0)
+                )
             except (ValueError, KeyError, TypeError, AttributeError) as problem:  # a 200 that is not a completion
-                return Generation(error=f"not a completion response ({type(problem).__name__}: {problem}): {response.text[:200]}")
+                return Generation(
+                    error=f"not a completion response ({type(problem).__name__}: {problem}): {response.text[:200]}"
+                )
         return Generation(error=f"server error after {retries} retries: {last}")
 
     return complete

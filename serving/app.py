@@ -66,10 +66,27 @@ def replica_metrics() -> dict[str, Any]:
     """Created once per replica process; Ray exports them on its metrics port (prefixed `ray_`)."""
     return {
         "requests": Counter("stepwise_requests", "HTTP requests by route and status", tag_keys=("route", "status")),
-        "latency": Histogram("stepwise_request_latency_ms", "request latency inside the replica", boundaries=[1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000, 5000, 10000], tag_keys=("route",)),
-        "batch_size": Histogram("stepwise_batch_size", "inputs decoded together", boundaries=[1, 2, 4, 8, 16, 32, 64, 128, 256], tag_keys=("model", "mode")),
-        "fallbacks": Counter("stepwise_fallbacks", "predictions sent to the teacher, by who answered", tag_keys=("model", "source")),
-        "fallback_latency": Histogram("stepwise_fallback_latency_ms", "time spent on the teacher per fallback", boundaries=[10, 20, 50, 100, 200, 500, 1000, 2000, 5000, 10000, 30000], tag_keys=("model",)),
+        "latency": Histogram(
+            "stepwise_request_latency_ms",
+            "request latency inside the replica",
+            boundaries=[1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000, 5000, 10000],
+            tag_keys=("route",),
+        ),
+        "batch_size": Histogram(
+            "stepwise_batch_size",
+            "inputs decoded together",
+            boundaries=[1, 2, 4, 8, 16, 32, 64, 128, 256],
+            tag_keys=("model", "mode"),
+        ),
+        "fallbacks": Counter(
+            "stepwise_fallbacks", "predictions sent to the teacher, by who answered", tag_keys=("model", "source")
+        ),
+        "fallback_latency": Histogram(
+            "stepwise_fallback_latency_ms",
+            "time spent on the teacher per fallback",
+            boundaries=[10, 20, 50, 100, 200, 500, 1000, 2000, 5000, 10000, 30000],
+            tag_keys=("model",),
+        ),
     }
 
 
@@ -94,7 +111,9 @@ class RequestMetrics:
                 status = message["status"]
                 # Server-Timing: the app's whole share of the request, beside the endpoint's own parts.
                 app_ms = f"app;dur={1000 * (time.perf_counter() - started):.2f}".encode()
-                headers = [(k, v + b", " + app_ms if k == b"server-timing" else v) for k, v in message.get("headers", [])]
+                headers = [
+                    (k, v + b", " + app_ms if k == b"server-timing" else v) for k, v in message.get("headers", [])
+                ]
                 if not any(k == b"server-timing" for k, _ in headers):
                     headers.append((b"server-timing", app_ms))
                 message = {**message, "headers": headers}
@@ -154,14 +173,22 @@ class BodyLimit:
 
     async def refuse(self, send: Any) -> None:
         body = json.dumps({"error": BodyTooLarge(self.max_bytes).detail}).encode()
-        await send({"type": "http.response.start", "status": 413, "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]})
+        await send(
+            {
+                "type": "http.response.start",
+                "status": 413,
+                "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())],
+            }
+        )
         await send({"type": "http.response.body", "body": body})
 
 
 # ---------------------------------------------------------------- decoding a batch
 
 
-async def decode_jobs(jobs: list[DecodeJob], run: Callable[[Runtime, list[tasks.Example], bool], Awaitable[list[Prediction]]]) -> list[Decoded]:
+async def decode_jobs(
+    jobs: list[DecodeJob], run: Callable[[Runtime, list[tasks.Example], bool], Awaitable[list[Prediction]]]
+) -> list[Decoded]:
     """One batch from all concurrent requests; each (model, explain) group is one `run` (predict) call. If a
     group fails, its rows are decoded one by one, so only an input that fails fails (its own request)."""
     groups: dict[tuple[str, bool], list[int]] = defaultdict(list)
@@ -175,13 +202,17 @@ async def decode_jobs(jobs: list[DecodeJob], run: Callable[[Runtime, list[tasks.
         except Exception:
             predictions = [await decode_alone(run, runtime, jobs[i].example, explain) for i in rows]
         runtime_s = time.perf_counter() - started
-        replica_metrics()["batch_size"].observe(len(rows), tags={"model": model_id, "mode": "explain" if explain else "label"})
+        replica_metrics()["batch_size"].observe(
+            len(rows), tags={"model": model_id, "mode": "explain" if explain else "label"}
+        )
         for i, prediction in zip(rows, predictions):
             results[i] = Decoded(prediction, started - jobs[i].queued_at, runtime_s, len(rows))
     return results
 
 
-async def decode_alone(run: Callable[..., Awaitable[list[Prediction]]], runtime: Runtime, example: tasks.Example, explain: bool) -> Prediction | Exception:
+async def decode_alone(
+    run: Callable[..., Awaitable[list[Prediction]]], runtime: Runtime, example: tasks.Example, explain: bool
+) -> Prediction | Exception:
     try:
         return (await run(runtime, [example], explain))[0]
     except Exception as problem:
@@ -208,8 +239,11 @@ class StudentServer:
         # A teacher per closed-label student (open labels have no margin to send them by), its few-shot prompt read
         # now: a replica that cannot build it fails at start, never a request.
         cascade = self.args.cascade
-        self.teachers = {model_id: fallback.prepare(cascade, task)
-                         for model_id, task in self.tasks.items() if cascade.fallback and task.closed_label_set}
+        self.teachers = {
+            model_id: fallback.prepare(cascade, task)
+            for model_id, task in self.tasks.items()
+            if cascade.fallback and task.closed_label_set
+        }
 
     def __serve_build_asgi_app__(self) -> FastAPI:
         return build_api(self)
@@ -218,9 +252,13 @@ class StudentServer:
     async def load_model(self, model_id: str) -> Runtime:
         started = time.perf_counter()
         folder = Path(self.args.models[model_id])
-        runtime = await asyncio.get_running_loop().run_in_executor(self.runtime_thread, functools.partial(load_runtime, folder, threads=self.args.scaling.ort_threads))
+        runtime = await asyncio.get_running_loop().run_in_executor(
+            self.runtime_thread, functools.partial(load_runtime, folder, threads=self.args.scaling.ort_threads)
+        )
         self.loaded[model_id] = runtime
-        logger.info(f"loaded model {model_id} ({runtime.model_id} {runtime.version}, {runtime.providers[0]}) in {time.perf_counter() - started:.2f}s")
+        logger.info(
+            f"loaded model {model_id} ({runtime.model_id} {runtime.version}, {runtime.providers[0]}) in {time.perf_counter() - started:.2f}s"
+        )
         return runtime
 
     @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.0)  # set from the args in __init__
@@ -228,11 +266,15 @@ class StudentServer:
         return await decode_jobs(jobs, self.run_predict)
 
     async def run_predict(self, runtime: Runtime, examples: list[tasks.Example], explain: bool) -> list[Prediction]:
-        return await asyncio.get_running_loop().run_in_executor(self.runtime_thread, predict, runtime, examples, explain)
+        return await asyncio.get_running_loop().run_in_executor(
+            self.runtime_thread, predict, runtime, examples, explain
+        )
 
     def model_id(self, requested: str | None, header: str | None) -> str:
         if requested and header and requested != header:
-            raise HTTPException(400, f"model {requested!r} in the body but {header!r} in the {schema.MODEL_HEADER} header")
+            raise HTTPException(
+                400, f"model {requested!r} in the body but {header!r} in the {schema.MODEL_HEADER} header"
+            )
         model_id = requested or header
         if not model_id:
             if len(self.tasks) > 1:
@@ -248,34 +290,50 @@ class StudentServer:
         task, limits = self.tasks[model_id], self.args.limits
         single = not isinstance(body.inputs, list)
         items = [body.inputs] if single else body.inputs
-        examples = [schema.to_example(item, task, "inputs" if single else f"inputs.{i}") for i, item in enumerate(items)]
+        examples = [
+            schema.to_example(item, task, "inputs" if single else f"inputs.{i}") for i, item in enumerate(items)
+        ]
         runtime = await self.load_model(model_id)
         for example in examples:
             for j, choice in enumerate(example.choices or []):
                 if len(runtime.tokenizer(choice).input_ids) > limits.max_choice_tokens:
-                    raise HTTPException(413, f"{example.id}.choices.{j}: more than max_choice_tokens={limits.max_choice_tokens} tokens")
+                    raise HTTPException(
+                        413, f"{example.id}.choices.{j}: more than max_choice_tokens={limits.max_choice_tokens} tokens"
+                    )
         try:
             queued_at = time.perf_counter()
             jobs = [self.decode(DecodeJob(model_id, runtime, example, body.explain, queued_at)) for example in examples]
             decoded: list[Decoded] = await asyncio.wait_for(asyncio.gather(*jobs), limits.request_timeout_s)
         except TimeoutError:
             raise HTTPException(504, f"request timed out after request_timeout_s={limits.request_timeout_s}s") from None
-        timing |= {"queue": max(d.queue_s for d in decoded), "runtime": max(d.runtime_s for d in decoded), "batch": max(d.batch_size for d in decoded)}
-        failed = [(example.id, d.prediction) for example, d in zip(examples, decoded) if isinstance(d.prediction, Exception)]
+        timing |= {
+            "queue": max(d.queue_s for d in decoded),
+            "runtime": max(d.runtime_s for d in decoded),
+            "batch": max(d.batch_size for d in decoded),
+        }
+        failed = [
+            (example.id, d.prediction) for example, d in zip(examples, decoded) if isinstance(d.prediction, Exception)
+        ]
         if failed:
             where, problem = failed[0]
             raise HTTPException(500, f"decoding failed for {where}: {type(problem).__name__}: {problem}")
         outcomes = await self.cascade(model_id, examples, [d.prediction for d in decoded])
-        return schema.PredictResponse(model=model_id, version=runtime.version, predictions=[prediction_out(o, body.scores) for o in outcomes])
+        return schema.PredictResponse(
+            model=model_id, version=runtime.version, predictions=[prediction_out(o, body.scores) for o in outcomes]
+        )
 
-    async def cascade(self, model_id: str, examples: list[tasks.Example], predictions: list[Prediction]) -> list[fallback.Outcome]:
+    async def cascade(
+        self, model_id: str, examples: list[tasks.Example], predictions: list[Prediction]
+    ) -> list[fallback.Outcome]:
         """The student's predictions, with those it is unsure of answered by the teacher (when one is set)."""
         settings = self.args.cascade
         outcomes = [fallback.Outcome(p, "student", None, 0.0) for p in predictions]
         unsure = [i for i, p in enumerate(predictions) if fallback.unsure(settings, p)]
         if not unsure:
             return outcomes
-        answers = await asyncio.gather(*(fallback.ask(self.teachers[model_id], examples[i], predictions[i]) for i in unsure))
+        answers = await asyncio.gather(
+            *(fallback.ask(self.teachers[model_id], examples[i], predictions[i]) for i in unsure)
+        )
         metrics = replica_metrics()
         for i, outcome in zip(unsure, answers):
             outcomes[i] = outcome
@@ -287,14 +345,31 @@ class StudentServer:
         infos = []
         for model_id, task in self.tasks.items():
             runtime = self.loaded.get(model_id)
-            infos.append(schema.ModelInfo(id=model_id, task=task.name, answer_style=task.answer_style, labels=task.labels, version=runtime and runtime.version, loaded=runtime is not None))
+            infos.append(
+                schema.ModelInfo(
+                    id=model_id,
+                    task=task.name,
+                    answer_style=task.answer_style,
+                    labels=task.labels,
+                    version=runtime and runtime.version,
+                    loaded=runtime is not None,
+                )
+            )
         return infos
 
 
 def prediction_out(outcome: fallback.Outcome, with_scores: bool) -> schema.PredictionOut:
     p = outcome.prediction
-    return schema.PredictionOut(label=p.label, probability=p.probability, margin=p.margin, scores=p.scores if with_scores else None, log_prob=p.log_prob,
-                                rationale=p.rationale, source=outcome.source, fallback_error=outcome.error)
+    return schema.PredictionOut(
+        label=p.label,
+        probability=p.probability,
+        margin=p.margin,
+        scores=p.scores if with_scores else None,
+        log_prob=p.log_prob,
+        rationale=p.rationale,
+        source=outcome.source,
+        fallback_error=outcome.error,
+    )
 
 
 def build_api(server: StudentServer) -> FastAPI:
@@ -326,18 +401,30 @@ def build_api(server: StudentServer) -> FastAPI:
         logger.exception(f"{request.method} {request.url.path} failed")
         return JSONResponse({"error": f"internal error: {type(problem).__name__}: {problem}"}, status_code=500)
 
-    @api.post("/v1/predict", response_model=schema.PredictResponse, response_model_exclude_none=True, responses=schema.PREDICT_RESPONSES)
+    @api.post(
+        "/v1/predict",
+        response_model=schema.PredictResponse,
+        response_model_exclude_none=True,
+        responses=schema.PREDICT_RESPONSES,
+    )
     async def predict_endpoint(
         body: request_model,  # type: ignore[valid-type]
         response: Response,
-        model_header: model_id = Header(None, alias=schema.MODEL_HEADER, convert_underscores=False, description="model id; also routes to a replica holding that model"),  # type: ignore[valid-type]
+        model_header: model_id = Header(
+            None,
+            alias=schema.MODEL_HEADER,
+            convert_underscores=False,
+            description="model id; also routes to a replica holding that model",
+        ),  # type: ignore[valid-type]
     ) -> schema.PredictResponse:
         """Label(s) for one input or a list; with "explain": true, rationales too. The Server-Timing header says
         where the request's time went inside the replica (queue: waiting for its batch; runtime: the batch's
         decoding; batch: inputs decoded together)."""
         timing: dict[str, float] = {}
         result = await server.predict(body, model_header, timing)
-        response.headers["server-timing"] = f"queue;dur={1000 * timing['queue']:.2f}, runtime;dur={1000 * timing['runtime']:.2f}, batch;desc={timing['batch']:.0f}"
+        response.headers["server-timing"] = (
+            f"queue;dur={1000 * timing['queue']:.2f}, runtime;dur={1000 * timing['runtime']:.2f}, batch;desc={timing['batch']:.0f}"
+        )
         return result
 
     @api.get("/healthz", response_model=schema.Health)
@@ -361,12 +448,16 @@ def check_models(models: dict[str, str], allow_unverified: bool) -> dict[str, st
     for model_id, folder in models.items():
         path = Path(folder).expanduser().resolve()
         if not (path / artifacts.EXPORT_CONFIG).exists():
-            raise ValueError(f"model {model_id!r}: {path} is not an export folder (no {artifacts.EXPORT_CONFIG}; run `stepwise export` first)")
+            raise ValueError(
+                f"model {model_id!r}: {path} is not an export folder (no {artifacts.EXPORT_CONFIG}; run `stepwise export` first)"
+            )
         tasks.load_task(path)
         if not allow_unverified:
             verdict = unverified_reason(path)
             if verdict:
-                raise ValueError(f"model {model_id!r}: {path} {verdict}; rerun `stepwise export`, or serve it anyway with --allow-unverified")
+                raise ValueError(
+                    f"model {model_id!r}: {path} {verdict}; rerun `stepwise export`, or serve it anyway with --allow-unverified"
+                )
         checked[model_id] = str(path)
     return checked
 
@@ -384,7 +475,9 @@ def unverified_reason(folder: Path) -> str:
 
 
 def wants_gpu(models: dict[str, str]) -> bool:
-    return any(artifacts.read_export_config(Path(folder))["target"] in ("cuda", "tensorrt") for folder in models.values())
+    return any(
+        artifacts.read_export_config(Path(folder))["target"] in ("cuda", "tensorrt") for folder in models.values()
+    )
 
 
 def build_app(args: dict[str, Any] | ServeArgs) -> serve.Application:
@@ -395,7 +488,13 @@ def build_app(args: dict[str, Any] | ServeArgs) -> serve.Application:
     if scaling.max_replicas is None:
         replicas: dict[str, Any] = {"num_replicas": scaling.replicas}
     else:
-        replicas = {"autoscaling_config": {"min_replicas": scaling.min_replicas, "max_replicas": scaling.max_replicas, "target_ongoing_requests": scaling.target_ongoing_requests}}
+        replicas = {
+            "autoscaling_config": {
+                "min_replicas": scaling.min_replicas,
+                "max_replicas": scaling.max_replicas,
+                "target_ongoing_requests": scaling.target_ongoing_requests,
+            }
+        }
     models = check_models(args.models, args.allow_unverified)
     if args.cascade.fallback:  # the teacher's few-shot prompts: refused here, before any replica starts, if unreadable
         for folder in models.values():
@@ -412,4 +511,3 @@ def build_app(args: dict[str, Any] | ServeArgs) -> serve.Application:
     )
     with_paths = ServeArgs.from_dict(args.to_dict() | {"models": models})
     return deployment.bind(with_paths.to_dict())
-

@@ -49,8 +49,10 @@ def few_shots(task: tasks.Task) -> list[str]:
     try:
         return tasks.exemplars(task, tasks.load_split(task, "train"))
     except (OSError, ValueError) as problem:
-        raise ValueError(f"the teacher fallback builds its few-shot prompt from the train split of task {task.name!r}, "
-                         f"which cannot be read here: {problem}") from None
+        raise ValueError(
+            f"the teacher fallback builds its few-shot prompt from the train split of task {task.name!r}, "
+            f"which cannot be read here: {problem}"
+        ) from None
 
 
 def prepare(settings: Fallback, task: tasks.Task) -> Teacher:
@@ -60,7 +62,10 @@ def prepare(settings: Fallback, task: tasks.Task) -> Teacher:
     client_options = settings.client()
     sampling = Sampling(max_tokens=settings.fallback_max_tokens)
     slots = settings.fallback_concurrency
-    client = httpx.AsyncClient(timeout=httpx.Timeout(settings.fallback_timeout_s), limits=httpx.Limits(max_connections=slots, max_keepalive_connections=slots))
+    client = httpx.AsyncClient(
+        timeout=httpx.Timeout(settings.fallback_timeout_s),
+        limits=httpx.Limits(max_connections=slots, max_keepalive_connections=slots),
+    )
     complete = openai_completion(task, settings.fallback_model, sampling, client_options)
     return Teacher(task, few_shots(task), complete, client, asyncio.Semaphore(slots), settings)
 
@@ -84,7 +89,9 @@ async def ask(teacher: Teacher, example: tasks.Example, student: Prediction) -> 
     if skipped:
         return Outcome(student, "student", skipped, 0.0)
     prompt = tasks.few_shot_prompt(teacher.task, teacher.shots, example)
-    extra = {"structured_outputs": {"regex": answer_regex(teacher.task, example)}} if settings.fallback_structured else None
+    extra = (
+        {"structured_outputs": {"regex": answer_regex(teacher.task, example)}} if settings.fallback_structured else None
+    )
     generation = Generation()
     try:
         # The budget bounds the whole exchange: waiting for a free slot, every attempt and the backoff between them.
@@ -110,5 +117,7 @@ async def ask(teacher: Teacher, example: tasks.Example, student: Prediction) -> 
     if parsed.status != "ok":
         return Outcome(student, "student", f"teacher's answer unreadable: {parsed.reason}", seconds)
     # The scores stay the student's (why it asked); the probability is the one the student gave the teacher's label.
-    answer = dataclasses.replace(student, label=parsed.label, rationale=parsed.rationale, probability=(student.scores or {}).get(parsed.label))
+    answer = dataclasses.replace(
+        student, label=parsed.label, rationale=parsed.rationale, probability=(student.scores or {}).get(parsed.label)
+    )
     return Outcome(answer, "teacher", None, seconds)

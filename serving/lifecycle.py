@@ -51,14 +51,23 @@ FAST_PATH = {"RAY_SERVE_ENABLE_HA_PROXY": "1", "RAY_SERVE_THROUGHPUT_OPTIMIZED":
 # Direct-ingress replicas keep answering this long after shutdown starts so that outside load balancers notice
 # (30 s in Ray); here the only balancer is the HAProxy Serve itself runs, so a second is enough.
 DRAIN = {"RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S": "1", "RAY_SERVE_PROXY_MIN_DRAINING_PERIOD_S": "1"}
-HAPROXY_FILES = {"RAY_SERVE_HAPROXY_CONFIG_FILE_LOC": "haproxy.cfg", "RAY_SERVE_HAPROXY_SOCKET_PATH": "admin.sock",
-                 "RAY_SERVE_HAPROXY_SERVER_STATE_BASE": "", "RAY_SERVE_HAPROXY_SERVER_STATE_FILE": "server-state",
-                 "RAY_SERVE_HAPROXY_METRICS_SOCKET_PATH": "metrics.sock"}
+HAPROXY_FILES = {
+    "RAY_SERVE_HAPROXY_CONFIG_FILE_LOC": "haproxy.cfg",
+    "RAY_SERVE_HAPROXY_SOCKET_PATH": "admin.sock",
+    "RAY_SERVE_HAPROXY_SERVER_STATE_BASE": "",
+    "RAY_SERVE_HAPROXY_SERVER_STATE_FILE": "server-state",
+    "RAY_SERVE_HAPROXY_METRICS_SOCKET_PATH": "metrics.sock",
+}
 
 
 # Ports Ray Serve fixes (HAProxy's stats 8404 and metrics 9101, the fallback proxy's 8500 and 9500): two
 # servers on one machine would clash on them, so each server takes free ones.
-OWN_PORTS = ("RAY_SERVE_HAPROXY_STATS_PORT", "RAY_SERVE_HAPROXY_METRICS_PORT", "RAY_SERVE_FALLBACK_PROXY_HTTP_PORT", "RAY_SERVE_FALLBACK_PROXY_GRPC_PORT")
+OWN_PORTS = (
+    "RAY_SERVE_HAPROXY_STATS_PORT",
+    "RAY_SERVE_HAPROXY_METRICS_PORT",
+    "RAY_SERVE_FALLBACK_PROXY_HTTP_PORT",
+    "RAY_SERVE_FALLBACK_PROXY_GRPC_PORT",
+)
 
 
 def ray_environment(host: str, run_dir: Path, haproxy_dir: Path) -> dict[str, str]:
@@ -74,7 +83,9 @@ def ray_environment(host: str, run_dir: Path, haproxy_dir: Path) -> dict[str, st
         settings["RAY_AUTH_MODE"] = os.environ.get("RAY_AUTH_MODE", "disabled")
         return settings
     if os.environ.get("RAY_AUTH_MODE", "token") != "token":
-        raise ValueError(f"--host {host} serves beyond loopback, which needs Ray's token authentication, but RAY_AUTH_MODE={os.environ['RAY_AUTH_MODE']}: unset it (or set token)")
+        raise ValueError(
+            f"--host {host} serves beyond loopback, which needs Ray's token authentication, but RAY_AUTH_MODE={os.environ['RAY_AUTH_MODE']}: unset it (or set token)"
+        )
     settings["RAY_AUTH_MODE"] = "token"
     if not (os.environ.get("RAY_AUTH_TOKEN") or os.environ.get("RAY_AUTH_TOKEN_PATH")):
         token = Path(run_dir).resolve() / "ray-auth-token"
@@ -127,9 +138,9 @@ def in_every_ray_worker() -> None:
         bind_loopback.loopback = True  # type: ignore[attr-defined]
         replica.add_port_to_grpc_server = bind_loopback
     # HAProxy's Prometheus and stats frontends: `bind :PORT` and `bind *:PORT` in its config template.
-    haproxy.HAPROXY_CONFIG_TEMPLATE = (haproxy.HAPROXY_CONFIG_TEMPLATE
-                                       .replace("bind :{{ config.metrics_port }}", "bind {{ config.frontend_host }}:{{ config.metrics_port }}")
-                                       .replace("bind *:{{ config.stats_port }}", "bind {{ config.frontend_host }}:{{ config.stats_port }}"))
+    haproxy.HAPROXY_CONFIG_TEMPLATE = haproxy.HAPROXY_CONFIG_TEMPLATE.replace(
+        "bind :{{ config.metrics_port }}", "bind {{ config.frontend_host }}:{{ config.metrics_port }}"
+    ).replace("bind *:{{ config.stats_port }}", "bind {{ config.frontend_host }}:{{ config.stats_port }}")
 
 
 def free_port(host: str = "127.0.0.1") -> int:
@@ -141,7 +152,9 @@ def free_port(host: str = "127.0.0.1") -> int:
 def check_port_free(host: str, port: int, what: str) -> None:
     problem = port_error(host, port)
     if problem:
-        raise ValueError(f"{what} port {port} on {host} is not available ({problem}): another `stepwise serve`? choose another port")
+        raise ValueError(
+            f"{what} port {port} on {host} is not available ({problem}): another `stepwise serve`? choose another port"
+        )
 
 
 def short_ray_dir(ray_dir: Path) -> Path:
@@ -157,8 +170,15 @@ def short_ray_dir(ray_dir: Path) -> Path:
     return short
 
 
-def start(args: ServeArgs, port: int = 8000, host: str = "127.0.0.1", run_dir: Path = Path("runs/serve"), ray_cpus: int = 2,
-          metrics_port: int | None = None, ready_timeout_s: float = 120.0) -> str:
+def start(
+    args: ServeArgs,
+    port: int = 8000,
+    host: str = "127.0.0.1",
+    run_dir: Path = Path("runs/serve"),
+    ray_cpus: int = 2,
+    metrics_port: int | None = None,
+    ready_timeout_s: float = 120.0,
+) -> str:
     """Start Ray (unless already up), Serve and the app in this process; return the base URL once /healthz
     answers. Metrics: http://127.0.0.1:<metrics_port>/metrics."""
     global _started_ray
@@ -184,8 +204,14 @@ def start(args: ServeArgs, port: int = 8000, host: str = "127.0.0.1", run_dir: P
 
     if starts_ray:
         ray_dir = short_ray_dir((Path(run_dir) / "ray").resolve())
-        ray.init(num_cpus=ray_cpus, include_dashboard=False, _temp_dir=str(ray_dir), _metrics_export_port=metrics_port, log_to_driver=False,
-                 runtime_env={"worker_process_setup_hook": f"{__name__}.in_every_ray_worker"})
+        ray.init(
+            num_cpus=ray_cpus,
+            include_dashboard=False,
+            _temp_dir=str(ray_dir),
+            _metrics_export_port=metrics_port,
+            log_to_driver=False,
+            runtime_env={"worker_process_setup_hook": f"{__name__}.in_every_ray_worker"},
+        )
         _started_ray = True
         if threading.current_thread() is threading.main_thread():
             # ray.init installs a SIGTERM handler that exits without shutting Serve down; from here on SIGTERM
@@ -193,8 +219,14 @@ def start(args: ServeArgs, port: int = 8000, host: str = "127.0.0.1", run_dir: P
             signal.signal(signal.SIGTERM, interrupt)
     # The proxy's own timeout is a backstop: the app answers 504 at request_timeout_s first, and a teacher fallback
     # gives up after its budget (the student's answer stands), so neither ever meets it.
-    http_options = {"host": host, "port": port, "request_timeout_s": args.limits.request_timeout_s + args.cascade.budget_s + 30}
-    serve.start(http_options=http_options, logging_config=LoggingConfig(encoding="JSON", enable_access_log=args.access_log))
+    http_options = {
+        "host": host,
+        "port": port,
+        "request_timeout_s": args.limits.request_timeout_s + args.cascade.budget_s + 30,
+    }
+    serve.start(
+        http_options=http_options, logging_config=LoggingConfig(encoding="JSON", enable_access_log=args.access_log)
+    )
     serve.run(app, name=APP_NAME, route_prefix="/")
     url = f"http://{'127.0.0.1' if host in ('0.0.0.0', '::') else host}:{port}"
     wait_ready(url, ready_timeout_s)

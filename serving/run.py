@@ -1,7 +1,7 @@
 """`stepwise serve`: exported students over HTTP on Ray Serve until Ctrl-C or SIGTERM.
 
-    stepwise serve --model runs/export-esnli                       # one student, model id = its task name
-    stepwise serve --model runs/export-esnli cqa=runs/export-cqa   # several; requests choose by model id
+stepwise serve --model runs/export-esnli                       # one student, model id = its task name
+stepwise serve --model runs/export-esnli cqa=runs/export-cqa   # several; requests choose by model id
 """
 
 from __future__ import annotations
@@ -58,11 +58,24 @@ def main(
         metrics_port: Prometheus metrics at http://127.0.0.1:PORT/metrics
         run_dir: Ray's temporary folder and logs (ray/session_latest/logs/serve/ holds the JSON logs)
     """
-    args = ServeArgs(models=parse_models(model), batching=batching, limits=limits, overload=overload, scaling=scaling, cascade=cascade,
-                     access_log=access_log, allow_unverified=allow_unverified)
+    args = ServeArgs(
+        models=parse_models(model),
+        batching=batching,
+        limits=limits,
+        overload=overload,
+        scaling=scaling,
+        cascade=cascade,
+        access_log=access_log,
+        allow_unverified=allow_unverified,
+    )
     try:
-        url = lifecycle.start(args, port=port, host=host, run_dir=run_dir, ray_cpus=ray_cpus, metrics_port=metrics_port)  # SIGTERM: as Ctrl-C
-        print(f"[serve] {url}/v1/predict  docs {url}/docs  metrics http://127.0.0.1:{metrics_port}/metrics  logs {run_dir.resolve()}/ray/session_latest/logs/serve  (Ctrl-C stops)", flush=True)
+        url = lifecycle.start(
+            args, port=port, host=host, run_dir=run_dir, ray_cpus=ray_cpus, metrics_port=metrics_port
+        )  # SIGTERM: as Ctrl-C
+        print(
+            f"[serve] {url}/v1/predict  docs {url}/docs  metrics http://127.0.0.1:{metrics_port}/metrics  logs {run_dir.resolve()}/ray/session_latest/logs/serve  (Ctrl-C stops)",
+            flush=True,
+        )
         while True:
             time.sleep(3600)
     except KeyboardInterrupt:

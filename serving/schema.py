@@ -29,12 +29,20 @@ class ErrorBody(BaseModel):
 
 class PredictionOut(BaseModel):
     label: str
-    probability: float | None = Field(None, description="the student's probability of the label, normalised over the candidates (closed label sets)")
-    margin: float | None = Field(None, description="the student's label probability minus the runner-up's (closed label sets): how sure it is")
-    scores: dict[str, float] | None = Field(None, description='every candidate\'s probability, with "scores": true (closed label sets)')
+    probability: float | None = Field(
+        None, description="the student's probability of the label, normalised over the candidates (closed label sets)"
+    )
+    margin: float | None = Field(
+        None, description="the student's label probability minus the runner-up's (closed label sets): how sure it is"
+    )
+    scores: dict[str, float] | None = Field(
+        None, description='every candidate\'s probability, with "scores": true (closed label sets)'
+    )
     log_prob: float | None = Field(None, description="the generated label's sequence log-probability (open labels)")
     rationale: str | None = Field(None, description='with "explain": true, or the teacher\'s when it answered')
-    source: Literal["student", "teacher"] = Field("student", description="who answered: the teacher when the student's margin was below --fallback-margin")
+    source: Literal["student", "teacher"] = Field(
+        "student", description="who answered: the teacher when the student's margin was below --fallback-margin"
+    )
     fallback_error: str | None = Field(None, description="why the teacher's answer was not used (the student's stands)")
 
 
@@ -50,7 +58,9 @@ class ModelInfo(BaseModel):
     answer_style: str
     labels: list[str]
     version: str | None = Field(description="known once loaded on the replica that answered")
-    loaded: bool = Field(description="on the replica that answered (a replica keeps a few models, least recently used dropped)")
+    loaded: bool = Field(
+        description="on the replica that answered (a replica keeps a few models, least recently used dropped)"
+    )
 
 
 class Health(BaseModel):
@@ -67,7 +77,9 @@ ERRORS = {
     503: "overloaded: retry after the Retry-After header's seconds (answered by Serve's proxy)",
     504: "still decoding after the server's request timeout",
 }
-PREDICT_RESPONSES: dict[int | str, dict[str, Any]] = {status: {"model": ErrorBody, "description": text} for status, text in ERRORS.items()}
+PREDICT_RESPONSES: dict[int | str, dict[str, Any]] = {
+    status: {"model": ErrorBody, "description": text} for status, text in ERRORS.items()
+}
 
 
 # ---------------------------------------------------------------- the request, built per app
@@ -97,7 +109,9 @@ def predict_request_model(limits: Limits, served: dict[str, tasks.Task]) -> type
     choice = Annotated[str, StringConstraints(min_length=1, max_length=limits.max_choice_chars, pattern=NOT_BLANK)]
     choices = Annotated[list[choice], Field(min_length=1, max_length=limits.max_choices)]
     strict = ConfigDict(extra="forbid")
-    field_sets = list({tuple(tasks.input_fields(t)): None for t in served.values() if tasks.input_fields(t) != ["input"]})
+    field_sets = list(
+        {tuple(tasks.input_fields(t)): None for t in served.values() if tasks.input_fields(t) != ["input"]}
+    )
     shapes: list[Any] = [Annotated[text, Tag("string")]]
     for fields in field_sets:
         model = create_model("".join(f.title() for f in fields), __config__=strict, **{f: (text, ...) for f in fields})
@@ -111,14 +125,25 @@ def predict_request_model(limits: Limits, served: dict[str, tasks.Task]) -> type
     sets = [list(fields) for fields in field_sets]
     item = Annotated[Union[tuple(shapes)], Discriminator(lambda value: input_shape(value, sets))]
     many = Annotated[list[item], Field(min_length=1, max_length=limits.max_items)]
-    inputs = Annotated[Union[Annotated[item, Tag("one")], Annotated[many, Tag("many")]], Discriminator(lambda v: "many" if isinstance(v, list) else "one")]
+    inputs = Annotated[
+        Union[Annotated[item, Tag("one")], Annotated[many, Tag("many")]],
+        Discriminator(lambda v: "many" if isinstance(v, list) else "one"),
+    ]
     model_ids = Literal[tuple(served)] | None  # type: ignore[valid-type]
     forms = ", ".join(["text"] + ["{" + ", ".join(fields) + "}" for fields in sets] + ["{input[, choices]}"])
     return create_model(
         "PredictRequest",
-        __config__=ConfigDict(extra="forbid", json_schema_extra={"examples": [{"inputs": example_input(next(iter(served.values())))}]}),
+        __config__=ConfigDict(
+            extra="forbid", json_schema_extra={"examples": [{"inputs": example_input(next(iter(served.values())))}]}
+        ),
         inputs=(inputs, Field(description=f"one input or a list: {forms}")),
-        model=(model_ids, Field(None, description=f"model id (see /v1/models), or the {MODEL_HEADER} header; may be left out when one model is served")),
+        model=(
+            model_ids,
+            Field(
+                None,
+                description=f"model id (see /v1/models), or the {MODEL_HEADER} header; may be left out when one model is served",
+            ),
+        ),
         explain=(bool, Field(False, strict=True, description="also generate each input's rationale (slower)")),
         scores=(bool, Field(False, strict=True, description="also return every candidate label's probability")),
     )
@@ -145,7 +170,10 @@ def describe_problems(problems: list[dict[str, Any]], limits: Limits) -> tuple[i
     404 for an unknown model, 413 for what is over a limit, else 422."""
     invalid_json = next((p for p in problems if p["type"] == "json_invalid"), None)
     if invalid_json:
-        return 400, f"malformed JSON: {invalid_json.get('ctx', {}).get('error', 'cannot parse the body')} (at character {invalid_json['loc'][-1]})"
+        return (
+            400,
+            f"malformed JSON: {invalid_json.get('ctx', {}).get('error', 'cannot parse the body')} (at character {invalid_json['loc'][-1]})",
+        )
     statuses, messages = [], []
     for problem in problems:
         status, message = describe(problem, limits)
@@ -156,10 +184,16 @@ def describe_problems(problems: list[dict[str, Any]], limits: Limits) -> tuple[i
 
 
 def describe(problem: dict[str, Any], limits: Limits) -> tuple[int, str]:
-    path = [str(part) for part in problem["loc"][1:] if isinstance(part, int) or not (part in TAGS or part.startswith("fields_"))]
+    path = [
+        str(part)
+        for part in problem["loc"][1:]
+        if isinstance(part, int) or not (part in TAGS or part.startswith("fields_"))
+    ]
     field, kind, value = ".".join(path), problem["type"], problem.get("input")
     if not field:
-        return 422, "body: expected a JSON object with 'inputs'" + (" (the request has no body)" if kind == "missing" else "")
+        return 422, "body: expected a JSON object with 'inputs'" + (
+            " (the request has no body)" if kind == "missing" else ""
+        )
     if path[0] in ("model", MODEL_HEADER) and kind == "literal_error":
         return 404, f"model {value!r} is not served; models: {problem['ctx']['expected']}"
     in_choices = "choices" in path[:-1] or path[-1] == "choices"
@@ -181,7 +215,10 @@ def describe(problem: dict[str, Any], limits: Limits) -> tuple[int, str]:
         return 422, f"{field}: empty list"
     if kind == "union_tag_invalid":
         keys = ", ".join(sorted(value)) if isinstance(value, dict) else type(value).__name__
-        return 422, f"{field}: an object with {keys} is not an input form these models take ({problem['ctx']['expected_tags']})"
+        return (
+            422,
+            f"{field}: an object with {keys} is not an input form these models take ({problem['ctx']['expected_tags']})",
+        )
     if kind == "string_type" and (path == ["inputs"] or (len(path) == 2 and path[1].isdigit())):
         return 422, f"{field}: expected a string, an object or a list of them, got {type(value).__name__}"
     return 422, f"{field}: {problem['msg']}"
@@ -206,5 +243,8 @@ def to_example(item: Any, task: tasks.Task, where: str) -> tasks.Example:
     if task.answer_style == "choice" and not choices:
         raise HTTPException(422, f"{where}: this model answers multiple-choice questions ({task.name}): give 'choices'")
     if task.answer_style != "choice" and choices:
-        raise HTTPException(422, f"{where}.choices: this model's labels are fixed ({task.name}: {', '.join(task.labels) or 'free text'}); drop 'choices'")
+        raise HTTPException(
+            422,
+            f"{where}.choices: this model's labels are fixed ({task.name}: {', '.join(task.labels) or 'free text'}); drop 'choices'",
+        )
     return tasks.Example(id=where, input=tasks.cqa_input(text, choices) if choices else text, label="", choices=choices)

@@ -31,7 +31,9 @@ class Batching:
     def __post_init__(self) -> None:
         _at_least(self, max_batch_size=1, max_ongoing_requests=1, batch_wait_timeout_s=0)
         if self.max_ongoing_requests < self.max_batch_size:
-            raise ValueError(f"max_ongoing_requests ({self.max_ongoing_requests}) must be at least max_batch_size ({self.max_batch_size}), or batches never fill")
+            raise ValueError(
+                f"max_ongoing_requests ({self.max_ongoing_requests}) must be at least max_batch_size ({self.max_batch_size}), or batches never fill"
+            )
 
 
 @dataclass(frozen=True)
@@ -57,11 +59,21 @@ class Limits:
     request_timeout_s: float = 10.0
 
     def __post_init__(self) -> None:
-        _at_least(self, max_body_bytes=1, max_items=1, max_input_chars=1, max_choices=1, max_choice_chars=1, max_choice_tokens=1)
+        _at_least(
+            self,
+            max_body_bytes=1,
+            max_items=1,
+            max_input_chars=1,
+            max_choices=1,
+            max_choice_chars=1,
+            max_choice_tokens=1,
+        )
         if self.request_timeout_s <= 0:
             raise ValueError(f"request_timeout_s must be positive, got {self.request_timeout_s}")
         if self.max_choices > MAX_CHOICES:
-            raise ValueError(f"max_choices must be at most {MAX_CHOICES} (choices are lettered a-z), got {self.max_choices}")
+            raise ValueError(
+                f"max_choices must be at most {MAX_CHOICES} (choices are lettered a-z), got {self.max_choices}"
+            )
 
 
 @dataclass(frozen=True)
@@ -152,8 +164,12 @@ class Fallback:
 
     def client(self) -> OpenAIClient:
         """The extraction stage's client options for this teacher."""
-        return OpenAIClient(base_url=self.fallback, timeout=self.fallback_timeout_s, retries=self.fallback_retries,
-                            concurrency=self.fallback_concurrency)
+        return OpenAIClient(
+            base_url=self.fallback,
+            timeout=self.fallback_timeout_s,
+            retries=self.fallback_retries,
+            concurrency=self.fallback_concurrency,
+        )
 
     @property
     def budget_s(self) -> float:
@@ -195,7 +211,9 @@ class ServeArgs:
             if isinstance(given, dict):
                 fields = {f.name for f in dataclasses.fields(group)}
                 if set(given) - fields:
-                    raise ValueError(f"unknown {name} settings: {', '.join(sorted(set(given) - fields))} (known: {', '.join(sorted(fields))})")
+                    raise ValueError(
+                        f"unknown {name} settings: {', '.join(sorted(set(given) - fields))} (known: {', '.join(sorted(fields))})"
+                    )
                 values[name] = group(**given)
         return cls(**values)
 

@@ -44,6 +44,7 @@ BENCHMARKS: dict[str, tuple[str, str]] = {
     "training-grid": ("benchmarks.training_grid", "student"),
     "training-scale": ("benchmarks.training_scale", "student"),
     "training-memory": ("benchmarks.training_memory", "student"),
+    "cascade": ("benchmarks.cascade", "student"),
     "gpu-train-check": ("benchmarks.gpu_train_check", "student"),
 }
 CHECKOUT_PACKAGE = "benchmarks"

@@ -4,10 +4,7 @@ and the errors it gives for bad input."""
 from __future__ import annotations
 
 import json
-import os
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -18,14 +15,7 @@ from stepwise.export.run import ParityOptions
 from stepwise.export.run import main as export_main
 from stepwise.export.runtime import configured_providers, load_runtime, predict
 
-ROOT = Path(__file__).resolve().parents[2]
-
-
-def run_cli(*args: str) -> subprocess.CompletedProcess:
-    env = dict(os.environ, OMP_NUM_THREADS="1", ORT_DISABLE_TELEMETRY="1", PYTHONPATH=str(ROOT))
-    return subprocess.run(
-        [sys.executable, "-m", "stepwise", "export", *args], cwd=ROOT, env=env, capture_output=True, text=True
-    )
+from helpers import stepwise
 
 
 def test_export_folder_is_self_contained(tiny_export_dir, tmp_path):
@@ -100,7 +90,18 @@ def test_overwrite_never_deletes_the_model_or_a_foreign_folder(tiny_student_dir,
 @pytest.mark.slow
 def test_cli_int8_export_reports_accuracy_delta(tiny_student_dir, tiny_export_dir, tmp_path):
     out = tmp_path / "int8"
-    done = run_cli("--model", str(tiny_student_dir), "--out", str(out), "--quantize", "int8", "--parity-limit", "32")
+    done = stepwise(
+        "export",
+        "--model",
+        str(tiny_student_dir),
+        "--out",
+        str(out),
+        "--quantize",
+        "int8",
+        "--parity-limit",
+        "32",
+        check=False,
+    )
     assert done.returncode == 0, done.stderr[-2000:]
     assert "accuracy" in done.stdout and "delta" in done.stdout
     config = json.loads((out / "export_config.json").read_text())
@@ -118,8 +119,17 @@ def test_cli_int8_export_reports_accuracy_delta(tiny_student_dir, tiny_export_di
 @pytest.mark.slow
 def test_cli_fails_loudly_when_parity_fails(tiny_student_dir, tmp_path):
     out = tmp_path / "strict"
-    done = run_cli(
-        "--model", str(tiny_student_dir), "--out", str(out), "--parity-limit", "16", "--max-logit-diff", "1e-12"
+    done = stepwise(
+        "export",
+        "--model",
+        str(tiny_student_dir),
+        "--out",
+        str(out),
+        "--parity-limit",
+        "16",
+        "--max-logit-diff",
+        "1e-12",
+        check=False,
     )
     assert done.returncode == 1
     assert (

@@ -3,18 +3,13 @@
 from __future__ import annotations
 
 import json
-import socket
 
 import pytest
 
 from stepwise import cli, tasks
 from stepwise.extraction import read_records
 
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from helpers import free_port
 
 
 @pytest.fixture

@@ -13,13 +13,15 @@ import pytest
 
 from stepwise import envs
 
-ROOT = Path(__file__).resolve().parents[2]
+from helpers import ROOT
 
 
 def teacher_python() -> Path:
     python = envs.venv_python("teacher")
     if not python.exists():
-        pytest.skip(f"no teacher environment at {python.parent.parent} (vLLM runs there): `python3 -m stepwise setup` builds it")
+        pytest.skip(
+            f"no teacher environment at {python.parent.parent} (vLLM runs there): `python3 -m stepwise setup` builds it"
+        )
     return python
 
 
@@ -27,7 +29,12 @@ def teacher_python() -> Path:
 def tiny_teacher_model(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("tiny-teacher")
     env = os.environ | {"PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
-    built = subprocess.run([str(teacher_python()), "-m", "stepwise.extraction.tiny_teacher", str(out)], env=env, capture_output=True, text=True)
+    built = subprocess.run(
+        [str(teacher_python()), "-m", "stepwise.extraction.tiny_teacher", str(out)],
+        env=env,
+        capture_output=True,
+        text=True,
+    )
     assert built.returncode == 0, built.stderr[-3000:]
     return out
 
@@ -35,7 +42,9 @@ def tiny_teacher_model(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def teacher_url(tiny_teacher_model, start_vllm_server, tmp_path_factory) -> str:
     """Base URL of a vLLM OpenAI server on loopback serving the tiny teacher as model "tiny"."""
-    with start_vllm_server(tiny_teacher_model, tmp_path_factory.mktemp("teacher-server"), python=teacher_python()) as url:
+    with start_vllm_server(
+        tiny_teacher_model, tmp_path_factory.mktemp("teacher-server"), python=teacher_python()
+    ) as url:
         yield url
 
 
@@ -49,8 +58,13 @@ def trained_export_dir(tmp_path_factory) -> Path:
     from stepwise.training import train
 
     folder = tmp_path_factory.mktemp("trained-student")
-    student = train.main(task="esnli", out=folder / "student", mode="standard-finetune", vocab_size=1000,
-                         data=train.DataOptions(max_input_length=128, max_target_length=16),
-                         optim=train.OptimOptions(learning_rate=1e-3, batch_size=32, max_steps=60),
-                         evaluation=train.EvalOptions(eval_every=60, eval_limit=32))
+    student = train.main(
+        task="esnli",
+        out=folder / "student",
+        mode="standard-finetune",
+        vocab_size=1000,
+        data=train.DataOptions(max_input_length=128, max_target_length=16),
+        optim=train.OptimOptions(learning_rate=1e-3, batch_size=32, max_steps=60),
+        evaluation=train.EvalOptions(eval_every=60, eval_limit=32),
+    )
     return export_main(model=student, out=folder / "export", parity=ParityOptions(parity_limit=16))

@@ -50,10 +50,14 @@ def test_the_curve_against_the_shipped_palm_answers(trained_export_dir, student,
     margins = [r["margin_below"] for r in rows[1:]]
     assert margins == sorted(margins)
     saved = read_calls(out)
-    assert [c["id"] for c in saved] == [examples[i].id for i in sorted(range(LIMIT), key=lambda i: student["margins"][i])]
+    assert [c["id"] for c in saved] == [
+        examples[i].id for i in sorted(range(LIMIT), key=lambda i: student["margins"][i])
+    ]
     assert [c["margin"] for c in saved] == sorted(c["margin"] for c in saved)
     assert [c["margin"] for c in saved] == pytest.approx(sorted(student["margins"]), abs=1e-6)
-    assert {c["id"]: c["teacher"] for c in saved} == {e.id: p.label if p.status == "ok" else None for e, p in zip(examples, palm)}
+    assert {c["id"]: c["teacher"] for c in saved} == {
+        e.id: p.label if p.status == "ok" else None for e, p in zip(examples, palm)
+    }
     assert result["teacher_per_1k"] is None and rows[-1]["seconds_per_1k"] is None  # no --teacher-cost
     assert "| 100% | 60 |" in (out / "cascade.md").read_text()
 
@@ -71,7 +75,14 @@ def test_an_extraction_folder_as_the_teacher(trained_export_dir, student, tmp_pa
     assert sum(c["teacher"] is not None for c in read_calls(out)) == len(answers)
     # A replay run generated nothing, so it has no cost to report.
     with pytest.raises(ValueError, match="records no teacher generation"):
-        cascade.main(model=trained_export_dir, split="test", teacher=teacher, teacher_cost=teacher, limit=LIMIT, out=tmp_path / "cost")
+        cascade.main(
+            model=trained_export_dir,
+            split="test",
+            teacher=teacher,
+            teacher_cost=teacher,
+            limit=LIMIT,
+            out=tmp_path / "cost",
+        )
     # Answers for another split are refused, not silently matched to nothing.
     valid = extraction.main(task="esnli", split="valid", teacher="replay", limit=5, out=tmp_path / "valid")
     with pytest.raises(ValueError, match="answers for esnli/valid, not esnli/test"):
@@ -85,8 +96,10 @@ def test_open_labels_are_refused(trained_export_dir, tmp_path, monkeypatch, caps
     monkeypatch.setenv("STEPWISE_INPROCESS", "1")
     with pytest.raises(SystemExit) as refused:
         cli.main(["cascade", "--model", str(svamp), "--limit", "5", "--out", str(tmp_path / "out")])
-    assert str(refused.value) == ("stepwise cascade: error: task 'svamp' has open labels: the cascade ranks by the margin between "
-                               "candidate labels, which needs a closed label set")
+    assert str(refused.value) == (
+        "stepwise cascade: error: task 'svamp' has open labels: the cascade ranks by the margin between "
+        "candidate labels, which needs a closed label set"
+    )
     assert not (tmp_path / "out").exists()
 
 
@@ -94,9 +107,24 @@ def test_open_labels_are_refused(trained_export_dir, tmp_path, monkeypatch, caps
 def test_cost_per_1k_from_a_real_teacher_run(trained_export_dir, teacher_url, tmp_path):
     # The tiny teacher on vLLM answers 16 test inputs through `stepwise extract --teacher openai`; its manifest's time
     # and tokens price the teacher's share of every point of the curve.
-    teacher = extraction.main(task="esnli", split="test", teacher="openai", model="tiny", limit=16, out=tmp_path / "teacher",
-                              sampling=Sampling(max_tokens=48), client=OpenAIClient(base_url=teacher_url, concurrency=4, retries=1))
-    out = cascade.main(model=trained_export_dir, split="test", teacher=teacher, teacher_cost=teacher, limit=16, out=tmp_path / "cascade")
+    teacher = extraction.main(
+        task="esnli",
+        split="test",
+        teacher="openai",
+        model="tiny",
+        limit=16,
+        out=tmp_path / "teacher",
+        sampling=Sampling(max_tokens=48),
+        client=OpenAIClient(base_url=teacher_url, concurrency=4, retries=1),
+    )
+    out = cascade.main(
+        model=trained_export_dir,
+        split="test",
+        teacher=teacher,
+        teacher_cost=teacher,
+        limit=16,
+        out=tmp_path / "cascade",
+    )
     result = json.loads((out / "cascade.json").read_text())
     run = artifacts.read_manifest(teacher)["last_run"]
     per_1k = result["teacher_per_1k"]
@@ -104,5 +132,7 @@ def test_cost_per_1k_from_a_real_teacher_run(trained_export_dir, teacher_url, tm
     assert per_1k["tokens"] == pytest.approx(1000 * (run["this_run"]["tokens_in"] + run["this_run"]["tokens_out"]) / 16)
     assert per_1k["tokens"] > 1000 * 300  # the few-shot prompt alone is hundreds of tokens
     for row in result["rows"]:
-        assert row["seconds_per_1k"] == pytest.approx(result["student_seconds_per_1k"] + row["fraction"] * per_1k["seconds"], abs=0.011)
+        assert row["seconds_per_1k"] == pytest.approx(
+            result["student_seconds_per_1k"] + row["fraction"] * per_1k["seconds"], abs=0.011
+        )
         assert row["teacher_tokens_per_1k"] == round(row["fraction"] * per_1k["tokens"])

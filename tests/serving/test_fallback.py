@@ -44,7 +44,10 @@ class Misbehaving(BaseHTTPRequestHandler):
         "not-json": (200, "hello"),
         "no-choices": (200, json.dumps({"object": "text_completion"})),
         "empty-choices": (200, json.dumps({"choices": []})),
-        "no-answer": (200, json.dumps({"choices": [{"index": 0, "text": " The sky is blue because of Rayleigh scattering."}]})),
+        "no-answer": (
+            200,
+            json.dumps({"choices": [{"index": 0, "text": " The sky is blue because of Rayleigh scattering."}]}),
+        ),
         "wrong-label": (200, json.dumps({"choices": [{"index": 0, "text": " A man is a person.\nAnswer: maybe"}]})),
         "refused": (400, json.dumps({"error": "unknown model"})),
     }
@@ -75,16 +78,25 @@ def misbehaving_teacher() -> str:
 STUDENT = Prediction("neutral", None, 0.40, 0.05, {"entailment": 0.35, "neutral": 0.40, "contradiction": 0.25})
 
 
-@pytest.mark.parametrize("path, reason", [
-    ("not-json", "teacher failed: not a completion response (JSONDecodeError"),
-    ("no-choices", "teacher failed: not a completion response (KeyError"),
-    ("empty-choices", "teacher's answer unreadable: empty completion"),
-    ("no-answer", "teacher's answer unreadable: no answer sentence"),
-    ("wrong-label", "teacher's answer unreadable: label is not one of entailment/neutral/contradiction: 'maybe'"),
-    ("refused", "teacher failed: server error: HTTP 400"),
-])
+@pytest.mark.parametrize(
+    "path, reason",
+    [
+        ("not-json", "teacher failed: not a completion response (JSONDecodeError"),
+        ("no-choices", "teacher failed: not a completion response (KeyError"),
+        ("empty-choices", "teacher's answer unreadable: empty completion"),
+        ("no-answer", "teacher's answer unreadable: no answer sentence"),
+        ("wrong-label", "teacher's answer unreadable: label is not one of entailment/neutral/contradiction: 'maybe'"),
+        ("refused", "teacher failed: server error: HTTP 400"),
+    ],
+)
 def test_a_teacher_that_misbehaves_leaves_the_students_answer(misbehaving_teacher, path, reason):
-    settings = Fallback(fallback=f"{misbehaving_teacher}/{path}", fallback_margin=0.5, fallback_model="m", fallback_retries=0, fallback_timeout_s=5)
+    settings = Fallback(
+        fallback=f"{misbehaving_teacher}/{path}",
+        fallback_margin=0.5,
+        fallback_model="m",
+        fallback_retries=0,
+        fallback_timeout_s=5,
+    )
     example = tasks.load_split(ESNLI, "test")[0]
 
     async def ask() -> fallback.Outcome:
@@ -96,7 +108,13 @@ def test_a_teacher_that_misbehaves_leaves_the_students_answer(misbehaving_teache
 
 
 def test_a_failed_teacher_is_skipped_for_the_cooldown_then_asked_again(misbehaving_teacher):
-    settings = Fallback(fallback=f"{misbehaving_teacher}/refused", fallback_margin=0.5, fallback_model="m", fallback_retries=0, fallback_cooldown_s=0.5)
+    settings = Fallback(
+        fallback=f"{misbehaving_teacher}/refused",
+        fallback_margin=0.5,
+        fallback_model="m",
+        fallback_retries=0,
+        fallback_cooldown_s=0.5,
+    )
     example = tasks.load_split(ESNLI, "test")[0]
 
     async def ask_three_times() -> list[fallback.Outcome]:
@@ -110,7 +128,9 @@ def test_a_failed_teacher_is_skipped_for_the_cooldown_then_asked_again(misbehavi
     assert second.error.startswith("teacher skipped for 0.") and "it failed (server error: HTTP 400" in second.error
     assert second.seconds == 0 and {o.source for o in (first, second, third)} == {"student"}
     # Unreadable answers say nothing about the teacher being down: they never start a cooldown.
-    unreadable = Fallback(fallback=f"{misbehaving_teacher}/no-answer", fallback_margin=0.5, fallback_model="m", fallback_cooldown_s=60)
+    unreadable = Fallback(
+        fallback=f"{misbehaving_teacher}/no-answer", fallback_margin=0.5, fallback_model="m", fallback_cooldown_s=60
+    )
 
     async def ask_twice() -> list[fallback.Outcome]:
         teacher = fallback.prepare(unreadable, ESNLI)
@@ -122,18 +142,24 @@ def test_a_failed_teacher_is_skipped_for_the_cooldown_then_asked_again(misbehavi
 def test_unreadable_few_shot_data_is_refused_before_serving(trained_export_dir, tmp_path, monkeypatch):
     monkeypatch.setenv("STEPWISE_DATASETS", str(tmp_path / "nowhere"))
     cascade = Fallback(fallback="http://127.0.0.1:9", fallback_margin=0.5, fallback_model="m")
-    with pytest.raises(ValueError, match="few-shot prompt from the train split of task 'esnli', which cannot be read here: dataset file missing"):
+    with pytest.raises(
+        ValueError,
+        match="few-shot prompt from the train split of task 'esnli', which cannot be read here: dataset file missing",
+    ):
         app.build_app(ServeArgs(models={"esnli": str(trained_export_dir)}, cascade=cascade))
 
 
-@pytest.mark.parametrize("fields, message", [
-    ({"fallback": "127.0.0.1:8000", "fallback_model": "m"}, "must be an http"),
-    ({"fallback": "http://127.0.0.1:8000"}, "needs --fallback-model"),
-    ({"fallback_margin": 1.5}, r"in \[0, 1\]"),
-    ({"fallback_timeout_s": 0}, "must be positive"),
-    ({"fallback_concurrency": 0}, "at least 1"),
-    ({"fallback_cooldown_s": -1}, "at least 0"),
-])
+@pytest.mark.parametrize(
+    "fields, message",
+    [
+        ({"fallback": "127.0.0.1:8000", "fallback_model": "m"}, "must be an http"),
+        ({"fallback": "http://127.0.0.1:8000"}, "needs --fallback-model"),
+        ({"fallback_margin": 1.5}, r"in \[0, 1\]"),
+        ({"fallback_timeout_s": 0}, "must be positive"),
+        ({"fallback_concurrency": 0}, "at least 1"),
+        ({"fallback_cooldown_s": -1}, "at least 0"),
+    ],
+)
 def test_bad_fallback_settings_are_refused(fields, message):
     with pytest.raises(ValueError, match=message):
         Fallback(**fields)
@@ -142,7 +168,9 @@ def test_bad_fallback_settings_are_refused(fields, message):
 def test_the_fallback_budget_bounds_every_attempt_and_backoff():
     assert Fallback().budget_s == 0.0  # no teacher, no wait
     # 2 attempts of 2 s, one backoff of at most 1.5 x 0.5 s, a second of slack
-    assert Fallback(fallback="http://t", fallback_model="m", fallback_timeout_s=2, fallback_retries=1).budget_s == pytest.approx(5.75)
+    assert Fallback(
+        fallback="http://t", fallback_model="m", fallback_timeout_s=2, fallback_retries=1
+    ).budget_s == pytest.approx(5.75)
 
 
 # ---------------------------------------------------------------- the served cascade (Ray Serve, a real vLLM teacher)
@@ -158,8 +186,13 @@ def offline(trained_export_dir) -> SimpleNamespace:
     margins = sorted(p.margin for p in predictions)
     below = max(range(4, 9), key=lambda k: margins[k] - margins[k - 1])
     assert margins[below] - margins[below - 1] > 1e-3, margins
-    return SimpleNamespace(examples=examples, predictions=predictions, threshold=(margins[below - 1] + margins[below]) / 2, sent=below,
-                           rationales=[p.rationale for p in predict(runtime, examples, explain=True)])
+    return SimpleNamespace(
+        examples=examples,
+        predictions=predictions,
+        threshold=(margins[below - 1] + margins[below]) / 2,
+        sent=below,
+        rationales=[p.rationale for p in predict(runtime, examples, explain=True)],
+    )
 
 
 @pytest.fixture(scope="module")
@@ -172,7 +205,13 @@ def silent_teacher() -> str:
     listener.close()
 
 
-DEAD = Fallback(fallback=f"http://127.0.0.1:{lifecycle.free_port()}", fallback_margin=1.0, fallback_model="tiny", fallback_timeout_s=2, fallback_retries=1)
+DEAD = Fallback(
+    fallback=f"http://127.0.0.1:{lifecycle.free_port()}",
+    fallback_margin=1.0,
+    fallback_model="tiny",
+    fallback_timeout_s=2,
+    fallback_retries=1,
+)
 
 
 @pytest.fixture(scope="module")
@@ -183,13 +222,33 @@ def served(trained_export_dir, teacher_url, silent_teacher, offline, tmp_path_fa
     run = tmp_path_factory.mktemp("serve-cascade")
     metrics_port = lifecycle.free_port()
     models = {"esnli": str(trained_export_dir)}
-    teacher = Fallback(fallback=teacher_url, fallback_margin=offline.threshold, fallback_model="tiny", fallback_max_tokens=TEACHER_TOKENS,
-                       fallback_timeout_s=120, fallback_retries=0)
-    url = lifecycle.start(ServeArgs(models=models, scaling=SMALL, cascade=teacher), port=lifecycle.free_port(), run_dir=run, metrics_port=metrics_port)
+    teacher = Fallback(
+        fallback=teacher_url,
+        fallback_margin=offline.threshold,
+        fallback_model="tiny",
+        fallback_max_tokens=TEACHER_TOKENS,
+        fallback_timeout_s=120,
+        fallback_retries=0,
+    )
+    url = lifecycle.start(
+        ServeArgs(models=models, scaling=SMALL, cascade=teacher),
+        port=lifecycle.free_port(),
+        run_dir=run,
+        metrics_port=metrics_port,
+    )
     serve.run(app.build_app(ServeArgs(models=models, scaling=SMALL, cascade=DEAD)), name="dead", route_prefix="/dead")
-    silent = Fallback(fallback=silent_teacher, fallback_margin=1.0, fallback_model="tiny", fallback_timeout_s=1, fallback_retries=1, fallback_concurrency=1,
-                      fallback_cooldown_s=0)
-    serve.run(app.build_app(ServeArgs(models=models, scaling=SMALL, cascade=silent)), name="silent", route_prefix="/silent")
+    silent = Fallback(
+        fallback=silent_teacher,
+        fallback_margin=1.0,
+        fallback_model="tiny",
+        fallback_timeout_s=1,
+        fallback_retries=1,
+        fallback_concurrency=1,
+        fallback_cooldown_s=0,
+    )
+    serve.run(
+        app.build_app(ServeArgs(models=models, scaling=SMALL, cascade=silent)), name="silent", route_prefix="/silent"
+    )
     yield SimpleNamespace(url=url, metrics=f"http://127.0.0.1:{metrics_port}/metrics", silent=silent)
     lifecycle.stop()
 
@@ -197,8 +256,14 @@ def served(trained_export_dir, teacher_url, silent_teacher, offline, tmp_path_fa
 def teacher_says(teacher_url: str, example: tasks.Example) -> tasks.Parsed:
     """The teacher's greedy answer to `example`, asked directly: the task's few-shot prompt, constrained to its answer form."""
     prompt = tasks.few_shot_prompt(ESNLI, tasks.exemplars(ESNLI, tasks.load_split(ESNLI, "train")), example)
-    body = {"model": "tiny", "prompt": prompt, "max_tokens": TEACHER_TOKENS, "temperature": 0, "stop": tasks.stop_strings(ESNLI),
-            "structured_outputs": {"regex": answer_regex(ESNLI, example)}}
+    body = {
+        "model": "tiny",
+        "prompt": prompt,
+        "max_tokens": TEACHER_TOKENS,
+        "temperature": 0,
+        "stop": tasks.stop_strings(ESNLI),
+        "structured_outputs": {"regex": answer_regex(ESNLI, example)},
+    }
     completion = httpx.post(f"{teacher_url}/v1/completions", json=body, timeout=120).json()["choices"][0]["text"]
     return tasks.parse_completion(ESNLI, completion)
 
@@ -212,8 +277,13 @@ def test_unsure_predictions_are_answered_by_the_teacher(served, offline, teacher
         # The student's scores stay: they are why it asked (or not).
         assert answer["margin"] == pytest.approx(student.margin, abs=1e-5)
         if student.margin >= offline.threshold:
-            assert answer == {"label": student.label, "probability": pytest.approx(student.probability, abs=1e-5), "margin": answer["margin"],
-                              "log_prob": pytest.approx(student.log_prob, abs=1e-4), "source": "student"}
+            assert answer == {
+                "label": student.label,
+                "probability": pytest.approx(student.probability, abs=1e-5),
+                "margin": answer["margin"],
+                "log_prob": pytest.approx(student.log_prob, abs=1e-4),
+                "source": "student",
+            }
             continue
         sent += 1
         assert answer["source"] == "teacher" and "fallback_error" not in answer, answer
@@ -230,7 +300,9 @@ def test_unsure_predictions_are_answered_by_the_teacher(served, offline, teacher
 @pytest.mark.slow
 def test_a_list_with_explain_and_scores_mixes_both_sources(served, offline):
     inputs = [premise_hypothesis(e) for e in offline.examples]
-    body = httpx.post(f"{served.url}/v1/predict", json={"inputs": inputs, "explain": True, "scores": True}, timeout=300).json()
+    body = httpx.post(
+        f"{served.url}/v1/predict", json={"inputs": inputs, "explain": True, "scores": True}, timeout=300
+    ).json()
     sources = [p["source"] for p in body["predictions"]]
     assert sources == ["teacher" if p.margin < offline.threshold else "student" for p in offline.predictions]
     for answer, student, rationale in zip(body["predictions"], offline.predictions, offline.rationales):
@@ -239,7 +311,9 @@ def test_a_list_with_explain_and_scores_mixes_both_sources(served, offline):
         if answer["source"] == "student":
             assert answer["label"] == student.label and answer["rationale"] == rationale
         else:  # the teacher's rationale replaces the student's
-            assert answer["label"] in tasks.NLI_LABELS and answer["rationale"].strip() and answer["rationale"] != rationale
+            assert (
+                answer["label"] in tasks.NLI_LABELS and answer["rationale"].strip() and answer["rationale"] != rationale
+            )
 
 
 @pytest.mark.slow
@@ -249,14 +323,23 @@ def test_a_dead_teacher_leaves_the_students_answers_flowing(served, offline):
     async def burst() -> tuple[list[httpx.Response], float]:
         async with httpx.AsyncClient(base_url=served.url, timeout=60) as client:
             started = time.perf_counter()
-            responses = await asyncio.gather(*(client.post("/dead/v1/predict", json={"inputs": [e.input, examples[-1 - i].input]}) for i, e in enumerate(examples)))
+            responses = await asyncio.gather(
+                *(
+                    client.post("/dead/v1/predict", json={"inputs": [e.input, examples[-1 - i].input]})
+                    for i, e in enumerate(examples)
+                )
+            )
             return responses, time.perf_counter() - started
 
     responses, seconds = asyncio.run(burst())
-    assert [r.status_code for r in responses] == [200] * len(examples), [r.text for r in responses if r.status_code != 200]
+    assert [r.status_code for r in responses] == [200] * len(examples), [
+        r.text for r in responses if r.status_code != 200
+    ]
     errors = []
     for i, response in enumerate(responses):
-        for answer, student in zip(response.json()["predictions"], [offline.predictions[i], offline.predictions[-1 - i]]):
+        for answer, student in zip(
+            response.json()["predictions"], [offline.predictions[i], offline.predictions[-1 - i]]
+        ):
             assert answer["source"] == "student" and answer["label"] == student.label
             errors.append(answer["fallback_error"])
     # The first ones in flight (8 at a time) fail: refused connections, a retry after a backoff of at most 0.75 s; the
@@ -266,7 +349,9 @@ def test_a_dead_teacher_leaves_the_students_answers_flowing(served, offline):
     assert tried and skipped and len(tried) + len(skipped) == 24, errors
     assert seconds < DEAD.budget_s + 5, seconds
     started = time.perf_counter()
-    [answer] = httpx.post(f"{served.url}/dead/v1/predict", json={"inputs": examples[0].input}, timeout=60).json()["predictions"]
+    [answer] = httpx.post(f"{served.url}/dead/v1/predict", json={"inputs": examples[0].input}, timeout=60).json()[
+        "predictions"
+    ]
     assert answer["fallback_error"].startswith("teacher skipped for ") and time.perf_counter() - started < 0.5
 
 
@@ -275,11 +360,15 @@ def test_a_silent_teacher_costs_at_most_the_fallback_budget(served, offline):
     # One teacher request in flight at a time (fallback_concurrency 1): the first times out twice (1 s each, one
     # retry); the others wait for the slot and run out of budget. Every answer is still the student's.
     started = time.perf_counter()
-    response = httpx.post(f"{served.url}/silent/v1/predict", json={"inputs": [e.input for e in offline.examples[:3]]}, timeout=60)
+    response = httpx.post(
+        f"{served.url}/silent/v1/predict", json={"inputs": [e.input for e in offline.examples[:3]]}, timeout=60
+    )
     seconds = time.perf_counter() - started
     assert response.status_code == 200, response.text
     answers = response.json()["predictions"]
-    assert [a["label"] for a in answers] == [p.label for p in offline.predictions[:3]] and {a["source"] for a in answers} == {"student"}
+    assert [a["label"] for a in answers] == [p.label for p in offline.predictions[:3]] and {
+        a["source"] for a in answers
+    } == {"student"}
     errors = sorted(a["fallback_error"] for a in answers)
     assert errors[0].startswith("teacher failed: no answer within 3.8 s"), errors
     assert any(e.startswith("teacher failed: server error after 1 retries: ReadTimeout") for e in errors), errors
@@ -288,11 +377,17 @@ def test_a_silent_teacher_costs_at_most_the_fallback_budget(served, offline):
 
 @pytest.mark.slow
 def test_metrics_count_fallbacks_by_source(served, offline):
-    teacher = wait_for_metric(served.metrics, "ray_stepwise_fallbacks_total", model="esnli", source="teacher", application="stepwise")
-    student = wait_for_metric(served.metrics, "ray_stepwise_fallbacks_total", model="esnli", source="student", application="dead")
+    teacher = wait_for_metric(
+        served.metrics, "ray_stepwise_fallbacks_total", model="esnli", source="teacher", application="stepwise"
+    )
+    student = wait_for_metric(
+        served.metrics, "ray_stepwise_fallbacks_total", model="esnli", source="student", application="dead"
+    )
     assert sum(v for _, v in teacher) == 2 * offline.sent  # single requests, then the list
     assert sum(v for _, v in student) == 25
     text = httpx.get(served.metrics, timeout=10).text
-    assert not metric_samples(text, "ray_stepwise_fallbacks_total", application="stepwise", source="student")  # the real teacher always answered
+    assert not metric_samples(
+        text, "ray_stepwise_fallbacks_total", application="stepwise", source="student"
+    )  # the real teacher always answered
     latency = metric_samples(text, "ray_stepwise_fallback_latency_ms_count", model="esnli", application="dead")
     assert sum(v for _, v in latency) == 25

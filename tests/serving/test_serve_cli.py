@@ -19,14 +19,9 @@ import pytest
 
 from stepwise import tasks
 
+from helpers import ROOT, free_port
+
 pytestmark = pytest.mark.slow
-ROOT = Path(__file__).resolve().parents[2]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def port_is_free(port: int) -> bool:
@@ -49,8 +44,25 @@ def processes_using(folder: Path) -> list[psutil.Process]:
 
 
 def start_server(export: Path, port: int, metrics_port: int, run_dir: Path, *extra: str) -> subprocess.Popen:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_AUTH")} | {"PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
-    command = [sys.executable, "-m", "stepwise", "serve", "--model", str(export), "--port", str(port), "--metrics-port", str(metrics_port), "--run-dir", str(run_dir), *extra]
+    env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_AUTH")} | {
+        "PYTHONPATH": str(ROOT),
+        "OMP_NUM_THREADS": "1",
+    }
+    command = [
+        sys.executable,
+        "-m",
+        "stepwise",
+        "serve",
+        "--model",
+        str(export),
+        "--port",
+        str(port),
+        "--metrics-port",
+        str(metrics_port),
+        "--run-dir",
+        str(run_dir),
+        *extra,
+    ]
     server = subprocess.Popen(command, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     deadline = time.monotonic() + 180
     while True:
@@ -70,7 +82,11 @@ def listening(server: subprocess.Popen) -> list[tuple[str, int, str]]:
     found = []
     for process in [root, *root.children(recursive=True)]:
         try:
-            found += [(c.laddr.ip, c.laddr.port, process.name()) for c in process.net_connections(kind="tcp") if c.status == psutil.CONN_LISTEN]
+            found += [
+                (c.laddr.ip, c.laddr.port, process.name())
+                for c in process.net_connections(kind="tcp")
+                if c.status == psutil.CONN_LISTEN
+            ]
         except (psutil.NoSuchProcess, psutil.AccessDenied):
             pass
     return found
@@ -107,7 +123,11 @@ def test_sigterm_shuts_down_cleanly_and_nothing_listens_beyond_loopback(tiny_exp
     server = start_server(tiny_export_dir, port, metrics_port, run_dir)
     try:
         # The model id defaults to the export's task name; a single served model needs no id in the request.
-        answer = httpx.post(f"http://127.0.0.1:{port}/v1/predict", json={"inputs": {"premise": "A dog runs.", "hypothesis": "An animal moves."}}, timeout=30).json()
+        answer = httpx.post(
+            f"http://127.0.0.1:{port}/v1/predict",
+            json={"inputs": {"premise": "A dog runs.", "hypothesis": "An animal moves."}},
+            timeout=30,
+        ).json()
         assert answer["model"] == "esnli" and answer["predictions"][0]["label"] in tasks.NLI_LABELS
         sockets = listening(server)
         assert len(sockets) >= 8, sockets  # the proxy, GCS, raylet, workers, agents, metrics: all of them counted
@@ -120,14 +140,21 @@ def test_sigterm_shuts_down_cleanly_and_nothing_listens_beyond_loopback(tiny_exp
     # The same ports again at once: nothing of the first server holds them.
     again = start_server(tiny_export_dir, port, metrics_port, run_dir)
     try:
-        assert httpx.post(f"http://127.0.0.1:{port}/v1/predict", json={"inputs": "a dog runs"}, timeout=30).status_code == 200
+        assert (
+            httpx.post(f"http://127.0.0.1:{port}/v1/predict", json={"inputs": "a dog runs"}, timeout=30).status_code
+            == 200
+        )
         stop_and_check(again, signal.SIGINT, (port, metrics_port), run_dir)
     finally:
         if again.poll() is None:
             again.kill()
 
 
-SERVE_HTTP = ("haproxy", "ray::ProxyActor", "ray::ServeReplica")  # Serve's HTTP side: HAProxy, the fallback proxy, replicas' own HTTP
+SERVE_HTTP = (
+    "haproxy",
+    "ray::ProxyActor",
+    "ray::ServeReplica",
+)  # Serve's HTTP side: HAProxy, the fallback proxy, replicas' own HTTP
 
 
 def test_serving_beyond_loopback_keeps_ray_local_and_turns_on_token_auth(tiny_export_dir, tmp_path_factory):
@@ -153,8 +180,28 @@ def test_a_taken_port_is_a_one_line_error_before_ray_starts(tiny_export_dir, tmp
         taken.listen()
         port = taken.getsockname()[1]
         env = os.environ | {"PYTHONPATH": str(ROOT)}
-        done = subprocess.run([sys.executable, "-m", "stepwise", "serve", "--model", str(tiny_export_dir), "--port", str(port), "--run-dir", str(tmp_path)],
-                              cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+        done = subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "stepwise",
+                "serve",
+                "--model",
+                str(tiny_export_dir),
+                "--port",
+                str(port),
+                "--run-dir",
+                str(tmp_path),
+            ],
+            cwd=ROOT,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
     assert done.returncode == 1
-    assert f"stepwise serve: error: HTTP port {port} on 127.0.0.1 is not available" in done.stderr and "Traceback" not in done.stderr
+    assert (
+        f"stepwise serve: error: HTTP port {port} on 127.0.0.1 is not available" in done.stderr
+        and "Traceback" not in done.stderr
+    )
     assert not processes_using(tmp_path)

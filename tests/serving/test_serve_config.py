@@ -18,7 +18,7 @@ from stepwise import artifacts, tasks
 from stepwise.serving import app, lifecycle, run, schema
 from stepwise.serving.settings import GROUPS, Batching, Limits, Scaling, ServeArgs
 
-ROOT = Path(__file__).resolve().parents[2]
+from helpers import ROOT
 
 
 def test_serve_config_file_is_valid_and_builds(tiny_export_dir):
@@ -26,7 +26,9 @@ def test_serve_config_file_is_valid_and_builds(tiny_export_dir):
     (application,) = ServeDeploySchema.model_validate(config).applications
     assert application.import_path == "stepwise.serving.app:build_app"
     args = ServeArgs.from_dict(application.args | {"models": {"esnli": str(tiny_export_dir)}})
-    options = app.build_app(application.args | {"models": {"esnli": str(tiny_export_dir)}})._bound_deployment._deployment_config
+    options = app.build_app(
+        application.args | {"models": {"esnli": str(tiny_export_dir)}}
+    )._bound_deployment._deployment_config
     assert options.max_ongoing_requests == args.batching.max_ongoing_requests >= args.batching.max_batch_size
     assert options.max_queued_requests == args.overload.max_queued_requests
     # Every setting is in the config file, with the defaults `stepwise serve` uses.
@@ -36,7 +38,10 @@ def test_serve_config_file_is_valid_and_builds(tiny_export_dir):
 
 
 def test_autoscaling_settings_become_the_deployment_config(tiny_export_dir):
-    args = ServeArgs(models={"esnli": str(tiny_export_dir)}, scaling=Scaling(min_replicas=1, max_replicas=3, target_ongoing_requests=4))
+    args = ServeArgs(
+        models={"esnli": str(tiny_export_dir)},
+        scaling=Scaling(min_replicas=1, max_replicas=3, target_ongoing_requests=4),
+    )
     autoscaling = app.build_app(args)._bound_deployment._deployment_config.autoscaling_config
     assert (autoscaling.min_replicas, autoscaling.max_replicas, autoscaling.target_ongoing_requests) == (1, 3, 4)
 
@@ -55,7 +60,10 @@ def test_settings_that_cannot_work_are_refused():
 
 
 def test_model_specs_and_folders(tiny_export_dir, tmp_path):
-    assert run.parse_models([str(tiny_export_dir), f"other={tiny_export_dir}"]) == {"esnli": str(tiny_export_dir), "other": str(tiny_export_dir)}
+    assert run.parse_models([str(tiny_export_dir), f"other={tiny_export_dir}"]) == {
+        "esnli": str(tiny_export_dir),
+        "other": str(tiny_export_dir),
+    }
     with pytest.raises(ValueError, match="given twice"):
         run.parse_models([str(tiny_export_dir), str(tiny_export_dir)])
     tasks.save_task(tasks.get_task("esnli"), tmp_path)  # a task.json but no ONNX export
@@ -63,11 +71,17 @@ def test_model_specs_and_folders(tiny_export_dir, tmp_path):
         app.check_models({"esnli": str(tmp_path)}, allow_unverified=False)
 
 
-@pytest.mark.parametrize("report,reason", [
-    (None, "has no parity.json"),
-    ({"skipped": True, "passed": False, "failures": []}, "parity gate skipped"),
-    ({"skipped": False, "passed": False, "failures": ["greedy_agreement 0.5 < 0.99"]}, "failed its parity gate (greedy_agreement 0.5 < 0.99)"),
-])
+@pytest.mark.parametrize(
+    "report,reason",
+    [
+        (None, "has no parity.json"),
+        ({"skipped": True, "passed": False, "failures": []}, "parity gate skipped"),
+        (
+            {"skipped": False, "passed": False, "failures": ["greedy_agreement 0.5 < 0.99"]},
+            "failed its parity gate (greedy_agreement 0.5 < 0.99)",
+        ),
+    ],
+)
 def test_unverified_exports_are_refused_unless_allowed(tiny_export_dir, tmp_path, report, reason):
     export = Path(shutil.copytree(tiny_export_dir, tmp_path / "export"))
     (export / artifacts.PARITY).unlink()
@@ -87,21 +101,38 @@ def request(body: dict, limits: Limits = Limits(max_items=4, max_input_chars=50)
 
 
 def test_request_schema_states_the_limits_the_server_enforces():
-    model = schema.predict_request_model(Limits(max_items=4, max_input_chars=50, max_choices=3), {"esnli": SERVED["esnli"], "cqa": SERVED["cqa"]})
+    model = schema.predict_request_model(
+        Limits(max_items=4, max_input_chars=50, max_choices=3), {"esnli": SERVED["esnli"], "cqa": SERVED["cqa"]}
+    )
     text = json.dumps(model.model_json_schema())
-    for constraint in ('"maxItems": 4', '"maxLength": 50', '"maxItems": 3', '"minLength": 1', '"pattern": "[^\\\\s', '"additionalProperties": false', '"enum": ["esnli", "cqa"]'):
+    for constraint in (
+        '"maxItems": 4',
+        '"maxLength": 50',
+        '"maxItems": 3',
+        '"minLength": 1',
+        '"pattern": "[^\\\\s',
+        '"additionalProperties": false',
+        '"enum": ["esnli", "cqa"]',
+    ):
         assert constraint in text, constraint
 
 
-@pytest.mark.parametrize("body,status,message", [
-    ({"inputs": "ok \ud800"}, 422, "inputs: not valid Unicode text"),
-    ({"inputs": [{"premise": "a", "hypothesis": "b \udfff"}]}, 422, "inputs.0.hypothesis: not valid Unicode text"),
-    ({"inputs": ["a"] * 5}, 413, "inputs: 5 items, more than max_items=4"),
-    ({"inputs": {"question": "q", "choices": ["x" * 201]}}, 413, "inputs.choices.0: 201 characters, more than max_choice_chars=200"),
-    ({"inputs": {"premise": "a"}}, 422, "inputs.hypothesis: required field missing"),
-    ({"inputs": {"premise": "a", "hypothesis": "b", "input": "c"}}, 422, "inputs.premise: unknown field"),
-    ({"inputs": "a", "model": "svamp"}, 404, "model 'svamp' is not served; models: 'esnli' or 'cqa'"),
-])
+@pytest.mark.parametrize(
+    "body,status,message",
+    [
+        ({"inputs": "ok \ud800"}, 422, "inputs: not valid Unicode text"),
+        ({"inputs": [{"premise": "a", "hypothesis": "b \udfff"}]}, 422, "inputs.0.hypothesis: not valid Unicode text"),
+        ({"inputs": ["a"] * 5}, 413, "inputs: 5 items, more than max_items=4"),
+        (
+            {"inputs": {"question": "q", "choices": ["x" * 201]}},
+            413,
+            "inputs.choices.0: 201 characters, more than max_choice_chars=200",
+        ),
+        ({"inputs": {"premise": "a"}}, 422, "inputs.hypothesis: required field missing"),
+        ({"inputs": {"premise": "a", "hypothesis": "b", "input": "c"}}, 422, "inputs.premise: unknown field"),
+        ({"inputs": "a", "model": "svamp"}, 404, "model 'svamp' is not served; models: 'esnli' or 'cqa'"),
+    ],
+)
 def test_request_problems_become_a_status_and_a_message_naming_the_field(body, status, message):
     with pytest.raises(ValidationError) as caught:
         request(body)
@@ -112,11 +143,20 @@ def test_request_problems_become_a_status_and_a_message_naming_the_field(body, s
 
 def test_inputs_become_task_examples():
     esnli, cqa = tasks.get_task("esnli"), tasks.get_task("cqa")
-    nli = schema.to_example(request({"inputs": {"premise": "A dog runs.", "hypothesis": "An animal moves."}}).inputs, esnli, "inputs")
+    nli = schema.to_example(
+        request({"inputs": {"premise": "A dog runs.", "hypothesis": "An animal moves."}}).inputs, esnli, "inputs"
+    )
     assert nli.input == tasks.nli_input("A dog runs.", "An animal moves.") and nli.choices is None
-    question = schema.to_example(request({"inputs": {"question": "Where?", "choices": ["home", "park"]}}).inputs, cqa, "inputs")
+    question = schema.to_example(
+        request({"inputs": {"question": "Where?", "choices": ["home", "park"]}}).inputs, cqa, "inputs"
+    )
     assert question.input == tasks.cqa_input("Where?", ["home", "park"]) and question.choices == ["home", "park"]
-    assert schema.to_example(request({"inputs": {"input": "Where?", "choices": ["home", "park"]}}).inputs, cqa, "inputs").input == question.input
+    assert (
+        schema.to_example(
+            request({"inputs": {"input": "Where?", "choices": ["home", "park"]}}).inputs, cqa, "inputs"
+        ).input
+        == question.input
+    )
     with pytest.raises(HTTPException, match="multiple-choice"):
         schema.to_example("Where?", cqa, "inputs.3")
     with pytest.raises(HTTPException, match="labels are fixed"):
@@ -125,7 +165,10 @@ def test_inputs_become_task_examples():
 
 def test_a_custom_task_takes_its_own_input_fields():
     served = {"tickets": TICKETS, "esnli": SERVED["esnli"]}
-    body = request({"inputs": [{"title": "Crash", "body": "It fails on start."}, {"premise": "a", "hypothesis": "b"}]}, served=served)
+    body = request(
+        {"inputs": [{"title": "Crash", "body": "It fails on start."}, {"premise": "a", "hypothesis": "b"}]},
+        served=served,
+    )
     assert schema.to_example(body.inputs[0], TICKETS, "inputs.0").input == "Title: Crash\nBody: It fails on start."
     assert schema.to_example(body.inputs[1], SERVED["esnli"], "inputs.1").input == tasks.nli_input("a", "b")
     with pytest.raises(HTTPException, match="inputs.1: missing or empty field 'title'"):
@@ -137,7 +180,9 @@ def test_a_custom_task_takes_its_own_input_fields():
 
 def test_replicas_reserve_a_gpu_when_the_export_targets_one(tiny_export_dir, tmp_path):
     def actor_options(folder: Path, **scaling) -> dict:
-        return app.build_app(ServeArgs(models={"m": str(folder)}, scaling=Scaling(**scaling)))._bound_deployment.ray_actor_options
+        return app.build_app(
+            ServeArgs(models={"m": str(folder)}, scaling=Scaling(**scaling))
+        )._bound_deployment.ray_actor_options
 
     assert actor_options(tiny_export_dir)["num_gpus"] == 0
     gpu_export = Path(shutil.copytree(tiny_export_dir, tmp_path / "gpu-export"))

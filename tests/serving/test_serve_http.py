@@ -9,7 +9,6 @@ import asyncio
 import json
 import os
 import shutil
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -23,15 +22,10 @@ from stepwise.export.runtime import load_runtime, predict
 from stepwise.serving import app, lifecycle, schema
 from stepwise.serving.settings import Batching, Limits, Overload, Scaling, ServeArgs
 
+from helpers import free_port
 from serving_helpers import metric_samples, premise_hypothesis, wait_for_metric
 
 pytestmark = pytest.mark.slow
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 LIMITS = Limits(max_items=8, max_input_chars=600, max_body_bytes=100_000)
@@ -46,9 +40,14 @@ def claims_export(custom_nli_rows, tmp_path_factory) -> Path:
     from stepwise.training.tiny import build_student_folder
 
     folder = tmp_path_factory.mktemp("claims")
-    rows = [{"id": r["id"], "evidence": r["premise"], "claim": r["hypothesis"], "label": r["label"], "split": r["split"]} for r in custom_nli_rows]
+    rows = [
+        {"id": r["id"], "evidence": r["premise"], "claim": r["hypothesis"], "label": r["label"], "split": r["split"]}
+        for r in custom_nli_rows
+    ]
     (folder / "claims.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-    (folder / "claims.task.json").write_text(json.dumps({"labels": tasks.NLI_LABELS, "input_template": "Evidence: {evidence}\nClaim: {claim}"}))
+    (folder / "claims.task.json").write_text(
+        json.dumps({"labels": tasks.NLI_LABELS, "input_template": "Evidence: {evidence}\nClaim: {claim}"})
+    )
     student = build_student_folder(folder / "student", "tiny", str(folder / "claims.jsonl"), vocab_size=500)
     return export_main(model=student, out=folder / "export", parity=ParityOptions(parity_limit=8))
 
@@ -61,17 +60,41 @@ def served(tiny_export_dir: Path, claims_export: Path, tmp_path_factory) -> Simp
     run = tmp_path_factory.mktemp("serve")
     broken = Path(shutil.copytree(tiny_export_dir, run / "broken-export"))
     metrics_port = free_port()
-    models = {"esnli": str(tiny_export_dir), "esnli-b": str(tiny_export_dir), "broken": str(broken), "claims": str(claims_export)}
-    args = ServeArgs(models=models, batching=Batching(max_batch_size=8, batch_wait_timeout_s=0.02), limits=LIMITS, scaling=SMALL)
+    models = {
+        "esnli": str(tiny_export_dir),
+        "esnli-b": str(tiny_export_dir),
+        "broken": str(broken),
+        "claims": str(claims_export),
+    }
+    args = ServeArgs(
+        models=models, batching=Batching(max_batch_size=8, batch_wait_timeout_s=0.02), limits=LIMITS, scaling=SMALL
+    )
     url = lifecycle.start(args, port=free_port(), run_dir=run, metrics_port=metrics_port)
     # Models load on first use: this one's encoder disappears under the running server.
     (broken / artifacts.read_export_config(broken)["files"]["encoder"]).unlink()
     one_model = {"esnli": str(tiny_export_dir)}
-    tight = ServeArgs(models=one_model, batching=Batching(max_batch_size=1, max_ongoing_requests=1), overload=Overload(max_queued_requests=1, retry_after_s=2), scaling=SMALL)
+    tight = ServeArgs(
+        models=one_model,
+        batching=Batching(max_batch_size=1, max_ongoing_requests=1),
+        overload=Overload(max_queued_requests=1, retry_after_s=2),
+        scaling=SMALL,
+    )
     serve.run(app.build_app(tight), name="tight", route_prefix="/tight")
-    serve.run(app.build_app(ServeArgs(models=one_model, limits=Limits(request_timeout_s=0.001), scaling=SMALL)), name="slow", route_prefix="/slow")
-    serve.run(app.build_app(ServeArgs(models=one_model, limits=LIMITS, scaling=SMALL)), name="contract", route_prefix="/contract")
-    yield SimpleNamespace(url=url, metrics=f"http://127.0.0.1:{metrics_port}/metrics", logs=run / "ray" / "session_latest" / "logs" / "serve")
+    serve.run(
+        app.build_app(ServeArgs(models=one_model, limits=Limits(request_timeout_s=0.001), scaling=SMALL)),
+        name="slow",
+        route_prefix="/slow",
+    )
+    serve.run(
+        app.build_app(ServeArgs(models=one_model, limits=LIMITS, scaling=SMALL)),
+        name="contract",
+        route_prefix="/contract",
+    )
+    yield SimpleNamespace(
+        url=url,
+        metrics=f"http://127.0.0.1:{metrics_port}/metrics",
+        logs=run / "ray" / "session_latest" / "logs" / "serve",
+    )
     lifecycle.stop()
 
 
@@ -99,8 +122,14 @@ def test_health_models_and_docs(client):
 
 def served_as(prediction) -> dict:
     """What the API returns for an offline prediction of the student (no scores asked for, no teacher)."""
-    fields = {"label": prediction.label, "probability": prediction.probability, "margin": prediction.margin, "log_prob": prediction.log_prob,
-              "rationale": prediction.rationale, "source": "student"}
+    fields = {
+        "label": prediction.label,
+        "probability": prediction.probability,
+        "margin": prediction.margin,
+        "log_prob": prediction.log_prob,
+        "rationale": prediction.rationale,
+        "source": "student",
+    }
     return {k: pytest.approx(v, abs=1e-5) if isinstance(v, float) else v for k, v in fields.items() if v is not None}
 
 
@@ -112,19 +141,30 @@ def test_labels_and_scores_match_offline_prediction(client, tiny_export_dir, exa
         assert body["predictions"] == [served_as(predict(runtime, [example])[0])]
     # A list with explain: one batch of all of them, rationales included, in order.
     offline = predict(runtime, examples, explain=True)
-    body = client.post("/v1/predict", json={"model": "esnli", "explain": True, "inputs": [e.input for e in examples]}).json()
+    body = client.post(
+        "/v1/predict", json={"model": "esnli", "explain": True, "inputs": [e.input for e in examples]}
+    ).json()
     assert body["predictions"] == [served_as(p) for p in offline]
     # Every candidate's probability on request: the three labels, summing to one, the label's the largest.
-    scored = client.post("/v1/predict", json={"model": "esnli", "scores": True, "inputs": examples[0].input}).json()["predictions"][0]
+    scored = client.post("/v1/predict", json={"model": "esnli", "scores": True, "inputs": examples[0].input}).json()[
+        "predictions"
+    ][0]
     assert set(scored["scores"]) == set(tasks.NLI_LABELS) and sum(scored["scores"].values()) == pytest.approx(1.0)
-    assert scored["scores"][scored["label"]] == pytest.approx(scored["probability"]) == pytest.approx(max(scored["scores"].values()))
+    assert (
+        scored["scores"][scored["label"]]
+        == pytest.approx(scored["probability"])
+        == pytest.approx(max(scored["scores"].values()))
+    )
     loaded = {m["id"]: m for m in client.get("/v1/models").json()}["esnli"]
     assert loaded["loaded"] is True and loaded["version"] == runtime.version
 
 
 def test_a_custom_task_is_served_with_its_own_fields_and_labels(client, claims_export):
     runtime = load_runtime(claims_export, threads=1)
-    inputs = [{"evidence": "A dog runs in the park.", "claim": "An animal is outside."}, {"evidence": "Two men talk.", "claim": "Nobody speaks."}]
+    inputs = [
+        {"evidence": "A dog runs in the park.", "claim": "An animal is outside."},
+        {"evidence": "Two men talk.", "claim": "Nobody speaks."},
+    ]
     body = client.post("/v1/predict", json={"model": "claims", "inputs": inputs}).json()
     expected = predict(runtime, [tasks.Example("", tasks.format_input(runtime.task, i), "") for i in inputs])
     assert [p["label"] for p in body["predictions"]] == [p.label for p in expected]
@@ -143,9 +183,14 @@ def test_server_timing_says_where_the_time_went(client, examples):
 
 def test_model_chosen_by_body_or_header(client, examples):
     text = examples[0].input
-    assert client.post("/v1/predict", json={"inputs": text}, headers={schema.MODEL_HEADER: "esnli-b"}).json()["model"] == "esnli-b"
+    assert (
+        client.post("/v1/predict", json={"inputs": text}, headers={schema.MODEL_HEADER: "esnli-b"}).json()["model"]
+        == "esnli-b"
+    )
     assert client.post("/v1/predict", json={"inputs": text, "model": "esnli"}).json()["model"] == "esnli"
-    conflict = client.post("/v1/predict", json={"inputs": text, "model": "esnli"}, headers={schema.MODEL_HEADER: "esnli-b"})
+    conflict = client.post(
+        "/v1/predict", json={"inputs": text, "model": "esnli"}, headers={schema.MODEL_HEADER: "esnli-b"}
+    )
     assert conflict.status_code == 400 and "header" in conflict.json()["error"]
     unknown = client.post("/v1/predict", json={"inputs": text, "model": "svamp"})
     assert unknown.status_code == 404 and "'svamp' is not served" in unknown.json()["error"]
@@ -162,7 +207,9 @@ def test_concurrent_requests_are_batched(served, tiny_export_dir, examples):
     async def burst() -> list[httpx.Response]:
         async with httpx.AsyncClient(base_url=served.url, timeout=60) as c:
             # esnli-b sees only single-input requests in this module, so any batch above 1 came from concurrency.
-            return await asyncio.gather(*(c.post("/v1/predict", json={"model": "esnli-b", "inputs": e.input}) for e in examples * 4))
+            return await asyncio.gather(
+                *(c.post("/v1/predict", json={"model": "esnli-b", "inputs": e.input}) for e in examples * 4)
+            )
 
     responses = asyncio.run(burst())
     assert [r.json()["predictions"][0]["label"] for r in responses] == expected * 4
@@ -170,8 +217,13 @@ def test_concurrent_requests_are_batched(served, tiny_export_dir, examples):
     # (Ray's histogram _sum is rebuilt from bucket midpoints, so count batches by bucket.)
     for _ in range(60):
         text = httpx.get(served.metrics, timeout=10).text
-        batches = sum(v for _, v in metric_samples(text, "ray_stepwise_batch_size_count", model="esnli-b", mode="label"))
-        singles = sum(v for _, v in metric_samples(text, "ray_stepwise_batch_size_bucket", model="esnli-b", mode="label", le="1.0"))
+        batches = sum(
+            v for _, v in metric_samples(text, "ray_stepwise_batch_size_count", model="esnli-b", mode="label")
+        )
+        singles = sum(
+            v
+            for _, v in metric_samples(text, "ray_stepwise_batch_size_bucket", model="esnli-b", mode="label", le="1.0")
+        )
         if batches > singles:
             break
         asyncio.run(asyncio.sleep(0.5))
@@ -184,20 +236,55 @@ BAD_INPUTS = [
     ("no body", b"", 422, "no body"),
     ("JSON but not an object", b"[1, 2]", 422, "expected a JSON object"),
     ("missing inputs", {"model": "esnli"}, 422, "inputs: required field missing"),
-    ("inputs of the wrong type", {"model": "esnli", "inputs": 5}, 422, "inputs: expected a string, an object or a list of them, got int"),
-    ("a field of the wrong type", {"model": "esnli", "inputs": [{"premise": 1, "hypothesis": "b"}]}, 422, "inputs.0.premise: Input should be a valid string"),
-    ("explain not a boolean", {"model": "esnli", "inputs": "a", "explain": "yes"}, 422, "explain: Input should be a valid boolean"),
+    (
+        "inputs of the wrong type",
+        {"model": "esnli", "inputs": 5},
+        422,
+        "inputs: expected a string, an object or a list of them, got int",
+    ),
+    (
+        "a field of the wrong type",
+        {"model": "esnli", "inputs": [{"premise": 1, "hypothesis": "b"}]},
+        422,
+        "inputs.0.premise: Input should be a valid string",
+    ),
+    (
+        "explain not a boolean",
+        {"model": "esnli", "inputs": "a", "explain": "yes"},
+        422,
+        "explain: Input should be a valid boolean",
+    ),
     ("unknown field", {"model": "esnli", "inputs": "a", "temperature": 0.7}, 422, "temperature: unknown field"),
     ("empty list", {"model": "esnli", "inputs": []}, 422, "inputs: empty list"),
     ("empty string", {"model": "esnli", "inputs": "   "}, 422, "inputs: empty input"),
     ("empty object", {"model": "esnli", "inputs": {}}, 422, "inputs.premise: required field missing"),
-    ("premise without hypothesis", {"model": "esnli", "inputs": [{"premise": "a"}]}, 422, "inputs.0.hypothesis: required field missing"),
-    ("choices for a fixed label set", {"model": "esnli", "inputs": {"question": "q", "choices": ["a", "b"]}}, 422, "an object with choices, question is not an input form these models take"),
-    ("choices beside an input", {"model": "esnli", "inputs": {"input": "q", "choices": ["a"]}}, 422, "inputs.choices: unknown field"),
+    (
+        "premise without hypothesis",
+        {"model": "esnli", "inputs": [{"premise": "a"}]},
+        422,
+        "inputs.0.hypothesis: required field missing",
+    ),
+    (
+        "choices for a fixed label set",
+        {"model": "esnli", "inputs": {"question": "q", "choices": ["a", "b"]}},
+        422,
+        "an object with choices, question is not an input form these models take",
+    ),
+    (
+        "choices beside an input",
+        {"model": "esnli", "inputs": {"input": "q", "choices": ["a"]}},
+        422,
+        "inputs.choices: unknown field",
+    ),
     ("a lone surrogate", b'{"model": "esnli", "inputs": "ok \\ud800"}', 422, "inputs: not valid Unicode text"),
     ("an unknown model", {"model": "svamp", "inputs": "a"}, 404, "model 'svamp' is not served"),
     ("oversized input", {"model": "esnli", "inputs": "x" * 601}, 413, "601 characters, more than max_input_chars=600"),
-    ("oversized field", {"model": "esnli", "inputs": [{"premise": "x" * 700, "hypothesis": "b"}]}, 413, "inputs.0.premise: 700 characters"),
+    (
+        "oversized field",
+        {"model": "esnli", "inputs": [{"premise": "x" * 700, "hypothesis": "b"}]},
+        413,
+        "inputs.0.premise: 700 characters",
+    ),
     ("too many items", {"model": "esnli", "inputs": ["a"] * 9}, 413, "9 items, more than max_items=8"),
 ]
 
@@ -219,7 +306,9 @@ def test_a_bad_input_fails_only_its_own_request(served, examples):
     async def round_of_16() -> tuple[list[int], int]:
         async with httpx.AsyncClient(base_url=served.url, timeout=60) as c:
             good = [c.post("/v1/predict", json={"model": "esnli", "inputs": e.input}) for e in examples * 2][:15]
-            responses = await asyncio.gather(*good, c.post("/v1/predict", content=bad, headers={"content-type": "application/json"}))
+            responses = await asyncio.gather(
+                *good, c.post("/v1/predict", content=bad, headers={"content-type": "application/json"})
+            )
         return [r.status_code for r in responses[:15]], responses[15].status_code
 
     for _ in range(10):
@@ -235,7 +324,9 @@ def test_a_model_that_fails_to_load_gets_a_500_and_others_keep_answering(client,
 
 def test_body_over_the_cap_is_refused_before_it_is_parsed(served):
     huge = b'{"inputs": "' + b"x" * 20_000_000 + b'"}'
-    response = httpx.post(f"{served.url}/v1/predict", content=huge, headers={"content-type": "application/json"}, timeout=60)
+    response = httpx.post(
+        f"{served.url}/v1/predict", content=huge, headers={"content-type": "application/json"}, timeout=60
+    )
     assert response.status_code == 413 and "max_body_bytes=100000" in response.json()["error"]
 
     def chunks():  # no Content-Length: counted while it streams in
@@ -244,7 +335,9 @@ def test_body_over_the_cap_is_refused_before_it_is_parsed(served):
             yield b"x" * 1000
         yield b'"}'
 
-    response = httpx.post(f"{served.url}/v1/predict", content=chunks(), headers={"content-type": "application/json"}, timeout=60)
+    response = httpx.post(
+        f"{served.url}/v1/predict", content=chunks(), headers={"content-type": "application/json"}, timeout=60
+    )
     assert response.status_code == 413 and "max_body_bytes" in response.json()["error"]
 
 
@@ -252,9 +345,27 @@ def test_the_openapi_contract_is_the_servers(served, tmp_path):
     """schemathesis (an outside fuzzer) against /openapi.json: every generated request, valid or not, gets a
     documented status and body; schema-valid ones are accepted, schema-invalid ones refused."""
     config = Path(__file__).with_name("schemathesis.toml")
-    done = subprocess.run([str(Path(sys.executable).with_name("schemathesis")), "--config-file", str(config), "run", f"{served.url}/contract/openapi.json",
-                           "--checks", "all", "--max-examples", "100", "--seed", "1", "--request-timeout", "60"],
-                          cwd=tmp_path, capture_output=True, text=True, timeout=600)
+    done = subprocess.run(
+        [
+            str(Path(sys.executable).with_name("schemathesis")),
+            "--config-file",
+            str(config),
+            "run",
+            f"{served.url}/contract/openapi.json",
+            "--checks",
+            "all",
+            "--max-examples",
+            "100",
+            "--seed",
+            "1",
+            "--request-timeout",
+            "60",
+        ],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert done.returncode == 0, done.stdout[-4000:]
     assert "No issues found" in done.stdout and " 0 generated" not in done.stdout
 
@@ -283,14 +394,18 @@ def test_overload_gets_503_with_retry_after_then_recovers(served, examples):
 
 
 def test_request_timeout_gets_504(served, examples):
-    response = httpx.post(f"{served.url}/slow/v1/predict", json={"explain": True, "inputs": [e.input for e in examples]}, timeout=60)
+    response = httpx.post(
+        f"{served.url}/slow/v1/predict", json={"explain": True, "inputs": [e.input for e in examples]}, timeout=60
+    )
     assert response.status_code == 504
     assert "request_timeout_s=0.001" in response.json()["error"]
     assert httpx.get(f"{served.url}/slow/healthz", timeout=10).status_code == 200
 
 
 def test_logs_are_json(served, client):
-    lines = [line for path in served.logs.glob("replica_*.log") for line in path.read_text().splitlines() if line.strip()]
+    lines = [
+        line for path in served.logs.glob("replica_*.log") for line in path.read_text().splitlines() if line.strip()
+    ]
     records = [json.loads(line) for line in lines]
     loads = [r for r in records if r.get("message", "").startswith("loaded model")]
     assert loads and all({"deployment", "replica", "levelname"} <= set(r) for r in loads)
@@ -300,8 +415,14 @@ def test_request_metrics_by_route_and_status(served):
     assert wait_for_metric(served.metrics, "ray_stepwise_requests_total", route="/v1/predict", status="200")
     assert wait_for_metric(served.metrics, "ray_stepwise_requests_total", route="/v1/predict", status="422")
     assert wait_for_metric(served.metrics, "ray_stepwise_requests_total", route="/v1/predict", status="413")
-    assert wait_for_metric(served.metrics, "ray_stepwise_requests_total", route="/v1/predict", status="500")  # the broken model
+    assert wait_for_metric(
+        served.metrics, "ray_stepwise_requests_total", route="/v1/predict", status="500"
+    )  # the broken model
     assert wait_for_metric(served.metrics, "ray_stepwise_request_latency_ms_count", route="/v1/predict")
     # Unknown paths (test_wrong_method_and_path) count as "other", so scanners cannot blow up the label set.
     assert wait_for_metric(served.metrics, "ray_stepwise_requests_total", route="other", status="404")
-    assert not [labels for labels, _ in metric_samples(httpx.get(served.metrics, timeout=10).text, "ray_stepwise_requests_total") if labels["route"] == "/v2/predict"]
+    assert not [
+        labels
+        for labels, _ in metric_samples(httpx.get(served.metrics, timeout=10).text, "ray_stepwise_requests_total")
+        if labels["route"] == "/v2/predict"
+    ]

@@ -13,7 +13,8 @@ import pytest
 
 from stepwise import cli
 
-ROOT = Path(__file__).resolve().parents[2]
+from helpers import ROOT
+
 PAGES = [ROOT / "README.md", *sorted(ROOT.glob("*/README.md")), *sorted(ROOT.glob("stepwise/*/README.md"))]
 
 

@@ -14,7 +14,9 @@ from pathlib import Path
 
 import pytest
 from safetensors import safe_open
-from training_helpers import ROOT, cli_env, esnli_train, start_stepwise, stepwise
+
+from helpers import ROOT, cli_env, start_stepwise, stepwise
+from training_helpers import esnli_train
 
 pytestmark = pytest.mark.slow
 

@@ -12,10 +12,12 @@ import time
 from pathlib import Path
 
 import pytest
-from training_helpers import descendants, esnli_train, start_stepwise, stepwise
 
 from stepwise.export.run import ParityOptions
 from stepwise.export.run import main as export
+
+from helpers import descendants, start_stepwise, stepwise
+from training_helpers import esnli_train
 
 pytestmark = pytest.mark.slow
 

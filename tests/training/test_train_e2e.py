@@ -11,11 +11,13 @@ import time
 from pathlib import Path
 
 import pytest
-from training_helpers import esnli_train, start_stepwise, stepwise
 from transformers import AutoTokenizer, T5ForConditionalGeneration
 
 from stepwise import tasks
 from stepwise.training.train import evaluation_subset, predict
+
+from helpers import start_stepwise, stepwise
+from training_helpers import esnli_train
 
 pytestmark = pytest.mark.slow
 

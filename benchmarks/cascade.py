@@ -14,7 +14,7 @@ them (on a machine shared with other work, load drifts over minutes). The load c
 sends one body over and over, and the share sent to the teacher depends on the inputs), which also reads who
 answered each request.
 
-    flock /tmp/stepwise-bench.lock .venv/student/bin/python -m benchmarks.cascade_bench   # -> benchmarks/results/cascade_bench.*
+    python3 -m stepwise bench cascade   # -> benchmarks/results/cascade.{json,md,png}
 """
 
 from __future__ import annotations
@@ -26,20 +26,18 @@ import platform
 import re
 import statistics
 import subprocess
-import sys
 import time
+from contextlib import ExitStack
 from pathlib import Path
 from typing import Any
 
 import httpx
 
-from benchmarks.serving_bench import free_port, stop_server
+from benchmarks.harness import RESULTS, ROOT, bench_lock, command_line, free_port, vllm_openai_server
 from stepwise import artifacts, envs, tasks
 from stepwise.serving import lifecycle
 from stepwise.serving.settings import Batching, Fallback, Overload, Scaling, ServeArgs
 
-ROOT = Path(__file__).resolve().parent.parent
-RESULTS = ROOT / "benchmarks" / "results"
 TEACHER_TOKENS = 320  # the structured answer's longest form: a 300-character rationale line, then the label
 SHARE = 0.10  # of the inputs the margin threshold sends to the teacher
 
@@ -58,10 +56,15 @@ def trained_export(workdir: Path, steps: int) -> Path:
     export = workdir / f"export-fp32-{steps}"
     if (export / "parity.json").exists():
         return export
-    student = train.main(task="esnli", out=workdir / f"student-{steps}", mode="standard-finetune", vocab_size=1000,
-                         data=train.DataOptions(max_input_length=128, max_target_length=16),
-                         optim=train.OptimOptions(learning_rate=1e-3, batch_size=32, max_steps=steps),
-                         evaluation=train.EvalOptions(eval_every=steps, eval_limit=64))
+    student = train.main(
+        task="esnli",
+        out=workdir / f"student-{steps}",
+        mode="standard-finetune",
+        vocab_size=1000,
+        data=train.DataOptions(max_input_length=128, max_target_length=16),
+        optim=train.OptimOptions(learning_rate=1e-3, batch_size=32, max_steps=steps),
+        evaluation=train.EvalOptions(eval_every=steps, eval_limit=64),
+    )
     return export_main(model=student, out=export, parity=ParityOptions(parity_limit=64), overwrite=True)
 
 
@@ -84,45 +87,25 @@ def calibrate(export: Path, examples: list[tasks.Example]) -> tuple[dict[str, An
     ranked = sorted(margins)
     rank = round(SHARE * len(ranked))
     threshold = (ranked[rank - 1] + ranked[rank]) / 2
-    calibration = {"margin": threshold, "sent": rank, "inputs": len(ranked),
-                   "student_margin_p10_p50_p90": [round(statistics.quantiles(ranked, n=10)[i], 4) for i in (0, 4, 8)]}
+    calibration = {
+        "margin": threshold,
+        "sent": rank,
+        "inputs": len(ranked),
+        "student_margin_p10_p50_p90": [round(statistics.quantiles(ranked, n=10)[i], 4) for i in (0, 4, 8)],
+    }
     return calibration, [e for e, m in zip(examples, margins) if m < threshold]
 
 
 def build_teacher(workdir: Path) -> Path:
     out = workdir / "tiny-teacher"
     if not (out / "config.json").exists():
-        subprocess.run([str(envs.venv_python("teacher")), "-m", "stepwise.extraction.tiny_teacher", str(out)], env=os.environ | {"PYTHONPATH": str(ROOT)},
-                       check=True, capture_output=True)
+        subprocess.run(
+            [str(envs.venv_python("teacher")), "-m", "stepwise.extraction.tiny_teacher", str(out)],
+            env=os.environ | {"PYTHONPATH": str(ROOT)},
+            check=True,
+            capture_output=True,
+        )
     return out
-
-
-def start_teacher(model: Path, workdir: Path, port: int) -> subprocess.Popen:
-    """vLLM's OpenAI server in the teacher environment, CPU settings as the tests use (one thread, 1 GiB KV cache)."""
-    scratch = workdir / "teacher-server"
-    for folder in ("tmp", "cache"):
-        (scratch / folder).mkdir(parents=True, exist_ok=True)
-    env = os.environ | {"VLLM_CPU_KVCACHE_SPACE": "1", "OMP_NUM_THREADS": "1", "VLLM_NO_USAGE_STATS": "1", "VLLM_ENABLE_V1_MULTIPROCESSING": "0",
-                        "TMPDIR": str(scratch / "tmp"), "XDG_CACHE_HOME": str(scratch / "cache"), "VLLM_CACHE_ROOT": str(scratch / "cache")}
-    command = [str(envs.venv_python("teacher")), "-m", "vllm.entrypoints.openai.api_server", "--model", str(model), "--host", "127.0.0.1",
-               "--port", str(port), "--enforce-eager", "--served-model-name", "tiny", "--max-model-len", "4096"]
-    server = subprocess.Popen(command, env=env, stdout=(scratch / "server.log").open("w"), stderr=subprocess.STDOUT, start_new_session=True)
-    wait_for(f"http://127.0.0.1:{port}/health", server, 600)
-    return server
-
-
-def wait_for(url: str, process: subprocess.Popen, timeout_s: float) -> None:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            raise RuntimeError(f"{process.args[:4]} exited with {process.returncode} before {url} answered")
-        try:
-            if httpx.get(url, timeout=2).status_code == 200:
-                return
-        except httpx.HTTPError:
-            pass
-        time.sleep(1)
-    raise TimeoutError(f"{url} did not answer within {timeout_s:.0f} s")
 
 
 def teacher_alone(teacher_url: str, examples: list[tasks.Example]) -> dict[str, Any]:
@@ -131,7 +114,14 @@ def teacher_alone(teacher_url: str, examples: list[tasks.Example]) -> dict[str, 
     from stepwise.export.runtime import Prediction
     from stepwise.serving import fallback
 
-    settings = Fallback(fallback=teacher_url, fallback_margin=1.0, fallback_model="tiny", fallback_max_tokens=TEACHER_TOKENS, fallback_timeout_s=120, fallback_retries=0)
+    settings = Fallback(
+        fallback=teacher_url,
+        fallback_margin=1.0,
+        fallback_model="tiny",
+        fallback_max_tokens=TEACHER_TOKENS,
+        fallback_timeout_s=120,
+        fallback_retries=0,
+    )
     student = Prediction("neutral", None, 1 / 3, 0.0, {"entailment": 1 / 3, "neutral": 1 / 3, "contradiction": 1 / 3})
 
     async def ask_each() -> list[fallback.Outcome]:
@@ -140,8 +130,13 @@ def teacher_alone(teacher_url: str, examples: list[tasks.Example]) -> dict[str, 
 
     outcomes = asyncio.run(ask_each())
     seconds = [1000 * o.seconds for o in outcomes]
-    return {"calls": len(outcomes), "p50_ms": round(statistics.median(seconds), 1), "max_ms": round(max(seconds), 1),
-            "answered": sum(o.source == "teacher" for o in outcomes), "rationale_chars_p50": statistics.median(len(o.prediction.rationale or "") for o in outcomes)}
+    return {
+        "calls": len(outcomes),
+        "p50_ms": round(statistics.median(seconds), 1),
+        "max_ms": round(max(seconds), 1),
+        "answered": sum(o.source == "teacher" for o in outcomes),
+        "rationale_chars_p50": statistics.median(len(o.prediction.rationale or "") for o in outcomes),
+    }
 
 
 # ---------------------------------------------------------------- serving and load
@@ -155,21 +150,35 @@ def start_apps(export: Path, workdir: Path, cascades: dict[str, Fallback]) -> di
     from stepwise.serving import app
 
     os.environ["OMP_NUM_THREADS"] = "1"
-    base = ServeArgs(models={"esnli": str(export)}, batching=Batching(max_ongoing_requests=128), overload=Overload(max_queued_requests=1024),
-                     scaling=Scaling(replica_cpus=0.5))
+    base = ServeArgs(
+        models={"esnli": str(export)},
+        batching=Batching(max_ongoing_requests=128),
+        overload=Overload(max_queued_requests=1024),
+        scaling=Scaling(replica_cpus=0.5),
+    )
     names = list(cascades)
     prefixes = {name: "/" + re.sub(r"\W+", "-", name).strip("-") for name in names}
-    url = lifecycle.start(dataclasses.replace(base, cascade=cascades[names[0]]), port=free_port(), run_dir=workdir / "serve")
+    url = lifecycle.start(
+        dataclasses.replace(base, cascade=cascades[names[0]]), port=free_port(), run_dir=workdir / "serve"
+    )
     prefixes[names[0]] = ""
     for name in names[1:]:
-        serve.run(app.build_app(dataclasses.replace(base, cascade=cascades[name])), name=prefixes[name].strip("/"), route_prefix=prefixes[name])
+        serve.run(
+            app.build_app(dataclasses.replace(base, cascade=cascades[name])),
+            name=prefixes[name].strip("/"),
+            route_prefix=prefixes[name],
+        )
     return {name: f"{url}{prefix}/v1/predict" for name, prefix in prefixes.items()}
 
 
 async def load(url: str, bodies: list[dict], clients: int, requests: int) -> dict[str, Any]:
     """`requests` requests from `clients` concurrent clients, the inputs in turn: latencies by who answered, statuses,
     fallback errors by kind (numbers left out) and the wall time."""
-    run: dict[str, Any] = {"latencies": {"student": [], "teacher": [], "student, teacher failed": []}, "statuses": {}, "errors": {}}
+    run: dict[str, Any] = {
+        "latencies": {"student": [], "teacher": [], "student, teacher failed": []},
+        "statuses": {},
+        "errors": {},
+    }
     remaining = iter(range(requests))
     async with httpx.AsyncClient(limits=httpx.Limits(max_connections=clients), timeout=300) as client:
 
@@ -202,25 +211,46 @@ def summary(runs: list[dict[str, Any]], clients: int) -> dict[str, Any]:
         for field, counts in counted.items():
             for key, n in run[field].items():
                 counts[key] = counts.get(key, 0) + n
-    return {"clients": clients, "requests": len(every), "p50_ms": round(statistics.median(every), 1), "p99_ms": round(statistics.quantiles(every, n=100)[98], 1),
-            "rps": round(len(every) / sum(run["wall_s"] for run in runs), 1), "rps_per_round": [round(sum(map(len, run["latencies"].values())) / run["wall_s"], 1) for run in runs],
-            "statuses": counted["statuses"], "fallback_errors": counted["errors"],
-            "by_source": {source: {"requests": len(v), "p50_ms": round(statistics.median(v), 1)} for source, v in by_source.items() if v}}
+    return {
+        "clients": clients,
+        "requests": len(every),
+        "p50_ms": round(statistics.median(every), 1),
+        "p99_ms": round(statistics.quantiles(every, n=100)[98], 1),
+        "rps": round(len(every) / sum(run["wall_s"] for run in runs), 1),
+        "rps_per_round": [round(sum(map(len, run["latencies"].values())) / run["wall_s"], 1) for run in runs],
+        "statuses": counted["statuses"],
+        "fallback_errors": counted["errors"],
+        "by_source": {
+            source: {"requests": len(v), "p50_ms": round(statistics.median(v), 1)}
+            for source, v in by_source.items()
+            if v
+        },
+    }
 
 
-def measure(urls: dict[str, str], bodies: list[dict], concurrency: list[int], requests: int, rounds: int) -> list[dict[str, Any]]:
+def measure(
+    urls: dict[str, str], bodies: list[dict], concurrency: list[int], requests: int, rounds: int
+) -> list[dict[str, Any]]:
     """Every configuration at every concurrency, in `rounds` rounds that take turns (the order rotating each round), so
     that the shared machine's changing load falls on all of them alike."""
     names = list(urls)
     for url in urls.values():
         asyncio.run(load(url, bodies[:8], 2, 16))  # warm-up: the model loaded, connections open, the teacher asked once
-    runs: dict[tuple[str, int], list[dict[str, Any]]] = {(name, clients): [] for name in names for clients in concurrency}
+    runs: dict[tuple[str, int], list[dict[str, Any]]] = {
+        (name, clients): [] for name in names for clients in concurrency
+    }
     for round_number in range(rounds):
-        for name in names[round_number % len(names):] + names[: round_number % len(names)]:
+        for name in names[round_number % len(names) :] + names[: round_number % len(names)]:
             for clients in concurrency:
                 runs[(name, clients)].append(asyncio.run(load(urls[name], bodies, clients, requests)))
-                print(f"[bench] round {round_number + 1} {name:30s} c={clients:<3d} {runs[(name, clients)][-1]['wall_s']:.1f} s", flush=True)
-    return [{"config": name, "points": [summary(runs[(name, clients)], clients) for clients in concurrency]} for name in names]
+                print(
+                    f"[bench] round {round_number + 1} {name:30s} c={clients:<3d} {runs[(name, clients)][-1]['wall_s']:.1f} s",
+                    flush=True,
+                )
+    return [
+        {"config": name, "points": [summary(runs[(name, clients)], clients) for clients in concurrency]}
+        for name in names
+    ]
 
 
 # ---------------------------------------------------------------- report
@@ -229,23 +259,42 @@ def measure(urls: dict[str, str], bodies: list[dict], concurrency: list[int], re
 def markdown(result: dict[str, Any]) -> str:
     base = {p["clients"]: p for p in result["rows"][0]["points"]}
     teacher = result["teacher_alone"]
-    lines = [f"Student: {result['student']}. Teacher: {result['teacher']}. Inputs: {result['calibration']['inputs']} e-SNLI test inputs in turn, one per "
-             f"request; threshold margin {result['calibration']['margin']:.4f} sends {result['calibration']['sent']} of them "
-             f"({result['calibration']['sent'] / result['calibration']['inputs']:.0%}) to the teacher. Load: httpx, {result['requests_per_point']} requests per point "
-             f"({result['rounds']} rounds, taking turns with the other configurations).",
-             "", f"The teacher alone (the fallback's exchange, one call at a time, {teacher['calls']} unsure inputs): p50 {teacher['p50_ms']} ms per fallback, "
-             f"max {teacher['max_ms']} ms; {teacher['answered']}/{teacher['calls']} answers readable.", "",
-             "| fallback | clients | p50 ms | p99 ms | req/s | p50 / off | p99 / off | req/s / off | answered by | non-200 |", "|---|---|---|---|---|---|---|---|---|---|"]
+    lines = [
+        f"Student: {result['student']}. Teacher: {result['teacher']}. Inputs: {result['calibration']['inputs']} e-SNLI test inputs in turn, one per "
+        f"request; threshold margin {result['calibration']['margin']:.4f} sends {result['calibration']['sent']} of them "
+        f"({result['calibration']['sent'] / result['calibration']['inputs']:.0%}) to the teacher. Load: httpx, {result['requests_per_point']} requests per point "
+        f"({result['rounds']} rounds, taking turns with the other configurations).",
+        "",
+        f"The teacher alone (the fallback's exchange, one call at a time, {teacher['calls']} unsure inputs): p50 {teacher['p50_ms']} ms per fallback, "
+        f"max {teacher['max_ms']} ms; {teacher['answered']}/{teacher['calls']} answers readable.",
+        "",
+        "| fallback | clients | p50 ms | p99 ms | req/s | p50 / off | p99 / off | req/s / off | answered by | non-200 |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
     for row in result["rows"]:
         for p in row["points"]:
             ref = base[p["clients"]]
-            sources = ", ".join(f"{source} {v['requests']} (p50 {v['p50_ms']} ms)" for source, v in p["by_source"].items())
+            sources = ", ".join(
+                f"{source} {v['requests']} (p50 {v['p50_ms']} ms)" for source, v in p["by_source"].items()
+            )
             non_200 = sum(n for code, n in p["statuses"].items() if code != "200")
-            lines.append(f"| {row['config']} | {p['clients']} | {p['p50_ms']} | {p['p99_ms']} | {p['rps']} | {p['p50_ms'] / ref['p50_ms']:.2f} | "
-                         f"{p['p99_ms'] / ref['p99_ms']:.2f} | {p['rps'] / ref['rps']:.2f} | {sources} | {non_200} |")
-    lines += ["", "Why the student's answer stood where the teacher was asked (`fallback_error`, numbers as N):", "",
-              "| fallback | clients | fallback_error | requests |", "|---|---|---|---|"]
-    lines += [f"| {row['config']} | {p['clients']} | `{error}` | {count} |" for row in result["rows"] for p in row["points"] for error, count in p["fallback_errors"].items()]
+            lines.append(
+                f"| {row['config']} | {p['clients']} | {p['p50_ms']} | {p['p99_ms']} | {p['rps']} | {p['p50_ms'] / ref['p50_ms']:.2f} | "
+                f"{p['p99_ms'] / ref['p99_ms']:.2f} | {p['rps'] / ref['rps']:.2f} | {sources} | {non_200} |"
+            )
+    lines += [
+        "",
+        "Why the student's answer stood where the teacher was asked (`fallback_error`, numbers as N):",
+        "",
+        "| fallback | clients | fallback_error | requests |",
+        "|---|---|---|---|",
+    ]
+    lines += [
+        f"| {row['config']} | {p['clients']} | `{error}` | {count} |"
+        for row in result["rows"]
+        for p in row["points"]
+        for error, count in p["fallback_errors"].items()
+    ]
     return "\n".join(lines) + "\n"
 
 
@@ -258,22 +307,43 @@ def plot(result: dict[str, Any], path: Path) -> None:
     rows, clients = result["rows"], [p["clients"] for p in result["rows"][0]["points"]]
     fig, axes = plt.subplots(1, 3, figsize=(15, 4.5))
     width = 0.8 / len(rows)
-    for metric, ax, label in (("p50_ms", axes[0], "p50 latency, ms"), ("p99_ms", axes[1], "p99 latency, ms (log)"), ("rps", axes[2], "requests per second")):
+    for metric, ax, label in (
+        ("p50_ms", axes[0], "p50 latency, ms"),
+        ("p99_ms", axes[1], "p99 latency, ms (log)"),
+        ("rps", axes[2], "requests per second"),
+    ):
         for i, row in enumerate(rows):
-            ax.bar([c + i * width for c in range(len(clients))], [p[metric] for p in row["points"]], width, label=row["config"])
-        ax.set_xticks([c + width * (len(rows) - 1) / 2 for c in range(len(clients))], [f"{c} client{'s' if c > 1 else ''}" for c in clients])
+            ax.bar(
+                [c + i * width for c in range(len(clients))],
+                [p[metric] for p in row["points"]],
+                width,
+                label=row["config"],
+            )
+        ax.set_xticks(
+            [c + width * (len(rows) - 1) / 2 for c in range(len(clients))],
+            [f"{c} client{'s' if c > 1 else ''}" for c in clients],
+        )
         ax.set_ylabel(label)
         ax.grid(alpha=0.3, axis="y")
     axes[1].set_yscale("log")
     axes[0].legend(fontsize=8)
-    fig.suptitle(f"stepwise serve with a teacher fallback (~{SHARE:.0%} of requests), tiny student + tiny teacher on vLLM CPU; shared 2-core machine", fontsize=10)
+    fig.suptitle(
+        f"stepwise serve with a teacher fallback (~{SHARE:.0%} of requests), tiny student + tiny teacher on vLLM CPU; shared 2-core machine",
+        fontsize=10,
+    )
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
 
 
-def main(concurrency: list[int] = [1, 16], requests: int = 200, rounds: int = 3, train_steps: int = 100, workdir: Path = Path("runs/bench-cascade"),
-         out: Path = RESULTS / "cascade_bench") -> Path:
+def main(
+    concurrency: list[int] = [1, 16],
+    requests: int = 200,
+    rounds: int = 3,
+    train_steps: int = 100,
+    workdir: Path = Path("runs/bench-cascade"),
+    out: Path = RESULTS / "cascade",
+) -> Path:
     """Served p50/p99 and throughput with the teacher fallback off, on (~10% of requests) and with a dead teacher.
 
     Args:
@@ -290,28 +360,42 @@ def main(concurrency: list[int] = [1, 16], requests: int = 200, rounds: int = 3,
     examples, bodies = request_bodies(200)
     calibration, unsure = calibrate(export, examples)
     print(f"[bench] calibration: {calibration}", flush=True)
-    teacher_port = free_port()
-    teacher = start_teacher(build_teacher(workdir), workdir, teacher_port)
-    teacher_url = f"http://127.0.0.1:{teacher_port}"
-    try:
+    with bench_lock(), ExitStack() as running:
+        teacher_model = build_teacher(workdir)
+        teacher_url = running.enter_context(
+            vllm_openai_server(teacher_model, workdir / "teacher-server", python=envs.venv_python("teacher"))
+        )
         alone = teacher_alone(teacher_url, unsure)
         print(f"[bench] teacher alone: {alone}", flush=True)
-        common = {"fallback_margin": calibration["margin"], "fallback_model": "tiny", "fallback_max_tokens": TEACHER_TOKENS}
+        common = {
+            "fallback_margin": calibration["margin"],
+            "fallback_model": "tiny",
+            "fallback_max_tokens": TEACHER_TOKENS,
+        }
         dead = f"http://127.0.0.1:{free_port()}"
-        cascades = {"off": Fallback(), "on (vLLM tiny teacher)": Fallback(fallback=teacher_url, **common), "dead teacher URL": Fallback(fallback=dead, **common),
-                    "dead teacher URL, no cooldown": Fallback(fallback=dead, fallback_cooldown_s=0, **common)}
+        cascades = {
+            "off": Fallback(),
+            "on (vLLM tiny teacher)": Fallback(fallback=teacher_url, **common),
+            "dead teacher URL": Fallback(fallback=dead, **common),
+            "dead teacher URL, no cooldown": Fallback(fallback=dead, fallback_cooldown_s=0, **common),
+        }
+        running.callback(lifecycle.stop)
         urls = start_apps(export, workdir, cascades)
         rows = measure(urls, bodies, concurrency, requests, rounds)
         for row in rows:
             row["fallback"] = dataclasses.asdict(cascades[row["config"]])
-    finally:
-        lifecycle.stop()
-        stop_server(teacher)
-    result = {"machine": f"{platform.machine()}, {os.cpu_count()} CPUs, shared with other work: compare rows of one run",
-              "student": f"tiny T5 (1.3M parameters) trained {train_steps} steps on e-SNLI, fp32 ONNX, one replica per configuration (0.5 CPU reserved), 1 ONNX Runtime thread",
-              "teacher": "the tiny random Llama-shaped teacher (2 layers, hidden 128) on vLLM's OpenAI server, CPU, 1 thread, structured output, "
-                         f"up to {TEACHER_TOKENS} tokens",
-              "requests_per_point": requests * rounds, "rounds": rounds, "calibration": calibration, "teacher_alone": alone, "rows": rows}
+    result = {
+        "command": command_line(),
+        "machine": f"{platform.machine()}, {os.cpu_count()} CPUs, shared with other work: compare rows of one run",
+        "student": f"tiny T5 (1.3M parameters) trained {train_steps} steps on e-SNLI, fp32 ONNX, one replica per configuration (0.5 CPU reserved), 1 ONNX Runtime thread",
+        "teacher": "the tiny random Llama-shaped teacher (2 layers, hidden 128) on vLLM's OpenAI server, CPU, 1 thread, structured output, "
+        f"up to {TEACHER_TOKENS} tokens",
+        "requests_per_point": requests * rounds,
+        "rounds": rounds,
+        "calibration": calibration,
+        "teacher_alone": alone,
+        "rows": rows,
+    }
     out.parent.mkdir(parents=True, exist_ok=True)
     table = markdown(result)
     artifacts.write_json(out.with_suffix(".json"), result)
@@ -319,9 +403,3 @@ def main(concurrency: list[int] = [1, 16], requests: int = 200, rounds: int = 3,
     plot(result, out.with_suffix(".png"))
     print(table)
     return out.with_suffix(".json")
-
-
-if __name__ == "__main__":
-    from stepwise.cli import call_with_argv
-
-    call_with_argv(main, sys.argv[1:], prog="python -m benchmarks.cascade_bench")
