@@ -31,8 +31,6 @@ from contextlib import ExitStack
 from pathlib import Path
 from typing import Any
 
-import httpx
-
 from benchmarks.harness import RESULTS, ROOT, bench_lock, command_line, free_port, vllm_openai_server
 from stepwise import artifacts, envs, tasks
 from stepwise.serving import lifecycle
@@ -174,6 +172,8 @@ def start_apps(export: Path, workdir: Path, cascades: dict[str, Fallback]) -> di
 async def load(url: str, bodies: list[dict], clients: int, requests: int) -> dict[str, Any]:
     """`requests` requests from `clients` concurrent clients, the inputs in turn: latencies by who answered, statuses,
     fallback errors by kind (numbers left out) and the wall time."""
+    import httpx
+
     run: dict[str, Any] = {
         "latencies": {"student": [], "teacher": [], "student, teacher failed": []},
         "statuses": {},
