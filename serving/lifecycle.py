@@ -32,6 +32,7 @@ SINGLE_NODE = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"  # "0": Ray's single-node mode
 _started_ray = False
 _ports: list[tuple[str, int]] = []  # what `start` bound, checked free again by `stop`
 _haproxy_dir: list[Path] = []  # HAProxy's config and sockets, removed by `stop`
+_environment_before: dict[str, str | None] = {}  # what `start` changed in os.environ, restored by `stop`
 
 
 def is_loopback(host: str) -> bool:
@@ -102,6 +103,8 @@ def apply_ray_environment(settings: dict[str, str]) -> None:
     as Ray's own token-auth setup does."""
     import sys
 
+    for name in settings.keys() - _environment_before.keys():
+        _environment_before[name] = os.environ.get(name)
     os.environ.update(settings)
     if "ray" in sys.modules:
         import ray._private.ray_constants as ray_constants
@@ -285,3 +288,11 @@ def stop() -> None:
             for folder in _haproxy_dir:
                 kill_leftovers(folder)
                 shutil.rmtree(folder, ignore_errors=True)
+            # A later `start` in this process (tests, benchmarks) picks its own ports and folders again, instead of
+            # reading this server's from the environment as if an operator had set them.
+            for name, value in _environment_before.items():
+                if value is None:
+                    os.environ.pop(name, None)
+                else:
+                    os.environ[name] = value
+            _environment_before.clear()
