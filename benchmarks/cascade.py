@@ -141,8 +141,8 @@ def teacher_alone(teacher_url: str, examples: list[tasks.Example]) -> dict[str, 
 
 
 def start_apps(export: Path, workdir: Path, cascades: dict[str, Fallback]) -> dict[str, str]:
-    """One local Ray + Serve (`serving.lifecycle`, as `stepwise serve` runs it) with one application per cascade setting,
-    each its own student replica behind the same HAProxy ingress; config name -> its /v1/predict URL."""
+    """One local Ray + Serve (`serving.lifecycle`, as `stepwise serve` runs it) with one application per cascade
+    setting, each its own student replica behind the same HAProxy ingress; config name -> its /v1/predict URL."""
     from ray import serve
 
     from stepwise.serving import app
@@ -244,7 +244,8 @@ def measure(
             for clients in concurrency:
                 runs[(name, clients)].append(asyncio.run(load(urls[name], bodies, clients, requests)))
                 print(
-                    f"[bench] round {round_number + 1} {name:30s} c={clients:<3d} {runs[(name, clients)][-1]['wall_s']:.1f} s",
+                    f"[bench] round {round_number + 1} {name:30s} c={clients:<3d} "
+                    f"{runs[(name, clients)][-1]['wall_s']:.1f} s",
                     flush=True,
                 )
     return [
@@ -260,15 +261,20 @@ def markdown(result: dict[str, Any]) -> str:
     base = {p["clients"]: p for p in result["rows"][0]["points"]}
     teacher = result["teacher_alone"]
     lines = [
-        f"Student: {result['student']}. Teacher: {result['teacher']}. Inputs: {result['calibration']['inputs']} e-SNLI test inputs in turn, one per "
-        f"request; threshold margin {result['calibration']['margin']:.4f} sends {result['calibration']['sent']} of them "
-        f"({result['calibration']['sent'] / result['calibration']['inputs']:.0%}) to the teacher. Load: httpx, {result['requests_per_point']} requests per point "
+        f"Student: {result['student']}. Teacher: {result['teacher']}. "
+        f"Inputs: {result['calibration']['inputs']} e-SNLI test inputs in turn, one per "
+        f"request; threshold margin {result['calibration']['margin']:.4f} "
+        f"sends {result['calibration']['sent']} of them "
+        f"({result['calibration']['sent'] / result['calibration']['inputs']:.0%}) to the teacher. "
+        f"Load: httpx, {result['requests_per_point']} requests per point "
         f"({result['rounds']} rounds, taking turns with the other configurations).",
         "",
-        f"The teacher alone (the fallback's exchange, one call at a time, {teacher['calls']} unsure inputs): p50 {teacher['p50_ms']} ms per fallback, "
+        f"The teacher alone (the fallback's exchange, one call at a time, {teacher['calls']} unsure inputs): "
+        f"p50 {teacher['p50_ms']} ms per fallback, "
         f"max {teacher['max_ms']} ms; {teacher['answered']}/{teacher['calls']} answers readable.",
         "",
-        "| fallback | clients | p50 ms | p99 ms | req/s | p50 / off | p99 / off | req/s / off | answered by | non-200 |",
+        "| fallback | clients | p50 ms | p99 ms | req/s | p50 / off | p99 / off | req/s / off "
+        "| answered by | non-200 |",
         "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for row in result["rows"]:
@@ -279,7 +285,8 @@ def markdown(result: dict[str, Any]) -> str:
             )
             non_200 = sum(n for code, n in p["statuses"].items() if code != "200")
             lines.append(
-                f"| {row['config']} | {p['clients']} | {p['p50_ms']} | {p['p99_ms']} | {p['rps']} | {p['p50_ms'] / ref['p50_ms']:.2f} | "
+                f"| {row['config']} | {p['clients']} | {p['p50_ms']} | {p['p99_ms']} | {p['rps']} | "
+                f"{p['p50_ms'] / ref['p50_ms']:.2f} | "
                 f"{p['p99_ms'] / ref['p99_ms']:.2f} | {p['rps'] / ref['rps']:.2f} | {sources} | {non_200} |"
             )
     lines += [
@@ -328,7 +335,8 @@ def plot(result: dict[str, Any], path: Path) -> None:
     axes[1].set_yscale("log")
     axes[0].legend(fontsize=8)
     fig.suptitle(
-        f"stepwise serve with a teacher fallback (~{SHARE:.0%} of requests), tiny student + tiny teacher on vLLM CPU; shared 2-core machine",
+        f"stepwise serve with a teacher fallback (~{SHARE:.0%} of requests), "
+        "tiny student + tiny teacher on vLLM CPU; shared 2-core machine",
         fontsize=10,
     )
     fig.tight_layout()
@@ -387,8 +395,10 @@ def main(
     result = {
         "command": command_line(),
         "machine": f"{platform.machine()}, {os.cpu_count()} CPUs, shared with other work: compare rows of one run",
-        "student": f"tiny T5 (1.3M parameters) trained {train_steps} steps on e-SNLI, fp32 ONNX, one replica per configuration (0.5 CPU reserved), 1 ONNX Runtime thread",
-        "teacher": "the tiny random Llama-shaped teacher (2 layers, hidden 128) on vLLM's OpenAI server, CPU, 1 thread, structured output, "
+        "student": f"tiny T5 (1.3M parameters) trained {train_steps} steps on e-SNLI, fp32 ONNX, "
+        "one replica per configuration (0.5 CPU reserved), 1 ONNX Runtime thread",
+        "teacher": "the tiny random Llama-shaped teacher (2 layers, hidden 128) on vLLM's OpenAI server, "
+        "CPU, 1 thread, structured output, "
         f"up to {TEACHER_TOKENS} tokens",
         "requests_per_point": requests * rounds,
         "rounds": rounds,

@@ -515,17 +515,20 @@ def write_report(out: Path, task: str, teacher: str, results: dict) -> Path:
 
     counts = manifest["counts"]
     rows = "\n".join(
-        f"| {mode} | {m['steps']} | {m['train_minutes']:.1f} | {m['valid']['accuracy']:.3f} | {m['test']['accuracy']:.3f} ({m['test'].get('examples', '?')} examples) |"
+        f"| {mode} | {m['steps']} | {m['train_minutes']:.1f} | {m['valid']['accuracy']:.3f} | "
+        f"{m['test']['accuracy']:.3f} ({m['test'].get('examples', '?')} examples) |"
         for mode, m in train_metrics.items()
     )
     example = served["example"]
     text = (
         f"""# stepwise demo report
 
-Task **{spec.name}**, teacher **{teacher}**, written {time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}. Artifacts are in `{out}`.
+Task **{spec.name}**, teacher **{teacher}**, """
+        f"""written {time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}. Artifacts are in `{out}`.
 
 ## 1. Teacher rationales (`stepwise extract`)
-{counts["records"]} train records, parse rate {counts["parse_rate"]:.1%}, teacher accuracy against gold {counts["teacher_accuracy"]:.1%}.
+{counts["records"]} train records, parse rate {counts["parse_rate"]:.1%}, """
+        f"""teacher accuracy against gold {counts["teacher_accuracy"]:.1%}.
 
 ## 2. Students (`stepwise train`)
 | mode | steps | minutes | valid accuracy | test accuracy |
@@ -538,37 +541,43 @@ A tiny T5 trained from scratch for minutes on a CPU is not the paper's pretraine
 that the pipeline learns, not as a reproduction (README, Training, has the GPU recipe for that).
 
 ## 3. Export (`stepwise export`, {bench["onnx"]["precision"]})
-Parity gate {"passed" if parity["passed"] else "FAILED"} on {parity["examples"]} validation examples: labels equal to PyTorch's for
-{parity["fast_path_agreement"]:.1%} (label fast path, what serving uses) and {parity["greedy_agreement"]:.1%} (greedy); accuracy
+Parity gate {"passed" if parity["passed"] else "FAILED"} on {parity["examples"]} validation examples: """
+        f"""labels equal to PyTorch's for
+{parity["fast_path_agreement"]:.1%} (label fast path, what serving uses) """
+        f"""and {parity["greedy_agreement"]:.1%} (greedy); accuracy
 {parity["accuracy_pytorch"]:.3f} (PyTorch) -> {parity["accuracy_onnx"]:.3f} (ONNX). Full report: `export/parity.json`.
 
 ## 4. Serving (`stepwise serve`, real HTTP on 127.0.0.1)
-{served["requests"]} test requests one at a time: p50 {served["p50_ms"]:.1f} ms, p95 {served["p95_ms"]:.1f} ms; labels equal to offline
-prediction for {served["agreement_with_offline"]:.1%}; accuracy {served["accuracy"]:.3f}. Burst of {served["burst"]["requests"]} at
-concurrency {served["burst"]["concurrency"]}: {served["burst"]["ok"]} answered 200, {served["burst"]["requests_per_s"]:.0f} requests/s.
+{served["requests"]} test requests one at a time: p50 {served["p50_ms"]:.1f} ms, p95 {served["p95_ms"]:.1f} ms; """
+        f"""labels equal to offline
+prediction for {served["agreement_with_offline"]:.1%}; accuracy {served["accuracy"]:.3f}. """
+        f"""Burst of {served["burst"]["requests"]} at
+concurrency {served["burst"]["concurrency"]}: {served["burst"]["ok"]} answered 200, """
+        f"""{served["burst"]["requests_per_s"]:.0f} requests/s.
 
-Example (`"explain": true`): input `{example["input"][:160]!r}`, gold `{example["gold"]}`, response `{json.dumps(example["response"])[:400]}`
+Example (`"explain": true`): input `{example["input"][:160]!r}`, gold `{example["gold"]}`, """
+        f"""response `{json.dumps(example["response"])[:400]}`
 
 ## 5. Latency and cost
 ![latency by backend](plots/latency_by_backend.png)
 
 | backend (batch 1, label only) | p50 ms |
 |---|---|
-"""
-        + "\n".join(f"| {name.replace(chr(10), ' ')} | {ms:.2f} |" for name, ms in latency.items())
-        + f"""
+""" + "\n".join(f"| {name.replace(chr(10), ' ')} | {ms:.2f} |" for name, ms in latency.items()) + f"""
 
 ![cost per 1k predictions](plots/cost_per_1k.png)
 
 | per 1k predictions | seconds | peak RSS MB |
 |---|---|---|
-| teacher: {cost["teacher"]} ({cost["tokens_in_per_record"]:.0f} prompt + {cost["tokens_out_per_record"]:.0f} generated tokens per input) | {cost["seconds_per_1k"]:.1f} | {cost["peak_rss_mb"]:.0f} |
+| teacher: {cost["teacher"]} ({cost["tokens_in_per_record"]:.0f} prompt + """
+        f"""{cost["tokens_out_per_record"]:.0f} generated tokens per input) | """
+        f"""{cost["seconds_per_1k"]:.1f} | {cost["peak_rss_mb"]:.0f} |
 | student: {onnx}, label fast path, batch 16 | {student_seconds_per_1k:.2f} | {student_rss:.0f} |
 
 Teacher time: {cost["note"]} ({cost["startup_s"]:.0f} s). Teacher memory includes the KV cache vLLM reserves up front
-(on a CPU, `VLLM_CPU_KVCACHE_SPACE` GiB, 4 by default in stepwise). Figures come from one run on a shared 2-core CPU; compare ratios, not absolutes.
-"""
-        + cascade_section(out, results["cascade"])
+(on a CPU, `VLLM_CPU_KVCACHE_SPACE` GiB, 4 by default in stepwise). """
+        f"""Figures come from one run on a shared 2-core CPU; compare ratios, not absolutes.
+""" + cascade_section(out, results["cascade"])
     )
     return artifacts.write_atomic(out / "report.md", text)
 

@@ -11,9 +11,10 @@ Each backend runs in its own fresh process (peak RSS is that process's); the tim
 Then, per model size, a head-to-head in one process, the label paths taking turns call by call so that the
 shared machine's noise falls on all of them alike: the ONNX Runtime int8 batched label path (also with its
 encoder batch in one call instead of length groups), the runtime before it (one encoder call, every candidate a
-full decoder row projecting its example's encoder states again), CTranslate2 int8 greedy, and CTranslate2 int8 encoder + one decoder step (what any label path
-on CTranslate2 would pay at least). The issue-10 targets are read from it, and
-the batched path's time is split per ONNX session (encoder, start step, cached continuation) and the rest.
+full decoder row projecting its example's encoder states again), CTranslate2 int8 greedy, and CTranslate2 int8
+encoder + one decoder step (what any label path on CTranslate2 would pay at least). The issue-10 targets are read
+from it, and the batched path's time is split per ONNX session (encoder, start step, cached continuation) and the
+rest.
 
     python3 -m stepwise bench export   # -> benchmarks/results/export.{json,md,png}
 """
@@ -270,13 +271,16 @@ def head_to_head(
 
 def render_table(rows: list[dict[str, Any]]) -> str:
     lines = [
-        "| model | backend | fast path | batch | p50 ms | p95 ms | examples/s | peak RSS MB | size MB | labels = PyTorch |",
+        "| model | backend | fast path | batch | p50 ms | p95 ms | examples/s | peak RSS MB | size MB "
+        "| labels = PyTorch |",
         "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         lines.append(
-            f"| {r['model']} | {r['backend']} | {'yes' if r['fast_path'] else 'no (greedy)'} | {r['batch']} | {r['p50_ms']:.2f} | {r['p95_ms']:.2f} | "
-            f"{r['throughput_per_s']:.0f} | {r['peak_rss_mb']:.0f} | {r['size_mb']:.1f} | {r['agreement_with_pytorch']:.2f} |"
+            f"| {r['model']} | {r['backend']} | {'yes' if r['fast_path'] else 'no (greedy)'} | {r['batch']} | "
+            f"{r['p50_ms']:.2f} | {r['p95_ms']:.2f} | "
+            f"{r['throughput_per_s']:.0f} | {r['peak_rss_mb']:.0f} | {r['size_mb']:.1f} | "
+            f"{r['agreement_with_pytorch']:.2f} |"
         )
     return "\n".join(lines)
 

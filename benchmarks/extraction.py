@@ -169,7 +169,8 @@ def bench_transformers(model: Path, task_name: str, count: int, max_tokens: int,
 
 def table(rows: list[dict]) -> str:
     lines = [
-        "| engine | prefix cache | prompts | wall s (median) | tokens in/out | out tok/s | overhead vs raw vLLM (median / best) |",
+        "| engine | prefix cache | prompts | wall s (median) | tokens in/out | out tok/s "
+        "| overhead vs raw vLLM (median / best) |",
         "|---|---|---|---|---|---|---|",
     ]
     for r in rows:

@@ -63,7 +63,8 @@ DEFAULT = "stepwise serve (HAProxy, throughput-optimized)"
 
 
 def int8_export(size: str, workdir: Path) -> Path:
-    """An int8 export (what CPU serving uses) of a random untied student of `size` (latency only: its labels mean nothing)."""
+    """An int8 export (what CPU serving uses) of a random untied student of `size` (latency only: its labels mean
+    nothing)."""
     from stepwise.export.run import ParityOptions
     from stepwise.export.run import main as export_main
     from stepwise.training.tiny import build_student_folder
@@ -289,7 +290,8 @@ def markdown(result: dict[str, Any]) -> str:
         direct = block["in_process"]
         clients = [p["clients"] for p in block["rows"][0]["points"]]
         lines += [
-            f"\n**{size} student (int8)** - in process: p50 {direct['p50_ms']} ms at batch 1, {direct['examples_per_s_batch16']} examples/s in batches of 16\n",
+            f"\n**{size} student (int8)** - in process: p50 {direct['p50_ms']} ms at batch 1, "
+            f"{direct['examples_per_s_batch16']} examples/s in batches of 16\n",
             "| configuration | "
             + " | ".join(f"p50 ms / req/s, {c} client{'s' if c > 1 else ''}" for c in clients)
             + " | stack PSS MB (RSS) | processes |",
@@ -306,7 +308,8 @@ def markdown(result: dict[str, Any]) -> str:
             "",
             "Where one request's milliseconds go (httpx client, Server-Timing; p50):",
             "",
-            "| configuration | clients | client total | outside the app (ingress, Serve's hop, transport) | in the app before and after decoding | batch queue | runtime (tokenize + ONNX Runtime) | batch size |",
+            "| configuration | clients | client total | outside the app (ingress, Serve's hop, transport) "
+            "| in the app before and after decoding | batch queue | runtime (tokenize + ONNX Runtime) | batch size |",
             "|---|---|---|---|---|---|---|---|",
         ]
         for row in block["rows"]:
@@ -315,7 +318,9 @@ def markdown(result: dict[str, Any]) -> str:
                 if "app_p50_ms" not in h or "runtime_p50_ms" not in h:
                     continue
                 lines.append(
-                    f"| {row['config'].strip()} | {point['clients']} | {h['p50_ms']} | {h['p50_ms'] - h['app_p50_ms']:.2f} | {h['app_p50_ms'] - h['queue_p50_ms'] - h['runtime_p50_ms']:.2f} | "
+                    f"| {row['config'].strip()} | {point['clients']} | {h['p50_ms']} | "
+                    f"{h['p50_ms'] - h['app_p50_ms']:.2f} | "
+                    f"{h['app_p50_ms'] - h['queue_p50_ms'] - h['runtime_p50_ms']:.2f} | "
                     f"{h['queue_p50_ms']} | {h['runtime_p50_ms']} | {h.get('batch_p50', '-')} |"
                 )
     return "\n".join(lines) + "\n"

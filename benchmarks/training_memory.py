@@ -22,7 +22,8 @@ from benchmarks.harness import RESULTS
 from stepwise import artifacts
 
 GiB = 2**30
-# google/t5-v1_1-* config.json: d_model, d_ff, layers (encoder = decoder), heads, d_kv; vocabulary 32128, gated-GELU, untied lm_head.
+# google/t5-v1_1-* config.json: d_model, d_ff, layers (encoder = decoder), heads, d_kv; vocabulary 32128,
+# gated-GELU, untied lm_head.
 T5_V1_1 = {
     "base": (768, 2048, 12, 12, 64),
     "large": (1024, 2816, 24, 16, 64),
@@ -60,9 +61,12 @@ def counts(size: str) -> dict[str, int]:
 
 def command(size: str, strategy: str, accum: int) -> str:
     return (
-        f"python3 -m stepwise train --task esnli --rationales runs/esnli-teacher --student google/t5-v1_1-{size} --mode step-by-step "
-        f"--workers {GPUS} --use-gpu --strategy {strategy} --batch-size 64{f' --grad-accum {accum}' if accum > 1 else ''} --learning-rate 5e-5 "
-        f"--max-steps 10000 --max-input-length 1024 --max-target-length 256 --eval-every 250 --out runs/esnli-t5-{size}-{strategy}"
+        "python3 -m stepwise train --task esnli --rationales runs/esnli-teacher "
+        f"--student google/t5-v1_1-{size} --mode step-by-step "
+        f"--workers {GPUS} --use-gpu --strategy {strategy} --batch-size 64"
+        f"{f' --grad-accum {accum}' if accum > 1 else ''} --learning-rate 5e-5 "
+        "--max-steps 10000 --max-input-length 1024 --max-target-length 256 --eval-every 250 "
+        f"--out runs/esnli-t5-{size}-{strategy}"
     )
 
 
@@ -94,7 +98,8 @@ def main(out: Path = RESULTS / "training_memory") -> Path:
         "|---|---|---|---|---|",
     ]
     lines += [
-        f"| {r['student']} | {r['params'] / 1e6:,.0f}M | {r['ddp_gib']:.1f} GiB | {r['fsdp_gib_per_gpu']:.1f} GiB | {r['suggested']} |"
+        f"| {r['student']} | {r['params'] / 1e6:,.0f}M | {r['ddp_gib']:.1f} GiB | "
+        f"{r['fsdp_gib_per_gpu']:.1f} GiB | {r['suggested']} |"
         for r in rows
     ]
     table = (

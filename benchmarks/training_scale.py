@@ -170,7 +170,8 @@ def main(
         "|---|---|---|---|---|---|",
     ]
     lines += [
-        f"| {r['student']} | {r['config']} | {r['global_batch']} | {r['steps_per_s']:.3f} | {r['steps_measured']} | {r['wall_s']:.0f} |"
+        f"| {r['student']} | {r['config']} | {r['global_batch']} | {r['steps_per_s']:.3f} | "
+        f"{r['steps_measured']} | {r['wall_s']:.0f} |"
         for r in rows
     ]
     table = "\n".join(lines) + "\n"

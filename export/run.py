@@ -159,7 +159,8 @@ def trt_profiles(
     def shapes(batch: int, source: int, target: int, past: int) -> dict[str, str]:
         return {
             "encoder": f"input_ids:{batch}x{source},attention_mask:{batch}x{source}",
-            "decoder": f"input_ids:{batch}x{target},encoder_attention_mask:{batch}x{source},encoder_hidden_states:{batch}x{source}x{d_model}",
+            "decoder": f"input_ids:{batch}x{target},encoder_attention_mask:{batch}x{source},"
+            f"encoder_hidden_states:{batch}x{source}x{d_model}",
             "decoder_with_past": ",".join(
                 # A generation step feeds one token; label scoring feeds a candidate's remaining tokens at once.
                 [f"input_ids:{batch}x{target}", f"encoder_attention_mask:{batch}x{source}"]
@@ -213,7 +214,8 @@ class ParityOptions:
     """The parity gate: the export against its PyTorch model on the validation split, before it lands.
 
     Args:
-        parity_limit: validation examples compared against PyTorch (0: skip the gate; serving then refuses the export unless --allow-unverified)
+        parity_limit: validation examples compared against PyTorch (0: skip the gate; serving then refuses the export
+            unless --allow-unverified)
         parity_providers: providers for the parity run; default the config's (falls back to CPU where the GPU is absent)
         min_agreement: minimum ONNX-vs-PyTorch label agreement; default 0.99 fp32, 0.95 fp16, 0.9 int8
         max_accuracy_drop: maximum validation accuracy the ONNX model may lose against PyTorch
@@ -382,7 +384,8 @@ def main(
         quantize: int8: dynamic int8 quantization of the weight matmuls (CPU target)
         precision: fp16: half precision with T5's overflow-prone ops kept in fp32 (GPU targets)
         target: where it will be served: cpu (CPU EP), cuda (CUDA EP, IO binding), tensorrt (TensorRT EP, then CUDA)
-        decoder_layout: split (decoder + decoder_with_past) or merged (one decoder with an If on the cache); auto picks per target
+        decoder_layout: split (decoder + decoder_with_past) or merged (one decoder with an If on the cache); auto picks
+            per target
         threads: intra-op threads per ONNX session written into the config (0: ONNX Runtime decides)
         max_input_tokens: inputs are truncated to this many tokens (0: train_config.json's max_input_length, else 512)
         max_rationale_tokens: generation limit for rationales (0: train_config.json's max_target_length, else 128)
@@ -399,7 +402,8 @@ def main(
     layout = DEFAULT_LAYOUT[target] if decoder_layout == "auto" else decoder_layout
     if target == "tensorrt" and layout == "merged":
         raise ValueError(
-            "the tensorrt target needs the split decoder layout (TensorRT cannot build engines across the merged decoder's If node)"
+            "the tensorrt target needs the split decoder layout "
+            "(TensorRT cannot build engines across the merged decoder's If node)"
         )
     check_out(model, out, overwrite)
     kind = "int8" if quantize == "int8" else precision
@@ -429,7 +433,8 @@ def main(
 def parity_gate(
     out: Path, model: Path, task: tasks.Task, precision: str, options: ParityOptions
 ) -> artifacts.ParityReport:
-    """Compare the export with the PyTorch model on the validation split; write parity.json; say loudly when it fails."""
+    """Compare the export with the PyTorch model on the validation split; write parity.json; say loudly when it
+    fails."""
     from stepwise.export import parity
     from stepwise.export.runtime import load_runtime
 
@@ -468,8 +473,10 @@ def parity_gate(
         else ""
     )
     print(
-        f"[export] parity on {report['examples']} valid examples ({', '.join(runtime.providers)}): greedy agreement {report['greedy_agreement']:.3f}{fast}; "
-        f"accuracy {report['accuracy_pytorch']:.3f} (PyTorch) -> {report['accuracy_onnx']:.3f} (ONNX {precision}), delta {report['accuracy_delta']:+.3f}; "
+        f"[export] parity on {report['examples']} valid examples ({', '.join(runtime.providers)}): "
+        f"greedy agreement {report['greedy_agreement']:.3f}{fast}; "
+        f"accuracy {report['accuracy_pytorch']:.3f} (PyTorch) -> {report['accuracy_onnx']:.3f} (ONNX {precision}), "
+        f"delta {report['accuracy_delta']:+.3f}; "
         f"max abs logit diff {report['max_abs_logit_diff']:.2e}",
         flush=True,
     )

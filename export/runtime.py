@@ -271,7 +271,8 @@ def next_step_logits(
     runtime: Runtime, tokens: np.ndarray, mask: np.ndarray, past: dict[str, Any], hidden: Any, logits_only: bool = False
 ) -> tuple[np.ndarray, dict[str, Any]]:
     """Cached decoder steps for `tokens` [batch, new] (one per call when generating, a candidate's remaining
-    tokens when scoring; both decoder layouts take several): logits [batch, new, vocab] and the outputs (new presents)."""
+    tokens when scoring; both decoder layouts take several): logits [batch, new, vocab] and the outputs (new
+    presents)."""
     feeds = {"input_ids": tokens.astype(np.int64), "encoder_attention_mask": mask} | past
     outputs = ["logits"] if logits_only else None
     if runtime.merged:

@@ -257,7 +257,8 @@ class StudentServer:
         )
         self.loaded[model_id] = runtime
         logger.info(
-            f"loaded model {model_id} ({runtime.model_id} {runtime.version}, {runtime.providers[0]}) in {time.perf_counter() - started:.2f}s"
+            f"loaded model {model_id} ({runtime.model_id} {runtime.version}, {runtime.providers[0]}) "
+            f"in {time.perf_counter() - started:.2f}s"
         )
         return runtime
 
@@ -379,7 +380,8 @@ def build_api(server: StudentServer) -> FastAPI:
     model_id = Literal[tuple(server.tasks)] | None  # type: ignore[valid-type]
     api = FastAPI(
         title="stepwise student",
-        description="Labels (and, on request, rationales) from a distilled step-by-step student (ONNX Runtime on Ray Serve).",
+        description="Labels (and, on request, rationales) from a distilled step-by-step student "
+        "(ONNX Runtime on Ray Serve).",
         version="1",
     )
     api.add_middleware(BodyLimit, max_bytes=limits.max_body_bytes)
@@ -389,7 +391,10 @@ def build_api(server: StudentServer) -> FastAPI:
     async def bad_request(request: Request, problem: RequestValidationError) -> JSONResponse:
         status, message = schema.describe_problems(problem.errors(), limits)
         if status == 422 and "json" not in request.headers.get("content-type", "json"):  # e.g. curl -d without -H
-            message += f" (the body was sent as {request.headers['content-type']}; send JSON with Content-Type: application/json)"
+            message += (
+                f" (the body was sent as {request.headers['content-type']}; "
+                "send JSON with Content-Type: application/json)"
+            )
         return JSONResponse({"error": message}, status_code=status)
 
     @api.exception_handler(StarletteHTTPException)  # also FastAPI's, and routing's 404/405
@@ -423,7 +428,8 @@ def build_api(server: StudentServer) -> FastAPI:
         timing: dict[str, float] = {}
         result = await server.predict(body, model_header, timing)
         response.headers["server-timing"] = (
-            f"queue;dur={1000 * timing['queue']:.2f}, runtime;dur={1000 * timing['runtime']:.2f}, batch;desc={timing['batch']:.0f}"
+            f"queue;dur={1000 * timing['queue']:.2f}, runtime;dur={1000 * timing['runtime']:.2f}, "
+            f"batch;desc={timing['batch']:.0f}"
         )
         return result
 
@@ -449,14 +455,16 @@ def check_models(models: dict[str, str], allow_unverified: bool) -> dict[str, st
         path = Path(folder).expanduser().resolve()
         if not (path / artifacts.EXPORT_CONFIG).exists():
             raise ValueError(
-                f"model {model_id!r}: {path} is not an export folder (no {artifacts.EXPORT_CONFIG}; run `stepwise export` first)"
+                f"model {model_id!r}: {path} is not an export folder "
+                f"(no {artifacts.EXPORT_CONFIG}; run `stepwise export` first)"
             )
         tasks.load_task(path)
         if not allow_unverified:
             verdict = unverified_reason(path)
             if verdict:
                 raise ValueError(
-                    f"model {model_id!r}: {path} {verdict}; rerun `stepwise export`, or serve it anyway with --allow-unverified"
+                    f"model {model_id!r}: {path} {verdict}; "
+                    "rerun `stepwise export`, or serve it anyway with --allow-unverified"
                 )
         checked[model_id] = str(path)
     return checked

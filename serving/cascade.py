@@ -29,7 +29,8 @@ def teacher_answers(
     if teacher is None:
         if not any(e.teacher_completion for e in examples):
             raise ValueError(
-                f"task {task.name!r} ships no teacher completions for this split: pass --teacher (a `stepwise extract` output folder)"
+                f"task {task.name!r} ships no teacher completions for this split: "
+                "pass --teacher (a `stepwise extract` output folder)"
             )
         parsed = {
             e.id: tasks.parse_completion(task, e.teacher_completion, e.choices)
@@ -56,8 +57,9 @@ def cost_per_1k(teacher_cost: Path | None) -> dict[str, float] | None:
     records, generated = run.get("records_this_run", 0), run.get("this_run", {})
     if not records or not run.get("generation_s") or not generated.get("tokens_in"):
         raise ValueError(
-            f"{teacher_cost}: its manifest records no teacher generation (time and tokens) in its last run: give the folder of a "
-            "`stepwise extract --teacher vllm|openai` run that generated records (replay and dataset teachers cost nothing to measure)"
+            f"{teacher_cost}: its manifest records no teacher generation (time and tokens) in its last run: "
+            "give the folder of a `stepwise extract --teacher vllm|openai` run that generated records "
+            "(replay and dataset teachers cost nothing to measure)"
         )
     return {
         "seconds": 1000 * run["generation_s"] / records,
@@ -136,8 +138,10 @@ def main(
     Args:
         model: the student: an export folder (`stepwise export`)
         split: the task split to label (its gold labels score the cascade)
-        teacher: a `stepwise extract` output folder with the teacher's answers for the split (default: the task's shipped completions, PaLM-540B for svamp/cqa/esnli)
-        teacher_cost: an extraction folder whose manifest gives the teacher's time and tokens per record, for the cost per 1k predictions
+        teacher: a `stepwise extract` output folder with the teacher's answers for the split (default: the task's
+            shipped completions, PaLM-540B for svamp/cqa/esnli)
+        teacher_cost: an extraction folder whose manifest gives the teacher's time and tokens per record, for the cost
+            per 1k predictions
         limit: only the first N examples of the split (0: all)
         batch_size: inputs the student labels together
         out: folder for cascade.json, cascade.md, cascade.png and teacher_calls.jsonl
@@ -148,7 +152,8 @@ def main(
     task = runtime.task
     if not task.closed_label_set:
         raise ValueError(
-            f"task {task.name!r} has open labels: the cascade ranks by the margin between candidate labels, which needs a closed label set"
+            f"task {task.name!r} has open labels: "
+            "the cascade ranks by the margin between candidate labels, which needs a closed label set"
         )
     examples = tasks.load_split(task, split)[: limit or None]
     if not examples:
@@ -206,7 +211,8 @@ def main(
     }
     artifacts.write_json(out / "cascade.json", result)
     lines = [
-        f"{task.name}/{split}, {len(examples)} examples; teacher: {source} (readable for {len(answers) / len(examples):.1%}); "
+        f"{task.name}/{split}, {len(examples)} examples; "
+        f"teacher: {source} (readable for {len(answers) / len(examples):.1%}); "
         f"student alone {reference['student']:.3f}, teacher alone {reference['teacher']:.3f}\n",
         "| sent to the teacher | teacher calls | margins up to | accuracy | seconds per 1k | teacher tokens per 1k |",
         "|---|---|---|---|---|---|",
@@ -214,7 +220,8 @@ def main(
     for r in rows:
         margin = "-" if r["margin_below"] is None else f"{r['margin_below']:.3f}"
         lines.append(
-            f"| {r['fraction']:.0%} | {r['teacher_calls']} | {margin} | {r['accuracy']:.3f} | {r['seconds_per_1k'] or '-'} | {r['teacher_tokens_per_1k'] or '-'} |"
+            f"| {r['fraction']:.0%} | {r['teacher_calls']} | {margin} | {r['accuracy']:.3f} | "
+            f"{r['seconds_per_1k'] or '-'} | {r['teacher_tokens_per_1k'] or '-'} |"
         )
     artifacts.write_atomic(out / "cascade.md", "\n".join(lines) + "\n")
     plot(rows, reference, cost, f"{task.name}/{split}: student-first cascade, teacher = {source}", out / "cascade.png")

@@ -56,7 +56,8 @@ def few_shots(task: tasks.Task) -> list[str]:
 
 
 def prepare(settings: Fallback, task: tasks.Task) -> Teacher:
-    """A teacher for `task`. Nothing connects yet: the client and the gate bind to the event loop that first uses them."""
+    """A teacher for `task`. Nothing connects yet: the client and the gate bind to the event loop that first uses
+    them."""
     import httpx
 
     client_options = settings.client()

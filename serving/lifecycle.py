@@ -85,7 +85,8 @@ def ray_environment(host: str, run_dir: Path, haproxy_dir: Path) -> dict[str, st
         return settings
     if os.environ.get("RAY_AUTH_MODE", "token") != "token":
         raise ValueError(
-            f"--host {host} serves beyond loopback, which needs Ray's token authentication, but RAY_AUTH_MODE={os.environ['RAY_AUTH_MODE']}: unset it (or set token)"
+            f"--host {host} serves beyond loopback, which needs Ray's token authentication, "
+            f"but RAY_AUTH_MODE={os.environ['RAY_AUTH_MODE']}: unset it (or set token)"
         )
     settings["RAY_AUTH_MODE"] = "token"
     if not (os.environ.get("RAY_AUTH_TOKEN") or os.environ.get("RAY_AUTH_TOKEN_PATH")):

@@ -73,7 +73,8 @@ def main(
             args, port=port, host=host, run_dir=run_dir, ray_cpus=ray_cpus, metrics_port=metrics_port
         )  # SIGTERM: as Ctrl-C
         print(
-            f"[serve] {url}/v1/predict  docs {url}/docs  metrics http://127.0.0.1:{metrics_port}/metrics  logs {run_dir.resolve()}/ray/session_latest/logs/serve  (Ctrl-C stops)",
+            f"[serve] {url}/v1/predict  docs {url}/docs  metrics http://127.0.0.1:{metrics_port}/metrics  "
+            f"logs {run_dir.resolve()}/ray/session_latest/logs/serve  (Ctrl-C stops)",
             flush=True,
         )
         while True:

@@ -72,7 +72,10 @@ ERRORS = {
     400: "the body is not valid JSON",
     404: "unknown model id (see /v1/models), or unknown path",
     413: "the body, an input, a choice or the number of inputs is over the server's limits",
-    422: "the body does not have the request's shape: missing or unknown fields, empty or invalid text, choices where the model's labels are fixed",
+    422: (
+        "the body does not have the request's shape: missing or unknown fields, empty or invalid text, "
+        "choices where the model's labels are fixed"
+    ),
     500: "decoding failed for this request's inputs (other requests in its batch are unaffected)",
     503: "overloaded: retry after the Retry-After header's seconds (answered by Serve's proxy)",
     504: "still decoding after the server's request timeout",
@@ -141,7 +144,8 @@ def predict_request_model(limits: Limits, served: dict[str, tasks.Task]) -> type
             model_ids,
             Field(
                 None,
-                description=f"model id (see /v1/models), or the {MODEL_HEADER} header; may be left out when one model is served",
+                description=f"model id (see /v1/models), or the {MODEL_HEADER} header; "
+                "may be left out when one model is served",
             ),
         ),
         explain=(bool, Field(False, strict=True, description="also generate each input's rationale (slower)")),
@@ -172,7 +176,8 @@ def describe_problems(problems: list[dict[str, Any]], limits: Limits) -> tuple[i
     if invalid_json:
         return (
             400,
-            f"malformed JSON: {invalid_json.get('ctx', {}).get('error', 'cannot parse the body')} (at character {invalid_json['loc'][-1]})",
+            f"malformed JSON: {invalid_json.get('ctx', {}).get('error', 'cannot parse the body')} "
+            f"(at character {invalid_json['loc'][-1]})",
         )
     statuses, messages = [], []
     for problem in problems:
@@ -217,7 +222,8 @@ def describe(problem: dict[str, Any], limits: Limits) -> tuple[int, str]:
         keys = ", ".join(sorted(value)) if isinstance(value, dict) else type(value).__name__
         return (
             422,
-            f"{field}: an object with {keys} is not an input form these models take ({problem['ctx']['expected_tags']})",
+            f"{field}: an object with {keys} is not an input form these models take "
+            f"({problem['ctx']['expected_tags']})",
         )
     if kind == "string_type" and (path == ["inputs"] or (len(path) == 2 and path[1].isdigit())):
         return 422, f"{field}: expected a string, an object or a list of them, got {type(value).__name__}"
@@ -245,6 +251,7 @@ def to_example(item: Any, task: tasks.Task, where: str) -> tasks.Example:
     if task.answer_style != "choice" and choices:
         raise HTTPException(
             422,
-            f"{where}.choices: this model's labels are fixed ({task.name}: {', '.join(task.labels) or 'free text'}); drop 'choices'",
+            f"{where}.choices: this model's labels are fixed "
+            f"({task.name}: {', '.join(task.labels) or 'free text'}); drop 'choices'",
         )
     return tasks.Example(id=where, input=tasks.cqa_input(text, choices) if choices else text, label="", choices=choices)

@@ -32,7 +32,8 @@ class Batching:
         _at_least(self, max_batch_size=1, max_ongoing_requests=1, batch_wait_timeout_s=0)
         if self.max_ongoing_requests < self.max_batch_size:
             raise ValueError(
-                f"max_ongoing_requests ({self.max_ongoing_requests}) must be at least max_batch_size ({self.max_batch_size}), or batches never fill"
+                f"max_ongoing_requests ({self.max_ongoing_requests}) must be at least "
+                f"max_batch_size ({self.max_batch_size}), or batches never fill"
             )
 
 
@@ -46,7 +47,8 @@ class Limits:
         max_input_chars: longest input text or field, in characters (413)
         max_choices: most answer choices of one input (413)
         max_choice_chars: longest answer choice, in characters (413)
-        max_choice_tokens: longest answer choice, in tokens of the model's tokenizer (413): bounds the scoring work per input
+        max_choice_tokens: longest answer choice, in tokens of the model's tokenizer (413): bounds the scoring work
+            per input
         request_timeout_s: a request still decoding after this many seconds gets 504
     """
 
@@ -129,7 +131,8 @@ class Fallback:
 
     Args:
         fallback: base URL of the teacher server, e.g. http://127.0.0.1:8001 ("": no fallback)
-        fallback_margin: predictions whose margin (label probability minus the runner-up's) is below this go to the teacher
+        fallback_margin: predictions whose margin (label probability minus the runner-up's) is below this go to the
+            teacher
         fallback_model: model name the teacher server serves
         fallback_timeout_s: seconds per teacher request; past it, or on any teacher error, the student's answer stands
         fallback_retries: retries of a failed teacher request
@@ -212,7 +215,8 @@ class ServeArgs:
                 fields = {f.name for f in dataclasses.fields(group)}
                 if set(given) - fields:
                     raise ValueError(
-                        f"unknown {name} settings: {', '.join(sorted(set(given) - fields))} (known: {', '.join(sorted(fields))})"
+                        f"unknown {name} settings: {', '.join(sorted(set(given) - fields))} "
+                        f"(known: {', '.join(sorted(fields))})"
                     )
                 values[name] = group(**given)
         return cls(**values)

@@ -24,7 +24,8 @@ def tiny_student_dir(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def tiny_export_dir(tiny_student_dir, tmp_path_factory) -> Path:
-    """`stepwise export` of tiny_student_dir (fp32, CPU target, parity-gated on 32 valid examples). Student environment only."""
+    """`stepwise export` of tiny_student_dir (fp32, CPU target, parity-gated on 32 valid examples). Student
+    environment only."""
     from stepwise.export.run import ParityOptions
     from stepwise.export.run import main as export_main
 

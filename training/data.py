@@ -100,7 +100,8 @@ def training_examples(
         raise ValueError("this mode learns from the teacher: pass --rationales (an extraction output folder)")
     if records is not None and not any(e.id in records for e in train):
         raise ValueError(
-            f"none of the {len(records)} records' ids are in task {task.name!r}'s train split: wrong --task or --rationales?"
+            f"none of the {len(records)} records' ids are in task {task.name!r}'s train split: "
+            "wrong --task or --rationales?"
         )
     examples = []
     for example in selected:

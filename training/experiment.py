@@ -143,7 +143,8 @@ def markdown_table(summary: list[dict]) -> str:
     for s in summary:
         test = f"{s['test_mean']:.4f} ± {s['test_std']:.4f}" if s["test_mean"] is not None else "n/a"
         lines.append(
-            f"| {s['mode']} | {s['data_fraction']} | {test} | {s['valid_mean']:.4f} ± {s['valid_std']:.4f} | {s['seeds']} | {s['mean_steps']:.0f} |"
+            f"| {s['mode']} | {s['data_fraction']} | {test} | {s['valid_mean']:.4f} ± {s['valid_std']:.4f} | "
+            f"{s['seeds']} | {s['mean_steps']:.0f} |"
         )
     return "\n".join(lines) + "\n"
 

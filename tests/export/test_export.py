@@ -176,7 +176,8 @@ def test_fp16_gpu_export_writes_tensorrt_options_and_runs_on_cpu(tiny_student_di
     ]
     assert trt["options"]["trt_fp16_enable"] and trt["options"]["trt_engine_cache_enable"] and config["io_binding"]
     assert set(trt["profiles"]) == {"encoder", "decoder", "decoder_with_past"} and config["decoder_layout"] == "split"
-    # What serving hands ONNX Runtime on a GPU box, per session: the session's own shape profile, the cache in the folder.
+    # What serving hands ONNX Runtime on a GPU box, per session: the session's own shape profile, the cache in the
+    # folder.
     name, options = configured_providers(out, config, "decoder_with_past")[0]
     assert name == "TensorrtExecutionProvider" and options["trt_engine_cache_path"] == str(out / "trt_cache")
     assert (

@@ -254,7 +254,8 @@ def served(trained_export_dir, teacher_url, silent_teacher, offline, tmp_path_fa
 
 
 def teacher_says(teacher_url: str, example: tasks.Example) -> tasks.Parsed:
-    """The teacher's greedy answer to `example`, asked directly: the task's few-shot prompt, constrained to its answer form."""
+    """The teacher's greedy answer to `example`, asked directly: the task's few-shot prompt, constrained to its answer
+    form."""
     prompt = tasks.few_shot_prompt(ESNLI, tasks.exemplars(ESNLI, tasks.load_split(ESNLI, "train")), example)
     body = {
         "model": "tiny",

@@ -25,7 +25,8 @@ pytestmark = pytest.mark.slow
 
 
 def port_is_free(port: int) -> bool:
-    """Nothing listens on it (connections of the stopped server in TIME_WAIT don't count: servers bind with SO_REUSEADDR)."""
+    """Nothing listens on it (connections of the stopped server in TIME_WAIT don't count: servers bind with
+    SO_REUSEADDR)."""
     with socket.socket() as s:
         s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:

@@ -99,7 +99,8 @@ def test_a_kill_while_the_best_model_is_written_leaves_no_partial_model(tmp_path
     partial model and no stray file, before or after the rerun that finishes the run."""
     out = tmp_path / "run"
     args = esnli_train(out, esnli_rationales, "--student", "small", "--data-fraction", "0.01", "--batch-size", "4",
-                       "--max-steps", "2", "--eval-every", "1", "--eval-limit", "4", "--max-input-length", "64")  # fmt: skip
+                       "--max-steps", "2", "--eval-every", "1", "--eval-limit", "4",
+                       "--max-input-length", "64")  # fmt: skip
     process = start_stepwise(*args)
     deadline = time.monotonic() + 300
     writing = []

@@ -23,8 +23,8 @@ pytestmark = pytest.mark.slow
 
 
 def train_args(out: Path, rationales: Path, *extra: str) -> list[str]:
-    return esnli_train(out, rationales, "--max-steps", "6", "--eval-every", "3", "--eval-limit", "24", "--max-input-length", "128",
-                       "--max-target-length", "64", *extra)  # fmt: skip
+    return esnli_train(out, rationales, "--max-steps", "6", "--eval-every", "3", "--eval-limit", "24",
+                       "--max-input-length", "128", "--max-target-length", "64", *extra)  # fmt: skip
 
 
 def log_rows(out: Path) -> list[dict]:
