@@ -189,6 +189,7 @@ def main(
     fractions: list[float] = [0.25, 1.0],
     seeds: list[int] = [0, 1, 2],
     vocab_size: int = 2000,
+    labels: list[str] | None = None,
     data: train.DataOptions = train.DataOptions(),
     optim: train.OptimOptions = train.OptimOptions(),
     evaluation: train.EvalOptions = train.EvalOptions(),
@@ -208,6 +209,7 @@ def main(
         fractions: Shares of the training set.
         seeds: Seeds per (mode, fraction).
         vocab_size: Tokenizer vocabulary size of a locally built tiny/small student.
+        labels: A custom task's closed label set (as `stepwise train --labels`).
         data: What every run's student reads and learns.
         optim: Every run's optimizer, batches and budget.
         evaluation: Every run's validation, test and logging.
@@ -226,6 +228,7 @@ def main(
         rationales=rationales,
         student=student,
         vocab_size=vocab_size,
+        labels=labels,
         data=data,
         optim=optim,
         evaluation=evaluation,

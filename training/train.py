@@ -224,6 +224,7 @@ def train_config(task: str, plan: Plan, rationales: Path | None, vocab_size: int
     strategy, cluster) does not: a run may resume on another number of workers."""
     return {
         "task": task,
+        "labels": plan.task.labels,
         "rationales": str(rationales) if rationales else None,
         "student": plan.student,
         "mode": plan.mode,
@@ -362,6 +363,7 @@ def setup(
     evaluation: EvalOptions,
     compute: ComputeOptions,
     force: bool,
+    labels: list[str] | None = None,
 ) -> Plan | None:
     """Check the options, read the data, prepare the folder (None: it already holds this finished run)."""
     if mode not in MODES:
@@ -372,7 +374,7 @@ def setup(
             f"x --grad-accum {optim.grad_accum} micro-batches"
         )
     distributed.check_strategy(compute.strategy, group_coming=compute.on_ray)
-    task_def = tasks.get_task(task)
+    task_def = tasks.get_task(task, labels)
     rationales = Path(rationales).resolve() if rationales else None  # one folder, however it was spelled
     records = None
     if rationales is not None:
@@ -670,6 +672,7 @@ def main(
     data_fraction: float = 1.0,
     seed: int = 0,
     vocab_size: int = 2000,
+    labels: list[str] | None = None,
     data: DataOptions = DataOptions(),
     optim: OptimOptions = OptimOptions(),
     evaluation: EvalOptions = EvalOptions(),
@@ -688,6 +691,8 @@ def main(
         data_fraction: Share of the train split used (0.125 ... 1.0), drawn with --seed.
         seed: Seed of the data fraction, the batch order and a locally built student's weights.
         vocab_size: Tokenizer vocabulary size of a locally built tiny/small student.
+        labels: A custom task's closed label set, as given to `stepwise extract --labels` (a task file beside the
+            data says it once for every stage).
         data: What the student reads and learns.
         optim: The optimizer, the batches and the budget.
         evaluation: Validation, test and logging.
@@ -708,6 +713,7 @@ def main(
         evaluation,
         compute,
         force,
+        labels,
     )
     if plan is None:
         return Path(out)

@@ -164,3 +164,29 @@ def test_rationales_of_the_same_data_read_with_other_labels_are_refused(tmp_path
     differs = r"extracted with labels \['contradiction', 'entailment', 'neutral'\], this task has \['entailment', "
     with pytest.raises(ValueError, match=differs):
         check_task_matches(folder, tasks.get_task(str(path), labels=["entailment", "neutral", "contradiction"]))
+
+
+def test_train_takes_the_label_set_extract_was_given(tmp_path, custom_nli_rows):
+    """`stepwise extract --labels X` then `stepwise train --labels X`: the same task, so the rationales are accepted
+    and the student's task (task.json, the label path, export, serving) carries the declared order."""
+    from stepwise.training import train
+
+    path = tmp_path / "nli.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in custom_nli_rows))
+    declared = ["entailment", "neutral", "contradiction"]
+    task = tasks.get_task(str(path), labels=declared)
+    folder = tmp_path / "rationales"
+    folder.mkdir()
+    (folder / "shard-a.jsonl").write_text(
+        "".join(json.dumps(r) + "\n" for r in _records_for(task, tasks.load_split(task, "train")))
+    )
+    (folder / "manifest.json").write_text("{}")
+    tasks.save_task(task, folder)
+    with pytest.raises(ValueError, match="give both stages the same task file or --labels"):
+        train.setup(str(path), tmp_path / "no", folder, "tiny", "standard-finetune", 1.0, 0, 500, train.DataOptions(),
+                    train.OptimOptions(), train.EvalOptions(), train.ComputeOptions(), False)  # fmt: skip
+    plan = train.setup(str(path), tmp_path / "student", folder, "tiny", "standard-finetune", 1.0, 0, 500,
+                       train.DataOptions(), train.OptimOptions(), train.EvalOptions(), train.ComputeOptions(), False,
+                       labels=declared)  # fmt: skip
+    assert plan is not None and plan.task.labels == declared
+    assert json.loads((tmp_path / "student" / "train_config.json").read_text())["labels"] == declared
