@@ -20,25 +20,10 @@ import time
 from dataclasses import asdict
 from pathlib import Path
 
-from benchmarks.harness import RESULTS, bench_lock, in_fresh_process
+from benchmarks.harness import RESULTS, bench_lock, in_fresh_process, vllm_cpu_environment
 from stepwise import artifacts, tasks
 from stepwise.extraction import run, teachers
 from stepwise.extraction.tiny_teacher import build_tiny_teacher
-
-
-def engine_environment(run_dir: Path) -> dict[str, str]:
-    """What vLLM reads at import: the engine in this process, one thread, a small KV cache, caches in the run folder."""
-    return {
-        "VLLM_ENABLE_V1_MULTIPROCESSING": "0",
-        "VLLM_CPU_KVCACHE_SPACE": "1",
-        "OMP_NUM_THREADS": "1",
-        "VLLM_CACHE_ROOT": str(run_dir / "vllm"),
-        "XDG_CACHE_HOME": str(run_dir / "cache"),
-        "HF_HOME": str(run_dir / "hf"),
-        "TMPDIR": str(run_dir),
-        "VLLM_NO_USAGE_STATS": "1",
-        "TOKENIZERS_PARALLELISM": "false",
-    }
 
 
 def job(task_name: str, count: int) -> tuple[tasks.Task, list[str], list[tasks.Example], list[str]]:
@@ -209,7 +194,7 @@ def main(
     if min([prompts, max_tokens, repeats, hf_batch, *chunk_sizes]) < 1:
         raise ValueError("--prompts, --max-tokens, --repeats, --hf-batch and --chunk-sizes must be 1 or more")
     run_dir = Path(tempfile.mkdtemp(prefix="stepwise-extraction-bench-"))
-    for key, value in engine_environment(run_dir).items():
+    for key, value in vllm_cpu_environment(run_dir).items():
         os.environ.setdefault(key, value)  # before vLLM is imported (in bench_vllm)
     try:
         teacher = Path(model) if model else build_tiny_teacher(run_dir / "tiny-teacher")

@@ -103,6 +103,22 @@ def stop_process(process: subprocess.Popen, grace_s: float = 30) -> None:
         process.wait()
 
 
+def vllm_cpu_environment(folder: Path) -> dict[str, str]:
+    """What vLLM reads at import and start-up, for this machine: the engine in the calling process, a 1 GiB KV cache,
+    one thread, and every cache, socket and temp file under `folder` (keep it short: vLLM's Unix sockets live under
+    TMPDIR). Creates the folders."""
+    folders = {"VLLM_CACHE_ROOT": "vllm-cache", "XDG_CACHE_HOME": "cache", "HF_HOME": "hf", "TMPDIR": "tmp"}
+    for name in folders.values():
+        (folder / name).mkdir(parents=True, exist_ok=True)
+    return {
+        "VLLM_ENABLE_V1_MULTIPROCESSING": "0",
+        "VLLM_CPU_KVCACHE_SPACE": "1",
+        "OMP_NUM_THREADS": "1",
+        "VLLM_NO_USAGE_STATS": "1",
+        "TOKENIZERS_PARALLELISM": "false",
+    } | {key: str(folder / name) for key, name in folders.items()}
+
+
 @contextmanager
 def vllm_openai_server(
     model: Path, scratch: Path, python: Path | None = None, served_name: str = "tiny", ready_timeout_s: float = 300
@@ -114,19 +130,8 @@ def vllm_openai_server(
     teacher environment's). Yields the base URL; the server is stopped on exit, its log kept in `scratch`."""
     port = free_port()
     caches = Path(tempfile.mkdtemp(prefix="vllm-"))
-    for folder in ("tmp", "cache", "hf", "vllm-cache"):
-        (caches / folder).mkdir()
-    env = dict(os.environ) | {
-        "VLLM_ENABLE_V1_MULTIPROCESSING": "0",
-        "VLLM_CPU_KVCACHE_SPACE": "1",
-        "OMP_NUM_THREADS": "1",
-        "VLLM_NO_USAGE_STATS": "1",
-        "VLLM_CACHE_ROOT": str(caches / "vllm-cache"),
-        "XDG_CACHE_HOME": str(caches / "cache"),
-        "HF_HOME": str(caches / "hf"),
-        "TMPDIR": str(caches / "tmp"),
-        "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]).rstrip(os.pathsep),
-    }
+    env = dict(os.environ) | vllm_cpu_environment(caches)
+    env["PYTHONPATH"] = os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]).rstrip(os.pathsep)
     command = [str(python or sys.executable), "-m", "vllm.entrypoints.openai.api_server", "--model", str(model),
                "--host", "127.0.0.1", "--port", str(port), "--enforce-eager", "--served-model-name", served_name,
                "--max-model-len", "4096"]  # fmt: skip

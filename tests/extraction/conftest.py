@@ -9,24 +9,13 @@ from pathlib import Path
 
 import pytest
 
+from benchmarks import harness
+
 RUN_DIR = Path(tempfile.mkdtemp(prefix="stepwise-extraction-tests-"))
-# vLLM reads these at import and start-up: engine in this process, 1 GiB KV cache, one thread,
-# and every cache, socket and temp file inside this run's folder.
-for key, value in {
-    "VLLM_ENABLE_V1_MULTIPROCESSING": "0",
-    "VLLM_CPU_KVCACHE_SPACE": "1",
-    "OMP_NUM_THREADS": "1",
-    "VLLM_CACHE_ROOT": str(RUN_DIR / "vllm-cache"),
-    "XDG_CACHE_HOME": str(RUN_DIR / "cache"),
-    "HF_HOME": str(RUN_DIR / "hf"),
-    "TMPDIR": str(RUN_DIR / "tmp"),
-    "VLLM_NO_USAGE_STATS": "1",
-    "RAY_AUTH_MODE": "disabled",
-    "RAY_USAGE_STATS_ENABLED": "0",
-    "STEPWISE_INPROCESS": "1",
-}.items():
-    os.environ[key] = value
-(RUN_DIR / "tmp").mkdir()
+# vLLM reads these at import and start-up: its CPU settings, every cache, socket and temp file inside this run's
+# folder; Ray local and quiet; stages run in this process.
+os.environ.update(harness.vllm_cpu_environment(RUN_DIR))
+os.environ.update({"RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0", "STEPWISE_INPROCESS": "1"})
 tempfile.tempdir = None  # re-read TMPDIR
 
 

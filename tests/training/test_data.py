@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 
@@ -127,17 +128,22 @@ def _records_for(task, examples):
     ]
 
 
-def test_records_of_an_edited_input_are_skipped_and_counted_never_trained_on(tmp_path, custom_nli_rows):
-    path = tmp_path / "nli.jsonl"
-    path.write_text("".join(json.dumps(r) + "\n" for r in custom_nli_rows))
-    task = tasks.get_task(str(path))
-    folder = tmp_path / "rationales"
+def rationales_folder(folder: Path, task: tasks.Task) -> Path:
+    """An extraction folder for `task`: a record per train example, the manifest, the task."""
     folder.mkdir()
     (folder / "shard-a.jsonl").write_text(
         "".join(json.dumps(r) + "\n" for r in _records_for(task, tasks.load_split(task, "train")))
     )
     (folder / "manifest.json").write_text("{}")
     tasks.save_task(task, folder)
+    return folder
+
+
+def test_records_of_an_edited_input_are_skipped_and_counted_never_trained_on(tmp_path, custom_nli_rows):
+    path = tmp_path / "nli.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in custom_nli_rows))
+    task = tasks.get_task(str(path))
+    folder = rationales_folder(tmp_path / "rationales", task)
     edited_id = custom_nli_rows[5]["id"]
     path.write_text(
         "".join(
@@ -175,13 +181,7 @@ def test_train_takes_the_label_set_extract_was_given(tmp_path, custom_nli_rows):
     path.write_text("".join(json.dumps(r) + "\n" for r in custom_nli_rows))
     declared = ["entailment", "neutral", "contradiction"]
     task = tasks.get_task(str(path), labels=declared)
-    folder = tmp_path / "rationales"
-    folder.mkdir()
-    (folder / "shard-a.jsonl").write_text(
-        "".join(json.dumps(r) + "\n" for r in _records_for(task, tasks.load_split(task, "train")))
-    )
-    (folder / "manifest.json").write_text("{}")
-    tasks.save_task(task, folder)
+    folder = rationales_folder(tmp_path / "rationales", task)
     with pytest.raises(ValueError, match="give both stages the same task file or --labels"):
         train.setup(str(path), tmp_path / "no", folder, "tiny", "standard-finetune", 1.0, 0, 500, train.DataOptions(),
                     train.OptimOptions(), train.EvalOptions(), train.ComputeOptions(), False)  # fmt: skip
