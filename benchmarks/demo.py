@@ -538,7 +538,7 @@ Task **{spec.name}**, teacher **{teacher}**, """
 ![accuracy by mode](plots/accuracy_by_mode.png)
 
 A tiny T5 trained from scratch for minutes on a CPU is not the paper's pretrained T5: read these as a check
-that the pipeline learns, not as a reproduction (README, Training, has the GPU recipe for that).
+that the pipeline learns, not as a reproduction (training/README.md has the GPU recipe for that).
 
 ## 3. Export (`stepwise export`, {bench["onnx"]["precision"]})
 Parity gate {"passed" if parity["passed"] else "FAILED"} on {parity["examples"]} validation examples: """
