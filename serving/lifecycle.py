@@ -219,8 +219,10 @@ def start(
         _started_ray = True
         if threading.current_thread() is threading.main_thread():
             # ray.init installs a SIGTERM handler that exits without shutting Serve down; from here on SIGTERM
-            # (systemd, Docker, Kubernetes) takes the Ctrl-C path, also while Serve is still starting.
+            # (systemd, Docker, Kubernetes) takes the Ctrl-C path, also while Serve is still starting. SIGINT too:
+            # a process started in the background by a shell inherits SIGINT ignored, and Python then leaves it so.
             signal.signal(signal.SIGTERM, interrupt)
+            signal.signal(signal.SIGINT, interrupt)
     # The proxy's own timeout is a backstop: the app answers 504 at request_timeout_s first, and a teacher fallback
     # gives up after its budget (the student's answer stands), so neither ever meets it.
     http_options = {
