@@ -12,6 +12,8 @@ import pytest
 
 from stepwise import envs
 
+from helpers import free_port
+
 pytestmark = pytest.mark.slow
 
 # A 60-step student sits on near-ties, where int8 flips a few validation labels either way: a looser gate
@@ -31,8 +33,6 @@ SHORT = [
     "4",
     "--bench-calls",
     "4",
-    "--port",
-    "8797",
 ]
 
 
@@ -40,7 +40,7 @@ def run_demo(out, *extra):
     env = {k: v for k, v in os.environ.items() if k != "STEPWISE_INPROCESS"}
     system_python = getattr(sys, "_base_executable", sys.executable)
     return subprocess.run(
-        [system_python, "-m", "stepwise", "demo", "--out", str(out), *SHORT, *extra],
+        [system_python, "-m", "stepwise", "demo", "--out", str(out), *SHORT, "--port", str(free_port()), *extra],
         cwd=envs.ROOT,
         env=env,
         capture_output=True,
