@@ -103,8 +103,12 @@ def haproxies() -> set[int]:
 
 
 def stop_and_check(server: subprocess.Popen, how: int, ports: tuple[int, ...], run_dir: Path) -> None:
-    # The server's own (its descendants: other servers on the machine start and stop HAProxies meanwhile).
-    ours = {p.pid for p in psutil.Process(server.pid).children(recursive=True) if p.name() == "haproxy"}
+    # The server's own (its descendants: other servers on the machine start and stop HAProxies meanwhile). Ray's
+    # short-lived workers come and go while they are listed: name them in one pass that skips the ones gone.
+    descendants = psutil.Process(server.pid).children(recursive=True)
+    ours = {
+        p.info["pid"] for p in psutil.process_iter(["pid", "name"]) if p in descendants and p.info["name"] == "haproxy"
+    }
     assert ours, "the server runs an HAProxy ingress"
     server.send_signal(how)
     output, _ = server.communicate(timeout=90)
