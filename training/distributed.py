@@ -221,10 +221,10 @@ def save_state(folder: Path, model: nn.Module, optimizer: torch.optim.Optimizer)
 
 def load_state(folder: Path, model: nn.Module, optimizer: torch.optim.Optimizer) -> None:
     """The state `save_state` wrote, resharded onto this world (any number of ranks, any strategy)."""
-    check_metadata(folder)
+    reader = _CheckedReader(folder)
     weights, optimizer_state = get_state_dict(model, optimizer)  # the layout to fill (shapes, shards)
     state = {"model": weights, "optimizer": optimizer_state["state"]}
-    dcp.load(state, checkpoint_id=str(folder))
+    dcp.load(state, storage_reader=reader)
     set_state_dict(
         model,
         optimizer,
@@ -233,33 +233,65 @@ def load_state(folder: Path, model: nn.Module, optimizer: torch.optim.Optimizer)
     )
 
 
+# Every global a DCP metadata file names, as exact (module, name) pairs: pickle would otherwise walk a dotted
+# name from any allowed module (`torch.distributed.checkpoint.metadata` + `os.system`), and each allowed global
+# is called with arguments from the file, so each must be a plain constructor.
+_METADATA_GLOBALS = {
+    ("torch.distributed.checkpoint.metadata", name)
+    for name in (
+        "Metadata",
+        "MetadataIndex",
+        "StorageMeta",
+        "TensorProperties",
+        "TensorStorageMetadata",
+        "ChunkStorageMetadata",
+        "BytesStorageMetadata",
+        "_MEM_FORMAT_ENCODING",
+    )
+} | {
+    ("torch.distributed.checkpoint.filesystem", "_StorageInfo"),
+    ("torch", "Size"),
+    ("torch.serialization", "_get_layout"),  # a name -> torch layout lookup
+    ("pathlib", "Path"),
+    ("pathlib", "PosixPath"),
+    ("pathlib", "PurePosixPath"),
+}
+_TORCH_CONSTANTS = (torch.dtype, torch.layout, torch.memory_format)  # torch.float32 etc.: values, not callables
+
+
 class _MetadataUnpickler(pickle.Unpickler):
     """DCP's metadata classes, torch sizes, dtypes and layouts, paths: nothing that runs code."""
 
     def find_class(self, module: str, name: str) -> Any:
-        allowed = (
-            module.startswith("torch.distributed.checkpoint.")
-            or (
-                module == "torch"
-                and (
-                    name == "Size"
-                    or isinstance(getattr(torch, name, None), (torch.dtype, torch.layout, torch.memory_format))
-                )
-            )
-            or (module, name) == ("torch.serialization", "_get_layout")
-            or (
-                module == "pathlib" and name in ("Path", "PosixPath", "PurePosixPath", "WindowsPath", "PureWindowsPath")
-            )
+        allowed = (module, name) in _METADATA_GLOBALS or (
+            module == "torch" and name.isidentifier() and isinstance(torch.__dict__.get(name), _TORCH_CONSTANTS)
         )
         if not allowed:
             raise pickle.UnpicklingError(f"{module}.{name} is not part of a checkpoint's metadata")
         return super().find_class(module, name)
 
 
-def check_metadata(folder: Path) -> None:
+class _CheckedReader(dcp.FileSystemReader):
+    """DCP's file reader, with the metadata read once by `read_checked_metadata` (DCP's own reader unpickles it
+    with plain pickle): what was checked is what is loaded."""
+
+    def __init__(self, folder: Path):
+        super().__init__(str(folder))
+        self._metadata = read_checked_metadata(Path(folder))
+
+    def read_metadata(self, *args: Any, **kwargs: Any) -> Any:
+        from torch.distributed.checkpoint.metadata import StorageMeta
+
+        if getattr(self._metadata, "storage_meta", None) is None:
+            self._metadata.storage_meta = StorageMeta()
+        self._metadata.storage_meta.load_id = self.load_id
+        return self._metadata
+
+
+def read_checked_metadata(folder: Path) -> Any:
     """DCP reads its metadata with plain pickle and non-tensor entries with torch.load(weights_only=False);
-    refuse a checkpoint whose metadata names anything but DCP's own classes, or holds non-tensor entries,
-    before DCP reads it (tensors themselves load with weights_only=True)."""
+    refuse a checkpoint whose metadata names anything but DCP's own classes, or holds non-tensor entries
+    (tensors themselves load with weights_only=True)."""
     from torch.distributed.checkpoint.metadata import BytesStorageMetadata, Metadata
 
     path = Path(folder) / DCP_METADATA
@@ -267,10 +299,11 @@ def check_metadata(folder: Path) -> None:
         raise FileNotFoundError(f"checkpoint {folder} has no {DCP_METADATA}: not a complete checkpoint")
     try:
         metadata = _MetadataUnpickler(io.BytesIO(path.read_bytes())).load()
-    except (pickle.UnpicklingError, AttributeError, EOFError, TypeError) as problem:
+    except (pickle.UnpicklingError, AttributeError, EOFError, TypeError, ValueError, KeyError) as problem:
         raise ValueError(f"checkpoint {folder}: refusing {path.name}: {problem}") from None
     if not isinstance(metadata, Metadata):
         raise ValueError(f"checkpoint {folder}: {path.name} holds a {type(metadata).__name__}, not DCP metadata")
     untensored = [key for key, item in metadata.state_dict_metadata.items() if isinstance(item, BytesStorageMetadata)]
     if untensored:
         raise ValueError(f"checkpoint {folder}: refusing non-tensor entries {untensored[:3]} (they would be unpickled)")
+    return metadata
