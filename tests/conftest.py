@@ -68,3 +68,28 @@ def start_vllm_server():
     """`with start_vllm_server(model, scratch, python=None) as base_url:` a real vLLM OpenAI server on loopback
     (benchmarks.harness.vllm_openai_server)."""
     return harness.vllm_openai_server
+
+
+@pytest.fixture(scope="session")
+def s3_env():
+    """A real S3 server (moto) on loopback for the whole session; its environment (endpoint, credentials) is set
+    in this process too, so in-process storage calls and every child process reach it."""
+    import scaleout
+
+    with scaleout.s3_server() as env:
+        before = {k: os.environ.get(k) for k in env}
+        os.environ.update(env)
+        yield env
+        for key, value in before.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+
+
+@pytest.fixture
+def bucket(s3_env) -> str:
+    """s3://<a fresh bucket> on the session's S3 server."""
+    import scaleout
+
+    return scaleout.new_bucket()
