@@ -121,8 +121,14 @@ def ray_nodes(
     address = f"127.0.0.1:{port}"
     started: list[subprocess.Popen] = []
     try:
-        head_args = [f"--num-cpus={head_cpus}", "--head", f"--port={port}", "--include-dashboard=false",
-                     f"--ray-client-server-port={free_port()}", f"--resources={json.dumps(head_resources or {})}"]  # fmt: skip
+        head_args = [
+            f"--num-cpus={head_cpus}",
+            "--head",
+            f"--port={port}",
+            "--include-dashboard=false",
+            f"--ray-client-server-port={free_port()}",
+            f"--resources={json.dumps(head_resources or {})}",
+        ]
         started.append(_ray_start(head_args, root / "head", env))
         for index in range(workers):
             node_args = [f"--address={address}", f"--num-cpus={worker_cpus}",

@@ -9,10 +9,11 @@ import sys
 import time
 
 import pytest
-import scaleout
 
-from helpers import ROOT, cli_env
 from stepwise import storage
+
+import scaleout
+from helpers import ROOT, cli_env
 
 pytestmark = pytest.mark.slow
 
@@ -46,4 +47,3 @@ def test_three_raylets_reach_the_object_store_and_a_killed_node_is_seen_dead(s3_
         while scaleout.alive_nodes(cluster.address, env) != 2:
             assert time.monotonic() < deadline, "the killed node is still counted alive"
             time.sleep(2)
-

@@ -9,8 +9,9 @@ import sys
 
 import pytest
 
-from helpers import ROOT, cli_env
 from stepwise import storage
+
+from helpers import ROOT, cli_env
 
 
 def test_locations_are_parsed_as_users_write_them(tmp_path):
