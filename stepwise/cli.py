@@ -22,7 +22,7 @@ import typing
 from pathlib import Path
 from typing import Any, Callable, Literal, NamedTuple, get_args, get_origin
 
-from stepwise import artifacts, envs
+from stepwise import artifacts, envs, storage
 
 # stage -> (module, function, environment). Only stages that exist are listed.
 STAGES: dict[str, tuple[str, str, str]] = {
@@ -120,6 +120,11 @@ def options_of(fn: Callable) -> list[Option]:
     return found
 
 
+def _is_location(hint: Any) -> bool:
+    """`str | Path` in a signature: a local folder or an object-store URI (`stepwise.storage`)."""
+    return get_origin(hint) in (typing.Union, types.UnionType) and set(get_args(hint)) - {type(None)} == {str, Path}
+
+
 def parser_for(fn: Callable, prog: str) -> argparse.ArgumentParser:
     """An argparse parser whose options mirror `fn`'s keyword parameters and type hints (dataclass
     parameters become argument groups)."""
@@ -153,6 +158,8 @@ def parser_for(fn: Callable, prog: str) -> argparse.ArgumentParser:
             # "extend" would append to a default list instead of replacing it.
             kwargs.update(nargs="+", action="extend", type=get_args(hint)[0] if get_args(hint) else str)
             kwargs.pop("default", None)
+        elif _is_location(hint):
+            kwargs["type"] = storage.as_location
         else:
             kwargs["type"] = hint
         where.add_argument("--" + option.name.replace("_", "-"), **kwargs)
