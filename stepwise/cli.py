@@ -242,7 +242,7 @@ def run_tests(pytest_args: list[str]) -> int:
     env["PYTHONPATH"] = str(envs.ROOT)
     failed = 0
     # Both environments first: student-side tests start servers from the teacher's (a vLLM teacher for the cascade).
-    pythons = {name: envs.ensure_env(name, quiet=True) for name in envs.ENV_NAMES}
+    pythons = {name: envs.ensure_env(name) for name in envs.ENV_NAMES}
     for name, paths in suites:
         python = pythons[name]
         print(f"[stepwise] running tests in the {name} environment: {' '.join(paths)}", flush=True)

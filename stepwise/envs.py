@@ -103,31 +103,88 @@ def recipe_stamp(name: str, gpu: bool) -> str:
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
-def ensure_env(name: str, quiet: bool = False) -> Path:
-    """Create (or bring up to date) venv `name`; return its python. A no-op when the stamp matches."""
+def setup_log(name: str) -> Path:
+    """Where pip's output of environment `name`'s set-up goes (named when it fails)."""
+    return venv_home() / f"{name}-setup.log"
+
+
+def ensure_env(name: str) -> Path:
+    """Create (or bring up to date) venv `name`; return its python. A no-op when the stamp matches. One status line
+    per environment (pip's own output goes to `setup_log`)."""
     gpu = gpu_requested()
     stamp_file = venv_dir(name) / ".stepwise-stamp"
     stamp = recipe_stamp(name, gpu)
     if stamp_file.exists() and stamp_file.read_text().strip() == stamp:
         return venv_python(name)
     started = time.time()
-    print(
-        f"[stepwise] setting up the {name} environment in {venv_dir(name)} (first run, a few minutes)",
-        file=sys.stderr,
-        flush=True,
-    )
+    log = setup_log(name)
+    log.parent.mkdir(parents=True, exist_ok=True)
+    log.write_text("")
+    status(f"[stepwise] setting up the {name} environment in {venv_dir(name)} (first run: a few minutes)", done=True)
     if not venv_python(name).exists():
         subprocess.run([sys.executable, "-m", "venv", str(venv_dir(name))], check=True)
-    for step in install_steps(name, gpu):
-        cmd = [str(venv_python(name)), "-m", "pip", *step]
-        if step[0] == "install" and quiet:
-            cmd.append("-q")
-        result = subprocess.run(cmd)
-        if result.returncode != 0 and step[0] != "uninstall":
-            raise SystemExit(f"[stepwise] setting up the {name} environment failed at: pip {' '.join(step)}")
+    steps = install_steps(name, gpu)
+    for number, step in enumerate(steps, 1):
+        run_pip_step(venv_python(name), step, log, f"{name} environment: step {number}/{len(steps)}", started)
     stamp_file.write_text(stamp + "\n")
-    print(f"[stepwise] {name} environment ready in {time.time() - started:.0f} s", file=sys.stderr, flush=True)
+    status(f"[stepwise] {name} environment ready in {time.time() - started:.0f} s (pip's output: {log})", done=True)
     return venv_python(name)
+
+
+# What pip prints as it works, shown as the status line's last word; and how it names what failed.
+PIP_ACTIVITY = re.compile(r"^(Collecting|Downloading|Processing|Building|Installing|Uninstalling|Obtaining)\b")
+PIP_FAILED = [
+    re.compile(r"No matching distribution found for (\S+)"),
+    re.compile(r"Could not find a version that satisfies the requirement (\S+)"),
+    re.compile(r"Failed to build (\S+)"),
+    re.compile(r"Building wheel for (\S+) \(pyproject\.toml\) \.\.\. error"),
+    re.compile(r"Cannot install (\S+)"),
+    re.compile(r"ERROR: (.+)"),
+]
+
+
+def run_pip_step(python: Path, step: list[str], log: Path, label: str, started: float) -> None:
+    """`python -m pip step...` with its output appended to `log`, a status line showing what it does meanwhile;
+    a failure (other than an uninstall of something absent) names the package pip failed on and the log."""
+    with log.open("a") as out:
+        out.write(f"\n$ pip {' '.join(step)}\n")
+        out.flush()
+        process = subprocess.Popen([str(python), "-m", "pip", *step], stdout=out, stderr=subprocess.STDOUT)
+        last_line_at = 0.0
+        while process.poll() is None:
+            time.sleep(0.5)
+            elapsed = time.time() - started
+            if sys.stderr.isatty() or elapsed - last_line_at >= 30:  # a terminal: live; a pipe: a line every 30 s
+                status(f"[stepwise] {label}, {elapsed:.0f} s: {pip_activity(log)}")
+                last_line_at = elapsed
+    if process.returncode != 0 and step[0] != "uninstall":
+        status("", done=True)
+        raise SystemExit(f"[stepwise] setting up the {label} failed: {pip_failure(log)} (pip {' '.join(step[:2])} "
+                         f"...; its whole output: {log})")  # fmt: skip
+
+
+def pip_activity(log: Path) -> str:
+    lines = [line for line in log.read_text(errors="replace").splitlines() if PIP_ACTIVITY.match(line.strip())]
+    return lines[-1].strip()[:80] if lines else "starting pip"
+
+
+def pip_failure(log: Path) -> str:
+    """What failed, as pip named it in the last step's output."""
+    text = log.read_text(errors="replace").rsplit("\n$ pip ", 1)[-1]
+    for pattern in PIP_FAILED:
+        found = pattern.findall(text)
+        if found:
+            what = found[-1].strip()
+            return what if pattern.pattern.startswith("ERROR") else f"package {what}"
+    return "pip exited with an error"
+
+
+def status(line: str, done: bool = False) -> None:
+    """One status line on stderr: rewritten in place on a terminal, a line each otherwise."""
+    if sys.stderr.isatty():
+        print(f"\r\033[K{line}", end="\n" if done else "", file=sys.stderr, flush=True)
+    elif line:
+        print(line, file=sys.stderr, flush=True)
 
 
 def quiet_runtime_env() -> dict[str, str]:

@@ -8,6 +8,8 @@ import json
 import re
 import subprocess
 import sys
+import time
+from pathlib import Path
 
 import pytest
 from packaging.requirements import Requirement
@@ -81,3 +83,32 @@ def test_the_recipes_install_what_pyproject_pins():
         assert cpu[0][-1] == envs.pinned(env_name, False, "torch") == "torch==2.13.0"
         assert not any("torch==" in step[-1] for step in gpu)  # on a CUDA box the index's CUDA torch is the point
     assert envs.install_steps("student", gpu=True)[-1][-1] == envs.pinned("student", True, "onnxruntime-gpu")
+
+
+def test_a_failed_setup_names_the_package_and_the_log(tmp_path, capsys):
+    """pip's output goes to the log, not the terminal; the one-line failure names what pip failed on and the log."""
+    log = tmp_path / "student-setup.log"
+    log.write_text("")
+    missing = ["install", "--no-index", "--find-links", str(tmp_path), "stepwise-no-such-package==1.0"]
+    with pytest.raises(SystemExit) as failure:
+        envs.run_pip_step(Path(sys.executable), missing, log, "student environment: step 2/2", time.time())
+    message = str(failure.value)
+    assert "setting up the student environment: step 2/2 failed: package stepwise-no-such-package==1.0" in message
+    assert str(log) in message and "No matching distribution found" in log.read_text()
+    assert "No matching distribution" not in capsys.readouterr().err
+
+
+def test_a_first_setup_prints_a_line_per_environment_with_its_time(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("STEPWISE_VENVS", str(tmp_path))
+    monkeypatch.setattr(envs, "install_steps", lambda name, gpu: [["--version"], ["list"]])
+    python = envs.ensure_env("student")
+    lines = capsys.readouterr().err.splitlines()
+    assert (
+        lines[0]
+        == f"[stepwise] setting up the student environment in {tmp_path / 'student'} (first run: a few minutes)"
+    )
+    assert re.fullmatch(
+        rf"\[stepwise\] student environment ready in \d+ s \(pip's output: {tmp_path}/student-setup.log\)", lines[-1]
+    )
+    assert len(lines) == 2 and "$ pip list" in envs.setup_log("student").read_text()
+    assert envs.ensure_env("student") == python and capsys.readouterr().err == ""  # the stamp matches: nothing to do
