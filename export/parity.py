@@ -8,10 +8,9 @@ from typing import Any
 
 import numpy as np
 import torch
-from tqdm import tqdm
 from transformers import AutoTokenizer, T5ForConditionalGeneration
 
-from stepwise import tasks
+from stepwise import progress, tasks
 from stepwise.export import runtime as ort_runtime
 
 
@@ -141,7 +140,7 @@ def compare(
     out: dict[str, list[str]] = {"torch_greedy": [], "onnx_greedy": [], "torch_fast": [], "onnx_fast": []}
     max_diff = max_probability_diff = 0.0
     batches = [examples[i : i + batch_size] for i in range(0, len(examples), batch_size)]
-    for index, batch in enumerate(tqdm(batches, desc="parity", unit="batch")):
+    for index, batch in enumerate(progress.bar(batches, desc="parity", unit="batch")):
         texts = [tasks.label_input(e) for e in batch]
         out["torch_greedy"] += torch_greedy_labels(model, tokenizer, texts, max_new, max_input)
         out["onnx_greedy"] += [p.label for p in ort_runtime.predict(runtime, batch, fast_path=False)]

@@ -14,9 +14,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from tqdm import tqdm
-
-from stepwise import artifacts, tasks
+from stepwise import artifacts, progress, tasks
 
 FRACTIONS = [round(i / 20, 2) for i in range(21)]
 
@@ -160,7 +158,9 @@ def main(
         raise ValueError(f"task {task.name!r} has no {split} examples")
     answers = teacher_answers(task, split, examples, teacher)
     predictions, started = [], time.perf_counter()
-    for start in tqdm(range(0, len(examples), batch_size), desc=f"student on {task.name}/{split}", unit="batch"):
+    for start in progress.bar(
+        range(0, len(examples), batch_size), desc=f"student on {task.name}/{split}", unit="batch"
+    ):
         predictions += predict(runtime, examples[start : start + batch_size])
     student_seconds = time.perf_counter() - started
     labels, margins = [p.label for p in predictions], [p.margin for p in predictions]

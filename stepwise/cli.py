@@ -22,7 +22,7 @@ import typing
 from pathlib import Path
 from typing import Any, Callable, Literal, NamedTuple, get_args, get_origin
 
-from stepwise import artifacts, envs, storage
+from stepwise import artifacts, envs, progress, storage
 
 # stage -> (module, function, environment). Only stages that exist are listed.
 STAGES: dict[str, tuple[str, str, str]] = {
@@ -166,6 +166,12 @@ def parser_for(fn: Callable, prog: str) -> argparse.ArgumentParser:
     parser.add_argument(
         "--config", type=Path, default=None, help="JSON or TOML file whose keys override the defaults above"
     )
+    parser.add_argument(
+        "--progress",
+        choices=progress.MODES,
+        default=None,
+        help="progress output: a live bar on a terminal, a line every 30 s in a pipe (auto), or always bar/plain/off",
+    )
     return parser
 
 
@@ -212,6 +218,9 @@ def arguments(fn: Callable, argv: list[str], prog: str = "stepwise") -> dict[str
                 action.required = False
     args = vars(parser.parse_args(argv))
     args.pop("config")
+    chosen_progress = args.pop("progress")
+    if chosen_progress:  # read where the bars are made, in this process and in the workers it starts
+        os.environ["STEPWISE_PROGRESS"] = chosen_progress
     kwargs: dict[str, Any] = {}
     grouped: dict[str, dict[str, Any]] = {}
     for option in options_of(fn):
