@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
-from stepwise import artifacts, tasks
+from stepwise import artifacts, cards, tasks
 
 ONNX_FILES = {
     "encoder": "encoder_model.onnx",
@@ -425,6 +425,7 @@ def main(
     if not (report["passed"] or report["skipped"]):  # a skipped gate lands, marked unverified
         staging.rename(rejected)
         raise artifacts.ParityFailed(rejected, report)
+    cards.write_model_card(staging, name=out.name)
     place(staging, out)
     print(f"[export] done in {time.time() - started:.0f} s: {out}", flush=True)
     return out

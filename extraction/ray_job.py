@@ -15,9 +15,7 @@ import json
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from tqdm import tqdm
-
-from stepwise import tasks
+from stepwise import progress, tasks
 from stepwise.extraction import records as extraction_records
 from stepwise.extraction import teachers
 
@@ -110,7 +108,7 @@ def extract_on_ray(
             },
         )
         tallies = []
-        with tqdm(
+        with progress.bar(
             total=len(pending), unit="rec", desc=f"extract {task.name} on ray ({actors} engines)", dynamic_ncols=True
         ) as bar:
             for row in results.iter_rows():

@@ -15,9 +15,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Literal
 
-from tqdm import tqdm
-
-from stepwise import artifacts, tasks
+from stepwise import artifacts, cards, progress, tasks
 from stepwise.extraction import ray_job, shards, teachers
 from stepwise.extraction.ray_job import RayCluster
 from stepwise.extraction.records import generate_records, tally
@@ -238,7 +236,9 @@ def extract_chunks(job: Job, generate: teachers.Teacher, pending: list[tasks.Exa
         write_manifest(job, done + new)
         chunk.clear()
 
-    with tqdm(total=len(pending), unit="rec", desc=f"extract {job.task.name}/{job.split}", dynamic_ncols=True) as bar:
+    with progress.bar(
+        total=len(pending), unit="rec", desc=f"extract {job.task.name}/{job.split}", dynamic_ncols=True
+    ) as bar:
         for record in generate_records(job.task, generate, job.shots, pending, job.teacher_meta):
             chunk.append(record)
             if len(chunk) == job.chunk_size:
@@ -305,7 +305,9 @@ def finish(job: Job, done: list[dict], new: list[dict], started: float, generati
         "tokens_out_per_s": this_run["tokens_out"] / wall if wall else None,
         "this_run": this_run,
     }
-    print_summary(write_manifest(job, done + new, summary))
+    manifest = write_manifest(job, done + new, summary)
+    cards.write_dataset_card(job.out, manifest, job.shard_format)
+    print_summary(manifest)
     return job.out
 
 

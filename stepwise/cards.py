@@ -110,7 +110,7 @@ def read_if_there(path: Path) -> dict[str, Any]:
     return artifacts.read_json(path, "a stepwise artifact") if path.exists() else {}
 
 
-def model_card(folder: Path) -> str:
+def model_card(folder: Path, name: str = "") -> str:
     """The model card of a training run folder, or of an export folder (it has export_config.json and parity.json
     too): the task and labels, the recipe, the metrics the run measured, the export's parity report."""
     folder = Path(folder)
@@ -143,7 +143,7 @@ def model_card(folder: Path) -> str:
                 "metrics": [_metric(f"valid ({parity['examples']}, ONNX)", parity["accuracy_onnx"])],
             }
         )
-    name = folder.name
+    name = name or folder.name
     data: dict[str, Any] = {
         "license": "unknown",
         "language": ["en"],
@@ -205,5 +205,6 @@ def write_dataset_card(folder: Path, manifest: artifacts.Manifest, shard_format:
     return artifacts.write_atomic(Path(folder) / CARD, dataset_card(manifest, shard_format))
 
 
-def write_model_card(folder: Path) -> Path:
-    return artifacts.write_atomic(Path(folder) / CARD, model_card(folder))
+def write_model_card(folder: Path, name: str = "") -> Path:
+    """`name`: what the card calls the model (default: the folder's name; a staging folder passes its final one)."""
+    return artifacts.write_atomic(Path(folder) / CARD, model_card(folder, name))

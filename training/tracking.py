@@ -19,7 +19,7 @@ TENSORBOARD_DIR = "tensorboard"
 MLFLOW_RUN_ID = "mlflow_run_id"  # inside the checkpoint folder: a resumed run logs into the same MLflow run
 
 
-@dataclass
+@dataclass(frozen=True)
 class Tracker:
     """Where the rows go: `log(row, step)` for every log.csv row, `finish(metrics)` once at the end."""
 
@@ -40,6 +40,11 @@ def scalars(values: dict[str, Any], prefix: str = "") -> dict[str, float]:
         elif isinstance(value, (int, float)) and not isinstance(value, bool) and key != "step":
             found[name] = float(value)
     return found
+
+
+def final_scalars(metrics: dict[str, Any]) -> dict[str, float]:
+    """The run's end: the best validation accuracy (the kept model's) and the test accuracy of that model."""
+    return scalars({"best_valid": metrics["valid"], **({"test": metrics["test"]} if metrics.get("test") else {})})
 
 
 def open_tracker(
@@ -68,7 +73,7 @@ def tensorboard_tracker(folder: Path, params: dict[str, Any], resume_step: int) 
         writer.flush()
 
     def finish(metrics: dict[str, Any]) -> None:
-        for name, value in scalars({k: metrics[k] for k in ("valid", "test") if metrics.get(k)}).items():
+        for name, value in final_scalars(metrics).items():
             writer.add_scalar(name, value, metrics["steps"])
         writer.close()
 
@@ -97,7 +102,7 @@ def mlflow_tracker(checkpoint_dir: Path, run_name: str, params: dict[str, Any], 
             client.log_metric(run_id, name, value, step=step)
 
     def finish(metrics: dict[str, Any]) -> None:
-        for name, value in scalars({k: metrics[k] for k in ("valid", "test") if metrics.get(k)}).items():
+        for name, value in final_scalars(metrics).items():
             client.log_metric(run_id, name, value, step=metrics["steps"])
         client.set_terminated(run_id)
 

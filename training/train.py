@@ -21,14 +21,14 @@ import shutil
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import torch
-from tqdm.auto import tqdm
 from transformers import AutoConfig, AutoTokenizer, PreTrainedTokenizerBase, T5ForConditionalGeneration
 
-from stepwise import artifacts, tasks
-from stepwise.training import checkpoints, distributed
+from stepwise import artifacts, cards, tasks
+from stepwise.progress import bar as progress_bar
+from stepwise.training import checkpoints, distributed, tracking
 from stepwise.training.checkpoints import Progress
 from stepwise.training.data import StudentExample, check_task_matches, records_by_id, training_examples
 from stepwise.training.distributed import World
@@ -131,12 +131,18 @@ class EvalOptions:
         eval_limit: Evaluate on at most this many validation and test examples (0: all), the same ones in every run.
         eval_batch_size: Batch size of evaluation generation (per worker).
         log_every: Steps between rows of the CSV loss log.
+        report_to: Also send every log row and the final metrics to none, tensorboard (event files in <out>/tensorboard)
+            or mlflow (transformers' word for it).
+        tracking_uri: MLflow tracking URI for --report-to mlflow ("": $MLFLOW_TRACKING_URI, else MLflow's local
+            default).
     """
 
     eval_every: int = 250
     eval_limit: int = 0
     eval_batch_size: int = 64
     log_every: int = 10
+    report_to: tracking.ReportTo = "none"
+    tracking_uri: str = ""
 
     def __post_init__(self) -> None:
         if min(self.eval_every, self.eval_batch_size, self.log_every) < 1 or self.eval_limit < 0:
@@ -429,6 +435,7 @@ class Worker:
     optimizer: torch.optim.Optimizer
     progress: Progress
     on_ray: bool
+    tracker: tracking.Tracker = tracking.NO_TRACKER  # rank 0's
     started: float = field(default_factory=time.monotonic)
 
     def elapsed(self) -> float:
@@ -486,8 +493,17 @@ def start_worker(plan: Plan, device: torch.device, on_ray: bool) -> Worker:
             f"[train] rank 0 of {world.size} ({world.strategy}): {params / 1e6:.1f}M params on {world.device}",
             flush=True,
         )
+    tracker = open_tracker(plan, progress.step) if world.main else tracking.NO_TRACKER
     distributed.barrier(world)
-    return Worker(plan, world, tokenizer, columns, max_new_tokens, model, forward, optimizer, progress, on_ray)
+    return Worker(plan, world, tokenizer, columns, max_new_tokens, model, forward, optimizer, progress, on_ray, tracker)
+
+
+def open_tracker(plan: Plan, resume_step: int) -> tracking.Tracker:
+    evaluation = plan.evaluation
+    settings = artifacts.read_json(plan.out / artifacts.TRAIN_CONFIG, "the run's settings")
+    run_name = f"{plan.out.name} ({plan.mode})"
+    return tracking.open_tracker(evaluation.report_to, plan.out, checkpoints.root(plan.out), run_name, settings,
+                                 evaluation.tracking_uri, resume_step)  # fmt: skip
 
 
 def score(worker: Worker, examples: list[tasks.Example]) -> dict:
@@ -556,6 +572,7 @@ def validate_and_checkpoint(worker: Worker) -> float:
     if world.main:
         row = {"step": progress.step, "elapsed_s": round(worker.elapsed(), 1), "valid_accuracy": accuracy}
         checkpoints.append_log(plan.out, row)
+        worker.tracker.log(row, progress.step)
     progress.validated_step = progress.step
     progress.elapsed_s, worker.started = worker.elapsed(), time.monotonic()
     checkpoints.save(plan.out, worker.model, worker.optimizer, progress, world, worker.on_ray)
@@ -568,7 +585,7 @@ def train_loop(worker: Worker) -> None:
     every eval_every, and both once more at the end."""
     plan, progress = worker.plan, worker.progress
     quiet = {} if worker.world.main else {"disable": True}  # rank 0's bar (disable=False would beat TQDM_DISABLE)
-    bar = tqdm(
+    bar = progress_bar(
         total=plan.optim.max_steps or None, initial=progress.step, desc=f"train {plan.mode}", unit="step", **quiet
     )
     window: list[tuple[torch.Tensor, TokenCounts]] = []
@@ -594,12 +611,13 @@ def train_loop(worker: Worker) -> None:
     bar.close()
 
 
-def write_log_row(worker: Worker, window: list[tuple[torch.Tensor, TokenCounts]], lr: float, bar: tqdm) -> None:
+def write_log_row(worker: Worker, window: list[tuple[torch.Tensor, TokenCounts]], lr: float, bar: Any) -> None:
     row = log_row(worker, window, lr)  # a collective: every rank computes it
     window.clear()
     if worker.world.main:
         bar.set_postfix(label=row["label_loss"], rationale=row.get("rationale_loss", "-"), lr=f"{lr:.2e}")
         checkpoints.append_log(worker.plan.out, row)
+        worker.tracker.log(row, worker.progress.step)
 
 
 def finish_worker(worker: Worker) -> None:
@@ -617,6 +635,7 @@ def finish_worker(worker: Worker) -> None:
             "test": test,
         }  # fmt: skip
         artifacts.write_json(plan.out / artifacts.METRICS, metrics)
+        worker.tracker.finish(metrics)
     distributed.barrier(world)
 
 
@@ -649,6 +668,7 @@ def finish(plan: Plan) -> Path:
     """The folder is the model now, not a training state: drop the checkpoints; report."""
     shutil.rmtree(checkpoints.root(plan.out), ignore_errors=True)
     metrics = artifacts.read_metrics(plan.out)
+    cards.write_model_card(plan.out)
     test_text = (
         f"{metrics['test']['accuracy']:.4f} on {metrics['test']['examples']}"
         if metrics["test"]
