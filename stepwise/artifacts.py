@@ -2,10 +2,11 @@
 write and read them. Standard library only (pyarrow for Parquet shards), so it imports in both environments.
 
     extraction folder   manifest.json, task.json, shard-<hash>.jsonl | shard-<hash>.parquet, .extract.lock (the
-                        lock a run holds while it writes)
-    model folder        Hugging Face model files, task.json, train_config.json, metrics.json, log.csv
-                        (checkpoint/ while a run is unfinished)
-    export folder       *.onnx, tokenizer files, task.json, train_config.json, export_config.json, parity.json
+                        lock a run holds while it writes), README.md (the dataset card, stepwise.cards)
+    model folder        Hugging Face model files, task.json, train_config.json, metrics.json, log.csv, README.md
+                        (the model card; checkpoint/ while a run is unfinished; tensorboard/ with --report-to)
+    export folder       *.onnx, tokenizer files, task.json, train_config.json, export_config.json, parity.json,
+                        README.md (the model card)
 
 Every file is written whole or not at all (`write_atomic`): a reader, or a rerun after kill -9, never sees
 half of one.

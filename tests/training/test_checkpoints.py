@@ -80,6 +80,7 @@ def test_a_kill_inside_the_checkpoint_swap_resumes_from_a_whole_checkpoint(
 
 
 CONTRACT = {
+    "README.md",  # the model card
     "config.json",
     "generation_config.json",
     "model.safetensors",
