@@ -123,7 +123,10 @@ def model_card(folder: Path, name: str = "") -> str:
     )
     exported = (folder / artifacts.EXPORT_CONFIG).exists()
     export = artifacts.read_export_config(folder) if exported else None
-    parity = artifacts.read_parity(folder) if exported else None
+    # a skipped gate writes only why it was skipped: its report has no measurements to read as a ParityReport
+    parity_raw = read_if_there(folder / artifacts.PARITY) if exported else {}
+    skipped = bool(parity_raw.get("skipped"))
+    parity = None if not exported or skipped else artifacts.read_parity(folder)
 
     results = []
     for split in ("valid", "test"):
@@ -135,7 +138,7 @@ def model_card(folder: Path, name: str = "") -> str:
                     "metrics": [_metric(split, metrics[split]["accuracy"])],
                 }
             )
-    if parity and not parity["skipped"]:  # the export's own measurement, on the parity gate's validation examples
+    if parity:  # the export's own measurement, on the parity gate's validation examples
         results.append(
             {
                 "task": {"type": "text2text-generation", "name": f"{task['name']} label (ONNX, parity set)"},
@@ -192,6 +195,8 @@ def model_card(folder: Path, name: str = "") -> str:
             f"{agreement:.1%} of {parity['examples']} validation examples, accuracy "
             f"{parity['accuracy_pytorch']:.3f} (PyTorch) -> {parity['accuracy_onnx']:.3f} (ONNX) |"
         )
+    elif skipped:
+        lines.append(f"| parity gate | skipped ({parity_raw.get('reason')}): unverified against PyTorch |")
     lines += [
         "",
         "Serve it label-only with `python3 -m stepwise serve --model <this folder>`; set `license` above before",

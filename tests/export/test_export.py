@@ -150,6 +150,7 @@ def test_skipped_gate_is_written_as_unverified_and_overwrite_replaces_an_export(
     assert export_main(model=tiny_student_dir, out=out, parity=ParityOptions(parity_limit=0)) == out
     report = json.loads((out / "parity.json").read_text())
     assert report["skipped"] is True and report["passed"] is False
+    assert "| parity gate | skipped (--parity-limit 0): unverified" in (out / "README.md").read_text()
     version = json.loads((out / "export_config.json").read_text())["exported_at"]
     assert export_main(model=tiny_student_dir, out=out, parity=ParityOptions(parity_limit=8), overwrite=True) == out
     assert json.loads((out / "parity.json").read_text())["passed"] is True

@@ -77,20 +77,26 @@ def start_server(export: Path, port: int, metrics_port: int, run_dir: Path, *ext
         time.sleep(0.5)
 
 
-def listening(server: subprocess.Popen) -> list[tuple[str, int, str]]:
-    """(address, port, process name) of every listening TCP socket of the server and all its descendants."""
-    root = psutil.Process(server.pid)
-    found = []
-    for process in [root, *root.children(recursive=True)]:
-        try:
-            found += [
-                (c.laddr.ip, c.laddr.port, process.name())
-                for c in process.net_connections(kind="tcp")
-                if c.status == psutil.CONN_LISTEN
-            ]
-        except (psutil.NoSuchProcess, psutil.AccessDenied):
-            pass
-    return found
+def listening(server: subprocess.Popen, port: int) -> list[tuple[str, int, str]]:
+    """(address, port, process name) of every listening TCP socket of the server and all its descendants, once
+    `port` is among them: Serve reloads HAProxy as replicas come up (the new process takes the sockets over from
+    the old one), so a single pass can fall between the two."""
+    deadline = time.monotonic() + 30
+    while True:
+        root = psutil.Process(server.pid)
+        found = []
+        for process in [root, *root.children(recursive=True)]:
+            try:
+                found += [
+                    (c.laddr.ip, c.laddr.port, process.name())
+                    for c in process.net_connections(kind="tcp")
+                    if c.status == psutil.CONN_LISTEN
+                ]
+            except (psutil.NoSuchProcess, psutil.AccessDenied):
+                pass
+        if port in {p for _, p, _ in found} or time.monotonic() > deadline:
+            return found
+        time.sleep(0.2)
 
 
 def loopback(address: str) -> bool:
@@ -134,7 +140,7 @@ def test_sigterm_shuts_down_cleanly_and_nothing_listens_beyond_loopback(tiny_exp
             timeout=30,
         ).json()
         assert answer["model"] == "esnli" and answer["predictions"][0]["label"] in tasks.NLI_LABELS
-        sockets = listening(server)
+        sockets = listening(server, port)
         assert len(sockets) >= 8, sockets  # the proxy, GCS, raylet, workers, agents, metrics: all of them counted
         assert (port in {p for _, p, _ in sockets}) and (metrics_port in {p for _, p, _ in sockets})
         assert [s for s in sockets if not loopback(s[0])] == []
@@ -166,7 +172,7 @@ def test_serving_beyond_loopback_keeps_ray_local_and_turns_on_token_auth(tiny_ex
     port, metrics_port, run_dir = free_port(), free_port(), tmp_path_factory.mktemp("public")
     server = start_server(tiny_export_dir, port, metrics_port, run_dir, "--host", "0.0.0.0")
     try:
-        public = [s for s in listening(server) if not loopback(s[0])]
+        public = [s for s in listening(server, port) if not loopback(s[0])]
         assert ("0.0.0.0", port, "haproxy") in public
         # Beyond loopback only Serve's HTTP servers (the API and the app behind it): nothing of Ray itself.
         assert [s for s in public if not s[2].startswith(SERVE_HTTP)] == [], public
