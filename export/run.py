@@ -4,8 +4,10 @@ parity with the PyTorch model on the validation split."""
 
 from __future__ import annotations
 
+import glob
 import hashlib
 import json
+import os
 import shutil
 import sys
 import time
@@ -348,17 +350,6 @@ def write_export(
     return export_config
 
 
-def place(staging: Path, out: Path) -> None:
-    """Move a finished export into place; an earlier export at `out` is swapped out, then removed."""
-    previous = out.with_name(f".{out.name}.previous")
-    shutil.rmtree(previous, ignore_errors=True)
-    if out.exists():
-        out.rename(previous)
-    staging.rename(out)
-    artifacts.fsync_dir(out.parent)
-    shutil.rmtree(previous, ignore_errors=True)
-
-
 def main(
     model: Path,
     out: Path,
@@ -405,12 +396,36 @@ def main(
             "the tensorrt target needs the split decoder layout "
             "(TensorRT cannot build engines across the merged decoder's If node)"
         )
-    check_out(model, out, overwrite)
+    # One export per --out: the lock lives beside it (the folder itself is swapped whole).
+    with artifacts.folder_lock(out.with_name(f".{out.name}.export.lock"), "export", out, remove=True):
+        if artifacts.recover_previous(out):
+            print(f"[export] {out}: put back the export an interrupted replacement had moved aside", flush=True)
+        check_out(model, out, overwrite)
+        return write_and_place(model, out, task, quantize, precision, target, layout, threads,
+                               max_input_tokens, max_rationale_tokens, max_batch, parity)  # fmt: skip
+
+
+def write_and_place(
+    model: Path,
+    out: Path,
+    task: tasks.Task,
+    quantize: str,
+    precision: str,
+    target: str,
+    layout: str,
+    threads: int,
+    max_input_tokens: int,
+    max_rationale_tokens: int,
+    max_batch: int,
+    parity: ParityOptions,
+) -> Path:
+    """Write the export into a staging folder beside `out`, gate it, and swap it into place whole."""
     kind = "int8" if quantize == "int8" else precision
     started = time.time()
-    staging, rejected = out.with_name(f".{out.name}.staging"), out.with_name(f"{out.name}.rejected")
-    for stale in (staging, rejected):
+    rejected = out.with_name(f"{out.name}.rejected")
+    for stale in [rejected, *out.parent.glob(f".{glob.escape(out.name)}.*.staging")]:  # killed runs' (we hold the lock)
         shutil.rmtree(stale, ignore_errors=True)
+    staging = out.with_name(f".{out.name}.{os.getpid()}.staging")
     staging.mkdir(parents=True)
 
     print(f"[export] {model} -> {out} ({kind}, {layout} decoder, target {target})", flush=True)
@@ -426,7 +441,7 @@ def main(
         staging.rename(rejected)
         raise artifacts.ParityFailed(rejected, report)
     cards.write_model_card(staging, name=out.name)
-    place(staging, out)
+    artifacts.replace_folder(staging, out)
     print(f"[export] done in {time.time() - started:.0f} s: {out}", flush=True)
     return out
 

@@ -385,7 +385,7 @@ def main(
     )
     job = Job(spec, split, shots, config, Path(out), chunk_size, shard_format, len(examples))
     refuse_foreign_folder(job.out, overwrite)
-    with shards.folder_lock(job.out):
+    with artifacts.folder_lock(job.out / artifacts.EXTRACT_LOCK, "extract", job.out):
         prepare_output(job.out, spec, config, overwrite)
         done, pending = resume_plan(job.out, examples, retry_errors)
         write_manifest(job, done)

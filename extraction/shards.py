@@ -16,13 +16,9 @@ error retried, an input that changed) is first dropped from its shard.
 
 from __future__ import annotations
 
-import fcntl
 import hashlib
 import json
-import os
 from collections import Counter
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 
 from stepwise import artifacts
@@ -56,33 +52,6 @@ def drop_records(stale: dict[Path, set[str]]) -> None:
         else:
             path.unlink()
             artifacts.fsync_dir(path.parent)
-
-
-@contextmanager
-def folder_lock(out_dir: Path) -> Iterator[None]:
-    """Hold the output folder for one run: a second run into it fails at once, naming the first. The lock is
-    the operating system's (flock), so it goes with its process, kill -9 included; a shared filesystem must
-    support flock for it to hold across machines."""
-    out_dir.mkdir(parents=True, exist_ok=True)
-    handle = (out_dir / artifacts.EXTRACT_LOCK).open("a+")
-    try:
-        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        handle.seek(0)
-        holder = handle.read().strip() or "a process"
-        handle.close()
-        raise ValueError(
-            f"{out_dir} is being written by another `stepwise extract` ({holder}); wait for it to finish, "
-            "or choose another --out"
-        ) from None
-    try:
-        handle.seek(0)
-        handle.truncate()
-        handle.write(f"pid {os.getpid()}")
-        handle.flush()
-        yield
-    finally:
-        handle.close()  # closing the file releases the lock
 
 
 def parquet_bytes(records: list[dict]) -> bytes:

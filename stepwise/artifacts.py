@@ -14,9 +14,11 @@ half of one.
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, TypedDict, TypeVar
 
@@ -29,6 +31,7 @@ CHECKPOINT = "checkpoint"
 EXPORT_CONFIG = "export_config.json"
 PARITY = "parity.json"
 EXTRACT_LOCK = ".extract.lock"  # held (flock) by the one `stepwise extract` run writing a folder
+TRAIN_LOCK = ".train.lock"  # held by the one `stepwise train` run writing a model folder
 SHARD_FORMATS = ("jsonl", "parquet")
 JSON_TEXT_IN_PARQUET = ("votes", "teacher")  # nested dicts whose keys vary: JSON text columns in Parquet
 
@@ -63,20 +66,83 @@ def write_json(path: Path, data: Any) -> Path:
     return write_atomic(path, json.dumps(data, indent=2, ensure_ascii=False) + "\n")
 
 
-def commit_folder(staging: Path, final: Path) -> Path:
-    """Give a fully written `staging` folder its `final` name (which must not exist) in one rename, after
-    fsyncing every file in it: a reader, or a restart after kill -9, sees the whole folder or none of it."""
-    staging, final = Path(staging), Path(final)
-    for path in sorted(staging.rglob("*"), reverse=True):  # files before the folders holding them
+def fsync_tree(folder: Path) -> None:
+    """fsync every file and folder under `folder`, files before the folders holding them."""
+    for path in sorted(Path(folder).rglob("*"), reverse=True):
         if path.is_dir():
             fsync_dir(path)
         else:
             with path.open("rb") as f:
                 os.fsync(f.fileno())
-    fsync_dir(staging)
+    fsync_dir(folder)
+
+
+def commit_folder(staging: Path, final: Path) -> Path:
+    """Give a fully written `staging` folder its `final` name (which must not exist) in one rename, after
+    fsyncing every file in it: a reader, or a restart after kill -9, sees the whole folder or none of it."""
+    staging, final = Path(staging), Path(final)
+    fsync_tree(staging)
     os.rename(staging, final)
     fsync_dir(final.parent)
     return final
+
+
+def _exchange(a: Path, b: Path) -> bool:
+    """Swap two paths in one step (Linux renameat2 RENAME_EXCHANGE); False where the system or filesystem
+    cannot."""
+    import ctypes
+
+    try:
+        renameat2 = ctypes.CDLL(None, use_errno=True).renameat2
+    except (AttributeError, OSError):
+        return False
+    at_fdcwd, rename_exchange = -100, 2
+    return renameat2(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), rename_exchange) == 0
+
+
+def previous_name(final: Path) -> Path:
+    return Path(final).with_name(f".{Path(final).name}.previous")
+
+
+def replace_folder(staging: Path, final: Path) -> Path:
+    """`commit_folder` onto a `final` that may already exist: the two folders swap in one step, so `final`
+    is always a whole folder, old or new; then the old one is removed. Without an atomic swap, `final` moves
+    aside to .<name>.previous first, and `recover_previous` puts it back after a kill between the two renames."""
+    staging, final = Path(staging), Path(final)
+    if not final.exists():
+        return commit_folder(staging, final)
+    fsync_tree(staging)
+    if _exchange(staging, final):
+        fsync_dir(final.parent)
+        _remove_tree(staging)  # the old folder, under the staging name now
+        return final
+    previous = previous_name(final)
+    _remove_tree(previous)
+    os.rename(final, previous)
+    os.rename(staging, final)
+    fsync_dir(final.parent)
+    _remove_tree(previous)
+    return final
+
+
+def recover_previous(final: Path) -> bool:
+    """After a kill between `replace_folder`'s two renames, `final` is missing and the old folder waits as
+    .<name>.previous: put it back (True). A leftover beside a present `final` is only removed."""
+    previous = previous_name(final)
+    if not previous.exists():
+        return False
+    if Path(final).exists():
+        _remove_tree(previous)
+        return False
+    os.rename(previous, final)
+    fsync_dir(Path(final).parent)
+    return True
+
+
+def _remove_tree(folder: Path) -> None:
+    import shutil
+
+    shutil.rmtree(folder, ignore_errors=True)
 
 
 def move_files_into(committed: Path, target: Path) -> None:
@@ -101,6 +167,58 @@ def remove_partial_files(folder: Path) -> None:
         tmp.unlink(missing_ok=True)
 
 
+# ---------------------------------------------------------------- one run per folder
+
+
+@contextmanager
+def folder_lock(lock: Path, command: str, folder: Path, remove: bool = False) -> Iterator[None]:
+    """Hold `folder` for one run of `stepwise <command>` through the file `lock`: a second run fails at once,
+    naming the first. The lock is the operating system's (flock), so it goes with its process, kill -9
+    included; a shared filesystem must support flock for it to hold across machines. `remove`: delete the
+    lock file when done (a lock beside the folder, not inside it)."""
+    lock = Path(lock)
+    lock.parent.mkdir(parents=True, exist_ok=True)
+    while True:
+        handle = lock.open("a+")
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            handle.seek(0)
+            holder = handle.read().strip() or "a process"
+            handle.close()
+            raise ValueError(
+                f"{folder} is being written by another `stepwise {command}` ({holder}); wait for it to finish, "
+                "or choose another --out"
+            ) from None
+        if lock.exists() and os.stat(lock).st_ino == os.fstat(handle.fileno()).st_ino:
+            break
+        handle.close()  # its holder removed the file between our open and our lock: lock the file there now
+    try:
+        handle.seek(0)
+        handle.truncate()
+        handle.write(f"pid {os.getpid()}")
+        handle.flush()
+        yield
+    finally:
+        if remove:
+            lock.unlink(missing_ok=True)
+        handle.close()  # closing the file releases the lock
+
+
+def lock_holder(lock: Path) -> str:
+    """Who holds `lock` now ("" when nobody does, or there is no such file)."""
+    try:
+        handle = Path(lock).open("r")
+    except FileNotFoundError:
+        return ""
+    with handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_SH | fcntl.LOCK_NB)
+            return ""
+        except BlockingIOError:
+            return handle.read().strip() or "a process"
+
+
 # ---------------------------------------------------------------- typed readers
 
 
@@ -112,6 +230,19 @@ class Manifest(TypedDict):
     counts: dict[str, Any]  # records, ok, malformed, error, parse_rate, teacher_accuracy, tokens_in/out, ...
     complete: bool
     last_run: dict[str, Any] | None
+
+
+def whole_manifest(records: int, config: dict[str, Any]) -> Manifest:
+    """The manifest of an extraction folder written whole in one go (no teacher run: a test's, a converter's)."""
+    return {
+        "config": config,
+        "config_hash": "",
+        "expected_records": records,
+        "shards": 1,
+        "counts": {"records": records},
+        "complete": True,
+        "last_run": None,
+    }
 
 
 class Metrics(TypedDict):

@@ -130,7 +130,10 @@ def parser_for(fn: Callable, prog: str) -> argparse.ArgumentParser:
     parameters become argument groups)."""
     doc = inspect.getdoc(fn) or ""
     parser = argparse.ArgumentParser(
-        prog=prog, description=doc.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter
+        prog=prog,
+        description=doc.split("\n\n")[0],
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        allow_abbrev=False,  # `--conf FILE` would be taken for --config by argparse alone, and ignored
     )
     hints = typing.get_type_hints(fn)
     groups: dict[str, Any] = {}
@@ -176,27 +179,38 @@ def parser_for(fn: Callable, prog: str) -> argparse.ArgumentParser:
 
 
 def read_config(path: Path, fn: Callable) -> dict[str, Any]:
-    """Option values from a JSON or TOML file: option names as keys, or a table per argument group."""
+    """Option values from a JSON or TOML file: option names as keys, or a table per argument group holding that
+    group's options only (a key under the wrong table is an error naming both)."""
     if not path.exists():
-        raise SystemExit(f"stepwise: config file not found: {path}")
-    if path.suffix == ".toml":
-        import tomllib
+        raise FileNotFoundError(f"config file not found: {path}")
+    try:
+        if path.suffix == ".toml":
+            import tomllib
 
-        data = tomllib.loads(path.read_text())
-    else:
-        data = json.loads(path.read_text())
+            data = tomllib.loads(path.read_text())
+        else:
+            data = json.loads(path.read_text())
+    except (ValueError, UnicodeDecodeError) as problem:  # TOMLDecodeError and JSONDecodeError are ValueErrors
+        raise ValueError(f"config file {path} is not valid {path.suffix.lstrip('.').upper() or 'JSON'}: {problem}")
+    if not isinstance(data, dict):
+        raise ValueError(f"config file {path} must hold a table of options, not {type(data).__name__}")
     known = {o.name: o for o in options_of(fn)}
     groups = {o.group for o in known.values() if o.group}
     flat: dict[str, Any] = {}
     for key, value in data.items():
         key = key.replace("-", "_")
         if key in groups and isinstance(value, dict):
-            flat |= {k.replace("-", "_"): v for k, v in value.items()}
+            for inner, inner_value in value.items():
+                inner = inner.replace("-", "_")
+                if inner in known and known[inner].group != key:
+                    home = f"[{known[inner].group}]" if known[inner].group else "the top level"
+                    raise ValueError(f"config file {path}: {inner} is not an option of [{key}]; it belongs at {home}")
+                flat[inner] = inner_value
         else:
             flat[key] = value
     unknown = set(flat) - set(known)
     if unknown:
-        raise SystemExit(f"stepwise: unknown keys in {path}: {', '.join(sorted(unknown))}")
+        raise ValueError(f"unknown keys in config file {path}: {', '.join(sorted(unknown))}")
     return flat
 
 
@@ -209,9 +223,12 @@ def arguments(fn: Callable, argv: list[str], prog: str = "stepwise") -> dict[str
     (and so checked)."""
     parser = parser_for(fn, prog)
     overrides: dict[str, Any] = {}
-    # A config file sets defaults; explicit flags still win.
-    if "--config" in argv:
-        overrides = read_config(Path(argv[argv.index("--config") + 1]), fn)
+    # A config file sets defaults; explicit flags still win. The same parser reads where it is (`--config=F` too).
+    config_only = argparse.ArgumentParser(prog=prog, add_help=False, allow_abbrev=False)
+    config_only.add_argument("--config", type=Path, default=None)
+    config = config_only.parse_known_args(argv)[0].config
+    if config is not None:
+        overrides = read_config(config, fn)
         parser.set_defaults(**{k: v for k, v in overrides.items() if not isinstance(v, list)})  # lists: below
         for action in parser._actions:
             if action.dest in overrides:

@@ -63,6 +63,25 @@ def check_task_matches(folder: Path, task: tasks.Task) -> None:
             )
 
 
+def check_extraction_finished(folder: Path, allow_incomplete: bool) -> None:
+    """Refuse an extraction that is still being written or stopped before its end (the student would learn from
+    part of the data without a word), unless --allow-incomplete; then say how much of it there is."""
+    holder = artifacts.lock_holder(Path(folder) / artifacts.EXTRACT_LOCK)
+    manifest = artifacts.read_manifest(folder) if (Path(folder) / artifacts.MANIFEST).exists() else None
+    if holder:
+        problem = f"rationales folder {folder} is being written by `stepwise extract` now ({holder})"
+    elif manifest is not None and not manifest["complete"]:
+        problem = (
+            f"rationales folder {folder} is an unfinished extraction ({manifest['counts'].get('records', 0)} of "
+            f"{manifest['expected_records']} records); rerun the same `stepwise extract` to finish it"
+        )
+    else:
+        return
+    if not allow_incomplete:
+        raise ValueError(f"{problem}; or pass --allow-incomplete to train on the records it holds so far")
+    print(f"[train] WARNING: {problem}; training on the records it holds so far (--allow-incomplete)", flush=True)
+
+
 def data_fraction(examples: list, fraction: float, seed: int) -> list:
     """A fixed-seed random subset of `fraction` of the examples, in their original order. For one seed the
     subsets are nested: the 0.25 subset is inside the 0.5 one."""

@@ -67,6 +67,10 @@ def run_grid(
     unknown = [m for m in modes if m not in train.MODES]
     if unknown:
         raise ValueError(f"unknown mode(s) {unknown}: expected some of {train.MODES}")
+    for flag, values in (("--modes", modes), ("--fractions", fractions), ("--seeds", seeds)):
+        repeated = sorted({v for v in values if values.count(v) > 1})
+        if repeated:  # one grid point twice: two runs into one folder
+            raise ValueError(f"{flag} repeats {', '.join(map(str, repeated))}: give each value once")
     runs = [
         dict(
             task=task,

@@ -141,6 +141,7 @@ def write_words_task(folder: Path, filler_words: int = 0, seed: int = 0) -> tupl
     artifacts.write_atomic(
         rationales / "shard-words.jsonl", "".join(json.dumps(r) + "\n" for r in records if "-train-" in r["id"])
     )
-    artifacts.write_json(rationales / artifacts.MANIFEST, {"records": sum("-train-" in r["id"] for r in records)})
+    written = sum("-train-" in r["id"] for r in records)
+    artifacts.write_json(rationales / artifacts.MANIFEST, artifacts.whole_manifest(written, {"task": "words"}))
     tasks.save_task(tasks.get_task(str(task_path)), rationales)
     return task_path, rationales

@@ -30,7 +30,13 @@ from stepwise import artifacts, cards, tasks
 from stepwise.progress import bar as progress_bar
 from stepwise.training import checkpoints, distributed, tracking
 from stepwise.training.checkpoints import Progress
-from stepwise.training.data import StudentExample, check_task_matches, records_by_id, training_examples
+from stepwise.training.data import (
+    StudentExample,
+    check_extraction_finished,
+    check_task_matches,
+    records_by_id,
+    training_examples,
+)
 from stepwise.training.distributed import World
 from stepwise.training.objective import (
     TokenCounts,
@@ -61,12 +67,15 @@ class DataOptions:
         alpha: Weight of the label loss; the rationale loss gets 1 - alpha.
         max_input_length: Input tokens kept (truncated beyond).
         max_target_length: Label and rationale tokens kept (truncated beyond).
+        allow_incomplete: Train on an extraction that has not finished (its manifest not complete, or a run still
+            writing it): only the records it holds so far.
     """
 
     label_source: Literal["gold", "teacher"] = "gold"
     alpha: float = 0.5
     max_input_length: int = 1024
     max_target_length: int = 256
+    allow_incomplete: bool = False
 
     def __post_init__(self) -> None:
         if self.label_source not in ("gold", "teacher"):
@@ -237,7 +246,7 @@ def train_config(task: str, plan: Plan, rationales: Path | None, vocab_size: int
         "data_fraction": plan.data_fraction,
         "seed": plan.seed,
         "vocab_size": vocab_size,
-        **asdict(plan.data),
+        **{k: v for k, v in asdict(plan.data).items() if k != "allow_incomplete"},  # what was read is `counts`
         **asdict(plan.optim),
         **asdict(plan.evaluation),
         "bf16": plan.compute.bf16,
@@ -321,7 +330,9 @@ def prepare_out(out: Path, config: dict, force: bool) -> Literal["fresh", "resum
     """What to do with `out`: reuse a finished run of the same config, resume its checkpoint, or start over."""
     config_path = out / artifacts.TRAIN_CONFIG
     if force and config_path.exists():
-        shutil.rmtree(out)
+        for path in out.iterdir():  # all but the lock this run holds
+            if path.name != artifacts.TRAIN_LOCK:
+                shutil.rmtree(path) if path.is_dir() else path.unlink()
     elif config_path.exists():
         previous = artifacts.read_json(config_path, "a training run's options")
         if previous != config:
@@ -335,7 +346,7 @@ def prepare_out(out: Path, config: dict, force: bool) -> Literal["fresh", "resum
             return "done"
         if checkpoints.resume_point(out) is not None:
             return "resume"
-    elif out.exists() and any(out.iterdir()):
+    elif out.exists() and any(p.name != artifacts.TRAIN_LOCK for p in out.iterdir()):
         raise ValueError(f"{out} is not empty and is not a stepwise training folder: choose another --out")
     out.mkdir(parents=True, exist_ok=True)
     shutil.rmtree(checkpoints.root(out), ignore_errors=True)  # a fresh start: no stale Ray record either
@@ -385,6 +396,7 @@ def setup(
     records = None
     if rationales is not None:
         check_task_matches(rationales, task_def)
+        check_extraction_finished(rationales, data.allow_incomplete)
         records = records_by_id(rationales)
     teacher_labels = mode == "standard-distill" or (mode == "step-by-step" and data.label_source == "teacher")
     examples, counts = training_examples(task_def, records, teacher_labels, mode == "step-by-step", data_fraction, seed)
@@ -719,23 +731,16 @@ def main(
         compute: Where the run trains.
         force: Retrain even if --out already holds a finished or different run.
     """
-    plan = setup(
-        task,
-        Path(out),
-        rationales,
-        student,
-        mode,
-        data_fraction,
-        seed,
-        vocab_size,
-        data,
-        optim,
-        evaluation,
-        compute,
-        force,
-        labels,
-    )
-    if plan is None:
-        return Path(out)
-    run(plan)
-    return finish(plan)
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"--out {out} is a file, not a folder")
+    # One run per folder: a second one would delete this one's checkpoints and staging folders.
+    with artifacts.folder_lock(out / artifacts.TRAIN_LOCK, "train", out):
+        plan = setup(
+            task, out, rationales, student, mode, data_fraction, seed, vocab_size, data, optim, evaluation, compute,
+            force, labels,
+        )  # fmt: skip
+        if plan is None:
+            return out
+        run(plan)
+        return finish(plan)

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from stepwise import tasks
+from stepwise import artifacts, tasks
 from stepwise.export import parity
 from stepwise.export.run import ParityOptions
 from stepwise.export.run import main as export_main
@@ -155,6 +155,22 @@ def test_skipped_gate_is_written_as_unverified_and_overwrite_replaces_an_export(
     assert export_main(model=tiny_student_dir, out=out, parity=ParityOptions(parity_limit=8), overwrite=True) == out
     assert json.loads((out / "parity.json").read_text())["passed"] is True
     assert json.loads((out / "export_config.json").read_text())["exported_at"] >= version
+
+
+@pytest.mark.slow
+def test_one_export_per_out_and_an_interrupted_replacement_is_put_back(tiny_student_dir, tmp_path, capsys):
+    out = tmp_path / "onnx"
+    with artifacts.folder_lock(tmp_path / ".onnx.export.lock", "export", out):  # another export on this --out
+        with pytest.raises(ValueError, match=f"{out} is being written by another `stepwise export`"):
+            export_main(model=tiny_student_dir, out=out, parity=ParityOptions(parity_limit=0))
+    export_main(model=tiny_student_dir, out=out, parity=ParityOptions(parity_limit=0))
+    version = json.loads((out / "export_config.json").read_text())["version"]
+    out.rename(artifacts.previous_name(out))  # what a kill between the two renames of a replacement leaves
+    with pytest.raises(ValueError, match="pass --overwrite to replace an earlier export"):
+        export_main(model=tiny_student_dir, out=out, parity=ParityOptions(parity_limit=0))
+    assert "put back the export an interrupted replacement had moved aside" in capsys.readouterr().out
+    assert json.loads((out / "export_config.json").read_text())["version"] == version
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["onnx"], "no lock, staging or .previous folder left"
 
 
 @pytest.mark.slow

@@ -67,8 +67,40 @@ def test_config_file_overrides_defaults_and_flags_win(tmp_path):
     assert cli.call_with_argv(stage, ["--config", str(config), "--names", "c"], "t")["names"] == ["c"]
     bad = tmp_path / "bad.json"
     bad.write_text(json.dumps({"stepz": 1}))
-    with pytest.raises(SystemExit, match="unknown keys in .*bad.json: stepz"):
+    with pytest.raises(ValueError, match="unknown keys in config file .*bad.json: stepz"):
         cli.call_with_argv(stage, ["--task", "x", "--config", str(bad)], "t")
+
+
+def test_every_spelling_of_config_is_read_or_refused(tmp_path, capsys):
+    config = tmp_path / "c.toml"
+    config.write_text('task = "esnli"\nsteps = 7\n')
+    assert cli.call_with_argv(stage, [f"--config={config}"], "t")["steps"] == 7
+    assert cli.call_with_argv(stage, ["--steps", "3", "--config", str(config)], "t")["steps"] == 3
+    for argv, message in [
+        (["--task", "x", "--conf", str(config)], "unrecognized arguments: --conf"),  # no abbreviations
+        (["--task", "x", "--config"], "argument --config: expected one argument"),
+    ]:
+        with pytest.raises(SystemExit):
+            cli.call_with_argv(stage, argv, "t")
+        assert message in capsys.readouterr().err
+    for text, message in [
+        ("steps = ", "is not valid TOML"),
+        ("[data]\nlearning_rate = 1\n", "unknown keys in config file .*: data"),
+    ]:
+        config.write_text(text)
+        with pytest.raises(ValueError, match=message):
+            cli.call_with_argv(stage, ["--task", "x", "--config", str(config)], "t")
+    with pytest.raises(FileNotFoundError, match="config file not found"):
+        cli.call_with_argv(stage, ["--task", "x", "--config", str(tmp_path / "none.toml")], "t")
+
+
+def test_a_key_under_another_groups_table_is_an_error_naming_both(tmp_path):
+    from training.train import main as train_main
+
+    config = tmp_path / "train.toml"
+    config.write_text("[data]\nlearning_rate = 0.1\n")
+    with pytest.raises(ValueError, match=r"learning_rate is not an option of \[data\]; it belongs at \[optim"):
+        cli.arguments(train_main, ["--task", "esnli", "--config", str(config)])
 
 
 def test_unknown_command_lists_the_commands(capsys):

@@ -38,5 +38,5 @@ def test_a_config_key_the_command_does_not_have_is_refused(tmp_path):
 
     bad = tmp_path / "export-bad.toml"
     bad.write_text('model = "m"\nout = "o"\n[parity]\nparity_limt = 3\n')
-    with pytest.raises(SystemExit, match="unknown keys in .*export-bad.toml: parity_limt"):
+    with pytest.raises(ValueError, match="unknown keys in config file .*export-bad.toml: parity_limt"):
         cli.arguments(export, ["--config", str(bad)])

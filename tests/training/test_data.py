@@ -7,8 +7,14 @@ from pathlib import Path
 
 import pytest
 
-from stepwise import tasks
-from stepwise.training.data import check_task_matches, data_fraction, records_by_id, training_examples
+from stepwise import artifacts, tasks
+from stepwise.training.data import (
+    check_extraction_finished,
+    check_task_matches,
+    data_fraction,
+    records_by_id,
+    training_examples,
+)
 
 ESNLI = tasks.get_task("esnli")
 
@@ -28,7 +34,7 @@ def test_data_fraction_is_fixed_by_the_seed_and_nested():
 def _write_folder(folder, records):
     folder.mkdir()
     (folder / "shard-a.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
-    (folder / "manifest.json").write_text(json.dumps({"records": len(records)}))
+    artifacts.write_json(folder / "manifest.json", artifacts.whole_manifest(len(records), {}))
     tasks.save_task(ESNLI, folder)
     return folder
 
@@ -134,7 +140,7 @@ def rationales_folder(folder: Path, task: tasks.Task) -> Path:
     (folder / "shard-a.jsonl").write_text(
         "".join(json.dumps(r) + "\n" for r in _records_for(task, tasks.load_split(task, "train")))
     )
-    (folder / "manifest.json").write_text("{}")
+    artifacts.write_json(folder / "manifest.json", artifacts.whole_manifest(len(tasks.load_split(task, "train")), {}))
     tasks.save_task(task, folder)
     return folder
 
@@ -190,3 +196,32 @@ def test_train_takes_the_label_set_extract_was_given(tmp_path, custom_nli_rows):
                        labels=declared)  # fmt: skip
     assert plan is not None and plan.task.labels == declared
     assert json.loads((tmp_path / "student" / "train_config.json").read_text())["labels"] == declared
+
+
+def test_an_unfinished_or_running_extraction_is_refused_unless_allowed(tmp_path, capsys):
+    folder = rationales_folder(tmp_path / "rationales", ESNLI)
+    check_extraction_finished(folder, allow_incomplete=False)  # complete, nobody writing: fine
+    unfinished = artifacts.whole_manifest(40, {}) | {"complete": False, "expected_records": 100}
+    artifacts.write_json(folder / "manifest.json", unfinished)
+    with pytest.raises(ValueError, match=r"unfinished extraction \(40 of 100 records\).*--allow-incomplete"):
+        check_extraction_finished(folder, allow_incomplete=False)
+    check_extraction_finished(folder, allow_incomplete=True)
+    assert "training on the records it holds so far" in capsys.readouterr().out
+    artifacts.write_json(folder / "manifest.json", artifacts.whole_manifest(100, {}))
+    with artifacts.folder_lock(folder / artifacts.EXTRACT_LOCK, "extract", folder):  # a run writing it now
+        with pytest.raises(ValueError, match=r"being written by `stepwise extract` now \(pid \d+\)"):
+            check_extraction_finished(folder, allow_incomplete=False)
+    check_extraction_finished(folder, allow_incomplete=False)  # the lock went with its holder
+
+
+def test_a_second_train_on_one_out_is_refused_and_force_keeps_the_lock(tmp_path):
+    from stepwise.training import train
+
+    out = tmp_path / "student"
+    with artifacts.folder_lock(out / artifacts.TRAIN_LOCK, "train", out):  # a run writing it now
+        with pytest.raises(ValueError, match=f"{out} is being written by another `stepwise train`"):
+            train.main(task="esnli", out=out, mode="standard-finetune")
+    (out / artifacts.TRAIN_CONFIG).write_text("{}")  # an earlier run's folder, replaced with --force
+    plan = train.setup("esnli", out, None, "tiny", "standard-finetune", 0.01, 0, 500, train.DataOptions(),
+                       train.OptimOptions(), train.EvalOptions(), train.ComputeOptions(), True)  # fmt: skip
+    assert plan is not None and (out / artifacts.TRAIN_LOCK).exists()

@@ -86,3 +86,9 @@ def test_a_grid_on_ray_writes_what_the_grid_in_this_process_writes(tmp_path, esn
         out=tmp_path / "ray", grid=GridOptions(on_ray=True), **options
     )  # finished runs are reused on Ray too
     assert len(finished) == 2 and finished == {p: p.stat().st_mtime_ns for p in finished}
+
+
+def test_a_grid_point_given_twice_is_refused_before_any_run(tmp_path):
+    with pytest.raises(ValueError, match="--fractions repeats 0.5: give each value once"):
+        experiment.run_grid("esnli", tmp_path, ["standard-finetune"], [0.5, 0.5], [0], experiment.GridOptions())
+    assert not any(tmp_path.iterdir())

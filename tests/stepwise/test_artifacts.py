@@ -1,0 +1,70 @@
+"""The artifact contract's writers: one run per folder (the flock), folders replaced whole."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import textwrap
+
+import pytest
+
+from stepwise import artifacts
+
+
+def test_a_second_run_on_a_folder_fails_at_once_naming_the_first(tmp_path):
+    out = tmp_path / "run"
+    lock = tmp_path / ".run.train.lock"
+    holder = subprocess.Popen(
+        [sys.executable, "-c", textwrap.dedent(f"""
+            import sys, time
+            from pathlib import Path
+            from stepwise import artifacts
+            with artifacts.folder_lock(Path({str(lock)!r}), "train", Path({str(out)!r}), remove=True):
+                print("held", flush=True)
+                time.sleep(60)
+        """)],
+        stdout=subprocess.PIPE,
+        text=True,
+    )  # fmt: skip
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        assert artifacts.lock_holder(lock) == f"pid {holder.pid}"
+        with pytest.raises(
+            ValueError, match=rf"{out} is being written by another `stepwise train` \(pid {holder.pid}\)"
+        ):
+            with artifacts.folder_lock(lock, "train", out):
+                pass
+    finally:
+        holder.kill()  # kill -9: the lock goes with its process
+        holder.wait()
+    assert artifacts.lock_holder(lock) == ""
+    with artifacts.folder_lock(lock, "train", out, remove=True):
+        assert artifacts.lock_holder(lock) == f"pid {__import__('os').getpid()}"
+    assert not lock.exists(), "a lock beside its folder is removed when done"
+
+
+def test_replacing_a_folder_leaves_a_whole_one_at_every_step(tmp_path):
+    final, staging = tmp_path / "export", tmp_path / ".export.staging"
+    staging.mkdir()
+    (staging / "model.onnx").write_text("first")
+    artifacts.replace_folder(staging, final)  # nothing there yet: a plain commit
+    assert (final / "model.onnx").read_text() == "first" and not staging.exists()
+    staging.mkdir()
+    (staging / "model.onnx").write_text("second")
+    artifacts.replace_folder(staging, final)  # swapped in one step where the filesystem can
+    assert (final / "model.onnx").read_text() == "second"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["export"], "neither the old folder nor a staging one left"
+
+
+def test_a_kill_between_the_two_renames_is_recovered(tmp_path):
+    """Where there is no atomic swap, the old folder steps aside first: a kill then leaves no `final`, and the
+    next run puts the old export back before it does anything else."""
+    final = tmp_path / "export"
+    previous = artifacts.previous_name(final)
+    previous.mkdir()
+    (previous / "model.onnx").write_text("old")
+    assert artifacts.recover_previous(final) is True
+    assert (final / "model.onnx").read_text() == "old" and not previous.exists()
+    previous.mkdir()  # a leftover beside a present folder is only removed
+    assert artifacts.recover_previous(final) is False and not previous.exists()
+    assert (final / "model.onnx").read_text() == "old"
