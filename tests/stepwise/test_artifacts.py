@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 import textwrap
@@ -39,7 +40,7 @@ def test_a_second_run_on_a_folder_fails_at_once_naming_the_first(tmp_path):
         holder.wait()
     assert artifacts.lock_holder(lock) == ""
     with artifacts.folder_lock(lock, "train", out, remove=True):
-        assert artifacts.lock_holder(lock) == f"pid {__import__('os').getpid()}"
+        assert artifacts.lock_holder(lock) == f"pid {os.getpid()}"
     assert not lock.exists(), "a lock beside its folder is removed when done"
 
 
