@@ -141,7 +141,12 @@ def refuse_foreign_folder(out: Path, overwrite: bool) -> None:
 def prepare_output(out: Path, task: tasks.Task, config: dict, overwrite: bool) -> None:
     """Create `out`, or check that its existing shards were made by the same config."""
     manifest = artifacts.read_manifest(out) if (out / artifacts.MANIFEST).exists() else None
-    if manifest is not None and manifest["config_hash"] != shards.config_hash(config):
+    # Shards without a manifest were made by no known config: never resumed as done (refuse_foreign_folder refuses
+    # them without --overwrite; with it they go, as another config's shards do).
+    unknown = manifest is None and bool(artifacts.shard_paths(out))
+    if unknown or (manifest is not None and manifest["config_hash"] != shards.config_hash(config)):
+        if unknown and not overwrite:
+            raise ValueError(f"{out} holds shards but no {artifacts.MANIFEST}; pass --overwrite to replace them")
         if not overwrite:
             changed = sorted(k for k in config if manifest["config"].get(k) != config[k])
             raise ValueError(
@@ -150,7 +155,7 @@ def prepare_output(out: Path, task: tasks.Task, config: dict, overwrite: bool) -
             )
         for path in artifacts.shard_paths(out):
             path.unlink()
-        (out / artifacts.MANIFEST).unlink()  # task.json is rewritten below
+        (out / artifacts.MANIFEST).unlink(missing_ok=True)  # task.json is rewritten below
     out.mkdir(parents=True, exist_ok=True)
     artifacts.remove_partial_files(out)
     tasks.save_task(task, out)

@@ -36,6 +36,7 @@ class Generation:
     tokens_in: int = 0
     tokens_out: int = 0
     error: str = ""  # set when the teacher produced nothing usable (prompt too long, server error, ...)
+    down: str = ""  # the teacher itself is failing, not this request: its kind (ConnectError, ReadTimeout, HTTP 503)
     given: tasks.Parsed | None = None  # a rationale and label taken from the data as they are (no completion to parse)
 
 
@@ -119,7 +120,9 @@ class OpenAIClient:
 
     Args:
         base_url: server root, e.g. http://127.0.0.1:8000
-        api_key: bearer token, if the server wants one
+        api_key: bearer token, if the server wants one (better: put it in the environment variable below, where the
+            process list does not show it)
+        api_key_env: environment variable the bearer token is read from when --api-key is not given
         concurrency: requests in flight at once
         timeout: seconds per request before it is retried
         retries: retries per request (exponential backoff) before the record is an error
@@ -127,6 +130,7 @@ class OpenAIClient:
 
     base_url: str = "http://127.0.0.1:8000"
     api_key: str = ""
+    api_key_env: str = "STEPWISE_TEACHER_API_KEY"
     concurrency: int = 16
     timeout: float = 120.0
     retries: int = 4
@@ -326,22 +330,24 @@ def openai_completion(
     import httpx
 
     url = client_options.base_url.rstrip("/") + "/v1/completions"
-    headers = {"Authorization": f"Bearer {client_options.api_key}"} if client_options.api_key else {}
+    # Read where the requests are made (a Serve replica has the environment of the node it runs on).
+    api_key = client_options.api_key or os.environ.get(client_options.api_key_env, "")
+    headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
     body = {"model": model, **asdict(sampling), "stop": tasks.stop_strings(task)}
     retries = client_options.retries
 
     async def complete(client: httpx.AsyncClient, prompt: str, extra: dict | None = None) -> Generation:
-        last = ""
+        last, kind = "", ""
         for attempt in range(retries + 1):
             if attempt:  # exponential backoff with jitter, so retries from many requests spread out
                 await asyncio.sleep(backoff_s(attempt) * (0.5 + random.random()))
             try:
                 response = await client.post(url, json=body | {"prompt": prompt} | (extra or {}), headers=headers)
             except httpx.HTTPError as exc:
-                last = f"{type(exc).__name__}: {exc}"
+                last, kind = f"{type(exc).__name__}: {exc}", type(exc).__name__
                 continue
             if response.status_code in RETRYABLE_STATUS:
-                last = f"HTTP {response.status_code}: {response.text[:200]}"
+                last, kind = f"HTTP {response.status_code}: {response.text[:200]}", f"HTTP {response.status_code}"
                 continue
             if response.status_code != 200:  # a client error will not change on retry
                 return Generation(error=f"server error: HTTP {response.status_code}: {response.text[:200]}")
@@ -356,7 +362,7 @@ def openai_completion(
                 return Generation(
                     error=f"not a completion response ({type(problem).__name__}: {problem}): {response.text[:200]}"
                 )
-        return Generation(error=f"server error after {retries} retries: {last}")
+        return Generation(error=f"server error after {retries} retries: {last}", down=kind)
 
     return complete
 

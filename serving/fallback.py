@@ -31,8 +31,8 @@ class Teacher:
     client: Any  # httpx.AsyncClient
     gate: asyncio.Semaphore
     settings: Fallback
-    down_until: float = 0.0  # time.monotonic() until which the teacher is skipped, after a failure
-    last_error: str = ""
+    down_until: float = 0.0  # time.monotonic() until which the teacher is skipped, after it failed
+    down_kind: str = ""  # how it failed, in words that carry nothing of the request that saw it
 
 
 @dataclass(frozen=True)
@@ -80,7 +80,7 @@ def unsure(settings: Fallback, prediction: Prediction) -> bool:
 def cooling_down(teacher: Teacher) -> str:
     """Why the teacher is skipped now ("" when it is asked): it failed less than the cooldown ago."""
     left = teacher.down_until - time.monotonic()
-    return f"teacher skipped for {left:.1f} s more: it failed ({teacher.last_error})" if left > 0 else ""
+    return f"teacher skipped for {left:.1f} s more: it was failing ({teacher.down_kind})" if left > 0 else ""
 
 
 async def ask(teacher: Teacher, example: tasks.Example, student: Prediction) -> Outcome:
@@ -102,7 +102,7 @@ async def ask(teacher: Teacher, example: tasks.Example, student: Prediction) -> 
                 if not skipped:
                     generation = await teacher.complete(teacher.client, prompt, extra)
     except TimeoutError:
-        generation = Generation(error=f"no answer within {settings.budget_s:.1f} s")
+        generation = Generation(error=f"no answer within {settings.budget_s:.1f} s", down="no answer within the budget")
     except Exception as problem:  # whatever goes wrong with the teacher, the request still gets the student's answer
         logger.warning(f"teacher fallback failed for {example.id}: {type(problem).__name__}: {problem}")
         generation = Generation(error=f"{type(problem).__name__}: {problem}")
@@ -110,9 +110,12 @@ async def ask(teacher: Teacher, example: tasks.Example, student: Prediction) -> 
     if skipped:
         return Outcome(student, "student", skipped, seconds)
     if generation.error:
-        if settings.fallback_cooldown_s:
+        # Only the teacher's own failures (unreachable, timing out, 5xx) cool it down for everyone: a 4xx or an
+        # unreadable answer is this request's (an input over the teacher's context), and one client must not turn
+        # the fallback off for the others.
+        if generation.down and settings.fallback_cooldown_s:
             teacher.down_until = time.monotonic() + settings.fallback_cooldown_s
-            teacher.last_error = generation.error[:200]
+            teacher.down_kind = generation.down
         return Outcome(student, "student", f"teacher failed: {generation.error}", seconds)
     parsed = tasks.parse_completion(teacher.task, next(iter(generation.completions), None), example.choices)
     if parsed.status != "ok":

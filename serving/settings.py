@@ -141,6 +141,8 @@ class Fallback:
         fallback_structured: constrain the teacher's answer to the task's label set (vLLM structured outputs)
         fallback_cooldown_s: after the teacher fails (no answer, connection or server error), unsure predictions skip it
             for this many seconds, the student's answer standing at once (0: always ask)
+        fallback_api_key_env: environment variable holding the teacher's bearer token, read on each replica's node
+            (never a flag: the process list would show it)
     """
 
     fallback: str = ""
@@ -152,6 +154,7 @@ class Fallback:
     fallback_concurrency: int = 8
     fallback_structured: bool = True
     fallback_cooldown_s: float = 5.0
+    fallback_api_key_env: str = "STEPWISE_TEACHER_API_KEY"
 
     def __post_init__(self) -> None:
         if self.fallback and not self.fallback.startswith(("http://", "https://")):
@@ -169,6 +172,7 @@ class Fallback:
         """The extraction stage's client options for this teacher."""
         return OpenAIClient(
             base_url=self.fallback,
+            api_key_env=self.fallback_api_key_env,
             timeout=self.fallback_timeout_s,
             retries=self.fallback_retries,
             concurrency=self.fallback_concurrency,

@@ -59,15 +59,16 @@ def read_progress(folder: Path) -> Progress:
 def resume_point(out: Path, on_ray: bool = False) -> Path | None:
     """The newest whole checkpoint of the run in `out`: a single process's committed ones, or the latest
     one Ray Train recorded (checkpoints whose upload a kill cut short are not in Ray's record). In a Ray Train
-    worker, Ray's own `get_checkpoint` answers first (after a worker failure it restores the run from it)."""
+    worker, Ray's own `get_checkpoint` (what it restores after a worker failure) is one more candidate: the highest
+    step among them all wins, so a run moved between single-process and Ray resumes from its newest state."""
+    # A committed folder is whole; one without its counters is an older one a kill left half removed.
+    candidates = [p for p in root(out).glob("step-*") if (p / STATE).exists()]
     if on_ray:
         import ray.train
 
         latest = ray.train.get_checkpoint()
         if latest is not None:
-            return Path(latest.path)
-    # A committed folder is whole; one without its counters is an older one a kill left half removed.
-    candidates = [p for p in root(out).glob("step-*") if (p / STATE).exists()]
+            candidates.append(Path(latest.path))
     if (root(out) / RAY_RUN).is_dir():
         from ray.train import Result
 

@@ -77,6 +77,18 @@ def test_other_config_is_refused_unless_overwrite(tmp_path):
     assert {r["id"] for r in read_records(out)} == test_ids
 
 
+def test_overwrite_replaces_shards_that_have_no_manifest_never_resumes_them(tmp_path):
+    out = tmp_path / "out"
+    extract("--task", "esnli", "--split", "valid", "--limit", "5", "--out", str(out))
+    (out / "manifest.json").unlink()  # shards of no known config: whatever made them, they are not this run's
+    with pytest.raises(SystemExit, match="holds no manifest.json"):
+        extract("--task", "esnli", "--split", "test", "--limit", "5", "--out", str(out))
+    extract("--task", "esnli", "--split", "test", "--limit", "5", "--out", str(out), "--overwrite")
+    test_ids = {e.id for e in tasks.load_split(tasks.get_task("esnli"), "test")[:5]}
+    assert {r["id"] for r in read_records(out)} == test_ids
+    assert json.loads((out / "manifest.json").read_text())["last_run"]["records_this_run"] == 5
+
+
 def test_a_foreign_folder_is_refused(tmp_path):
     (tmp_path / "notes.txt").write_text("not ours")
     with pytest.raises(SystemExit, match="not empty"):

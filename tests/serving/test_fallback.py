@@ -50,11 +50,17 @@ class Misbehaving(BaseHTTPRequestHandler):
         ),
         "wrong-label": (200, json.dumps({"choices": [{"index": 0, "text": " A man is a person.\nAnswer: maybe"}]})),
         "refused": (400, json.dumps({"error": "unknown model"})),
+        "too-long": (400, json.dumps({"error": "this prompt has 9000 tokens, the context 2048"})),
+        "wants-key": (401, ""),
+        "overloaded": (503, json.dumps({"error": "overloaded while serving a prompt about a dog"})),
     }
 
     def do_POST(self) -> None:
         self.rfile.read(int(self.headers["content-length"]))
         status, body = self.ANSWERS[self.path.strip("/").split("/")[0]]
+        if self.path.startswith("/wants-key/"):
+            authorized = self.headers.get("authorization") == "Bearer sekrit"
+            status, body = (200, self.ANSWERS["wrong-label"][1]) if authorized else (401, '{"error": "no key"}')
         self.send_response(status)
         self.send_header("content-type", "application/json")
         self.send_header("content-length", str(len(body)))
@@ -109,7 +115,7 @@ def test_a_teacher_that_misbehaves_leaves_the_students_answer(misbehaving_teache
 
 def test_a_failed_teacher_is_skipped_for_the_cooldown_then_asked_again(misbehaving_teacher):
     settings = Fallback(
-        fallback=f"{misbehaving_teacher}/refused",
+        fallback=f"{misbehaving_teacher}/overloaded",
         fallback_margin=0.5,
         fallback_model="m",
         fallback_retries=0,
@@ -124,9 +130,45 @@ def test_a_failed_teacher_is_skipped_for_the_cooldown_then_asked_again(misbehavi
         return [first, second, await fallback.ask(teacher, example, STUDENT)]
 
     first, second, third = asyncio.run(ask_three_times())
-    assert first.error.startswith("teacher failed: server error: HTTP 400") and third.error == first.error
-    assert second.error.startswith("teacher skipped for 0.") and "it failed (server error: HTTP 400" in second.error
+    assert (
+        first.error.startswith("teacher failed: server error after 0 retries: HTTP 503") and third.error == first.error
+    )
+    # The others are told the teacher is failing, never what the request that saw it was told.
+    assert second.error.startswith("teacher skipped for 0.") and second.error.endswith("it was failing (HTTP 503)")
+    assert "dog" not in second.error
     assert second.seconds == 0 and {o.source for o in (first, second, third)} == {"student"}
+
+
+@pytest.mark.parametrize("path", ["refused", "too-long"])
+def test_a_request_the_teacher_refuses_fails_alone_and_starts_no_cooldown(misbehaving_teacher, path):
+    """A 4xx is about the request (an input over the teacher's context): one client must not turn the fallback off for
+    the rest."""
+    settings = Fallback(
+        fallback=f"{misbehaving_teacher}/{path}", fallback_margin=0.5, fallback_model="m", fallback_cooldown_s=60
+    )
+    example = tasks.load_split(ESNLI, "test")[0]
+
+    async def ask_twice() -> list[fallback.Outcome]:
+        teacher = fallback.prepare(settings, ESNLI)
+        return [await fallback.ask(teacher, example, STUDENT) for _ in range(2)]
+
+    assert [o.error[:38] for o in asyncio.run(ask_twice())] == ["teacher failed: server error: HTTP 400"] * 2
+
+
+def test_the_teachers_key_comes_from_the_environment_never_a_flag(misbehaving_teacher, monkeypatch):
+    settings = Fallback(fallback=f"{misbehaving_teacher}/wants-key", fallback_margin=0.5, fallback_model="m")
+    example = tasks.load_split(ESNLI, "test")[0]
+
+    def ask() -> fallback.Outcome:
+        return asyncio.run(fallback.ask(fallback.prepare(settings, ESNLI), example, STUDENT))
+
+    assert ask().error.startswith("teacher failed: server error: HTTP 401")
+    monkeypatch.setenv("STEPWISE_TEACHER_API_KEY", "sekrit")
+    assert ask().error.startswith("teacher's answer unreadable: label is not one of")  # it got in, and answered
+
+
+def test_an_unreadable_answer_starts_no_cooldown(misbehaving_teacher):
+    example = tasks.load_split(ESNLI, "test")[0]
     # Unreadable answers say nothing about the teacher being down: they never start a cooldown.
     unreadable = Fallback(
         fallback=f"{misbehaving_teacher}/no-answer", fallback_margin=0.5, fallback_model="m", fallback_cooldown_s=60
@@ -346,7 +388,7 @@ def test_a_dead_teacher_leaves_the_students_answers_flowing(served, offline):
     # The first ones in flight (8 at a time) fail: refused connections, a retry after a backoff of at most 0.75 s; the
     # rest find the teacher cooling down and are answered at once.
     tried = [e for e in errors if e.startswith("teacher failed: server error after 1 retries: ConnectError")]
-    skipped = [e for e in errors if e.startswith("teacher skipped for ") and "ConnectError" in e]
+    skipped = [e for e in errors if e.startswith("teacher skipped for ") and e.endswith("(ConnectError)")]
     assert tried and skipped and len(tried) + len(skipped) == 24, errors
     assert seconds < DEAD.budget_s + 5, seconds
     started = time.perf_counter()

@@ -15,12 +15,15 @@ from __future__ import annotations
 import csv
 import json
 import os
+from dataclasses import asdict
+from pathlib import Path
 
 import pytest
 import torch
 from safetensors.torch import load_file
 
-from stepwise.training import ray_train, train
+from stepwise import artifacts
+from stepwise.training import checkpoints, ray_train, train
 from stepwise.training.train import ComputeOptions, DataOptions, EvalOptions, OptimOptions
 
 pytestmark = pytest.mark.slow
@@ -83,3 +86,36 @@ def test_two_workers_reproduce_one_process(tmp_path, esnli_rationales, one_proce
     assert not (two / "checkpoint").exists() and json.loads((two / "train_config.json").read_text()) == json.loads(
         (one_process / "train_config.json").read_text()
     )
+
+
+def test_resume_takes_the_highest_step_of_ray_and_local_checkpoints(tmp_path, local_ray):
+    """Ray's own restore point is one candidate, not the answer: a newer local checkpoint (the run went on in one
+    process after its Ray session) wins."""
+    from ray.train import Checkpoint, RunConfig, ScalingConfig, report
+    from ray.train.torch import TorchTrainer
+
+    def checkpoint_at(folder: Path, step: int) -> Path:
+        folder.mkdir(parents=True)
+        artifacts.write_json(folder / checkpoints.STATE, asdict(checkpoints.Progress(step=step)))
+        return folder
+
+    def ray_checkpoint_at_step_2(config: dict) -> None:
+        report({"step": 2}, checkpoint=Checkpoint.from_directory(str(checkpoint_at(Path(config["local"]), 2))))
+
+    def resume(config: dict) -> None:
+        chosen = checkpoints.resume_point(Path(config["out"]), on_ray=True)
+        (Path(config["out"]) / "chosen").write_text(str(checkpoints.read_progress(chosen).step))
+
+    out = tmp_path / "run"
+    run_config = RunConfig(name="resume", storage_path=str(tmp_path / "ray"))
+    one = ScalingConfig(num_workers=1)
+    TorchTrainer(
+        ray_checkpoint_at_step_2,
+        train_loop_config={"local": str(tmp_path / "two")},
+        scaling_config=one,
+        run_config=run_config,
+    ).fit()
+    checkpoint_at(checkpoints.root(out) / checkpoints.step_name(4), 4)
+    # The same run name and storage: Ray restores the run, and get_checkpoint() answers its step-2 checkpoint.
+    TorchTrainer(resume, train_loop_config={"out": str(out)}, scaling_config=one, run_config=run_config).fit()
+    assert (out / "chosen").read_text() == "4"
