@@ -136,6 +136,7 @@ def providers_for(
             "trt_engine_cache_enable": True,
             "trt_engine_cache_path": "trt_cache",  # relative: resolved against the export folder
             "trt_timing_cache_enable": True,
+            "trt_timing_cache_path": "trt_cache",
             "trt_max_workspace_size": 2 * 1024**3,
             "trt_builder_optimization_level": 3,
         },

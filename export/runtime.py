@@ -93,18 +93,66 @@ def session_options(config: dict[str, Any], threads: int | None, on_cpu: bool) -
     return options
 
 
+# What an export folder may ask ONNX Runtime for. The folder is data a user may have been handed: a provider or an
+# option outside these lists is refused, since some load code (TensorRT's plugin and custom-op libraries, ORT's own
+# custom-op paths) or write where the folder says.
+PROVIDER_OPTIONS: dict[str, frozenset[str]] = {
+    "CPUExecutionProvider": frozenset(),
+    "CUDAExecutionProvider": frozenset(
+        {"device_id", "arena_extend_strategy", "cudnn_conv_algo_search", "do_copy_in_default_stream", "gpu_mem_limit"}
+    ),
+    "TensorrtExecutionProvider": frozenset(
+        {
+            "device_id",
+            "trt_fp16_enable",
+            "trt_engine_cache_enable",
+            "trt_engine_cache_path",
+            "trt_timing_cache_enable",
+            "trt_timing_cache_path",
+            "trt_max_workspace_size",
+            "trt_builder_optimization_level",
+            "trt_profile_min_shapes",
+            "trt_profile_opt_shapes",
+            "trt_profile_max_shapes",
+        }
+    ),
+}
+CACHE_PATH_OPTIONS = ("trt_engine_cache_path", "trt_timing_cache_path")  # folders ORT creates and writes into
+
+
 def configured_providers(export_dir: Path, config: dict[str, Any], session: str) -> list[tuple[str, dict[str, Any]]]:
     """The export config's (name, options) pairs for one session ("encoder", "decoder",
-    "decoder_with_past"), in priority order: TensorRT gets that session's shape profile and its engine
-    cache path resolved against the export folder (relative in the config, so the folder stays movable)."""
+    "decoder_with_past"), in priority order: TensorRT gets that session's shape profile and its cache paths
+    resolved against the export folder (relative in the config, so the folder stays movable, and inside it).
+    Raises ValueError naming the provider or option when the config asks for one outside PROVIDER_OPTIONS."""
+    where = Path(export_dir) / "export_config.json"
     result = []
     for provider in config.get("providers", [{"name": "CPUExecutionProvider"}]):
+        name = provider.get("name")
+        if name not in PROVIDER_OPTIONS:
+            raise ValueError(
+                f"{where}: provider {name!r} is not one stepwise runs (allowed: {sorted(PROVIDER_OPTIONS)})"
+            )
         options = dict(provider.get("options", {})) | dict(provider.get("profiles", {}).get(session, {}))
-        if "trt_engine_cache_path" in options:
-            cache = Path(options["trt_engine_cache_path"])
-            options["trt_engine_cache_path"] = str(cache if cache.is_absolute() else Path(export_dir) / cache)
-        result.append((provider["name"], options))
+        unknown = sorted(set(options) - PROVIDER_OPTIONS[name])
+        if unknown:
+            raise ValueError(
+                f"{where}: {name} options {unknown} are not allowed (allowed: {sorted(PROVIDER_OPTIONS[name])})"
+            )
+        for key in CACHE_PATH_OPTIONS:
+            if key in options:
+                options[key] = str(inside_folder(export_dir, options[key], f"{where}: {name} option {key}"))
+        result.append((name, options))
     return result
+
+
+def inside_folder(folder: Path, relative: str, what: str) -> Path:
+    """`relative` resolved against `folder`; ValueError when it is absolute or leads out of the folder."""
+    root = Path(folder).resolve()
+    path = (root / relative).resolve()
+    if Path(relative).is_absolute() or not path.is_relative_to(root):
+        raise ValueError(f"{what} must be a path inside the export folder, not {relative!r}")
+    return path
 
 
 def provider_list(
@@ -121,8 +169,9 @@ def provider_list(
         )
     result = [(name, configured.get(name, {})) for name in chosen if name in available]
     for _, options in result:
-        if "trt_engine_cache_path" in options:
-            Path(options["trt_engine_cache_path"]).mkdir(parents=True, exist_ok=True)
+        for key in CACHE_PATH_OPTIONS:
+            if key in options:
+                Path(options[key]).mkdir(parents=True, exist_ok=True)
     return result
 
 

@@ -196,7 +196,10 @@ def test_fp16_gpu_export_writes_tensorrt_options_and_runs_on_cpu(tiny_student_di
     # What serving hands ONNX Runtime on a GPU box, per session: the session's own shape profile, the cache in the
     # folder.
     name, options = configured_providers(out, config, "decoder_with_past")[0]
-    assert name == "TensorrtExecutionProvider" and options["trt_engine_cache_path"] == str(out / "trt_cache")
+    assert name == "TensorrtExecutionProvider" and options["trt_engine_cache_path"] == str(
+        (out / "trt_cache").resolve()
+    )
+    assert options["trt_timing_cache_path"] == options["trt_engine_cache_path"]
     assert (
         "past_key_values.0.encoder.key:" in options["trt_profile_max_shapes"]
         and "encoder_hidden_states" not in options["trt_profile_max_shapes"]

@@ -5,6 +5,9 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import re
+import shutil
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -72,6 +75,37 @@ def test_runtime_reports_what_it_runs(tiny_export_dir):
     assert runtime.providers == ["CPUExecutionProvider"]
     assert runtime.version == config["version"] and runtime.model_id == config["model_id"]
     assert runtime.task == tasks.load_task(tiny_export_dir)
+
+
+@pytest.mark.parametrize(
+    ("provider", "problem"),
+    [
+        ({"name": "MyCustomExecutionProvider"}, "provider 'MyCustomExecutionProvider' is not one stepwise runs"),
+        (
+            {"name": "TensorrtExecutionProvider", "options": {"trt_extra_plugin_lib_paths": "/tmp/evil.so"}},
+            "TensorrtExecutionProvider options ['trt_extra_plugin_lib_paths'] are not allowed",
+        ),
+        (
+            {"name": "TensorrtExecutionProvider", "options": {"trt_engine_cache_path": "/tmp/stepwise-anywhere"}},
+            "option trt_engine_cache_path must be a path inside the export folder, not '/tmp/stepwise-anywhere'",
+        ),
+        (
+            {"name": "TensorrtExecutionProvider", "profiles": {"encoder": {"trt_timing_cache_path": "../../outside"}}},
+            "option trt_timing_cache_path must be a path inside the export folder, not '../../outside'",
+        ),
+    ],
+)
+def test_an_export_folder_asks_only_for_allowed_providers_and_options(tiny_export_dir, tmp_path, provider, problem):
+    """The folder is data someone handed over: what it names is checked before ONNX Runtime sees it, and nothing is
+    created outside it."""
+    crafted = tmp_path / "crafted"
+    shutil.copytree(tiny_export_dir, crafted)
+    config = json.loads((crafted / "export_config.json").read_text())
+    config["providers"] = [provider, {"name": "CPUExecutionProvider"}]
+    (crafted / "export_config.json").write_text(json.dumps(config))
+    with pytest.raises(ValueError, match="export_config.json: .*" + re.escape(problem)):
+        load_runtime(crafted, threads=1)
+    assert not (tmp_path.parent / "outside").exists() and not Path("/tmp/stepwise-anywhere").exists()
 
 
 def test_greedy_labels_match_pytorch_generate(tiny_export_dir, tiny_student_dir):
