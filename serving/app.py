@@ -223,6 +223,19 @@ async def decode_alone(
 # ---------------------------------------------------------------- the deployment
 
 
+# What a 500 says instead of the exception: its text can carry server paths and internals; the log has it whole.
+INTERNAL_DETAILS = "the server's log has the details"
+
+
+def overlong_choice(runtime: Runtime, examples: list[tasks.Example], max_tokens: int) -> str:
+    """Where the first choice longer than `max_tokens` tokens is ("" when none is): run on the runtime thread."""
+    for example in examples:
+        for j, choice in enumerate(example.choices or []):
+            if len(runtime.tokenizer(choice).input_ids) > max_tokens:
+                return f"{example.id}.choices.{j}"
+    return ""
+
+
 @serve.deployment(name="student")
 @serve.ingress()
 class StudentServer:
@@ -295,12 +308,12 @@ class StudentServer:
             schema.to_example(item, task, "inputs" if single else f"inputs.{i}") for i, item in enumerate(items)
         ]
         runtime = await self.load_model(model_id)
-        for example in examples:
-            for j, choice in enumerate(example.choices or []):
-                if len(runtime.tokenizer(choice).input_ids) > limits.max_choice_tokens:
-                    raise HTTPException(
-                        413, f"{example.id}.choices.{j}: more than max_choice_tokens={limits.max_choice_tokens} tokens"
-                    )
+        if any(example.choices for example in examples):  # on the runtime thread: the tokenizer is not thread-safe
+            overlong = await asyncio.get_running_loop().run_in_executor(
+                self.runtime_thread, overlong_choice, runtime, examples, limits.max_choice_tokens
+            )
+            if overlong:
+                raise HTTPException(413, f"{overlong}: more than max_choice_tokens={limits.max_choice_tokens} tokens")
         try:
             queued_at = time.perf_counter()
             jobs = [self.decode(DecodeJob(model_id, runtime, example, body.explain, queued_at)) for example in examples]
@@ -317,7 +330,8 @@ class StudentServer:
         ]
         if failed:
             where, problem = failed[0]
-            raise HTTPException(500, f"decoding failed for {where}: {type(problem).__name__}: {problem}")
+            logger.error(f"decoding failed for {where}: {type(problem).__name__}: {problem}")
+            raise HTTPException(500, f"decoding failed for {where} ({INTERNAL_DETAILS})")
         outcomes = await self.cascade(model_id, examples, [d.prediction for d in decoded])
         return schema.PredictResponse(
             model=model_id, version=runtime.version, predictions=[prediction_out(o, body.scores) for o in outcomes]
@@ -404,7 +418,7 @@ def build_api(server: StudentServer) -> FastAPI:
     @api.exception_handler(Exception)  # anything else: still a JSON error body (and logged), never a bare traceback
     async def internal_error(request: Request, problem: Exception) -> JSONResponse:
         logger.exception(f"{request.method} {request.url.path} failed")
-        return JSONResponse({"error": f"internal error: {type(problem).__name__}: {problem}"}, status_code=500)
+        return JSONResponse({"error": f"internal error ({INTERNAL_DETAILS})"}, status_code=500)
 
     @api.post(
         "/v1/predict",

@@ -44,11 +44,15 @@ def write_atomic(path: Path, data: str | bytes) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    with tmp.open("wb") as f:
-        f.write(data.encode() if isinstance(data, str) else data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    try:
+        with tmp.open("wb") as f:
+            f.write(data.encode() if isinstance(data, str) else data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:  # a full disk or a Ctrl-C: leave no half-written temp file behind
+        tmp.unlink(missing_ok=True)
+        raise
     fsync_dir(path.parent)
     return path
 
@@ -307,6 +311,8 @@ def read_json(path: Path, what: str) -> Any:
 
 def _read_typed(folder: Path, name: str, kind: type[Typed], what: str) -> Typed:
     data = read_json(Path(folder) / name, what)
+    if not isinstance(data, dict):
+        raise ValueError(f"{Path(folder) / name} holds a JSON {type(data).__name__}, not an object: {what}")
     missing = sorted(set(kind.__required_keys__) - set(data))
     if missing:
         raise ValueError(

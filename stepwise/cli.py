@@ -317,7 +317,7 @@ def run_command(fn: Callable, argv: list[str], prog: str) -> None:
     one-line message and an exit code (a traceback would bury what the message names; STEPWISE_DEBUG=1 keeps it)."""
     try:
         result = call_with_argv(fn, argv, prog=prog)
-    except (ValueError, FileNotFoundError, RuntimeError, artifacts.ParityFailed) as problem:
+    except (ValueError, OSError, ImportError, RuntimeError, artifacts.ParityFailed) as problem:
         if os.environ.get("STEPWISE_DEBUG") == "1":
             raise
         raise SystemExit(f"{prog}: error: {problem}") from None

@@ -155,9 +155,19 @@ def save_task(task: Task, folder: Path) -> None:
 
 
 def load_task(folder: Path) -> Task:
-    return Task(
-        **artifacts.read_json(Path(folder) / artifacts.TASK, "not a stepwise model, export or extraction folder")
-    )
+    path = Path(folder) / artifacts.TASK
+    data = artifacts.read_json(path, "not a stepwise model, export or extraction folder")
+    if not isinstance(data, dict):
+        raise ValueError(f"{path} holds a JSON {type(data).__name__}, not the task's settings (an object)")
+    keys = list(Task.__dataclass_fields__)
+    unknown = sorted(set(data) - set(keys))
+    if unknown:
+        raise ValueError(f"{path}: unknown key {unknown[0]!r} (written by another stepwise version?); the keys are "
+                         f"{', '.join(keys)}")  # fmt: skip
+    missing = [k for k in ("name", "answer_style") if k not in data]
+    if missing:
+        raise ValueError(f"{path} lacks {', '.join(missing)}")
+    return Task(**data)
 
 
 def in_valid_split(example_id: str) -> bool:
@@ -521,6 +531,10 @@ def _custom_example(task: Task, row: dict, split: str) -> Example:
     if isinstance(choices, str):  # CSV: choices separated by |
         choices = [c.strip() for c in choices.split("|") if c.strip()]
     if choices is not None:
+        if not isinstance(choices, list):
+            raise ValueError(f"{where}: 'choices' must be a list of texts (or 'a | b' in a CSV), got {choices!r}")
+        if len(choices) > len(LETTERS):  # each choice is shown with a letter, (a) to (z)
+            raise ValueError(f"{where}: {len(choices)} choices; at most {len(LETTERS)} (one per letter a-z)")
         choices = [_text(c) for c in choices]
         if label not in choices:
             raise ValueError(f"{where}: label {label!r} is not one of its choices {choices}")

@@ -121,7 +121,7 @@ def save(out: Path, model: nn.Module, optimizer: Optimizer, progress: Progress, 
 
 def save_best(out: Path, model: nn.Module, world: World) -> None:
     """The current weights become the folder's model: written whole into a temporary folder, fsynced, committed
-    by a rename, then moved in file by file (`finish_best_save` completes an interrupted move). A kill never
+    by a rename, then moved in file by file (`finish_interrupted_writes` completes an interrupted move). A kill never
     leaves a truncated model.safetensors. Every rank must call it (FSDP gathers the weights)."""
     weights = distributed.full_weights(model, world)
     if world.main:
@@ -133,9 +133,11 @@ def save_best(out: Path, model: nn.Module, world: World) -> None:
     distributed.barrier(world)
 
 
-def finish_best_save(out: Path) -> None:
-    """Complete a best-model save a kill interrupted (rank 0, before anything reads the model)."""
+def finish_interrupted_writes(out: Path) -> None:
+    """Complete a best-model save a kill interrupted and drop checkpoints it cut short (rank 0, at start)."""
     shutil.rmtree(Path(out) / ".best.tmp", ignore_errors=True)  # never committed: the previous best stands
+    for staging in root(out).glob(".step-*.tmp"):  # never committed: a model and optimizer's worth of disk each
+        shutil.rmtree(staging, ignore_errors=True)
     if (Path(out) / ".best.ready").is_dir():
         artifacts.move_files_into(Path(out) / ".best.ready", out)
 

@@ -498,7 +498,7 @@ def start_worker(plan: Plan, device: torch.device, on_ray: bool) -> Worker:
                 flush=True,
             )
     if world.main:
-        checkpoints.finish_best_save(plan.out)
+        checkpoints.finish_interrupted_writes(plan.out)
         checkpoints.restart_log(plan.out, progress.step)
         params = sum(p.numel() for p in model.parameters())  # an FSDP shard's numel is the whole parameter's
         print(
@@ -735,7 +735,7 @@ def main(
     if out.exists() and not out.is_dir():
         raise ValueError(f"--out {out} is a file, not a folder")
     # One run per folder: a second one would delete this one's checkpoints and staging folders.
-    with artifacts.folder_lock(out / artifacts.TRAIN_LOCK, "train", out):
+    with artifacts.folder_lock(out / artifacts.TRAIN_LOCK, "train", out, remove=True):
         plan = setup(
             task, out, rationales, student, mode, data_fraction, seed, vocab_size, data, optim, evaluation, compute,
             force, labels,

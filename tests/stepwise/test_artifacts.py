@@ -69,3 +69,21 @@ def test_a_kill_between_the_two_renames_is_recovered(tmp_path):
     previous.mkdir()  # a leftover beside a present folder is only removed
     assert artifacts.recover_previous(final) is False and not previous.exists()
     assert (final / "model.onnx").read_text() == "old"
+
+
+def test_a_failed_write_leaves_no_temp_file_and_the_old_content(tmp_path, monkeypatch):
+    path = artifacts.write_atomic(tmp_path / "metrics.json", "old")
+
+    def disk_full(descriptor: int) -> None:  # the data reaches the disk at fsync: where a full disk says so
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(artifacts.os, "fsync", disk_full)
+    with pytest.raises(OSError, match="No space left"):
+        artifacts.write_atomic(path, "new")
+    assert path.read_text() == "old" and [p.name for p in tmp_path.iterdir()] == ["metrics.json"]
+
+
+def test_a_typed_artifact_that_is_not_a_json_object_is_named(tmp_path):
+    (tmp_path / artifacts.MANIFEST).write_text("[1, 2]")
+    with pytest.raises(ValueError, match=r"manifest.json holds a JSON list, not an object: not an extraction folder"):
+        artifacts.read_manifest(tmp_path)

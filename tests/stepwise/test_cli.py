@@ -150,3 +150,28 @@ def test_bad_input_from_a_stage_is_one_line_not_a_traceback(tmp_path):
     )
     assert result.returncode == 1
     assert "stepwise data: error: unknown task" in result.stderr and "Traceback" not in result.stderr
+
+
+def failing_stage(kind: str) -> None:
+    """A stage whose work fails the way the operating system or a missing package does."""
+    if kind == "permission":
+        raise PermissionError(13, "Permission denied", "/srv/out/model.safetensors")
+    if kind == "disk-full":
+        raise OSError(28, "No space left on device", "/srv/out/shard-00001.jsonl")
+    raise ImportError("mlflow is not installed: pip install mlflow, or leave --report-to off")
+
+
+@pytest.mark.parametrize(
+    "kind,message",
+    [
+        ("permission", "Permission denied: '/srv/out/model.safetensors'"),
+        ("disk-full", "No space left on device: '/srv/out/shard-00001.jsonl'"),
+        ("import", "mlflow is not installed: pip install mlflow"),
+    ],
+)
+def test_os_and_import_errors_are_one_line_naming_the_file_or_package(kind, message, monkeypatch):
+    monkeypatch.delenv("STEPWISE_DEBUG", raising=False)
+    with pytest.raises(SystemExit) as raised:
+        cli.run_command(failing_stage, ["--kind", kind], prog="stepwise train")
+    assert str(raised.value).startswith("stepwise train: error: ") and message in str(raised.value)
+    assert "\n" not in str(raised.value)

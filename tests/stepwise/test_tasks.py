@@ -486,3 +486,32 @@ def test_the_fingerprint_follows_the_input_and_choices():
     assert fingerprint(example) == fingerprint(same)
     assert fingerprint(example) != fingerprint(tasks.Example("a", "Where is a bed? ", "bedroom", ["sea", "bedroom"]))
     assert fingerprint(example) != fingerprint(tasks.Example("a", "Where is a bed?", "bedroom", ["sea", "moon"]))
+
+
+@pytest.mark.parametrize(
+    "choices,message",
+    [
+        (7, r"'choices' must be a list of texts .* got 7"),
+        ({"a": "yes"}, r"'choices' must be a list of texts"),
+        ([f"choice {i}" for i in range(27)], r"27 choices; at most 26 \(one per letter a-z\)"),
+    ],
+)
+def test_choices_that_are_not_a_list_or_too_many_are_named(tmp_path, choices, message):
+    label = choices[0] if isinstance(choices, list) else "yes"
+    path = write_jsonl(tmp_path / "mc.jsonl", [{"input": "q", "label": label, "choices": choices}])
+    with pytest.raises(ValueError, match=rf"mc.jsonl, train row 1: {message}"):
+        tasks.load_split(tasks.get_task(str(path)), "train")
+
+
+@pytest.mark.parametrize(
+    "content,message",
+    [
+        ('["esnli"]', "holds a JSON list, not the task's settings"),
+        ('{"name": "esnli", "answer_style": "label", "prompt": "x"}', "unknown key 'prompt'"),
+        ('{"name": "esnli"}', "lacks answer_style"),
+    ],
+)
+def test_a_bad_task_json_in_a_folder_is_named(tmp_path, content, message):
+    (tmp_path / "task.json").write_text(content)
+    with pytest.raises(ValueError, match=message):
+        tasks.load_task(tmp_path)

@@ -15,6 +15,8 @@ from pathlib import Path
 import pytest
 from safetensors import safe_open
 
+from training import checkpoints
+
 from helpers import ROOT, cli_env, start_stepwise, stepwise
 from training_helpers import esnli_train
 
@@ -75,6 +77,10 @@ def test_a_kill_inside_the_checkpoint_swap_resumes_from_a_whole_checkpoint(
     out = tmp_path / "run"
     killed_run(out, esnli_rationales, kill_on, kill_at)
     assert not (out / "metrics.json").exists()
+    if kill_on == "commit":  # the uncommitted step-8 checkpoint: gone as soon as the rerun starts
+        (staging,) = (out / "checkpoint").glob(".step-*.tmp")
+        checkpoints.finish_interrupted_writes(out)
+        assert not staging.exists() and (out / "checkpoint" / "step-00000004").is_dir()
     resumed = stepwise(*train_args(out, esnli_rationales))
     assert f"at step {resumes_at} " in resumed.stdout and "done: 8 steps" in resumed.stdout
 
