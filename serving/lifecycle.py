@@ -11,6 +11,7 @@ runs before `import ray` (this module imports Ray only inside its functions).
 from __future__ import annotations
 
 import ipaddress
+import json
 import os
 import secrets
 import shutil
@@ -24,7 +25,7 @@ import urllib.request
 from pathlib import Path
 from typing import Any
 
-from stepwise import envs
+from stepwise import artifacts, envs
 from stepwise.serving.settings import ServeArgs
 
 APP_NAME = "stepwise"
@@ -32,6 +33,8 @@ SINGLE_NODE = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"  # "0": Ray's single-node mode
 _started_ray = False
 _ports: list[tuple[str, int]] = []  # what `start` bound, checked free again by `stop`
 _haproxy_dir: list[Path] = []  # HAProxy's config and sockets, removed by `stop`
+_server_record: list[Path] = []  # <run-dir>/server.json while this process serves, removed by `stop`
+SERVER_RECORD = "server.json"  # who serves from a run folder: a later start cleans up after a killed one
 _environment_before: dict[str, str | None] = {}  # what `start` changed in os.environ, restored by `stop`
 
 
@@ -190,11 +193,13 @@ def start(
 
     starts_ray = "ray" not in sys.modules or not sys.modules["ray"].is_initialized()
     if starts_ray:
+        end_killed_server(Path(run_dir))
         check_port_free(host, port, "HTTP")
         if metrics_port:
             check_port_free("127.0.0.1", metrics_port, "metrics")
         _ports[:] = [(host, port)] + ([("127.0.0.1", metrics_port)] if metrics_port else [])
         _haproxy_dir[:] = [Path(tempfile.mkdtemp(prefix="stepwise-hx-"))]
+        _server_record[:] = [record_server(Path(run_dir), _haproxy_dir[0])]
         apply_ray_environment(ray_environment(host, run_dir, _haproxy_dir[0]))
         os.environ.setdefault("ORT_DISABLE_TELEMETRY", "1")
         # Replicas are new processes: they find this checkout's code through PYTHONPATH.
@@ -244,12 +249,79 @@ def kill_leftovers(folder: Path) -> None:
     end whatever still runs from `folder` (HAProxy's config and sockets live there, nothing else does)."""
     import psutil
 
-    for process in psutil.process_iter(["cmdline"]):
-        if any(str(folder) in part for part in process.info["cmdline"] or []):
-            try:
-                process.kill()
-            except psutil.NoSuchProcess:
-                pass
+    kill_all([p for p in psutil.process_iter(["cmdline"]) if any(str(folder) in a for a in p.info["cmdline"] or [])])
+
+
+def kill_all(processes: list) -> None:
+    """SIGKILL `processes` (psutil's) and wait until they have exited, their listening sockets with them. An
+    orphan nobody reaps stays a zombie (a container's init may not reap): exited all the same."""
+    import psutil
+
+    def exited(process: psutil.Process) -> bool:
+        try:
+            return process.status() == psutil.STATUS_ZOMBIE
+        except psutil.NoSuchProcess:
+            return True
+
+    for process in processes:
+        try:
+            process.kill()
+        except psutil.NoSuchProcess:
+            pass
+    deadline = time.monotonic() + 10
+    while not all(exited(p) for p in processes) and time.monotonic() < deadline:
+        time.sleep(0.05)
+
+
+def record_server(run_dir: Path, haproxy_dir: Path) -> Path:
+    """<run-dir>/server.json: this process (pid and start time, so a reused pid is not taken for it) and its
+    HAProxy folder."""
+    import psutil
+
+    me = psutil.Process()
+    record = {"pid": me.pid, "started": me.create_time(), "haproxy_dir": str(haproxy_dir)}
+    run_dir.mkdir(parents=True, exist_ok=True)
+    return artifacts.write_json(run_dir / SERVER_RECORD, record)
+
+
+def end_killed_server(run_dir: Path) -> None:
+    """A server killed with SIGKILL (Kubernetes after the grace period) takes its Ray driver down, but neither
+    HAProxy (Ray starts it in its own session: it keeps the HTTP port) nor Ray's agents (one keeps the metrics
+    port). The next start on the same run folder ends them: HAProxy runs from the recorded folder; Ray's agents
+    rename themselves over their command line and environment, but keep their logs open under the run folder."""
+    import psutil
+
+    path = run_dir / SERVER_RECORD
+    if not path.exists():
+        return
+    try:
+        record = json.loads(path.read_text())
+        pid, started, haproxy_dir = record["pid"], record["started"], str(record["haproxy_dir"])
+    except (ValueError, KeyError, TypeError):  # not ours, or cut short: nothing to go by
+        path.unlink()
+        return
+    try:
+        if psutil.Process(pid).create_time() == started:
+            return  # that server still runs: the port check names the clash
+    except psutil.NoSuchProcess:
+        pass
+    ray_dir = str((run_dir / "ray").resolve()) + os.sep  # through the link to a short folder, as Ray opened it
+
+    def left_by_it(process: psutil.Process) -> bool:
+        try:
+            return any(haproxy_dir in part for part in process.cmdline()) or any(
+                f.path.startswith(ray_dir) for f in process.open_files()
+            )
+        except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
+            return False
+
+    left = [process for process in psutil.process_iter() if process.pid != os.getpid() and left_by_it(process)]
+    if left:
+        print(f"[serve] ending {len(left)} processes that a killed server (pid {pid}) left running", flush=True)
+        kill_all(left)
+    if Path(haproxy_dir).name.startswith("stepwise-hx-"):  # only a folder `start` made
+        shutil.rmtree(haproxy_dir, ignore_errors=True)
+    path.unlink()
 
 
 def interrupt(signum: int, frame: Any) -> None:
@@ -291,6 +363,8 @@ def stop() -> None:
             for folder in _haproxy_dir:
                 kill_leftovers(folder)
                 shutil.rmtree(folder, ignore_errors=True)
+            for record in _server_record:
+                record.unlink(missing_ok=True)
             # A later `start` in this process (tests, benchmarks) picks its own ports and folders again, instead of
             # reading this server's from the environment as if an operator had set them.
             for name, value in _environment_before.items():

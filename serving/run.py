@@ -82,6 +82,8 @@ def main(
     except KeyboardInterrupt:
         print("[serve] shutting down", flush=True)
     finally:
-        signal.signal(signal.SIGTERM, signal.SIG_IGN)  # a second SIGTERM must not cut the shutdown short
+        # A second SIGTERM or Ctrl-C must not cut the shutdown short (HAProxy and Ray would be left running).
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
         lifecycle.stop()
     return run_dir

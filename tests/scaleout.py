@@ -101,10 +101,14 @@ def _ray_start(args: list[str], temp_dir: Path, env: dict[str, str]) -> subproce
 
 
 def alive_nodes(address: str, env: dict[str, str]) -> int:
-    script = "import ray, json; ray.init(address=%r, logging_level='ERROR'); print(json.dumps(sum(n['Alive'] for n in ray.nodes())))"  # noqa: E501
+    # Ray itself prints to stdout here (a dead node's "lagging heartbeats" notice): the count is the marked line
+    script = (
+        "import ray; ray.init(address=%r, logging_level='ERROR'); print('alive:', sum(n['Alive'] for n in ray.nodes()))"  # noqa: E501
+    )
     result = subprocess.run([sys.executable, "-c", script % address], env=env, capture_output=True, text=True,
                             timeout=120)  # fmt: skip
-    return json.loads(result.stdout.strip().splitlines()[-1]) if result.returncode == 0 else 0
+    counts = [line.split()[-1] for line in result.stdout.splitlines() if line.startswith("alive: ")]
+    return int(counts[-1]) if result.returncode == 0 and counts else 0
 
 
 @contextmanager

@@ -69,7 +69,10 @@ def start_server(export: Path, port: int, metrics_port: int, run_dir: Path, *ext
     while True:
         assert server.poll() is None, server.stdout.read()
         try:
-            if httpx.get(f"http://127.0.0.1:{port}/healthz", timeout=2).status_code == 200:
+            # Its own HAProxy answers (one a killed server left behind could answer too)
+            if httpx.get(f"http://127.0.0.1:{port}/healthz", timeout=2).status_code == 200 and holding(port) & {
+                p.pid for p in psutil.Process(server.pid).children(recursive=True)
+            }:
                 return server
         except httpx.HTTPError:
             pass
@@ -108,16 +111,49 @@ def haproxies() -> set[int]:
     return {p.pid for p in psutil.process_iter(["name"]) if p.info["name"] == "haproxy"}
 
 
-def stop_and_check(server: subprocess.Popen, how: int, ports: tuple[int, ...], run_dir: Path) -> None:
-    # The server's own (its descendants: other servers on the machine start and stop HAProxies meanwhile). Ray's
-    # short-lived workers come and go while they are listed: name them in one pass that skips the ones gone.
+def holding(port: int) -> set[int]:
+    """The processes listening on `port`, on any address."""
+    return {
+        c.pid for c in psutil.net_connections(kind="tcp") if c.status == psutil.CONN_LISTEN and c.laddr.port == port
+    }
+
+
+def running(pids: set[int]) -> set[int]:
+    """Those of `pids` that have not exited (an orphan nobody reaps stays a zombie: it has)."""
+    alive = set()
+    for pid in pids:
+        try:
+            if psutil.Process(pid).status() != psutil.STATUS_ZOMBIE:
+                alive.add(pid)
+        except psutil.NoSuchProcess:
+            pass
+    return alive
+
+
+def own_haproxies(server: subprocess.Popen) -> set[int]:
+    """The server's own (its descendants: other servers on the machine start and stop HAProxies meanwhile). Ray's
+    short-lived workers come and go while they are listed: name them in one pass that skips the ones gone."""
     descendants = psutil.Process(server.pid).children(recursive=True)
-    ours = {
+    return {
         p.info["pid"] for p in psutil.process_iter(["pid", "name"]) if p in descendants and p.info["name"] == "haproxy"
     }
+
+
+def stop_and_check(
+    server: subprocess.Popen, how: int, ports: tuple[int, ...], run_dir: Path, again: int | None = None
+) -> None:
+    """Stop `server` with signal `how` (and `again` a moment later, as an impatient operator does) and check that
+    everything it ran is gone."""
+    ours = own_haproxies(server)
     assert ours, "the server runs an HAProxy ingress"
     server.send_signal(how)
+    before = ""
+    if again is not None:
+        while "shutting down" not in before and server.poll() is None:  # once the shutdown has begun
+            before += server.stdout.readline()
+        server.send_signal(again)
     output, _ = server.communicate(timeout=90)
+    output = before + output
     assert server.returncode == 0, output
     assert "shutting down" in output and "Traceback" not in output
     assert all(port_is_free(p) for p in ports), [p for p in ports if not port_is_free(p)]
@@ -159,6 +195,35 @@ def test_sigterm_shuts_down_cleanly_and_nothing_listens_beyond_loopback(tiny_exp
     finally:
         if again.poll() is None:
             again.kill()
+
+
+def test_a_killed_server_is_cleaned_up_by_the_next_start_and_a_second_ctrl_c_finishes_the_shutdown(
+    tiny_export_dir, tmp_path_factory
+):
+    """kill -9 (Kubernetes after the grace period) takes the server's Ray driver down but not HAProxy, which Ray
+    starts in its own session (it keeps the HTTP port), nor Ray's agents (one keeps the metrics port). The next
+    `stepwise serve` on the run folder ends them and answers on the same ports."""
+    port, metrics_port, run_dir = free_port(), free_port(), tmp_path_factory.mktemp("killed")
+    server = start_server(tiny_export_dir, port, metrics_port, run_dir)
+    server.kill()
+    server.communicate(timeout=30)
+    left = holding(port) | holding(metrics_port)
+    try:
+        assert holding(port) and holding(metrics_port), "the killed server's processes still hold both ports"
+        again = start_server(tiny_export_dir, port, metrics_port, run_dir)
+        try:
+            assert not running(left), "the next start ended what the killed server left"
+            answer = httpx.post(f"http://127.0.0.1:{port}/v1/predict", json={"inputs": "a dog runs"}, timeout=30)
+            assert answer.status_code == 200
+            stop_and_check(again, signal.SIGINT, (port, metrics_port), run_dir, again=signal.SIGINT)
+            assert not (run_dir / "server.json").exists()
+        finally:
+            if again.poll() is None:  # stopped as an operator would, or it leaves the same behind
+                again.send_signal(signal.SIGTERM)
+                again.communicate(timeout=90)
+    finally:
+        for pid in running(left):
+            psutil.Process(pid).kill()
 
 
 SERVE_HTTP = (

@@ -28,7 +28,7 @@ def write(node, target):
     return ray.get_runtime_context().get_node_id()
 
 ids = ray.get([write.options(resources={f"node-{i}": 1}).remote(i, sys.argv[2]) for i in (0, 1)])
-print(json.dumps({"ids": ids, "alive": sum(n["Alive"] for n in ray.nodes())}))
+print("seen:", json.dumps({"ids": ids, "alive": sum(n["Alive"] for n in ray.nodes())}))
 """
 
 
@@ -38,7 +38,8 @@ def test_three_raylets_reach_the_object_store_and_a_killed_node_is_seen_dead(s3_
         run = subprocess.run([sys.executable, "-c", ON_EACH_NODE, cluster.address, bucket], cwd=ROOT, env=env,
                              capture_output=True, text=True, timeout=300)  # fmt: skip
         assert run.returncode == 0, run.stderr[-3000:]
-        seen = json.loads(run.stdout.strip().splitlines()[-1])
+        # Ray may print notices of its own to stdout: the result is the marked line
+        seen = json.loads([line for line in run.stdout.splitlines() if line.startswith("seen: ")][-1][len("seen: ") :])
         assert seen["alive"] == 3 and len(set(seen["ids"])) == 2
         assert [storage.read_bytes(f"{bucket}/from-{i}").decode() for i in (0, 1)] == seen["ids"]
 
