@@ -133,7 +133,7 @@ def port_error(host: str, port: int) -> str:
 def in_every_ray_worker() -> None:
     """Run by Ray in each worker process of the Ray that `start` starts (runtime_env worker_process_setup_hook):
     Ray Serve 2.60 binds a few listeners to every interface whatever the node's address; bind them where the
-    node (single-node mode: 127.0.0.1) and the HTTP API are instead."""
+    node (single-node mode: 127.0.0.1) is instead."""
     from ray.serve._private import haproxy, replica
 
     bind = replica.add_port_to_grpc_server  # the replicas' inter-deployment gRPC server: [::] in _on_initialized
@@ -144,10 +144,11 @@ def in_every_ray_worker() -> None:
 
         bind_loopback.loopback = True  # type: ignore[attr-defined]
         replica.add_port_to_grpc_server = bind_loopback
-    # HAProxy's Prometheus and stats frontends: `bind :PORT` and `bind *:PORT` in its config template.
+    # HAProxy's Prometheus and stats frontends (`bind :PORT` and `bind *:PORT` in its config template): the stats
+    # page has no authentication, so both stay on loopback also when the API goes public (--host 0.0.0.0).
     haproxy.HAPROXY_CONFIG_TEMPLATE = haproxy.HAPROXY_CONFIG_TEMPLATE.replace(
-        "bind :{{ config.metrics_port }}", "bind {{ config.frontend_host }}:{{ config.metrics_port }}"
-    ).replace("bind *:{{ config.stats_port }}", "bind {{ config.frontend_host }}:{{ config.stats_port }}")
+        "bind :{{ config.metrics_port }}", "bind 127.0.0.1:{{ config.metrics_port }}"
+    ).replace("bind *:{{ config.stats_port }}", "bind 127.0.0.1:{{ config.stats_port }}")
 
 
 def free_port(host: str = "127.0.0.1") -> int:
@@ -325,6 +326,10 @@ def end_killed_server(run_dir: Path) -> None:
 
 
 def interrupt(signum: int, frame: Any) -> None:
+    """SIGTERM and Ctrl-C: the first starts the shutdown; from then on both are ignored, so a second one (an
+    impatient operator) cannot cut the cleanup short, not even before `stop` begins."""
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     raise KeyboardInterrupt
 
 

@@ -82,7 +82,7 @@ def main(
     except KeyboardInterrupt:
         print("[serve] shutting down", flush=True)
     finally:
-        # A second SIGTERM or Ctrl-C must not cut the shutdown short (HAProxy and Ray would be left running).
+        # Nor may a SIGTERM or Ctrl-C during a shutdown that began otherwise (HAProxy and Ray would be left running).
         signal.signal(signal.SIGTERM, signal.SIG_IGN)
         signal.signal(signal.SIGINT, signal.SIG_IGN)
         lifecycle.stop()

@@ -242,6 +242,8 @@ def test_serving_beyond_loopback_keeps_ray_local_and_turns_on_token_auth(tiny_ex
         # Beyond loopback only Serve's HTTP servers (the API and the app behind it): nothing of Ray itself.
         assert [s for s in public if not s[2].startswith(SERVE_HTTP)] == [], public
         assert metrics_port not in {p for _, p, _ in public}
+        # HAProxy's stats page (no authentication) and its metrics stay on loopback: public is the API alone
+        assert [s for s in public if s[2] == "haproxy" and s[1] != port] == [], public
         token = run_dir / "ray-auth-token"
         assert token.stat().st_mode & 0o077 == 0 and len(token.read_text()) == 64
         stop_and_check(server, signal.SIGTERM, (port, metrics_port), run_dir)
