@@ -250,7 +250,17 @@ def kill_leftovers(folder: Path) -> None:
     end whatever still runs from `folder` (HAProxy's config and sockets live there, nothing else does)."""
     import psutil
 
-    kill_all([p for p in psutil.process_iter(["cmdline"]) if any(str(folder) in a for a in p.info["cmdline"] or [])])
+    kill_all([process for process in psutil.process_iter() if runs_from(process, str(folder))])
+
+
+def runs_from(process: Any, folder: str) -> bool:
+    """`folder` is on the command line of `process` (psutil's): HAProxy's, for its config and sockets folder."""
+    import psutil
+
+    try:
+        return any(folder in part for part in process.cmdline())
+    except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
+        return False
 
 
 def kill_all(processes: list) -> None:
@@ -281,7 +291,6 @@ def record_server(run_dir: Path, haproxy_dir: Path) -> Path:
 
     me = psutil.Process()
     record = {"pid": me.pid, "started": me.create_time(), "haproxy_dir": str(haproxy_dir)}
-    run_dir.mkdir(parents=True, exist_ok=True)
     return artifacts.write_json(run_dir / SERVER_RECORD, record)
 
 
@@ -310,9 +319,7 @@ def end_killed_server(run_dir: Path) -> None:
 
     def left_by_it(process: psutil.Process) -> bool:
         try:
-            return any(haproxy_dir in part for part in process.cmdline()) or any(
-                f.path.startswith(ray_dir) for f in process.open_files()
-            )
+            return runs_from(process, haproxy_dir) or any(f.path.startswith(ray_dir) for f in process.open_files())
         except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
             return False
 
@@ -326,11 +333,16 @@ def end_killed_server(run_dir: Path) -> None:
 
 
 def interrupt(signum: int, frame: Any) -> None:
-    """SIGTERM and Ctrl-C: the first starts the shutdown; from then on both are ignored, so a second one (an
-    impatient operator) cannot cut the cleanup short, not even before `stop` begins."""
+    """SIGTERM and Ctrl-C: the first starts the shutdown, which no later one may cut short (an impatient
+    operator), not even before `stop` begins."""
+    ignore_stop_signals()
+    raise KeyboardInterrupt
+
+
+def ignore_stop_signals() -> None:
+    """From here on SIGTERM and Ctrl-C do nothing: a shutdown under way finishes (or HAProxy and Ray are left)."""
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     signal.signal(signal.SIGINT, signal.SIG_IGN)
-    raise KeyboardInterrupt
 
 
 def wait_ready(url: str, timeout_s: float, process: subprocess.Popen | None = None) -> None:

@@ -6,7 +6,6 @@ stepwise serve --model runs/export-esnli cqa=runs/export-cqa   # several; reques
 
 from __future__ import annotations
 
-import signal
 import time
 from pathlib import Path
 
@@ -82,8 +81,6 @@ def main(
     except KeyboardInterrupt:
         print("[serve] shutting down", flush=True)
     finally:
-        # Nor may a SIGTERM or Ctrl-C during a shutdown that began otherwise (HAProxy and Ray would be left running).
-        signal.signal(signal.SIGTERM, signal.SIG_IGN)
-        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        lifecycle.ignore_stop_signals()  # also when the shutdown began otherwise than by a signal
         lifecycle.stop()
     return run_dir
