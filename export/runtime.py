@@ -31,6 +31,12 @@ GPU_PROVIDERS = ("CUDAExecutionProvider", "TensorrtExecutionProvider")
 # What one more encoder call costs, in padded tokens of encoder work (t5-small-shaped int8, one thread: groups
 # chosen with 16 beat one call and groups chosen with 64 on batches of 16 e-SNLI inputs).
 ENCODER_CALL_TOKENS = 16
+# Most bytes of fp32 logits one cached decoder call of the label path returns. Scoring every candidate of the largest
+# request serving accepts (16 inputs x 16 choices x 32 tokens: 256 rows x 31 positions x T5's 32128-token vocabulary)
+# in one call would return 1 GB of logits and as much again in the log-softmax's temporary; in calls of at most this
+# many bytes the continuation's peak stays near 2 x LOGITS_CHUNK_BYTES (logits + one temporary) above the model and
+# the start step's keys/values, whatever the request (benchmarks/results/label_memory.md).
+LOGITS_CHUNK_BYTES = 32 * 2**20
 
 
 @dataclass
@@ -70,6 +76,7 @@ class Runtime:
     encoder_call_tokens: int = (
         ENCODER_CALL_TOKENS  # the encoder's batch splits by length where padding costs more than this per call
     )
+    logits_chunk_bytes: int = LOGITS_CHUNK_BYTES  # most logits bytes one continuation decoder call returns
 
     @property
     def merged(self) -> bool:
@@ -352,7 +359,9 @@ def logsumexp(logits: np.ndarray) -> np.ndarray:
     temporary of the logits' size, not the three a full log-softmax takes (memory traffic is the cost here)."""
     logits = logits.astype(np.float32, copy=False)
     top = logits.max(-1)
-    return np.log(np.exp(logits - top[..., None]).sum(-1)) + top
+    shifted = logits - top[..., None]
+    np.exp(shifted, out=shifted)
+    return np.log(shifted.sum(-1)) + top
 
 
 def greedy_decode(
@@ -441,6 +450,15 @@ def continuation_calls(
     return [rows[positions[rows] == position] for position in calls]
 
 
+def logits_chunks(runtime: Runtime, rows: np.ndarray, token_ids: list[list[int]]) -> list[np.ndarray]:
+    """`rows` in consecutive chunks whose continuation logits ([rows, longest continuation, vocab], fp32) stay
+    within the runtime's logits_chunk_bytes (a single row larger than that goes alone)."""
+    width = max(len(token_ids[r]) - 1 for r in rows)
+    row_bytes = width * runtime.export_config["model"]["vocab_size"] * 4
+    size = max(1, runtime.logits_chunk_bytes // row_bytes)
+    return [rows[i : i + size] for i in range(0, len(rows), size)]
+
+
 def continuation_log_likelihood(
     runtime: Runtime,
     token_ids: list[list[int]],
@@ -451,16 +469,17 @@ def continuation_log_likelihood(
     hidden: Any,
 ) -> np.ndarray:
     """Log-likelihood of candidate `rows`' tokens after the first, EOS included, in one cached decoder call
-    on their examples' start-step keys/values (gathered by index unless the rows are the examples in order)."""
+    on their examples' start-step keys/values: read in place (a slice) when the rows are consecutive examples in
+    order, else gathered by index."""
     pad = runtime.export_config["model"]["pad_token_id"]
     inputs, _ = token_rows([token_ids[r][:-1] for r in rows], pad)
     targets, target_mask = token_rows([token_ids[r][1:] for r in rows], pad)
     if not np.array_equal(examples, np.arange(len(mask))):
-        past = {name: to_numpy(value)[examples] for name, value in past.items()}
-        mask = mask[examples]
-        hidden = (
-            to_numpy(hidden)[examples] if runtime.merged else hidden
-        )  # the merged graph takes it, unused with a cache
+        consecutive = np.array_equal(examples, np.arange(examples[0], examples[0] + len(examples)))
+        pick = slice(int(examples[0]), int(examples[0]) + len(examples)) if consecutive else examples
+        past = {name: to_numpy(value)[pick] for name, value in past.items()}
+        mask = mask[pick]
+        hidden = to_numpy(hidden)[pick] if runtime.merged else hidden  # the merged graph takes it, unused with a cache
     logits, _ = next_step_logits(runtime, inputs, mask, past, hidden, logits_only=True)
     return sequence_log_likelihood(logits, targets, target_mask)
 
@@ -471,8 +490,9 @@ def score_candidates(runtime: Runtime, texts: list[str], candidates: list[list[s
     The encoder and the decoder's start step run once per example (B rows): the start step gives every
     candidate's first-token log-prob and the self/cross-attention keys/values. The candidates' remaining
     tokens then go through the cached decoder, which takes those keys/values as its past and never projects
-    the encoder states again. Every candidate is scored to the end: its exact probability over the set is
-    part of the prediction, so none can be dropped after the first token."""
+    the encoder states again, in calls whose logits stay within the runtime's logits_chunk_bytes. Every candidate
+    is scored to the end: its exact probability over the set is part of the prediction, so none can be dropped
+    after the first token."""
     model = runtime.export_config["model"]
     hidden, mask = encode(runtime, texts)
     start = np.full((len(texts), 1), model["decoder_start_token_id"], dtype=np.int64)
@@ -491,8 +511,9 @@ def score_candidates(runtime: Runtime, texts: list[str], candidates: list[list[s
     scores = first[owners, [ids[0] for ids in token_ids]] - logsumexp(first)[owners]
     longer = np.flatnonzero([len(ids) > 1 for ids in token_ids])  # a candidate that is EOS alone is scored already
     if len(longer):
-        for rows in continuation_calls(runtime, positions, longer, mask.shape[1]):
-            scores[rows] += continuation_log_likelihood(runtime, token_ids, rows, owners[rows], mask, past, hidden)
+        for call in continuation_calls(runtime, positions, longer, mask.shape[1]):
+            for rows in logits_chunks(runtime, call, token_ids):
+                scores[rows] += continuation_log_likelihood(runtime, token_ids, rows, owners[rows], mask, past, hidden)
     return np.split(scores, np.cumsum(counts)[:-1])
 
 

@@ -1,8 +1,8 @@
 """The served app: exported students on Ray Serve, label-only by default, dynamically batched.
 
-One deployment (`StudentServer`) is both the HTTP ingress and the model host: each replica holds the ONNX
-Runtime sessions (`stepwise.export.runtime`) of the students it was asked for, loaded on first use through
-Serve model multiplexing, and decodes concurrent requests for the same model together with @serve.batch.
+One deployment (`StudentServer`) is both the HTTP ingress and the model host: each replica loads the ONNX Runtime
+sessions (`stepwise.export.runtime`) of every student it was asked for before it takes a request, reports them to
+Serve's multiplexed routing, and decodes concurrent requests for the same model together with @serve.batch.
 One deployment rather than an ingress in front of a model deployment saves a hop per request.
 
     serve run serving/serve_config.yaml      # import path stepwise.serving.app:build_app
@@ -17,7 +17,6 @@ import functools
 import json
 import logging
 import time
-import weakref
 from collections import defaultdict
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -37,7 +36,10 @@ from stepwise.export.runtime import Prediction, Runtime, load_runtime, predict
 from stepwise.serving import fallback, schema
 from stepwise.serving.settings import ServeArgs
 
-MODELS_PER_REPLICA = 4  # students one replica keeps loaded (least recently used is dropped)
+# Serve's multiplexing would drop the least recently used model beyond its limit and load it again inside the next
+# request for it: outside the request timeout, holding the runtime thread. The served set is fixed by the config, so
+# a replica keeps all of it (-1: no limit) and nothing ever loads on the request path.
+MODELS_PER_REPLICA = -1
 logger = logging.getLogger("ray.serve")
 
 
@@ -239,7 +241,7 @@ def overlong_choice(runtime: Runtime, examples: list[tasks.Example], max_tokens:
 @serve.deployment(name="student")
 @serve.ingress()
 class StudentServer:
-    def __init__(self, args: dict[str, Any]):
+    async def __init__(self, args: dict[str, Any]):
         self.args = ServeArgs.from_dict(args)
         self.tasks = {model_id: tasks.load_task(Path(folder)) for model_id, folder in self.args.models.items()}
         self.decode.set_max_batch_size(self.args.batching.max_batch_size)
@@ -247,8 +249,9 @@ class StudentServer:
         # One thread runs ONNX Runtime, first come first served: the fast tokenizer is not thread-safe, and the
         # replica's event loop stays free to accept (and queue for the next batch) while a batch decodes.
         self.runtime_thread = ThreadPoolExecutor(1, thread_name_prefix="onnxruntime")
-        # Runtimes this replica holds; an entry disappears when multiplexing drops (and frees) that runtime.
-        self.loaded: weakref.WeakValueDictionary[str, Runtime] = weakref.WeakValueDictionary()
+        # Every model before the first request (Serve routes none here until __init__ returns); a model that fails
+        # to load fails the replica's start, never a request.
+        self.runtimes = {model_id: await self.load_model(model_id) for model_id in self.args.models}
         # A teacher per closed-label student (open labels have no margin to send them by), its few-shot prompt read
         # now: a replica that cannot build it fails at start, never a request.
         cascade = self.args.cascade
@@ -263,12 +266,14 @@ class StudentServer:
 
     @serve.multiplexed(max_num_models_per_replica=MODELS_PER_REPLICA)
     async def load_model(self, model_id: str) -> Runtime:
+        """One model's runtime, its parity report checked again: the folder may have changed since the app was
+        built, and a replica that replaces another (a restart, another node) loads it anew."""
         started = time.perf_counter()
         folder = Path(self.args.models[model_id])
+        verify(model_id, folder, self.args.allow_unverified)
         runtime = await asyncio.get_running_loop().run_in_executor(
             self.runtime_thread, functools.partial(load_runtime, folder, threads=self.args.scaling.ort_threads)
         )
-        self.loaded[model_id] = runtime
         logger.info(
             f"loaded model {model_id} ({runtime.model_id} {runtime.version}, {runtime.providers[0]}) "
             f"in {time.perf_counter() - started:.2f}s"
@@ -307,7 +312,7 @@ class StudentServer:
         examples = [
             schema.to_example(item, task, "inputs" if single else f"inputs.{i}") for i, item in enumerate(items)
         ]
-        runtime = await self.load_model(model_id)
+        runtime = self.runtimes[model_id]
         if any(example.choices for example in examples):  # on the runtime thread: the tokenizer is not thread-safe
             overlong = await asyncio.get_running_loop().run_in_executor(
                 self.runtime_thread, overlong_choice, runtime, examples, limits.max_choice_tokens
@@ -359,15 +364,13 @@ class StudentServer:
     def models(self) -> list[schema.ModelInfo]:
         infos = []
         for model_id, task in self.tasks.items():
-            runtime = self.loaded.get(model_id)
             infos.append(
                 schema.ModelInfo(
                     id=model_id,
                     task=task.name,
                     answer_style=task.answer_style,
                     labels=task.labels,
-                    version=runtime and runtime.version,
-                    loaded=runtime is not None,
+                    version=self.runtimes[model_id].version,
                 )
             )
         return infos
@@ -473,15 +476,19 @@ def check_models(models: dict[str, str], allow_unverified: bool) -> dict[str, st
                 f"(no {artifacts.EXPORT_CONFIG}; run `stepwise export` first)"
             )
         tasks.load_task(path)
-        if not allow_unverified:
-            verdict = unverified_reason(path)
-            if verdict:
-                raise ValueError(
-                    f"model {model_id!r}: {path} {verdict}; "
-                    "rerun `stepwise export`, or serve it anyway with --allow-unverified"
-                )
+        verify(model_id, path, allow_unverified)
         checked[model_id] = str(path)
     return checked
+
+
+def verify(model_id: str, folder: Path, allow_unverified: bool) -> None:
+    """ValueError naming why, unless the export's parity gate passed (or `allow_unverified`)."""
+    verdict = "" if allow_unverified else unverified_reason(folder)
+    if verdict:
+        raise ValueError(
+            f"model {model_id!r}: {folder} {verdict}; "
+            "rerun `stepwise export`, or serve it anyway with --allow-unverified"
+        )
 
 
 def unverified_reason(folder: Path) -> str:

@@ -57,10 +57,7 @@ class ModelInfo(BaseModel):
     task: str
     answer_style: str
     labels: list[str]
-    version: str | None = Field(description="known once loaded on the replica that answered")
-    loaded: bool = Field(
-        description="on the replica that answered (a replica keeps a few models, least recently used dropped)"
-    )
+    version: str = Field(description="the export's version (every replica loads every model before it answers)")
 
 
 class Health(BaseModel):

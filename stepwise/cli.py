@@ -39,6 +39,7 @@ STAGES: dict[str, tuple[str, str, str]] = {
 # demo) is not installed: these need a source checkout.
 BENCHMARKS: dict[str, tuple[str, str]] = {
     "export": ("benchmarks.export", "student"),
+    "label-memory": ("benchmarks.label_memory", "student"),
     "serving": ("benchmarks.serving", "student"),
     "extraction": ("benchmarks.extraction", "teacher"),
     "training-grid": ("benchmarks.training_grid", "student"),

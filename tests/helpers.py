@@ -3,16 +3,15 @@
 
 from __future__ import annotations
 
+import ipaddress
 import os
 import subprocess
 import sys
 from pathlib import Path
 
-from benchmarks.harness import free_port, wait_until_ready
+from benchmarks.harness import ROOT, free_port, wait_until_ready
 
-ROOT = Path(__file__).resolve().parents[1]
-
-__all__ = ["ROOT", "cli_env", "descendants", "free_port", "start_stepwise", "stepwise", "wait_until_ready"]
+__all__ = ["ROOT", "cli_env", "descendants", "free_port", "loopback", "start_stepwise", "stepwise", "wait_until_ready"]
 
 
 def cli_env(**extra: str) -> dict[str, str]:
@@ -62,3 +61,8 @@ def descendants(pid: int) -> dict[int, str]:
                 found[child] = commands.get(child, "")
                 frontier.append(child)
     return found
+
+
+def loopback(address: str) -> bool:
+    ip = ipaddress.ip_address(address)
+    return ip.is_loopback or bool(getattr(ip, "ipv4_mapped", None) and ip.ipv4_mapped.is_loopback)  # ::ffff:127.0.0.1

@@ -68,6 +68,81 @@ def session(address: str, cpus: int) -> Iterator[None]:
             shutil.rmtree(temp, ignore_errors=True)
 
 
+_RENDEZVOUS: list[Any] = []  # rank 0's listening socket and torch store, kept for its worker process's life
+
+
+def _serve_rendezvous(world_size: int, timeout_s: int) -> tuple[str, int]:
+    """On rank 0: torch's rendezvous store listening on this node's own address only. Left to itself, the store
+    binds every interface (any host that reaches the port could join or poison the process group); given a socket
+    already bound, it listens there. Returns the address and port the other ranks connect to."""
+    import socket
+    from datetime import timedelta
+
+    import ray
+    import torch.distributed as dist
+
+    address = ray.util.get_node_ip_address()
+    listener = socket.create_server((address, 0))
+    port = listener.getsockname()[1]
+    store = dist.TCPStore(
+        address,
+        port,
+        world_size,
+        is_master=True,
+        timeout=timedelta(seconds=timeout_s),
+        wait_for_workers=False,
+        master_listen_fd=listener.fileno(),
+    )
+    _RENDEZVOUS[:] = [listener, store]
+    return address, port
+
+
+def _use_rendezvous(address: str, port: int) -> None:
+    """On every rank: env:// connects to the store at `address:port` as a client, rank 0 too (torchelastic's
+    agent-store mode: the store is already served)."""
+    os.environ.update({"MASTER_ADDR": address, "MASTER_PORT": str(port), "TORCHELASTIC_USE_AGENT_STORE": "True"})
+
+
+def node_rendezvous_config(backend: str) -> Any:
+    """Ray Train's TorchConfig with the process group's store on rank 0's node address instead of every interface
+    (issue 19 item 11). Ray Train's own setup opens the store itself, so this backend does what its `on_start`
+    does for gloo/NCCL with the store served first."""
+    import ray
+    from ray.train._internal.worker_group import WorkerGroup as V1WorkerGroup
+    from ray.train.torch import TorchConfig
+    from ray.train.torch.config import _set_torch_distributed_env_vars, _setup_torch_process_group, _TorchBackend
+
+    class NodeRendezvousBackend(_TorchBackend):
+        def on_start(self, worker_group: Any, backend_config: Any) -> None:
+            address, port = worker_group.execute_single(
+                0, _serve_rendezvous, len(worker_group), backend_config.timeout_s
+            )
+            worker_group.execute(_use_rendezvous, address, port)
+            if not isinstance(worker_group, V1WorkerGroup):  # Ray Train v2 sets RANK, LOCAL_RANK, ... here
+                worker_group.execute(_set_torch_distributed_env_vars)
+            ray.get(
+                [
+                    worker_group.execute_single_async(
+                        rank,
+                        _setup_torch_process_group,
+                        backend=backend_config.backend,
+                        world_rank=rank,
+                        world_size=len(worker_group),
+                        init_method="env://",
+                        timeout_s=backend_config.timeout_s,
+                    )
+                    for rank in range(len(worker_group))
+                ]
+            )
+
+    class NodeRendezvousConfig(TorchConfig):
+        @property
+        def backend_cls(self) -> type:
+            return NodeRendezvousBackend
+
+    return NodeRendezvousConfig(backend=backend)
+
+
 def _run_worker(config: dict[str, Any]) -> None:
     """The body of every Ray Train worker: the process group is up; run the shared training loop."""
     from ray.train.torch import get_device
@@ -79,7 +154,7 @@ def fit(plan: Any, worker: Callable[[Any, Any, bool], None]) -> None:
     """Run `worker(plan, device, on_ray=True)` on plan.compute.workers Ray Train workers; return when they finish.
     Raises Ray Train's TrainingFailedError once more than --max-failures worker failures happened."""
     from ray import train
-    from ray.train.torch import TorchConfig, TorchTrainer
+    from ray.train.torch import TorchTrainer
 
     compute = plan.compute
     with session(compute.ray_address, cpus=max(os.cpu_count() or 1, compute.workers)):
@@ -87,7 +162,7 @@ def fit(plan: Any, worker: Callable[[Any, Any, bool], None]) -> None:
             _run_worker,
             train_loop_config={"plan": plan, "worker": worker},
             scaling_config=train.ScalingConfig(num_workers=compute.workers, use_gpu=compute.use_gpu),
-            torch_config=TorchConfig(backend="nccl" if compute.use_gpu else "gloo"),
+            torch_config=node_rendezvous_config("nccl" if compute.use_gpu else "gloo"),
             run_config=train.RunConfig(
                 name=checkpoints.RAY_RUN,
                 storage_path=str(checkpoints.root(plan.out).resolve()),

@@ -7,6 +7,7 @@ import dataclasses
 import json
 import re
 import shutil
+import tracemalloc
 from pathlib import Path
 
 import numpy as np
@@ -14,6 +15,7 @@ import pytest
 import torch
 from transformers import AutoTokenizer
 
+from benchmarks.label_memory import CHOICE_TOKENS, UNBOUNDED, worst_request
 from stepwise import tasks
 from stepwise.export import parity
 from stepwise.export.runtime import (
@@ -244,6 +246,37 @@ def test_choice_examples_with_different_numbers_and_lengths_of_choices(cqa_expor
     assert [p.label for p in predictions] == [cs[int(np.argmax(s))] for cs, s in zip(candidates, expected)]
     single = predictions[0]  # one choice: certain, nothing to compete with
     assert (single.label, single.probability, single.margin) == (examples[0].choices[0], 1.0, 1.0)
+
+
+def test_the_largest_request_is_scored_with_its_logits_in_bounded_chunks(cqa_export_dir):
+    """16 inputs x 16 choices x 32 tokens (serving's limits): scored in one decoder call, the continuation's logits
+    alone are 256 rows x 31 x vocab floats (31 MB here, 1 GB with T5's vocabulary), one call per candidate position
+    2 MB each; in chunks of at most 256 KiB the scoring call's peak of traced memory stays within 768 KiB, for both
+    ways the rows split into calls, with the same scores."""
+    runtime = load_runtime(cqa_export_dir, threads=1)
+    examples = worst_request(runtime, input_tokens=16)
+    texts = [tasks.label_input(e) for e in examples]
+    candidates = [candidates_for(runtime.task, e) for e in examples]
+    assert [len(cs) for cs in candidates] == [16] * 16
+    assert max(len(ids) for cs in candidates for ids in runtime.tokenizer(cs).input_ids) == CHOICE_TOKENS
+    bound = 1 << 18
+    whole_logits = 16 * 16 * (CHOICE_TOKENS - 1) * runtime.export_config["model"]["vocab_size"] * 4
+
+    def scored_with_peak(**changes) -> tuple[np.ndarray, int]:
+        tracemalloc.start()  # numpy's arrays, the ONNX sessions' outputs among them, are traced
+        try:
+            scores = score_candidates(dataclasses.replace(runtime, **changes), texts, candidates)
+            return np.stack(scores), tracemalloc.get_traced_memory()[1]
+        finally:
+            tracemalloc.stop()
+
+    for weight_bytes in (0, 1 << 40):  # one call per candidate position; one call for every row
+        chunked, peak = scored_with_peak(step_weight_bytes=weight_bytes, logits_chunk_bytes=bound)
+        whole, whole_peak = scored_with_peak(step_weight_bytes=weight_bytes, logits_chunk_bytes=UNBOUNDED)
+        np.testing.assert_allclose(chunked, whole, rtol=1e-5, atol=1e-4)
+        assert peak < 3 * bound < whole_peak, f"{peak >> 10} KiB traced with logits chunks of {bound >> 10} KiB"
+        if weight_bytes:
+            assert whole_peak > whole_logits
 
 
 def test_greedy_log_prob_is_the_generated_sequence_log_likelihood(tiny_export_dir, tiny_student_dir):

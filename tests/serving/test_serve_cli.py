@@ -4,7 +4,6 @@ down: exit code 0, both ports free again, no Ray process left behind, and a rest
 
 from __future__ import annotations
 
-import ipaddress
 import os
 import signal
 import socket
@@ -19,7 +18,7 @@ import pytest
 
 from stepwise import tasks
 
-from helpers import ROOT, free_port
+from helpers import ROOT, free_port, loopback
 
 pytestmark = pytest.mark.slow
 
@@ -100,11 +99,6 @@ def listening(server: subprocess.Popen, port: int) -> list[tuple[str, int, str]]
         if port in {p for _, p, _ in found} or time.monotonic() > deadline:
             return found
         time.sleep(0.2)
-
-
-def loopback(address: str) -> bool:
-    ip = ipaddress.ip_address(address)
-    return ip.is_loopback or bool(getattr(ip, "ipv4_mapped", None) and ip.ipv4_mapped.is_loopback)  # ::ffff:127.0.0.1
 
 
 def haproxies() -> set[int]:

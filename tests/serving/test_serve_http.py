@@ -1,7 +1,6 @@
 """The real Serve app on 127.0.0.1, used over HTTP: one Ray + Serve instance for the module, running three
-applications of the tiny exported student: the normal one (two model ids, for multiplexing, and a third whose
-export folder breaks under the running server), one with tight overload limits, one with a request timeout
-too short for any request."""
+applications of the tiny exported student: the normal one (two model ids of one export, and a third whose decoder
+graph cannot decode), one with tight overload limits, one with a request timeout too short for any request."""
 
 from __future__ import annotations
 
@@ -59,6 +58,8 @@ def served(tiny_export_dir: Path, claims_export: Path, cqa_export_dir: Path, tmp
     os.environ.setdefault("RAY_metrics_report_interval_ms", "1000")
     run = tmp_path_factory.mktemp("serve")
     broken = Path(shutil.copytree(tiny_export_dir, run / "broken-export"))
+    files = artifacts.read_export_config(broken)["files"]  # it loads (its parity report passed), but cannot decode
+    shutil.copyfile(broken / files["encoder"], broken / files["decoder"])
     metrics_port = free_port()
     models = {
         "esnli": str(tiny_export_dir),
@@ -71,8 +72,6 @@ def served(tiny_export_dir: Path, claims_export: Path, cqa_export_dir: Path, tmp
         models=models, batching=Batching(max_batch_size=8, batch_wait_timeout_s=0.02), limits=LIMITS, scaling=SMALL
     )
     url = lifecycle.start(args, port=free_port(), run_dir=run, metrics_port=metrics_port)
-    # Models load on first use: this one's encoder disappears under the running server.
-    (broken / artifacts.read_export_config(broken)["files"]["encoder"]).unlink()
     one_model = {"esnli": str(tiny_export_dir)}
     tight = ServeArgs(
         models=one_model,
@@ -110,7 +109,7 @@ def examples() -> list[tasks.Example]:
     return tasks.load_split(tasks.get_task("esnli"), "test")[:8]
 
 
-def test_health_models_and_docs(client):
+def test_health_models_and_docs(client, tiny_export_dir):
     assert client.get("/healthz").json() == {
         "status": "ok",
         "models": ["esnli", "esnli-b", "broken", "claims", "cqa"],
@@ -119,7 +118,9 @@ def test_health_models_and_docs(client):
     assert set(models) == {"esnli", "esnli-b", "broken", "claims", "cqa"}
     assert models["claims"]["answer_style"] == "label" and models["claims"]["labels"] == tasks.NLI_LABELS
     assert models["esnli"]["task"] == "esnli" and models["esnli"]["labels"] == tasks.NLI_LABELS
-    assert models["esnli"]["loaded"] is False and models["esnli"]["version"] is None  # nothing asked for yet
+    # Loaded before the replica took a request: the version is there before any prediction was asked for.
+    assert models["esnli"]["version"] == artifacts.read_export_config(tiny_export_dir)["version"]
+    assert all(m["version"] for m in models.values())
     assert "swagger" in client.get("/docs").text.lower()
     assert "/v1/predict" in client.get("/openapi.json").json()["paths"]
 
@@ -159,8 +160,7 @@ def test_labels_and_scores_match_offline_prediction(client, tiny_export_dir, exa
         == pytest.approx(scored["probability"])
         == pytest.approx(max(scored["scores"].values()))
     )
-    loaded = {m["id"]: m for m in client.get("/v1/models").json()}["esnli"]
-    assert loaded["loaded"] is True and loaded["version"] == runtime.version
+    assert {m["id"]: m for m in client.get("/v1/models").json()}["esnli"]["version"] == runtime.version
 
 
 def test_a_custom_task_is_served_with_its_own_fields_and_labels(client, claims_export):
@@ -345,14 +345,35 @@ def test_a_bad_input_fails_only_its_own_request(served, examples):
         assert good == [200] * 15 and offender == 422
 
 
-def test_a_model_that_fails_to_load_gets_a_500_and_others_keep_answering(served, client, examples):
+def test_a_model_that_fails_to_decode_gets_a_500_and_others_keep_answering(served, client, examples):
     response = client.post("/v1/predict", json={"model": "broken", "inputs": examples[0].input})
-    # The exception names a server path: the log has it, the client gets only that something failed.
-    assert (
-        response.status_code == 500 and response.json()["error"] == "internal error (the server's log has the details)"
-    )
-    assert "is missing" in "".join(p.read_text() for p in served.logs.glob("replica_*.log"))
+    # The exception text stays in the log; the client gets only that something failed, and for which input.
+    assert response.status_code == 500 and response.json()["error"].startswith("decoding failed for ")
+    assert "the server's log has the details" in response.json()["error"]
+    assert "decoding failed for" in "".join(p.read_text() for p in served.logs.glob("replica_*.log"))
     assert client.post("/v1/predict", json={"model": "esnli", "inputs": examples[0].input}).status_code == 200
+
+
+@pytest.mark.parametrize("damage", ["parity report failed", "encoder missing"])
+def test_a_replica_checks_and_loads_every_model_before_it_takes_requests(served, tiny_export_dir, tmp_path, damage):
+    """The folder changes after the app was built (its checks passed): the replica's own load refuses it, so the
+    application never starts serving it."""
+    from ray import serve
+
+    folder = Path(shutil.copytree(tiny_export_dir, tmp_path / "export"))
+    application = app.build_app(ServeArgs(models={"late": str(folder)}, scaling=SMALL))
+    if damage == "parity report failed":
+        report = artifacts.read_json(folder / artifacts.PARITY, "the parity report")
+        artifacts.write_json(folder / artifacts.PARITY, report | {"passed": False, "failures": ["tampered"]})
+    else:
+        (folder / artifacts.read_export_config(folder)["files"]["encoder"]).unlink()
+    try:
+        with pytest.raises(RuntimeError, match="Deploying application late failed"):
+            serve.run(application, name="late", route_prefix="/late")
+        why = serve.status().applications["late"].deployments["student"].message  # the replica's own error
+        assert ("failed its parity gate (tampered)" if damage == "parity report failed" else "is missing") in why
+    finally:
+        serve.delete("late")
 
 
 def test_body_over_the_cap_is_refused_before_it_is_parsed(served):

@@ -15,9 +15,12 @@ from __future__ import annotations
 import csv
 import json
 import os
+import threading
+import time
 from dataclasses import asdict
 from pathlib import Path
 
+import psutil
 import pytest
 import torch
 from safetensors.torch import load_file
@@ -25,6 +28,8 @@ from safetensors.torch import load_file
 from stepwise import artifacts
 from stepwise.training import checkpoints, ray_train, train
 from stepwise.training.train import ComputeOptions, DataOptions, EvalOptions, OptimOptions
+
+from helpers import loopback
 
 pytestmark = pytest.mark.slow
 
@@ -119,3 +124,34 @@ def test_resume_takes_the_highest_step_of_ray_and_local_checkpoints(tmp_path, lo
     # The same run name and storage: Ray restores the run, and get_checkpoint() answers its step-2 checkpoint.
     TorchTrainer(resume, train_loop_config={"out": str(out)}, scaling_config=one, run_config=run_config).fit()
     assert (out / "chosen").read_text() == "4"
+
+
+def test_the_process_group_listens_on_the_node_address_only(tmp_path, esnli_rationales, local_ray):
+    """torch's rendezvous store binds every interface when it opens its own socket; Ray Train's workers get it on
+    the node's address (127.0.0.1 for the private Ray). Every listening socket of Ray's process tree, sampled while
+    a 2-worker run trains, is on loopback, the store's among them."""
+    seen: set[tuple[str, int, str]] = set()
+    done = threading.Event()
+
+    def sample() -> None:
+        while not done.is_set():
+            for process in psutil.Process().children(recursive=True):
+                try:
+                    seen.update(
+                        (c.laddr.ip, c.laddr.port, " ".join(process.cmdline())[:80])
+                        for c in process.net_connections(kind="tcp")
+                        if c.status == psutil.CONN_LISTEN
+                    )
+                except (psutil.NoSuchProcess, psutil.AccessDenied):
+                    pass
+            time.sleep(0.1)
+
+    sampler = threading.Thread(target=sample)
+    sampler.start()
+    try:
+        run(tmp_path / "two", esnli_rationales, ComputeOptions(workers=2))
+    finally:
+        done.set()
+        sampler.join()
+    assert any("RayTrainWorker" in where for _, _, where in seen)  # the workers were sampled while they listened
+    assert [s for s in seen if not loopback(s[0])] == []
