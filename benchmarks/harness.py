@@ -1,6 +1,6 @@
 """What the benchmarks (and the tests) share: where results go, the lock that keeps timed runs apart, free ports,
-running a function alone in a fresh process, and a vLLM OpenAI server to fall back on. Standard library only (the
-GPU check imports it on a bare box).
+running a function alone in a fresh process, and a vLLM OpenAI server to fall back on. Standard library only, and
+stepwise.envs, which is too (the GPU check imports it on a bare box).
 """
 
 from __future__ import annotations
@@ -22,7 +22,8 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import TypeVar
 
-ROOT = Path(__file__).resolve().parent.parent
+from stepwise.envs import ROOT
+
 RESULTS = ROOT / "benchmarks" / "results"
 LOCK = Path("/tmp/stepwise-bench.lock")
 
@@ -58,10 +59,19 @@ def in_fresh_process(fn: Callable[..., Result], /, env: dict[str, str] | None = 
 def peak_rss_mb() -> float:
     """This process's peak resident set (VmHWM, Linux). Not ru_maxrss: that carries over fork+exec from the
     parent, here the process that built and exported the models."""
+    return process_status_mb("VmHWM")
+
+
+def rss_mb() -> float:
+    """This process's resident set now (VmRSS, Linux)."""
+    return process_status_mb("VmRSS")
+
+
+def process_status_mb(field: str) -> float:
     for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
+        if line.startswith(f"{field}:"):
             return int(line.split()[1]) / 1024
-    raise RuntimeError("no VmHWM in /proc/self/status")
+    raise RuntimeError(f"no {field} in /proc/self/status")
 
 
 def free_port() -> int:

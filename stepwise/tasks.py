@@ -44,8 +44,8 @@ from pathlib import Path
 from typing import Any, Literal
 
 from stepwise import artifacts
+from stepwise.envs import ROOT
 
-ROOT = Path(__file__).resolve().parent.parent
 SPLITS = ("train", "valid", "test")
 VALID_FRACTION = 0.1  # the paper holds out 10% of train for validation where a task has none
 LABEL_PREFIX = "predict: "

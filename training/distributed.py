@@ -63,17 +63,6 @@ def join(strategy: Strategy, device: torch.device) -> World:
     return World(dist.get_rank(), dist.get_world_size(), device, strategy)
 
 
-def group_device() -> torch.device:
-    """This rank's device in a process group made without Ray (NCCL: the GPU of LOCAL_RANK; gloo: the CPU)."""
-    import os
-
-    if dist.get_backend() == "nccl":
-        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
-        torch.cuda.set_device(device)
-        return device
-    return torch.device("cpu")
-
-
 def empty_on_meta(world: World) -> bool:
     """Under FSDP only rank 0 materialises the initial weights (on the CPU); the others build the student on the
     meta device and receive their shards from rank 0, so no rank but one ever holds the whole model."""
