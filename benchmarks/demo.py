@@ -303,7 +303,7 @@ def serve_and_query(out: Path, requests: int, port: int, force: bool) -> dict:
     import httpx
 
     from stepwise.export.runtime import load_runtime, predict
-    from stepwise.serving.lifecycle import wait_ready
+    from stepwise.net import wait_until_ready
 
     export_dir = out / "export"
     task = tasks.load_task(export_dir)
@@ -329,7 +329,7 @@ def serve_and_query(out: Path, requests: int, port: int, force: bool) -> dict:
     url = f"http://127.0.0.1:{port}"
     try:
         try:
-            wait_ready(url, timeout_s=240, process=server)
+            wait_until_ready(f"{url}/healthz", 240, server)
         except (RuntimeError, TimeoutError) as problem:
             raise RuntimeError(f"`stepwise serve` did not come up: {problem}") from None
         body = lambda e: {"inputs": {"input": e.input, **({"choices": e.choices} if e.choices else {})}}  # noqa: E731

@@ -10,12 +10,9 @@ import multiprocessing
 import os
 import shlex
 import shutil
-import socket
 import subprocess
 import sys
 import tempfile
-import time
-import urllib.request
 from collections.abc import Callable, Iterator
 from concurrent.futures import ProcessPoolExecutor
 from contextlib import contextmanager
@@ -23,6 +20,7 @@ from pathlib import Path
 from typing import TypeVar
 
 from stepwise.envs import ROOT
+from stepwise.net import free_port, wait_until_ready
 
 RESULTS = ROOT / "benchmarks" / "results"
 LOCK = Path("/tmp/stepwise-bench.lock")
@@ -74,33 +72,9 @@ def process_status_mb(field: str) -> float:
     raise RuntimeError(f"no {field} in /proc/self/status")
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def command_line() -> str:
     """The command this process runs, as a user types it (`stepwise bench ...`), recorded beside the results."""
     return "python3 -m stepwise " + shlex.join(sys.argv[1:])
-
-
-def wait_until_ready(url: str, process: subprocess.Popen, timeout_s: float, log: Path | None = None) -> None:
-    """Until `url` answers 200; a clear error if `process` exits first or the time runs out (with `log`'s tail)."""
-    deadline = time.monotonic() + timeout_s
-    while True:
-        tail = log.read_text()[-3000:] if log else ""
-        if process.poll() is not None:
-            raise RuntimeError(f"{shlex.join(map(str, process.args[:4]))} exited with {process.returncode}:\n{tail}")
-        try:
-            with urllib.request.urlopen(url, timeout=2) as response:
-                if response.status == 200:
-                    return
-        except OSError:
-            pass
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"{url} did not answer within {timeout_s:.0f} s:\n{tail}")
-        time.sleep(0.5)
 
 
 def stop_process(process: subprocess.Popen, grace_s: float = 30) -> None:
@@ -151,7 +125,7 @@ def vllm_openai_server(
     with log_path.open("w") as log:
         server = subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT)
         try:
-            wait_until_ready(base_url + "/health", server, ready_timeout_s, log_path)
+            wait_until_ready(base_url + "/health", ready_timeout_s, server, log_path)
             yield base_url
         finally:
             stop_process(server)

@@ -25,7 +25,7 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from benchmarks.harness import RESULTS, ROOT, bench_lock, free_port
+from benchmarks.harness import RESULTS, ROOT, bench_lock, free_port, wait_until_ready
 from stepwise import artifacts, tasks
 
 if TYPE_CHECKING:
@@ -265,9 +265,7 @@ def measure(
     server = start_server(config, export, port, run_dir)
     url = f"http://127.0.0.1:{port}/v1/predict"
     try:
-        from stepwise.serving.lifecycle import wait_ready
-
-        wait_ready(f"http://127.0.0.1:{port}", 600, process=server)
+        wait_until_ready(f"http://127.0.0.1:{port}/healthz", 600, server)
         asyncio.run(httpx_load(url, body, 4, 100))  # warm-up: models loaded, connections and caches warm
         row: dict[str, Any] = {"config": config, "points": []}
         for clients in concurrency:

@@ -10,7 +10,7 @@ import numpy as np
 import torch
 from transformers import AutoTokenizer, T5ForConditionalGeneration
 
-from stepwise import progress, tasks
+from stepwise import artifacts, progress, tasks
 from stepwise.export import runtime as ort_runtime
 
 
@@ -25,7 +25,7 @@ def torch_greedy_labels(
     tokenizer: Any,
     texts: list[str],
     max_new_tokens: int,
-    max_input_tokens: int = 512,
+    max_input_tokens: int = artifacts.T5_MAX_INPUT_TOKENS,
 ) -> list[str]:
     batch = tokenizer(texts, padding=True, truncation=True, max_length=max_input_tokens, return_tensors="pt")
     ids = model.generate(**batch, max_new_tokens=max_new_tokens, do_sample=False, num_beams=1)
@@ -34,7 +34,11 @@ def torch_greedy_labels(
 
 @torch.inference_mode()
 def torch_teacher_forced_logits(
-    model: T5ForConditionalGeneration, tokenizer: Any, texts: list[str], targets: list[str], max_input_tokens: int = 512
+    model: T5ForConditionalGeneration,
+    tokenizer: Any,
+    texts: list[str],
+    targets: list[str],
+    max_input_tokens: int = artifacts.T5_MAX_INPUT_TOKENS,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Logits for each (text, target) pair, with the targets and mask from the shared candidate batching."""
     batch = tokenizer(texts, padding=True, truncation=True, max_length=max_input_tokens, return_tensors="pt")
@@ -51,7 +55,7 @@ def torch_candidate_scores(
     tokenizer: Any,
     task: tasks.Task,
     examples: list[tasks.Example],
-    max_input_tokens: int = 512,
+    max_input_tokens: int = artifacts.T5_MAX_INPUT_TOKENS,
 ) -> tuple[list[list[str]], list[np.ndarray]]:
     """Closed label set: each example's candidates and their log-likelihoods (EOS included), every candidate
     a row of one teacher-forced decoder pass: the reference the runtime's batched scorer must match."""
@@ -84,7 +88,7 @@ def torch_fast_path_predictions(
     tokenizer: Any,
     task: tasks.Task,
     examples: list[tasks.Example],
-    max_input_tokens: int = 512,
+    max_input_tokens: int = artifacts.T5_MAX_INPUT_TOKENS,
 ) -> list[ort_runtime.Prediction]:
     """Closed label set: the runtime's predictions (label, probabilities, margin) from PyTorch's scores."""
     candidates, scores = torch_candidate_scores(model, tokenizer, task, examples, max_input_tokens)
@@ -96,7 +100,7 @@ def torch_fast_path_labels(
     tokenizer: Any,
     task: tasks.Task,
     examples: list[tasks.Example],
-    max_input_tokens: int = 512,
+    max_input_tokens: int = artifacts.T5_MAX_INPUT_TOKENS,
 ) -> list[str]:
     return [p.label for p in torch_fast_path_predictions(model, tokenizer, task, examples, max_input_tokens)]
 
@@ -135,7 +139,7 @@ def compare(
     model, tokenizer = load_torch_model(model_dir)
     task = runtime.task
     max_new = runtime.export_config["max_new_tokens"]["label"]
-    max_input = runtime.export_config.get("max_input_tokens", 512)
+    max_input = runtime.export_config["max_input_tokens"]
     closed = task.closed_label_set
     out: dict[str, list[str]] = {"torch_greedy": [], "onnx_greedy": [], "torch_fast": [], "onnx_fast": []}
     max_diff = max_probability_diff = 0.0

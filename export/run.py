@@ -24,6 +24,7 @@ ONNX_FILES = {
     "decoder_merged": "decoder_model_merged.onnx",
 }
 COPIED_FILES = (artifacts.TASK, artifacts.TRAIN_CONFIG)
+RATIONALE_TOKENS = 128  # the rationale limit of a checkpoint that brings no train_config.json
 # CPU: split, measured (export/README.md, `stepwise bench export`: int8 split 2.9x faster greedy at batch 1,
 # fp32 a tie). TensorRT: split, it cannot build one engine across the merged decoder's If node. CUDA EP:
 # merged, one decoder's weights in GPU memory instead of two (not measured: no GPU here).
@@ -302,11 +303,9 @@ def write_export(
             "decoder_start_token_id",
         )
     }
-    trained = (
-        artifacts.read_json(model / artifacts.TRAIN_CONFIG, "") if (model / artifacts.TRAIN_CONFIG).exists() else {}
-    )
-    max_input_tokens = max_input_tokens or int(trained.get("max_input_length", 512))
-    max_rationale_tokens = max_rationale_tokens or int(trained.get("max_target_length", 128))
+    trained = artifacts.read_train_config(model)
+    max_input_tokens = max_input_tokens or (trained["max_input_length"] if trained else artifacts.T5_MAX_INPUT_TOKENS)
+    max_rationale_tokens = max_rationale_tokens or (trained["max_target_length"] if trained else RATIONALE_TOKENS)
     limits = token_limits(task, tokenizer, max_rationale_tokens) | {"input": max_input_tokens}
     max_candidates = len(task.labels) if task.answer_style == "label" else 8
     export_config = {

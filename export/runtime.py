@@ -287,7 +287,7 @@ def encode(runtime: Runtime, texts: list[str]) -> tuple[Any, np.ndarray]:
     back into one array for the decoder: padding costs the encoder linearly and its attention quadratically
     (e-SNLI inputs in batches of 16 are 36% padding; the t5-small-shaped int8 label path at batch 16 is 1.29x
     faster with the groups than with one encoder call, benchmarks/results/export.md)."""
-    max_tokens = runtime.export_config.get("max_input_tokens", 512)
+    max_tokens = runtime.export_config["max_input_tokens"]
     batch = runtime.tokenizer(texts, padding=True, truncation=True, max_length=max_tokens, return_tensors="np")
     ids, mask = batch["input_ids"].astype(np.int64), batch["attention_mask"].astype(np.int64)
     lengths = mask.sum(1)

@@ -17,15 +17,14 @@ import secrets
 import shutil
 import signal
 import socket
-import subprocess
 import tempfile
 import threading
 import time
-import urllib.request
 from pathlib import Path
 from typing import Any
 
 from stepwise import artifacts, envs
+from stepwise.net import free_port, wait_until_ready
 from stepwise.serving.settings import ServeArgs
 
 APP_NAME = "stepwise"
@@ -151,12 +150,6 @@ def in_every_ray_worker() -> None:
     ).replace("bind *:{{ config.stats_port }}", "bind 127.0.0.1:{{ config.stats_port }}")
 
 
-def free_port(host: str = "127.0.0.1") -> int:
-    with socket.socket() as probe:
-        probe.bind((host, 0))
-        return probe.getsockname()[1]
-
-
 def check_port_free(host: str, port: int, what: str) -> None:
     problem = port_error(host, port)
     if problem:
@@ -241,7 +234,7 @@ def start(
     )
     serve.run(app, name=APP_NAME, route_prefix="/")
     url = f"http://{'127.0.0.1' if host in ('0.0.0.0', '::') else host}:{port}"
-    wait_ready(url, ready_timeout_s)
+    wait_until_ready(f"{url}/healthz", ready_timeout_s)
     return url
 
 
@@ -343,23 +336,6 @@ def ignore_stop_signals() -> None:
     """From here on SIGTERM and Ctrl-C do nothing: a shutdown under way finishes (or HAProxy and Ray are left)."""
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     signal.signal(signal.SIGINT, signal.SIG_IGN)
-
-
-def wait_ready(url: str, timeout_s: float, process: subprocess.Popen | None = None) -> None:
-    """Return once GET /healthz answers 200; fail early if `process` (a server started elsewhere) exits."""
-    deadline = time.monotonic() + timeout_s
-    while True:
-        if process is not None and process.poll() is not None:
-            raise RuntimeError(f"the server process exited with {process.returncode} before {url} was ready")
-        try:
-            with urllib.request.urlopen(f"{url}/healthz", timeout=5) as response:
-                if response.status == 200:
-                    return
-        except OSError:
-            pass
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"{url}/healthz did not answer within {timeout_s:.0f}s")
-        time.sleep(0.2)
 
 
 def stop() -> None:

@@ -274,6 +274,21 @@ class ParityReport(TypedDict):
     failures: list[str]
 
 
+class TrainConfig(TypedDict):
+    """What train_config.json holds that later stages read (it records every option that changes what is learned;
+    `stepwise.training.train.train_config` writes it)."""
+
+    task: str
+    student: str
+    mode: str
+    max_input_length: int  # input tokens the student learned from: export's default input limit
+    max_target_length: int  # label and rationale tokens: export's default rationale limit
+
+
+# T5's pretraining input length: the input limit of an exported checkpoint that brings no train_config.json.
+T5_MAX_INPUT_TOKENS = 512
+
+
 class ExportConfig(TypedDict):
     model_id: str
     version: str
@@ -295,7 +310,7 @@ class ParityFailed(Exception):
         super().__init__(f"parity gate failed ({folder / PARITY}): " + "; ".join(report["failures"]))
 
 
-Typed = TypeVar("Typed", Manifest, Metrics, ParityReport, ExportConfig)
+Typed = TypeVar("Typed", Manifest, Metrics, ParityReport, TrainConfig, ExportConfig)
 
 
 def read_json(path: Path, what: str) -> Any:
@@ -333,6 +348,13 @@ def read_parity(folder: Path) -> ParityReport:
     return _read_typed(
         folder, PARITY, ParityReport, "an export folder without a parity report (rerun `stepwise export`)"
     )
+
+
+def read_train_config(folder: Path) -> TrainConfig | None:
+    """A training run's settings; None for a model folder from elsewhere (a checkpoint stepwise did not train)."""
+    if not (Path(folder) / TRAIN_CONFIG).exists():
+        return None
+    return _read_typed(folder, TRAIN_CONFIG, TrainConfig, "a training run's settings (written by `stepwise train`)")
 
 
 def read_export_config(folder: Path) -> ExportConfig:

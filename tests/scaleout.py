@@ -37,7 +37,7 @@ def s3_server() -> Iterator[dict[str, str]]:
         stderr=subprocess.DEVNULL,
     )
     try:
-        wait_until_ready(f"http://127.0.0.1:{port}/moto-api/", process, timeout_s=60)
+        wait_until_ready(f"http://127.0.0.1:{port}/moto-api/", 60, process)
         yield {
             "AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}",
             "AWS_DEFAULT_REGION": "us-east-1",

@@ -27,6 +27,7 @@ from stepwise.extraction.teachers import answer_regex
 from stepwise.serving import app, fallback, lifecycle
 from stepwise.serving.settings import Fallback, Scaling, ServeArgs
 
+from helpers import free_port
 from serving_helpers import metric_samples, premise_hypothesis, wait_for_metric
 
 ESNLI = tasks.get_task("esnli")
@@ -248,7 +249,7 @@ def silent_teacher() -> str:
 
 
 DEAD = Fallback(
-    fallback=f"http://127.0.0.1:{lifecycle.free_port()}",
+    fallback=f"http://127.0.0.1:{free_port()}",
     fallback_margin=1.0,
     fallback_model="tiny",
     fallback_timeout_s=2,
@@ -262,7 +263,7 @@ def served(trained_export_dir, teacher_url, silent_teacher, offline, tmp_path_fa
 
     os.environ.setdefault("RAY_metrics_report_interval_ms", "1000")
     run = tmp_path_factory.mktemp("serve-cascade")
-    metrics_port = lifecycle.free_port()
+    metrics_port = free_port()
     models = {"esnli": str(trained_export_dir)}
     teacher = Fallback(
         fallback=teacher_url,
@@ -274,7 +275,7 @@ def served(trained_export_dir, teacher_url, silent_teacher, offline, tmp_path_fa
     )
     url = lifecycle.start(
         ServeArgs(models=models, scaling=SMALL, cascade=teacher),
-        port=lifecycle.free_port(),
+        port=free_port(),
         run_dir=run,
         metrics_port=metrics_port,
     )
