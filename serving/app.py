@@ -243,7 +243,6 @@ def overlong_choice(runtime: Runtime, examples: list[tasks.Example], max_tokens:
 class StudentServer:
     async def __init__(self, args: dict[str, Any]):
         self.args = ServeArgs.from_dict(args)
-        self.tasks = {model_id: tasks.load_task(Path(folder)) for model_id, folder in self.args.models.items()}
         self.decode.set_max_batch_size(self.args.batching.max_batch_size)
         self.decode.set_batch_wait_timeout_s(self.args.batching.batch_wait_timeout_s)
         # One thread runs ONNX Runtime, first come first served: the fast tokenizer is not thread-safe, and the
@@ -252,6 +251,7 @@ class StudentServer:
         # Every model before the first request (Serve routes none here until __init__ returns); a model that fails
         # to load fails the replica's start, never a request.
         self.runtimes = {model_id: await self.load_model(model_id) for model_id in self.args.models}
+        self.tasks = {model_id: runtime.task for model_id, runtime in self.runtimes.items()}
         # A teacher per closed-label student (open labels have no margin to send them by), its few-shot prompt read
         # now: a replica that cannot build it fails at start, never a request.
         cascade = self.args.cascade
