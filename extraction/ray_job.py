@@ -2,9 +2,11 @@
 
 The pending examples become a Ray dataset; `map_batches` runs them through a pool of stateful actors,
 each holding one vLLM engine (one per GPU on a GPU cluster). Each actor writes every batch it finishes
-as an atomic shard into the output folder, exactly as the single-process loop does, so resume, the
-manifest and the reader are the same. The output folder must be visible to every node (local disk for a
-one-machine cluster, a shared filesystem otherwise).
+as one whole shard into the output, exactly as the single-process loop does, so resume, the manifest and
+the reader are the same. On a cluster whose nodes share no filesystem the output is a prefix on an object
+store (`--out s3://bucket/prefix`): each actor uploads its shards there itself, with the credentials of its
+node. A chunk Ray does twice (a retry after a node died) leaves two copies of its records; the driver
+keeps one of each (`run.settle_shards`) before it writes the manifest.
 
 ray.data.llm is not used: it pins a CUDA vLLM build, while this environment carries the CPU one.
 """
@@ -15,7 +17,7 @@ import json
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from stepwise import progress, tasks
+from stepwise import progress, storage, tasks
 from stepwise.extraction import records as extraction_records
 from stepwise.extraction import teachers
 
@@ -54,7 +56,8 @@ class EngineActor:
         shard_format: str,
     ):
         self.task = tasks.Task(**task_fields)
-        self.shots, self.teacher_meta, self.out, self.shard_format = shots, teacher_meta, Path(out), shard_format
+        self.shots, self.teacher_meta, self.shard_format = shots, teacher_meta, shard_format
+        self.out = storage.as_location(out)
         engine_options, sampling_options = teachers.VllmEngine(**engine), teachers.Sampling(**sampling)
         llm = teachers.load_vllm(model, engine_options, sampling_options.seed)
         self.generate = teachers.vllm_teacher(self.task, llm, sampling_options, engine_options.structured)
@@ -64,7 +67,7 @@ class EngineActor:
         records = extraction_records.process_chunk(
             self.task, self.generate, self.shots, examples, self.teacher_meta, self.out, self.shard_format
         )
-        return {"tally": [json.dumps(extraction_records.tally(r)) for r in records]}
+        return {"id": [r["id"] for r in records]}
 
 
 def extract_on_ray(
@@ -76,11 +79,11 @@ def extract_on_ray(
     engine: teachers.VllmEngine,
     sampling: teachers.Sampling,
     cluster: RayCluster,
-    out: Path,
+    out: str | Path,
     chunk_size: int,
     shard_format: str,
-) -> list[dict]:
-    """Run `pending` through `cluster.ray_actors` vLLM engine actors; return the tallies of the records written."""
+) -> None:
+    """Run `pending` through `cluster.ray_actors` vLLM engine actors, which write its shards."""
     import ray
 
     actors = cluster.ray_actors
@@ -103,18 +106,15 @@ def extract_on_ray(
                 "model": model,
                 "engine": asdict(engine),
                 "sampling": asdict(sampling),
-                "out": str(out.resolve()),
+                "out": str(out) if storage.is_remote(out) else str(Path(out).resolve()),
                 "shard_format": shard_format,
             },
         )
-        tallies = []
         with progress.bar(
             total=len(pending), unit="rec", desc=f"extract {task.name} on ray ({actors} engines)", dynamic_ncols=True
         ) as bar:
-            for row in results.iter_rows():
-                tallies.append(json.loads(row["tally"]))
+            for _ in results.iter_rows():
                 bar.update(1)
-        return tallies
     finally:
         if started_here:
             ray.shutdown()

@@ -11,11 +11,12 @@ from __future__ import annotations
 import hashlib
 import time
 from collections import Counter
-from dataclasses import asdict, dataclass
+from contextlib import AbstractContextManager, nullcontext
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Literal
 
-from stepwise import artifacts, cards, progress, tasks
+from stepwise import artifacts, cards, progress, storage, tasks
 from stepwise.extraction import ray_job, shards, teachers
 from stepwise.extraction.ray_job import RayCluster
 from stepwise.extraction.records import generate_records, tally
@@ -71,10 +72,13 @@ class Job:
     split: str
     shots: list[str]  # the few-shot prefix of every prompt
     config: dict  # job_config
-    out: Path
+    out: str | Path  # a local folder, or a prefix on an object store
     chunk_size: int
     shard_format: str
     expected: int  # records the finished job holds
+    # On an object store: the ETag of the manifest this run read or wrote last. Each manifest write is conditional
+    # on it (If-Match), so of two runs writing one prefix (the store has no lock) the second is refused.
+    manifest_etag: dict[str, str | None] = field(default_factory=dict)
 
     @property
     def teacher_meta(self) -> dict:
@@ -123,24 +127,31 @@ def check_teacher(
         )
 
 
-def refuse_foreign_folder(out: Path, overwrite: bool) -> None:
-    """A non-empty folder that holds no extraction output is not ours to write into (checked before the lock,
-    which is a file in the folder)."""
+def refuse_foreign_folder(out: str | Path, overwrite: bool) -> None:
+    """A non-empty folder (or prefix) that holds no extraction output is not ours to write into (checked before
+    the lock, which is a file in the folder)."""
     ours = (artifacts.TASK, artifacts.EXTRACT_LOCK)
-    if (
-        out.is_dir()
-        and not (out / artifacts.MANIFEST).exists()
-        and not overwrite
-        and any(p.name not in ours for p in out.iterdir())
-    ):
+    if storage.exists(storage.join(out, artifacts.MANIFEST)) or overwrite:
+        return
+    names = storage.list_files(out) if storage.is_remote(out) or Path(out).is_dir() else []
+    if any(name not in ours for name in names):
         raise ValueError(
             f"{out} exists, is not empty and holds no {artifacts.MANIFEST}; choose another --out or pass --overwrite"
         )
 
 
-def prepare_output(out: Path, task: tasks.Task, config: dict, overwrite: bool) -> None:
+def hold_output(out: str | Path) -> AbstractContextManager:
+    """One run per output: a local folder's lock (flock, gone with its process). An object store has no such
+    lock: there the manifest's conditional writes refuse a second run (Job.manifest_etag)."""
+    if storage.is_remote(out):
+        return nullcontext()
+    return artifacts.folder_lock(Path(out) / artifacts.EXTRACT_LOCK, "extract", out)
+
+
+def prepare_output(out: str | Path, task: tasks.Task, config: dict, overwrite: bool) -> None:
     """Create `out`, or check that its existing shards were made by the same config."""
-    manifest = artifacts.read_manifest(out) if (out / artifacts.MANIFEST).exists() else None
+    manifest_path = storage.join(out, artifacts.MANIFEST)
+    manifest = artifacts.read_manifest(out) if storage.exists(manifest_path) else None
     # Shards without a manifest were made by no known config: never resumed as done (refuse_foreign_folder refuses
     # them without --overwrite; with it they go, as another config's shards do).
     unknown = manifest is None and bool(artifacts.shard_paths(out))
@@ -154,10 +165,11 @@ def prepare_output(out: Path, task: tasks.Task, config: dict, overwrite: bool) -
                 f"(differs in: {', '.join(changed)}); pass --overwrite to replace it, or choose another --out"
             )
         for path in artifacts.shard_paths(out):
-            path.unlink()
-        (out / artifacts.MANIFEST).unlink(missing_ok=True)  # task.json is rewritten below
-    out.mkdir(parents=True, exist_ok=True)
-    artifacts.remove_partial_files(out)
+            storage.delete(path)
+        storage.delete(manifest_path)  # task.json is rewritten below
+    if not storage.is_remote(out):
+        Path(out).mkdir(parents=True, exist_ok=True)
+        artifacts.remove_partial_files(Path(out))
     tasks.save_task(task, out)
 
 
@@ -172,27 +184,44 @@ def write_manifest(job: Job, records: list[dict], summary: dict | None = None) -
         "complete": len(records) == job.expected and counts["error"] == 0,  # an error record is still to do
         "last_run": summary,
     }
-    artifacts.write_json(job.out / artifacts.MANIFEST, manifest)
+    path = storage.join(job.out, artifacts.MANIFEST)
+    if not storage.is_remote(job.out):
+        artifacts.write_json(path, manifest)
+        return manifest
+    previous = job.manifest_etag.get("etag")
+    conditions = {"if_absent": previous is None, "if_match": previous} if storage.scheme(job.out) == "s3" else {}
+    try:
+        job.manifest_etag["etag"] = storage.write_bytes(path, artifacts.json_text(manifest).encode(), **conditions)
+    except storage.PreconditionFailed:
+        raise RuntimeError(
+            f"{path} changed under this run: another `stepwise extract` is writing {job.out}. Stop one of them; "
+            "the shards written so far are whole, and the next run on it keeps every record once"
+        ) from None
     return manifest
 
 
 # ---------------------------------------------------------------- plan
 
 
-def resume_plan(out: Path, examples: list[tasks.Example], retry_errors: bool) -> tuple[list[dict], list[tasks.Example]]:
-    """The tallies of the records already done, and the examples still to do: those without a record, with an
-    `error` record (unless retry_errors is off), or whose record was made from another input (its fingerprint
-    differs: the data was edited). Records to redo are dropped from their shards first: an id is in one shard."""
+def settle_shards(
+    out: str | Path, examples: list[tasks.Example], retry_errors: bool
+) -> tuple[dict[str, dict], Counter]:
+    """The records of `examples` the shards hold, once each (id -> tally), and why the others are to be redone:
+    an `error` record (unless retry_errors is off), or a record made from another input (its fingerprint differs:
+    the data was edited). Those records, and second copies of a record (a chunk a Ray worker did twice, as a
+    retry after its node died), are dropped from their shards: afterwards an id is in one shard."""
     wanted = {e.id: e for e in examples}
     done: dict[str, dict] = {}
-    stale: dict[Path, set[str]] = {}
+    stale: dict[str | Path, set[str]] = {}
     redo: Counter = Counter()
     for path in artifacts.shard_paths(out):
         for record in artifacts.read_shard(path):
             example = wanted.get(record["id"])
             if example is None:  # beyond this run's --limit: kept as it is
                 continue
-            if record.get("fingerprint") != tasks.input_fingerprint(example):
+            if record["id"] in done:
+                pass  # the first copy, in shard order, is kept
+            elif record.get("fingerprint") != tasks.input_fingerprint(example):
                 redo["input changed"] += 1
             elif record["status"] == "error" and retry_errors:
                 redo["error retried"] += 1
@@ -201,6 +230,14 @@ def resume_plan(out: Path, examples: list[tasks.Example], retry_errors: bool) ->
                 continue
             stale.setdefault(path, set()).add(record["id"])
     shards.drop_records(stale)
+    return done, redo
+
+
+def resume_plan(
+    out: str | Path, examples: list[tasks.Example], retry_errors: bool
+) -> tuple[list[dict], list[tasks.Example]]:
+    """The tallies of the records already done, and the examples still to do (`settle_shards`)."""
+    done, redo = settle_shards(out, examples, retry_errors)
     pending = [e for e in examples if e.id not in done]
     if done or redo:
         again = f" ({', '.join(f'{n} {why}' for why, n in redo.items())})" if redo else ""
@@ -277,7 +314,7 @@ def generate_pending(
         return [], time.time()
     if cluster.ray:
         started = time.time()
-        return ray_job.extract_on_ray(
+        ray_job.extract_on_ray(
             job.task,
             job.shots,
             pending,
@@ -289,7 +326,9 @@ def generate_pending(
             job.out,
             job.chunk_size,
             job.shard_format,
-        ), started
+        )
+        # The shards, not the workers' replies, say what was done: a retried chunk replies twice
+        return list(settle_shards(job.out, pending, retry_errors=False)[0].values()), started
     generate = build_teacher(job.task, teacher, model, sampling, engine, client)
     started = time.time()
     return extract_chunks(job, generate, pending, done), started
@@ -343,7 +382,7 @@ def print_summary(manifest: dict) -> None:
 
 def main(
     task: str,
-    out: Path,
+    out: str | Path,
     split: str = "train",
     teacher: Literal["replay", "dataset", "vllm", "openai"] = "replay",
     model: str = "",
@@ -363,7 +402,8 @@ def main(
     Args:
         task: svamp, cqa, esnli, or a custom dataset (JSONL/CSV/Parquet file, folder of split files, or a Hugging
             Face datasets folder).
-        out: output folder (shards + manifest.json); rerun the same command to resume after a crash.
+        out: output folder (shards + manifest.json), or a prefix on an object store (s3://bucket/prefix, gs://...);
+            rerun the same command to resume after a crash.
         split: train, valid or test.
         teacher: replay (each example's teacher completion: the shipped PaLM outputs, or a custom dataset's
             'completion' column), dataset (a custom dataset's 'rationale' column, as it is), vllm (in-process
@@ -381,6 +421,8 @@ def main(
     started = time.time()
     if chunk_size < 1:
         raise ValueError(f"--chunk-size must be 1 or more, got {chunk_size}")
+    location = storage.as_location(out)
+    storage.check_location(location, "--out")
     spec = tasks.get_task(task, labels)
     examples = load_examples(spec, split, limit)
     check_teacher(spec, examples, teacher, model, engine, cluster)
@@ -388,10 +430,11 @@ def main(
     config = job_config(
         spec, split, teacher, teacher_model(spec, teacher, model), asdict(sampling), engine.structured, shots
     )
-    job = Job(spec, split, shots, config, Path(out), chunk_size, shard_format, len(examples))
+    job = Job(spec, split, shots, config, location, chunk_size, shard_format, len(examples))
     refuse_foreign_folder(job.out, overwrite)
-    with artifacts.folder_lock(job.out / artifacts.EXTRACT_LOCK, "extract", job.out):
+    with hold_output(job.out):
         prepare_output(job.out, spec, config, overwrite)
+        job.manifest_etag["etag"] = storage.etag(storage.join(job.out, artifacts.MANIFEST))
         done, pending = resume_plan(job.out, examples, retry_errors)
         write_manifest(job, done)
         new, generation_started = generate_pending(

@@ -21,27 +21,28 @@ import json
 from collections import Counter
 from pathlib import Path
 
-from stepwise import artifacts
+from stepwise import artifacts, storage
 
 
 def config_hash(config: dict) -> str:
     return hashlib.sha256(json.dumps(config, sort_keys=True).encode()).hexdigest()[:16]
 
 
-def write_shard(out_dir: Path, records: list[dict], shard_format: str = "jsonl") -> Path:
+def write_shard(out_dir: str | Path, records: list[dict], shard_format: str = "jsonl") -> str | Path:
     """One chunk's records as one shard, named by the ids it holds (a rerun of the same chunk rewrites
-    the same file, so two shards never share an id)."""
+    the same file or object)."""
     ids = "\n".join(r["id"] for r in records)
-    return _write_records(out_dir / f"shard-{hashlib.sha256(ids.encode()).hexdigest()[:16]}.{shard_format}", records)
+    name = f"shard-{hashlib.sha256(ids.encode()).hexdigest()[:16]}.{shard_format}"
+    return _write_records(storage.join(out_dir, name), records)
 
 
-def _write_records(path: Path, records: list[dict]) -> Path:
-    if path.suffix == ".parquet":
+def _write_records(path: str | Path, records: list[dict]) -> str | Path:
+    if str(path).endswith(".parquet"):
         return artifacts.write_atomic(path, parquet_bytes(records))
     return artifacts.write_atomic(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
 
 
-def drop_records(stale: dict[Path, set[str]]) -> None:
+def drop_records(stale: dict[str | Path, set[str]]) -> None:
     """Remove records from their shards (shard path -> ids to drop), before the ids are done again: each shard is
     rewritten in place without them (atomically), or deleted when nothing is left. After a kill midway every
     shard is whole, old or new, so the next run finds the ids still stale or already gone."""
@@ -50,8 +51,9 @@ def drop_records(stale: dict[Path, set[str]]) -> None:
         if kept:
             _write_records(path, kept)
         else:
-            path.unlink()
-            artifacts.fsync_dir(path.parent)
+            storage.delete(path)
+            if not storage.is_remote(path):
+                artifacts.fsync_dir(Path(path).parent)
 
 
 def parquet_bytes(records: list[dict]) -> bytes:

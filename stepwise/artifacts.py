@@ -9,7 +9,8 @@ write and read them. Standard library only (pyarrow for Parquet shards), so it i
                         README.md (the model card)
 
 Every file is written whole or not at all (`write_atomic`): a reader, or a rerun after kill -9, never sees
-half of one.
+half of one. An extraction folder may also be a prefix on an object store (`s3://bucket/prefix`,
+`stepwise.storage`): its files are then objects, each uploaded whole, and the readers here take either.
 """
 
 from __future__ import annotations
@@ -21,6 +22,9 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, TypedDict, TypeVar
+
+from stepwise import storage
+from stepwise.storage import fsync_dir
 
 TASK = "task.json"
 MANIFEST = "manifest.json"
@@ -39,35 +43,19 @@ JSON_TEXT_IN_PARQUET = ("votes", "teacher")  # nested dicts whose keys vary: JSO
 # ---------------------------------------------------------------- writing
 
 
-def write_atomic(path: Path, data: str | bytes) -> Path:
-    """Write `data` to `path` so that a reader (or a restart after kill -9) sees all of it or nothing."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        with tmp.open("wb") as f:
-            f.write(data.encode() if isinstance(data, str) else data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:  # a full disk or a Ctrl-C: leave no half-written temp file behind
-        tmp.unlink(missing_ok=True)
-        raise
-    fsync_dir(path.parent)
+def write_atomic(path: str | Path, data: str | bytes) -> str | Path:
+    """Write `data` to `path` so that a reader (or a restart after kill -9) sees all of it or nothing (a file:
+    temp file, fsync, rename; an object store's upload is whole by itself, so `path` may be a URI)."""
+    storage.write_bytes(path, data.encode() if isinstance(data, str) else data)
     return path
 
 
-def fsync_dir(folder: Path) -> None:
-    """Make a rename inside `folder` durable."""
-    descriptor = os.open(folder, os.O_RDONLY)
-    try:
-        os.fsync(descriptor)
-    finally:
-        os.close(descriptor)
+def write_json(path: str | Path, data: Any) -> str | Path:
+    return write_atomic(path, json_text(data))
 
 
-def write_json(path: Path, data: Any) -> Path:
-    return write_atomic(path, json.dumps(data, indent=2, ensure_ascii=False) + "\n")
+def json_text(data: Any) -> str:
+    return json.dumps(data, indent=2, ensure_ascii=False) + "\n"
 
 
 def fsync_tree(folder: Path) -> None:
@@ -313,30 +301,32 @@ class ParityFailed(Exception):
 Typed = TypeVar("Typed", Manifest, Metrics, ParityReport, TrainConfig, ExportConfig)
 
 
-def read_json(path: Path, what: str) -> Any:
-    """A JSON artifact; a missing or unreadable one is an error that says what the file should have been."""
-    path = Path(path)
-    if not path.exists():
-        raise FileNotFoundError(f"{path.parent} has no {path.name}: {what}")
+def read_json(path: str | Path, what: str) -> Any:
+    """A JSON artifact (a file, or an object at a URI); a missing or unreadable one is an error that says what the
+    file should have been."""
     try:
-        return json.loads(path.read_text())
+        text = storage.read_bytes(path)
+    except FileNotFoundError:
+        folder, name = str(path).rsplit("/", 1)
+        raise FileNotFoundError(f"{folder} has no {name}: {what}") from None
+    try:
+        return json.loads(text)
     except json.JSONDecodeError as problem:
         raise ValueError(f"{path} is not valid JSON ({problem.msg} at line {problem.lineno}): {what}") from None
 
 
-def _read_typed(folder: Path, name: str, kind: type[Typed], what: str) -> Typed:
-    data = read_json(Path(folder) / name, what)
+def _read_typed(folder: str | Path, name: str, kind: type[Typed], what: str) -> Typed:
+    path = storage.join(folder, name)
+    data = read_json(path, what)
     if not isinstance(data, dict):
-        raise ValueError(f"{Path(folder) / name} holds a JSON {type(data).__name__}, not an object: {what}")
+        raise ValueError(f"{path} holds a JSON {type(data).__name__}, not an object: {what}")
     missing = sorted(set(kind.__required_keys__) - set(data))
     if missing:
-        raise ValueError(
-            f"{Path(folder) / name} lacks {', '.join(missing)}: {what} (written by another stepwise version?)"
-        )
+        raise ValueError(f"{path} lacks {', '.join(missing)}: {what} (written by another stepwise version?)")
     return data
 
 
-def read_manifest(folder: Path) -> Manifest:
+def read_manifest(folder: str | Path) -> Manifest:
     return _read_typed(folder, MANIFEST, Manifest, "not an extraction folder (run `stepwise extract` first)")
 
 
@@ -364,42 +354,52 @@ def read_export_config(folder: Path) -> ExportConfig:
 # ---------------------------------------------------------------- extraction records
 
 
-def shard_paths(folder: Path) -> list[Path]:
+def shard_paths(folder: str | Path) -> list[Any]:
+    """The shard files of an extraction folder (Paths), or its shard objects (URIs) on an object store."""
+    if storage.is_remote(folder):
+        names = storage.list_files(str(folder))
+        return [storage.join(folder, n) for n in names if "/" not in n and is_shard_name(n)]
     return sorted(p for fmt in SHARD_FORMATS for p in Path(folder).glob(f"shard-*.{fmt}"))
 
 
-def iter_records(folder: Path) -> Iterator[dict]:
+def is_shard_name(name: str) -> bool:
+    return name.startswith("shard-") and name.rsplit(".", 1)[-1] in SHARD_FORMATS
+
+
+def iter_records(folder: str | Path) -> Iterator[dict]:
     """Every record of an extraction folder's shards (JSONL, or Parquet with its JSON text columns decoded)."""
     for path in shard_paths(folder):
         yield from read_shard(path)
 
 
-def read_shard(path: Path) -> Iterator[dict]:
-    """The records of one shard file."""
-    if path.suffix == ".parquet":
+def read_shard(path: str | Path) -> Iterator[dict]:
+    """The records of one shard file (or object), read whole: a shard holds one chunk."""
+    data = storage.read_bytes(path)
+    if str(path).endswith(".parquet"):
         try:
+            import pyarrow as pa
             import pyarrow.parquet as pq
         except ImportError:
-            missing = f"{path.parent} holds Parquet shards but pyarrow is not installed in this environment"
+            folder = str(path).rsplit("/", 1)[0]
+            missing = f"{folder} holds Parquet shards but pyarrow is not installed in this environment"
             raise ImportError(missing) from None
-        for row in pq.read_table(path).to_pylist():
+        for row in pq.read_table(pa.BufferReader(data)).to_pylist():
             yield {k: json.loads(v) if k in JSON_TEXT_IN_PARQUET and isinstance(v, str) else v for k, v in row.items()}
         return
-    with path.open() as f:
-        for number, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                yield json.loads(line)
-            except json.JSONDecodeError as problem:
-                raise ValueError(f"{path}:{number}: not a JSON record ({problem.msg})") from None
+    for number, line in enumerate(data.decode().splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            yield json.loads(line)
+        except json.JSONDecodeError as problem:
+            raise ValueError(f"{path}:{number}: not a JSON record ({problem.msg})") from None
 
 
-def read_records(folder: Path) -> list[dict]:
-    """All records of an extraction folder (see `stepwise.extraction` for their fields)."""
-    folder = Path(folder)
-    if not folder.is_dir():
+def read_records(folder: str | Path) -> list[dict]:
+    """All records of an extraction folder, local or on an object store (see `stepwise.extraction` for their
+    fields)."""
+    if not storage.is_remote(folder) and not Path(folder).is_dir():
         raise FileNotFoundError(f"extraction folder {folder} does not exist (run `stepwise extract` first)")
-    if not (folder / MANIFEST).exists():
+    if not storage.exists(storage.join(folder, MANIFEST)):
         raise FileNotFoundError(f"{folder} is not an extraction folder: no {MANIFEST} (run `stepwise extract` first)")
     return list(iter_records(folder))

@@ -11,7 +11,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from stepwise import artifacts
+from stepwise import artifacts, storage
 
 CARD = "README.md"
 # A task's answer style -> the Hub's task category of what the data teaches.
@@ -206,8 +206,8 @@ def model_card(folder: Path, name: str = "") -> str:
     return _front_matter(data) + "\n" + "\n".join(lines)
 
 
-def write_dataset_card(folder: Path, manifest: artifacts.Manifest, shard_format: str) -> Path:
-    return artifacts.write_atomic(Path(folder) / CARD, dataset_card(manifest, shard_format))
+def write_dataset_card(folder: str | Path, manifest: artifacts.Manifest, shard_format: str) -> str | Path:
+    return artifacts.write_atomic(storage.join(folder, CARD), dataset_card(manifest, shard_format))
 
 
 def write_model_card(folder: Path, name: str = "") -> Path:

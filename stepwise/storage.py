@@ -157,12 +157,19 @@ def _s3_client() -> Any:
 # ---------------------------------------------------------------- objects
 
 
-def exists(location: str) -> bool:
+def exists(location: str | Path) -> bool:
+    if not is_remote(location):
+        return Path(location).exists()
     fs, path = filesystem(location)
     return fs.get_file_info(path).type.name != "NotFound"
 
 
-def read_bytes(location: str) -> bytes:
+def read_bytes(location: str | Path) -> bytes:
+    if not is_remote(location):
+        try:
+            return Path(location).read_bytes()
+        except FileNotFoundError:
+            raise FileNotFoundError(f"{location} does not exist") from None
     fs, path = filesystem(location)
     try:
         with fs.open_input_stream(path) as stream:
@@ -171,11 +178,16 @@ def read_bytes(location: str) -> bytes:
         raise FileNotFoundError(f"{location} does not exist") from None
 
 
-def write_bytes(location: str, data: bytes, if_absent: bool = False, if_match: str | None = None) -> str | None:
-    """Write one object whole (an upload is visible complete or not at all); return its ETag where the store
-    gives one. `if_absent`: only if no object is there; `if_match`: only if the object still has that ETag.
-    A lost condition raises PreconditionFailed. Conditions are atomic on S3; on other stores they are checked
-    just before the write (stated in extraction/README.md)."""
+def write_bytes(location: str | Path, data: bytes, if_absent: bool = False, if_match: str | None = None) -> str | None:
+    """Write one object whole (an upload is visible complete or not at all; a local file is written atomically);
+    return its ETag where the store gives one. `if_absent`: only if no object is there; `if_match`: only if the
+    object still has that ETag. A lost condition raises PreconditionFailed. Conditions are atomic on S3; on other
+    stores they are checked just before the write (stated in extraction/README.md)."""
+    if not is_remote(location):
+        if if_absent and Path(location).exists():
+            raise PreconditionFailed(location)
+        _write_file_atomic(Path(location), data)
+        return None
     if scheme(location) == "s3" and (if_absent or if_match):
         import botocore.exceptions
 
@@ -198,7 +210,31 @@ def write_bytes(location: str, data: bytes, if_absent: bool = False, if_match: s
     return etag(location) if scheme(location) == "s3" else None
 
 
-def etag(location: str) -> str | None:
+def _write_file_atomic(path: Path, data: bytes) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        with tmp.open("wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:  # a full disk or a Ctrl-C: leave no half-written temp file behind
+        tmp.unlink(missing_ok=True)
+        raise
+    fsync_dir(path.parent)
+
+
+def fsync_dir(folder: Path) -> None:
+    """Make a rename inside `folder` durable."""
+    descriptor = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(descriptor)
+    finally:
+        os.close(descriptor)
+
+
+def etag(location: str | Path) -> str | None:
     """The object's ETag (S3), None elsewhere or when it does not exist."""
     if scheme(location) != "s3":
         return None
@@ -211,7 +247,10 @@ def etag(location: str) -> str | None:
         return None
 
 
-def delete(location: str) -> None:
+def delete(location: str | Path) -> None:
+    if not is_remote(location):
+        Path(location).unlink(missing_ok=True)
+        return
     fs, path = filesystem(location)
     try:
         fs.delete_file(path)
@@ -219,8 +258,11 @@ def delete(location: str) -> None:
         pass
 
 
-def list_files(location: str) -> list[str]:
-    """Paths of every object under a remote prefix, relative to it, sorted."""
+def list_files(location: str | Path) -> list[str]:
+    """Paths of every file under a folder, or every object under a remote prefix, relative to it, sorted."""
+    if not is_remote(location):
+        folder = Path(location)
+        return sorted(str(p.relative_to(folder)) for p in folder.rglob("*") if p.is_file())
     import pyarrow.fs
 
     fs, path = filesystem(location)
@@ -259,10 +301,8 @@ def folder_checksums(folder: Path) -> dict[str, Any]:
 
 
 def write_checksums(folder: Path) -> dict[str, Any]:
-    from stepwise import artifacts
-
     checksums = folder_checksums(folder)
-    artifacts.write_json(Path(folder) / CHECKSUMS, checksums)
+    _write_file_atomic(Path(folder) / CHECKSUMS, (json.dumps(checksums, indent=2) + "\n").encode())
     return checksums
 
 
@@ -336,8 +376,6 @@ def cache_root() -> Path:
 def cached_download(location: str, what: str, cache: Path | None = None) -> Path:
     """A local copy of a remote folder, downloaded once per content: `cache/<digest>/`, reused while its files still
     match (a second replica on the node, a restart), downloaded again when the folder changed upstream."""
-    from stepwise import artifacts
-
     checksums = read_checksums(location, what)
     digest = hashlib.sha256(json.dumps(checksums["files"], sort_keys=True).encode()).hexdigest()
     final = Path(cache or cache_root()) / digest
@@ -348,8 +386,8 @@ def cached_download(location: str, what: str, cache: Path | None = None) -> Path
     download_folder(location, staging, what)
     if final.exists():  # another process got there first, or a stale copy: replace it
         shutil.rmtree(final, ignore_errors=True)
-    try:
-        artifacts.commit_folder(staging, final)
+    try:  # one rename, no fsync: every use checks the copy against its checksums, a torn one is fetched again
+        os.rename(staging, final)
     except OSError:  # another replica committed the same content meanwhile
         shutil.rmtree(staging, ignore_errors=True)
     return final

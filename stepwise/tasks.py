@@ -43,7 +43,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from stepwise import artifacts
+from stepwise import artifacts, storage
 from stepwise.envs import ROOT
 
 SPLITS = ("train", "valid", "test")
@@ -149,13 +149,13 @@ def get_task(name_or_path: str, labels: list[str] | None = None) -> Task:
     return Task(name, style, label_set, str(path.resolve()), exemplar_count, settings.get("input_template", ""))
 
 
-def save_task(task: Task, folder: Path) -> None:
-    """task.json, written into every model, export and extraction folder."""
-    artifacts.write_atomic(Path(folder) / artifacts.TASK, task.to_json())
+def save_task(task: Task, folder: str | Path) -> None:
+    """task.json, written into every model, export and extraction folder (local or on an object store)."""
+    artifacts.write_atomic(storage.join(folder, artifacts.TASK), task.to_json())
 
 
-def load_task(folder: Path) -> Task:
-    path = Path(folder) / artifacts.TASK
+def load_task(folder: str | Path) -> Task:
+    path = storage.join(folder, artifacts.TASK)
     data = artifacts.read_json(path, "not a stepwise model, export or extraction folder")
     if not isinstance(data, dict):
         raise ValueError(f"{path} holds a JSON {type(data).__name__}, not the task's settings (an object)")

@@ -15,7 +15,7 @@ from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
-from stepwise import artifacts, tasks
+from stepwise import artifacts, storage, tasks
 
 RECORD_FIELDS = ("id", "status")  # the minimum a record needs to be joined and filtered
 
@@ -27,7 +27,7 @@ class StudentExample:
     rationale: str | None  # the teacher's rationale (step-by-step only)
 
 
-def records_by_id(folder: Path) -> dict[str, dict]:
+def records_by_id(folder: str | Path) -> dict[str, dict]:
     """An extraction folder's records by id (`artifacts.read_records`). Where a rerun left two records for one
     id, an ok one wins."""
     records: dict[str, dict] = {}
@@ -45,10 +45,10 @@ def records_by_id(folder: Path) -> dict[str, dict]:
     return records
 
 
-def check_task_matches(folder: Path, task: tasks.Task) -> None:
+def check_task_matches(folder: str | Path, task: tasks.Task) -> None:
     """Refuse rationales extracted for another task, or for the same data read another way (another label set,
     answer style or input template: e.g. --labels given to one stage only). The folder's task.json says which."""
-    if not (Path(folder) / artifacts.TASK).exists():
+    if not storage.exists(storage.join(folder, artifacts.TASK)):
         return
     extracted_for = tasks.load_task(folder)
     if extracted_for.name != task.name:
@@ -63,11 +63,13 @@ def check_task_matches(folder: Path, task: tasks.Task) -> None:
             )
 
 
-def check_extraction_finished(folder: Path, allow_incomplete: bool) -> None:
+def check_extraction_finished(folder: str | Path, allow_incomplete: bool) -> None:
     """Refuse an extraction that is still being written or stopped before its end (the student would learn from
     part of the data without a word), unless --allow-incomplete; then say how much of it there is."""
-    holder = artifacts.lock_holder(Path(folder) / artifacts.EXTRACT_LOCK)
-    manifest = artifacts.read_manifest(folder) if (Path(folder) / artifacts.MANIFEST).exists() else None
+    # On an object store there is no lock to ask (stepwise.extraction.run.hold_output): the manifest's `complete`
+    # says whether the extraction finished
+    holder = "" if storage.is_remote(folder) else artifacts.lock_holder(Path(folder) / artifacts.EXTRACT_LOCK)
+    manifest = artifacts.read_manifest(folder) if storage.exists(storage.join(folder, artifacts.MANIFEST)) else None
     if holder:
         problem = f"rationales folder {folder} is being written by `stepwise extract` now ({holder})"
     elif manifest is not None and not manifest["complete"]:

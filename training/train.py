@@ -26,7 +26,7 @@ from typing import Any, Literal
 import torch
 from transformers import AutoConfig, AutoTokenizer, PreTrainedTokenizerBase, T5ForConditionalGeneration
 
-from stepwise import artifacts, cards, tasks
+from stepwise import artifacts, cards, storage, tasks
 from stepwise.progress import bar as progress_bar
 from stepwise.training import checkpoints, distributed, tracking
 from stepwise.training.checkpoints import Progress
@@ -234,7 +234,7 @@ class Plan:
         return self.mode == "step-by-step"
 
 
-def train_config(task: str, plan: Plan, rationales: Path | None, vocab_size: int) -> dict:
+def train_config(task: str, plan: Plan, rationales: str | Path | None, vocab_size: int) -> dict:
     """What train_config.json records: every option that changes what is learned. Where it trains (workers,
     strategy, cluster) does not: a run may resume on another number of workers."""
     return {
@@ -366,10 +366,18 @@ def save_tokenizer(out: Path, student: str, examples: list[StudentExample], voca
         AutoTokenizer.from_pretrained(student).save_pretrained(out)
 
 
+def rationales_location(rationales: str | Path | None) -> str | Path | None:
+    """One name for the rationales however they were spelled: an absolute folder, or a URI."""
+    if not rationales:
+        return None
+    location = storage.as_location(rationales)
+    return location if storage.is_remote(location) else Path(location).resolve()
+
+
 def setup(
     task: str,
     out: Path,
-    rationales: Path | None,
+    rationales: str | Path | None,
     student: str,
     mode: str,
     data_fraction: float,
@@ -392,9 +400,10 @@ def setup(
         )
     distributed.check_strategy(compute.strategy, group_coming=compute.on_ray)
     task_def = tasks.get_task(task, labels)
-    rationales = Path(rationales).resolve() if rationales else None  # one folder, however it was spelled
+    rationales = rationales_location(rationales)
     records = None
     if rationales is not None:
+        storage.check_location(rationales, "--rationales", must_exist=True)
         check_task_matches(rationales, task_def)
         check_extraction_finished(rationales, data.allow_incomplete)
         records = records_by_id(rationales)
@@ -698,7 +707,7 @@ def finish(plan: Plan) -> Path:
 def main(
     task: str,
     out: Path,
-    rationales: Path | None = None,
+    rationales: str | Path | None = None,
     student: str = "tiny",
     mode: Mode = "step-by-step",
     data_fraction: float = 1.0,
@@ -716,7 +725,8 @@ def main(
     Args:
         task: Task name (svamp, cqa, esnli) or a custom task's data file/folder.
         out: Output model folder (Hugging Face format + task.json, train_config.json, metrics.json, log.csv).
-        rationales: Extraction output folder (JSONL/Parquet shards); not needed for standard-finetune.
+        rationales: Extraction output folder (JSONL/Parquet shards), or its prefix on an object store
+            (s3://bucket/prefix); not needed for standard-finetune.
         student: A T5 checkpoint name or folder (from_pretrained), or tiny/small: built locally from scratch with a
             tokenizer trained on the task's text.
         mode: step-by-step (labels + rationales), standard-finetune (gold labels), standard-distill (teacher labels).

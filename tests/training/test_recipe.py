@@ -9,6 +9,7 @@ import json
 import pytest
 import transformers
 
+from stepwise import storage
 from stepwise.training import train
 from stepwise.training.train import DataOptions, EvalOptions, OptimOptions
 
@@ -42,11 +43,19 @@ def log_rows(out) -> list[dict]:
         return list(csv.DictReader(f))
 
 
-def test_a_seeded_tiny_student_reproduces_its_first_losses(tmp_path, learnable_task, learnable_rationales):
+@pytest.mark.parametrize("rationales_on", ["local disk", "an object store"])
+def test_a_seeded_tiny_student_reproduces_its_first_losses(
+    tmp_path, learnable_task, learnable_rationales, rationales_on, request
+):
+    rationales = learnable_rationales
+    if rationales_on == "an object store":  # the same folder as objects on the loopback S3 server: the same losses
+        rationales = f"{request.getfixturevalue('bucket')}/rationales"
+        for name in storage.list_files(learnable_rationales):
+            storage.write_bytes(f"{rationales}/{name}", (learnable_rationales / name).read_bytes())
     out = train.main(
         task=str(learnable_task),
         out=tmp_path / "pinned",
-        rationales=learnable_rationales,
+        rationales=rationales,
         student="tiny",
         mode="step-by-step",
         seed=0,
