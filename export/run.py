@@ -10,12 +10,13 @@ import json
 import os
 import shutil
 import sys
+import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
-from stepwise import artifacts, cards, tasks
+from stepwise import artifacts, cards, storage, tasks
 
 ONNX_FILES = {
     "encoder": "encoder_model.onnx",
@@ -351,8 +352,8 @@ def write_export(
 
 
 def main(
-    model: Path,
-    out: Path,
+    model: str | Path,
+    out: str | Path,
     quantize: Literal["none", "int8"] = "none",
     precision: Literal["fp32", "fp16"] = "fp32",
     target: Literal["cpu", "cuda", "tensorrt"] = "cpu",
@@ -363,15 +364,17 @@ def main(
     max_batch: int = 16,
     parity: ParityOptions = ParityOptions(),
     overwrite: bool = False,
-) -> Path:
+) -> str | Path:
     """Export a trained student to ONNX with Optimum, optionally int8 (CPU) or fp16 (GPU), and gate it on parity.
 
     The export is written into a staging folder beside --out and moves into place only once the parity gate
     passes; a failed export is left in <out>.rejected for inspection and raises ParityFailed.
 
     Args:
-        model: trained student folder (config.json, model.safetensors, tokenizer, task.json)
-        out: export folder to write (self-contained: ONNX files, tokenizer, task.json, export_config.json, parity.json)
+        model: trained student folder (config.json, model.safetensors, tokenizer, task.json), or its prefix on an
+            object store (s3://bucket/prefix, as `stepwise train --out s3://...` uploads it; checksums verified)
+        out: export folder to write (self-contained: ONNX files, tokenizer, task.json, export_config.json, parity.json),
+            or a prefix on an object store (exported locally, then uploaded with checksums.json last)
         quantize: int8: dynamic int8 quantization of the weight matmuls (CPU target)
         precision: fp16: half precision with T5's overflow-prone ops kept in fp32 (GPU targets)
         target: where it will be served: cpu (CPU EP), cuda (CUDA EP, IO binding), tensorrt (TensorRT EP, then CUDA)
@@ -384,7 +387,11 @@ def main(
         parity: the parity gate's settings
         overwrite: replace an earlier export at --out (only a folder `stepwise export` wrote)
     """
-    model, out = Path(model), Path(out)
+    model_at, out_at = storage.as_location(model), storage.as_location(out)
+    if storage.is_remote(model_at):  # a local one is checked by check_model_folder, naming what it lacks
+        storage.check_location(model_at, "--model", must_exist=True)
+    storage.check_location(out_at, "--out")
+    model = storage.local_folder(model_at, "the trained student (--model)")
     task = check_model_folder(model)
     if quantize == "int8" and precision == "fp16":
         raise ValueError("choose one of --quantize int8 (CPU) and --precision fp16 (GPU)")
@@ -396,6 +403,17 @@ def main(
             "the tensorrt target needs the split decoder layout "
             "(TensorRT cannot build engines across the merged decoder's If node)"
         )
+    if storage.is_remote(out_at):  # exported into a scratch folder, then uploaded with checksums.json last
+        if storage.exists(storage.join(out_at, storage.CHECKSUMS)) and not overwrite:
+            raise ValueError(f"{out_at} holds an export already; pass --overwrite to replace it")
+        with tempfile.TemporaryDirectory(prefix="stepwise-export-") as scratch:
+            local = Path(scratch) / "export"
+            write_and_place(model, local, task, quantize, precision, target, layout, threads,
+                            max_input_tokens, max_rationale_tokens, max_batch, parity)  # fmt: skip
+            storage.upload_folder(local, str(out_at))
+        print(f"[export] uploaded to {out_at}", flush=True)
+        return out_at
+    out = Path(out_at)
     # One export per --out: the lock lives beside it (the folder itself is swapped whole).
     with artifacts.folder_lock(out.with_name(f".{out.name}.export.lock"), "export", out, remove=True):
         if artifacts.recover_previous(out):

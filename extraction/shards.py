@@ -11,7 +11,9 @@ Layout of an output folder:
 
 The shards are the truth: the manifest's counts are recomputed from them, so a kill between writing a
 shard and updating the manifest loses nothing. An id is in one shard only: a record that is redone (an
-error retried, an input that changed) is first dropped from its shard.
+error retried, an input that changed), or a second copy of one (a chunk a Ray worker did twice), is dropped
+from its shard. On an object store (`s3://bucket/prefix`) the same names are objects, each uploaded whole;
+there the lock is replaced by conditional manifest writes (extraction/README.md states the protocol).
 """
 
 from __future__ import annotations

@@ -31,7 +31,7 @@ from ray.serve.metrics import Counter, Histogram
 from ray.serve.schema import LoggingConfig
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from stepwise import artifacts, tasks
+from stepwise import artifacts, storage, tasks
 from stepwise.export.runtime import Prediction, Runtime, load_runtime, predict
 from stepwise.serving import fallback, schema
 from stepwise.serving.settings import ServeArgs
@@ -269,7 +269,7 @@ class StudentServer:
         """One model's runtime, its parity report checked again: the folder may have changed since the app was
         built, and a replica that replaces another (a restart, another node) loads it anew."""
         started = time.perf_counter()
-        folder = Path(self.args.models[model_id])
+        folder = storage.local_folder(self.args.models[model_id], f"model {model_id!r}")  # on this replica's node
         verify(model_id, folder, self.args.allow_unverified)
         runtime = await asyncio.get_running_loop().run_in_executor(
             self.runtime_thread, functools.partial(load_runtime, folder, threads=self.args.scaling.ort_threads)
@@ -465,11 +465,13 @@ def build_api(server: StudentServer) -> FastAPI:
 
 
 def check_models(models: dict[str, str], allow_unverified: bool) -> dict[str, str]:
-    """model id -> absolute export folder; fails here, before any replica starts, on a folder that is not an
-    export or whose parity gate did not pass."""
+    """model id -> absolute export folder (or its URI: each replica downloads it on its own node); fails here,
+    before any replica starts, on a location that is not an export or whose parity gate did not pass."""
     checked = {}
     for model_id, folder in models.items():
-        path = Path(folder).expanduser().resolve()
+        if storage.is_remote(folder):
+            storage.check_location(folder, f"model {model_id!r}", must_exist=True)
+        path = storage.local_folder(folder, f"model {model_id!r}")
         if not (path / artifacts.EXPORT_CONFIG).exists():
             raise ValueError(
                 f"model {model_id!r}: {path} is not an export folder "
@@ -477,7 +479,7 @@ def check_models(models: dict[str, str], allow_unverified: bool) -> dict[str, st
             )
         tasks.load_task(path)
         verify(model_id, path, allow_unverified)
-        checked[model_id] = str(path)
+        checked[model_id] = str(storage.as_location(folder)) if storage.is_remote(folder) else str(path)
     return checked
 
 
@@ -504,9 +506,8 @@ def unverified_reason(folder: Path) -> str:
 
 
 def wants_gpu(models: dict[str, str]) -> bool:
-    return any(
-        artifacts.read_export_config(Path(folder))["target"] in ("cuda", "tensorrt") for folder in models.values()
-    )
+    targets = [artifacts.read_export_config(storage.as_location(folder))["target"] for folder in models.values()]
+    return any(target in ("cuda", "tensorrt") for target in targets)
 
 
 def build_app(args: dict[str, Any] | ServeArgs) -> serve.Application:
@@ -527,7 +528,7 @@ def build_app(args: dict[str, Any] | ServeArgs) -> serve.Application:
     models = check_models(args.models, args.allow_unverified)
     if args.cascade.fallback:  # the teacher's few-shot prompts: refused here, before any replica starts, if unreadable
         for folder in models.values():
-            fallback.few_shots(tasks.load_task(Path(folder)))
+            fallback.few_shots(tasks.load_task(storage.as_location(folder)))
     # Ray hides GPUs from actors that reserve none, and ONNX Runtime then silently falls back to the CPU.
     gpus = scaling.replica_gpus if scaling.replica_gpus is not None else float(wants_gpu(models))
     deployment = StudentServer.options(

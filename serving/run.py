@@ -9,16 +9,21 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-from stepwise import tasks
+from stepwise import storage, tasks
 from stepwise.serving import lifecycle
 from stepwise.serving.settings import Batching, Fallback, Limits, Overload, Scaling, ServeArgs
 
 
 def parse_models(specs: list[str]) -> dict[str, str]:
-    """`DIR` (id: the folder's task name) or `ID=DIR` -> {id: DIR}."""
+    """`DIR` (id: the folder's task name) or `ID=DIR` -> {id: DIR}; DIR may be a prefix on an object store."""
     models: dict[str, str] = {}
     for spec in specs:
-        model_id, folder = spec.split("=", 1) if "=" in spec else (tasks.load_task(Path(spec)).name, spec)
+        model_id, folder = spec.split("=", 1) if "=" in spec and "://" not in spec.split("=", 1)[0] else ("", spec)
+        if not model_id:
+            where = storage.as_location(folder)
+            if storage.is_remote(where):
+                storage.check_location(where, "--model", must_exist=True)
+            model_id = tasks.load_task(where).name
         if model_id in models:
             raise ValueError(f"model id {model_id!r} given twice: name them with ID=DIR")
         models[model_id] = folder
@@ -43,7 +48,9 @@ def main(
     """Serve exported students over HTTP on Ray Serve until Ctrl-C or SIGTERM.
 
     Args:
-        model: export folders, as DIR (model id = its task name) or ID=DIR; several for several students
+        model: export folders, as DIR (model id = its task name) or ID=DIR; several for several students. DIR may be
+            a prefix on an object store (s3://bucket/prefix): every replica downloads it once per content into its
+            node's cache (STEPWISE_CACHE) and verifies its checksums
         port: HTTP port
         host: address to listen on; beyond loopback (e.g. 0.0.0.0) Ray's token authentication is turned on
         batching: dynamic batching

@@ -368,6 +368,20 @@ def _inside(folder: Path, name: str, location: str) -> Path:
     return path
 
 
+def local_folder(location: str | Path, what: str) -> Path:
+    """A folder to read from this machine: a local one as it is (absolute), a remote one through the cache."""
+    location = as_location(location)
+    if is_remote(location):
+        return cached_download(str(location), what)
+    return Path(location).expanduser().resolve()
+
+
+def working_folder(location: str | Path) -> Path:
+    """The local folder a stage writes a remote output in before it uploads it, the same for the same location
+    (a rerun on this machine finds its checkpoints there): `cache/runs/<hash of the location>`."""
+    return cache_root() / "runs" / hashlib.sha256(str(as_location(location)).encode()).hexdigest()[:16]
+
+
 def cache_root() -> Path:
     """Where downloaded folders are kept, keyed by content (`STEPWISE_CACHE`, default ~/.cache/stepwise)."""
     return Path(os.environ.get("STEPWISE_CACHE", Path.home() / ".cache" / "stepwise"))

@@ -706,7 +706,7 @@ def finish(plan: Plan) -> Path:
 
 def main(
     task: str,
-    out: Path,
+    out: str | Path,
     rationales: str | Path | None = None,
     student: str = "tiny",
     mode: Mode = "step-by-step",
@@ -724,7 +724,9 @@ def main(
 
     Args:
         task: Task name (svamp, cqa, esnli) or a custom task's data file/folder.
-        out: Output model folder (Hugging Face format + task.json, train_config.json, metrics.json, log.csv).
+        out: Output model folder (Hugging Face format + task.json, train_config.json, metrics.json, log.csv), or a
+            prefix on an object store (s3://bucket/prefix): trained in a local folder under STEPWISE_CACHE, then
+            uploaded with checksums.json.
         rationales: Extraction output folder (JSONL/Parquet shards), or its prefix on an object store
             (s3://bucket/prefix); not needed for standard-finetune.
         student: A T5 checkpoint name or folder (from_pretrained), or tiny/small: built locally from scratch with a
@@ -741,7 +743,11 @@ def main(
         compute: Where the run trains.
         force: Retrain even if --out already holds a finished or different run.
     """
-    out = Path(out)
+    out_at = storage.as_location(out)
+    storage.check_location(out_at, "--out")
+    # On an object store: trained in a local folder named after the location (a rerun here resumes from its
+    # checkpoint), and the finished run folder uploaded whole, checksums.json last.
+    out = storage.working_folder(out_at) if storage.is_remote(out_at) else Path(out_at)
     if out.exists() and not out.is_dir():
         raise ValueError(f"--out {out} is a file, not a folder")
     # One run per folder: a second one would delete this one's checkpoints and staging folders.
@@ -750,7 +756,11 @@ def main(
             task, out, rationales, student, mode, data_fraction, seed, vocab_size, data, optim, evaluation, compute,
             force, labels,
         )  # fmt: skip
-        if plan is None:
-            return out
-        run(plan)
-        return finish(plan)
+        if plan is not None:
+            run(plan)
+            out = finish(plan)
+    if not storage.is_remote(out_at):
+        return out
+    storage.upload_folder(out, str(out_at))
+    print(f"[train] uploaded {out} to {out_at}", flush=True)
+    return out_at
