@@ -1,5 +1,6 @@
 """What the benchmarks (and the tests) share: where results go, the lock that keeps timed runs apart, free ports,
-running a function alone in a fresh process, and a vLLM OpenAI server to fall back on. Standard library only, and
+running a function alone in a fresh process, a vLLM OpenAI server to fall back on, and an S3 server on loopback
+(moto in server mode, a separate process answering HTTP: nothing in-process is patched). Standard library only, and
 stepwise.envs, which is too (the GPU check imports it on a bare box).
 """
 
@@ -13,6 +14,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import uuid
 from collections.abc import Callable, Iterator
 from concurrent.futures import ProcessPoolExecutor
 from contextlib import contextmanager
@@ -130,3 +132,39 @@ def vllm_openai_server(
         finally:
             stop_process(server)
             shutil.rmtree(caches, ignore_errors=True)
+
+
+S3_CREDENTIALS = {"AWS_ACCESS_KEY_ID": "stepwise-test", "AWS_SECRET_ACCESS_KEY": "stepwise-test"}
+
+
+@contextmanager
+def s3_server() -> Iterator[dict[str, str]]:
+    """moto's S3 server on a free loopback port; yields the environment that points S3 clients at it (boto3 and
+    pyarrow both read AWS_ENDPOINT_URL). The instance-metadata lookup is off, so a missing credential fails at once
+    instead of asking an address off this machine."""
+    port = free_port()
+    process = subprocess.Popen(
+        [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        wait_until_ready(f"http://127.0.0.1:{port}/moto-api/", 60, process)
+        yield {
+            "AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}",
+            "AWS_DEFAULT_REGION": "us-east-1",
+            "AWS_EC2_METADATA_DISABLED": "true",
+            **S3_CREDENTIALS,
+        }
+    finally:
+        process.terminate()
+        process.wait(timeout=30)
+
+
+def new_bucket(prefix: str = "stepwise") -> str:
+    """A fresh bucket on the server the environment points at; returns s3://<name>."""
+    import boto3
+
+    name = f"{prefix}-{uuid.uuid4().hex[:12]}"
+    boto3.client("s3").create_bucket(Bucket=name)
+    return f"s3://{name}"

@@ -40,6 +40,7 @@ STAGES: dict[str, tuple[str, str, str]] = {
 BENCHMARKS: dict[str, tuple[str, str]] = {
     "export": ("benchmarks.export", "student"),
     "label-memory": ("benchmarks.label_memory", "student"),
+    "storage": ("benchmarks.storage", "student"),
     "serving": ("benchmarks.serving", "student"),
     "extraction": ("benchmarks.extraction", "teacher"),
     "training-grid": ("benchmarks.training_grid", "student"),

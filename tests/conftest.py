@@ -74,9 +74,7 @@ def start_vllm_server():
 def s3_env():
     """A real S3 server (moto) on loopback for the whole session; its environment (endpoint, credentials) is set
     in this process too, so in-process storage calls and every child process reach it."""
-    import scaleout
-
-    with scaleout.s3_server() as env:
+    with harness.s3_server() as env:
         before = {k: os.environ.get(k) for k in env}
         os.environ.update(env)
         yield env
@@ -90,9 +88,7 @@ def s3_env():
 @pytest.fixture
 def bucket(s3_env) -> str:
     """s3://<a fresh bucket> on the session's S3 server."""
-    import scaleout
-
-    return scaleout.new_bucket()
+    return harness.new_bucket()
 
 
 @pytest.fixture(scope="session")

@@ -1,8 +1,8 @@
-"""What the scale-out tests share: a real S3-compatible server on loopback (moto in server mode, a separate
-process answering HTTP: nothing in-process is patched) and a real multi-node Ray cluster on loopback (a head and
-worker nodes as separate raylets, each started by its own `ray start --block` with its own temp dir), whose
-worker nodes can be killed with SIGKILL. The driver and the nodes share no output path: everything they hand each
-other goes through the object store. Imported by name, as tests/helpers.py is."""
+"""What the scale-out tests share: a real multi-node Ray cluster on loopback (a head and worker nodes as separate
+raylets, each started by its own `ray start --block` with its own temp dir), whose worker nodes can be killed with
+SIGKILL. The S3 server on loopback they write to is benchmarks.harness.s3_server. The driver and the nodes share
+no output path: everything they hand each other goes through the object store. Imported by name, as
+tests/helpers.py is."""
 
 from __future__ import annotations
 
@@ -14,48 +14,12 @@ import subprocess
 import sys
 import tempfile
 import time
-import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from helpers import descendants, free_port, wait_until_ready
-
-S3_CREDENTIALS = {"AWS_ACCESS_KEY_ID": "stepwise-test", "AWS_SECRET_ACCESS_KEY": "stepwise-test"}
-
-
-@contextmanager
-def s3_server() -> Iterator[dict[str, str]]:
-    """moto's S3 server on a free loopback port; yields the environment that points S3 clients at it (boto3 and
-    pyarrow both read AWS_ENDPOINT_URL). The instance-metadata lookup is off, so a missing credential fails at once
-    instead of asking an address off this machine."""
-    port = free_port()
-    process = subprocess.Popen(
-        [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    try:
-        wait_until_ready(f"http://127.0.0.1:{port}/moto-api/", 60, process)
-        yield {
-            "AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}",
-            "AWS_DEFAULT_REGION": "us-east-1",
-            "AWS_EC2_METADATA_DISABLED": "true",
-            **S3_CREDENTIALS,
-        }
-    finally:
-        process.terminate()
-        process.wait(timeout=30)
-
-
-def new_bucket(prefix: str = "stepwise") -> str:
-    """A fresh bucket on the server the environment points at; returns s3://<name>."""
-    import boto3
-
-    name = f"{prefix}-{uuid.uuid4().hex[:12]}"
-    boto3.client("s3").create_bucket(Bucket=name)
-    return f"s3://{name}"
+from helpers import descendants, free_port
 
 
 @dataclass
