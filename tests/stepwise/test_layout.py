@@ -4,6 +4,8 @@
 from __future__ import annotations
 
 import ast
+import subprocess
+import sys
 from pathlib import Path
 
 from helpers import ROOT
@@ -69,3 +71,10 @@ def test_the_graph_sees_real_imports():
     edges = graph()
     assert "stepwise.tasks" in edges["stepwise.export.runtime"] and "stepwise.artifacts" in edges["stepwise.tasks"]
     assert "stepwise.serving.app" in edges["stepwise.serving.lifecycle"]  # an import inside a function counts
+
+
+def test_a_stage_module_names_its_own_file_from_a_checkout():
+    """The namespace mapping is plain to a reader and to tools: `stepwise.training.data` is training/data.py."""
+    script = "import stepwise.training.data as m, stepwise.extraction.run as e; print(m.__file__); print(e.__file__)"
+    found = subprocess.run([sys.executable, "-c", script], cwd=ROOT, capture_output=True, text=True, check=True)
+    assert found.stdout.split() == [str(ROOT / "training" / "data.py"), str(ROOT / "extraction" / "run.py")]
