@@ -22,9 +22,9 @@ from benchmarks.harness import RESULTS, ROOT, bench_lock, command_line, new_buck
 TASK = "esnli"
 
 
-def timed(work: Callable[[], Any]) -> float:
+def timed(work: Callable[[int], Any], run: int) -> float:
     started = time.perf_counter()
-    work()
+    work(run)
     return time.perf_counter() - started
 
 
@@ -34,7 +34,7 @@ def measure_pair(name: str, local: Callable[[int], Any], remote: Callable[[int],
     for i in range(repeats):
         order = [("local", local), ("s3", remote)] if i % 2 == 0 else [("s3", remote), ("local", local)]
         for where, work in order:
-            seconds[where].append(timed(lambda: work(i)))
+            seconds[where].append(timed(work, i))
             print(f"[storage] {name} on {where}: {seconds[where][-1]:.2f} s", flush=True)
     local_s, s3_s = statistics.median(seconds["local"]), statistics.median(seconds["s3"])
     return {"stage": name, "local_s": local_s, "s3_s": s3_s, "s3_over_local": s3_s / local_s, "runs": seconds}
