@@ -401,7 +401,7 @@ def main(
 
     Args:
         task: svamp, cqa, esnli, or a custom dataset (JSONL/CSV/Parquet file, folder of split files, or a Hugging
-            Face datasets folder).
+            Face datasets folder), local or on an object store (s3://bucket/data/nli.jsonl).
         out: output folder (shards + manifest.json), or a prefix on an object store (s3://bucket/prefix, gs://...);
             rerun the same command to resume after a crash.
         split: train, valid or test.

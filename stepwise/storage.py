@@ -376,6 +376,30 @@ def local_folder(location: str | Path, what: str) -> Path:
     return Path(location).expanduser().resolve()
 
 
+@functools.cache
+def mirror(location: str) -> Path:
+    """A local copy of an input on an object store, made once per process: one object (with the task files a
+    custom dataset may have beside it, `<stem>.task.json` / `.task.toml`) or every object under a prefix (a folder
+    of split files). Kept at `cache/inputs/<hash of the location>/<its name>`, replaced on each new process."""
+    location = str(as_location(location))
+    name = location.rsplit("/", 1)[-1]
+    local = cache_root() / "inputs" / hashlib.sha256(location.encode()).hexdigest()[:16] / name
+    shutil.rmtree(local.parent, ignore_errors=True)
+    fs, path = filesystem(location)
+    if fs.get_file_info(path).type.name == "File":  # one object
+        stem = location.rsplit(".", 1)[0] if "." in name else location
+        for source in [location, f"{stem}.task.json", f"{stem}.task.toml"]:
+            if source == location or exists(source):
+                _write_file_atomic(local.parent / source.rsplit("/", 1)[-1], read_bytes(source))
+        return local
+    names = list_files(location)
+    if not names:
+        raise FileNotFoundError(f"{location} does not exist")
+    for relative in names:
+        _write_file_atomic(_inside(local, relative, location), read_bytes(str(join(location, relative))))
+    return local
+
+
 def working_folder(location: str | Path) -> Path:
     """The local folder a stage writes a remote output in before it uploads it, the same for the same location
     (a rerun on this machine finds its checkpoints there): `cache/runs/<hash of the location>`."""

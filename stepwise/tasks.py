@@ -132,7 +132,10 @@ def get_task(name_or_path: str, labels: list[str] | None = None) -> Task:
             own = ", ".join(BUILTIN[name_or_path].labels) or "none"
             raise ValueError(f"--labels is for custom tasks: {name_or_path} has its own ({own})")
         return BUILTIN[name_or_path]
-    path = Path(name_or_path.removeprefix("custom:"))
+    given = storage.as_location(name_or_path.removeprefix("custom:"))
+    if storage.is_remote(given):  # read from a local copy; the task stays named by its location (resume compares it)
+        storage.check_location(given, "--task", must_exist=True)
+    path = source_path(str(given)) if storage.is_remote(given) else Path(given)
     if not path.exists():
         raise ValueError(f"unknown task {name_or_path!r}: not one of {sorted(BUILTIN)} and no such file or folder")
     settings = read_task_file(path)
@@ -146,7 +149,13 @@ def get_task(name_or_path: str, labels: list[str] | None = None) -> Task:
     train_labels = [_text(row.get("label")) for row in table["train"]]
     style, label_set = _answer_style(path, settings, has_choices, train_labels)
     name, exemplar_count = settings.get("name") or path.stem, settings.get("exemplar_count", 10)
-    return Task(name, style, label_set, str(path.resolve()), exemplar_count, settings.get("input_template", ""))
+    source = str(given) if storage.is_remote(given) else str(path.resolve())
+    return Task(name, style, label_set, source, exemplar_count, settings.get("input_template", ""))
+
+
+def source_path(source: str) -> Path:
+    """A custom task's data on this machine: its file or folder, or the local copy of one on an object store."""
+    return storage.mirror(source) if storage.is_remote(source) else Path(source)
 
 
 def save_task(task: Task, folder: str | Path) -> None:
@@ -521,7 +530,7 @@ def _custom_example(task: Task, row: dict, split: str) -> Example:
         text = format_input(task, row)
     except ValueError as problem:
         columns = ", ".join(repr(c) for c in row if c != "_row")
-        task_file = task_file_paths(Path(task.source))[0].name
+        task_file = task_file_paths(source_path(task.source))[0].name
         hint = "" if task.input_template else f", or join your columns with an input_template in {task_file}"
         raise ValueError(f"{where}: {problem}; the row has {columns}: fill the field{hint}") from None
     label = _text(row.get("label"))
@@ -541,7 +550,7 @@ def _custom_example(task: Task, row: dict, split: str) -> Example:
     if task.labels:
         known = [name for name in task.labels if normalize(name) == normalize(label)]
         if not known:
-            task_file = task_file_paths(Path(task.source))[0].name
+            task_file = task_file_paths(source_path(task.source))[0].name
             raise ValueError(
                 f"{where}: label {label!r} is not one of the task's labels {'/'.join(task.labels)}: "
                 f"fix the row, or declare the whole set (labels in {task_file}, or --labels)"
@@ -554,7 +563,7 @@ def _custom_example(task: Task, row: dict, split: str) -> Example:
 
 
 def _load_custom(task: Task, split: str) -> list[Example]:
-    table = _custom_table(Path(task.source))
+    table = _custom_table(source_path(task.source))
     rows = {s: [_custom_example(task, r, s) for r in table[s]] for s in SPLITS}
     if rows["valid"] or split == "test":  # a missing test split stays empty; training then reports valid
         return rows[split]

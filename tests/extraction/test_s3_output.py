@@ -74,3 +74,25 @@ def test_a_bad_output_location_is_one_line_before_any_work(s3_env, where, messag
     with pytest.raises(SystemExit) as stopped:
         extract(where)
     assert str(stopped.value).startswith(f"stepwise extract: error: {message}") and "\n" not in str(stopped.value)
+
+
+def test_a_custom_dataset_on_the_object_store_is_read_where_it_is_and_resumes(bucket, custom_nli_rows, tmp_path):
+    """`--task s3://.../nli.jsonl` with its task file beside it: the records match the same file read locally, and
+    the same command resumes (the task is named by its location, not by the local copy's path)."""
+    data = "".join(json.dumps(row) + "\n" for row in custom_nli_rows).encode()
+    task_file = json.dumps({"name": "my-nli", "labels": ["entailment", "neutral", "contradiction"]}).encode()
+    (tmp_path / "nli.jsonl").write_bytes(data)
+    (tmp_path / "nli.task.json").write_bytes(task_file)
+    storage.write_bytes(f"{bucket}/data/nli.jsonl", data)
+    storage.write_bytes(f"{bucket}/data/nli.task.json", task_file)
+    args = ["--split", "train", "--teacher", "replay", "--limit", "40", "--chunk-size", "16"]
+    cli.main(["extract", "--task", f"{bucket}/data/nli.jsonl", *args, "--out", f"{bucket}/out"])
+    cli.main(["extract", "--task", str(tmp_path / "nli.jsonl"), *args, "--out", str(tmp_path / "out")])
+    remote, local = read_records(f"{bucket}/out"), read_records(tmp_path / "out")
+    assert len(remote) == 40 and {r["id"]: r["teacher_label"] for r in remote} == {
+        r["id"]: r["teacher_label"] for r in local
+    }
+    assert tasks.load_task(f"{bucket}/out").source == f"{bucket}/data/nli.jsonl"
+    assert tasks.load_task(f"{bucket}/out").labels == tasks.load_task(tmp_path / "out").labels
+    cli.main(["extract", "--task", f"{bucket}/data/nli.jsonl", *args, "--limit", "48", "--out", f"{bucket}/out"])
+    assert artifacts.read_manifest(f"{bucket}/out")["last_run"]["records_this_run"] == 8
