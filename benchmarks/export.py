@@ -22,13 +22,12 @@ rest.
 from __future__ import annotations
 
 import json
-import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from benchmarks.harness import RESULTS, ROOT, bench_lock, command_line, in_fresh_process, peak_rss_mb
+from benchmarks.harness import RESULTS, ROOT, bench_lock, command_line, in_fresh_process, machine, peak_rss_mb
 
 TASK = "esnli"
 SIZES = ("tiny", "small")
@@ -497,8 +496,6 @@ def main(
         workdir: the students, their exports and CTranslate2 conversions (reused when rerun)
         out: result files (.json, .md, .png) without suffix
     """
-    import platform
-
     from stepwise import artifacts
 
     unknown = sorted(set(sizes) - set(SIZES))
@@ -515,7 +512,7 @@ def main(
 
     report = {
         "command": command_line(),  # it takes the lock itself
-        "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs (shared with other work)",
+        "machine": machine(),
         "threads": timing.threads,
         "task": TASK,
         "versions": {

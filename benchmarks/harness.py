@@ -74,6 +74,24 @@ def process_status_mb(field: str) -> float:
     raise RuntimeError(f"no {field} in /proc/self/status")
 
 
+def machine() -> str:
+    """The machine a result was measured on, as every results file records it."""
+    import platform
+
+    return f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs (shared with other work)"
+
+
+def write_results(out: Path, report: dict, table: str) -> Path:
+    """`out`.json (the report) and `out`.md (the table), the table printed too; returns the JSON's path."""
+    from stepwise import artifacts
+
+    out = Path(out)
+    artifacts.write_json(out.with_suffix(".json"), report)
+    artifacts.write_atomic(out.with_suffix(".md"), table + "\n")
+    print(table)
+    return out.with_suffix(".json")
+
+
 def command_line() -> str:
     """The command this process runs, as a user types it (`stepwise bench ...`), recorded beside the results."""
     return "python3 -m stepwise " + shlex.join(sys.argv[1:])

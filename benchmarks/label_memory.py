@@ -12,14 +12,22 @@ serving's default limits, with short inputs (the candidates' rows in one call, k
 
 from __future__ import annotations
 
-import os
-import platform
 import statistics
 import time
 from pathlib import Path
 from typing import Any
 
-from benchmarks.harness import RESULTS, ROOT, bench_lock, command_line, in_fresh_process, peak_rss_mb, rss_mb
+from benchmarks.harness import (
+    RESULTS,
+    ROOT,
+    bench_lock,
+    command_line,
+    in_fresh_process,
+    machine,
+    peak_rss_mb,
+    rss_mb,
+    write_results,
+)
 
 TASK = "cqa"
 VOCAB = 32128  # google/t5-* embedding rows
@@ -133,7 +141,6 @@ def main(
         workdir: the student and its int8 export (reused when rerun)
         out: result files (.json, .md) without suffix
     """
-    from stepwise import artifacts
     from stepwise.export.runtime import LOGITS_CHUNK_BYTES
 
     export_dir = prepare(Path(workdir))
@@ -157,13 +164,8 @@ def main(
             raise RuntimeError(f"{inputs} inputs: the chunked label path predicted other labels than one call")
     report = {
         "command": command_line(),
-        "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs (shared with other work)",
+        "machine": machine(),
         "request": {"items": ITEMS, "choices": CHOICES, "choice_tokens": CHOICE_TOKENS, "vocab": VOCAB},
         "rows": [{k: v for k, v in r.items() if k != "labels"} for r in rows],
     }
-    out = Path(out)
-    artifacts.write_json(out.with_suffix(".json"), report)
-    table = render_table(rows)
-    artifacts.write_atomic(out.with_suffix(".md"), table + "\n")
-    print(table)
-    return out.with_suffix(".json")
+    return write_results(Path(out), report, render_table(rows))

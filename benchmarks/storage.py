@@ -10,14 +10,13 @@ this measures stepwise's own overhead per request and per byte, not a cloud stor
 from __future__ import annotations
 
 import os
-import platform
 import shutil
 import statistics
 import time
 from pathlib import Path
 from typing import Any, Callable
 
-from benchmarks.harness import RESULTS, ROOT, bench_lock, command_line, new_bucket, s3_server
+from benchmarks.harness import RESULTS, ROOT, bench_lock, command_line, machine, new_bucket, s3_server, write_results
 
 TASK = "esnli"
 
@@ -109,19 +108,14 @@ def main(
         )
     report = {
         "command": command_line(),
-        "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs (shared with other work)",
+        "machine": machine(),
         "store": "moto S3 server on 127.0.0.1 (one process, this machine's CPUs)",
         "records": records,
         "chunk_size": chunk_size,
         "train_steps": train_steps,
         "rows": rows,
     }
-    out = Path(out)
-    artifacts.write_json(out.with_suffix(".json"), report)
-    table = render_table(rows, records)
-    artifacts.write_atomic(out.with_suffix(".md"), table + "\n")
-    print(table)
-    return out.with_suffix(".json")
+    return write_results(Path(out), report, render_table(rows, records))
 
 
 def render_table(rows: list[dict], records: int) -> str:

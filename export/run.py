@@ -403,14 +403,16 @@ def main(
             "the tensorrt target needs the split decoder layout "
             "(TensorRT cannot build engines across the merged decoder's If node)"
         )
+
+    def write_into(folder: Path) -> Path:
+        return write_and_place(model, folder, task, quantize, precision, target, layout, threads,
+                               max_input_tokens, max_rationale_tokens, max_batch, parity)  # fmt: skip
+
     if storage.is_remote(out_at):  # exported into a scratch folder, then uploaded with checksums.json last
         if storage.exists(storage.join(out_at, storage.CHECKSUMS)) and not overwrite:
             raise ValueError(f"{out_at} holds an export already; pass --overwrite to replace it")
         with tempfile.TemporaryDirectory(prefix="stepwise-export-") as scratch:
-            local = Path(scratch) / "export"
-            write_and_place(model, local, task, quantize, precision, target, layout, threads,
-                            max_input_tokens, max_rationale_tokens, max_batch, parity)  # fmt: skip
-            storage.upload_folder(local, str(out_at))
+            storage.upload_folder(write_into(Path(scratch) / "export"), str(out_at))
         print(f"[export] uploaded to {out_at}", flush=True)
         return out_at
     out = Path(out_at)
@@ -419,8 +421,7 @@ def main(
         if artifacts.recover_previous(out):
             print(f"[export] {out}: put back the export an interrupted replacement had moved aside", flush=True)
         check_out(model, out, overwrite)
-        return write_and_place(model, out, task, quantize, precision, target, layout, threads,
-                               max_input_tokens, max_rationale_tokens, max_batch, parity)  # fmt: skip
+        return write_into(out)
 
 
 def write_and_place(

@@ -388,9 +388,9 @@ def mirror(location: str) -> Path:
     fs, path = filesystem(location)
     if fs.get_file_info(path).type.name == "File":  # one object
         stem = location.rsplit(".", 1)[0] if "." in name else location
-        for source in [location, f"{stem}.task.json", f"{stem}.task.toml"]:
-            if source == location or exists(source):
-                _write_file_atomic(local.parent / source.rsplit("/", 1)[-1], read_bytes(source))
+        task_files = [f"{stem}.task.json", f"{stem}.task.toml"]
+        for source in [location, *(f for f in task_files if exists(f))]:
+            _write_file_atomic(local.parent / source.rsplit("/", 1)[-1], read_bytes(source))
         return local
     names = list_files(location)
     if not names:
