@@ -1,5 +1,5 @@
-"""Starting and stopping a served app in this process: a local Ray closed to the network, Serve, the app,
-and the one shutdown path that Ctrl-C and SIGTERM both take.
+"""Starting and stopping a served app in this process: a local Ray closed to the network (or a Ray cluster
+someone runs), Serve, the app, and the one shutdown path that Ctrl-C and SIGTERM both take.
 
 Network: Ray runs as a single-node instance whose every server (GCS, raylet, workers, agents, metrics)
 listens on 127.0.0.1; only Serve's HTTP port listens where `--host` says. Serving beyond loopback turns on
@@ -30,6 +30,7 @@ from stepwise.serving.settings import ServeArgs
 APP_NAME = "stepwise"
 SINGLE_NODE = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"  # "0": Ray's single-node mode, every Ray server on loopback
 _started_ray = False
+_on_cluster = False  # the app was deployed onto a cluster at --ray-address: `stop` deletes it and disconnects
 _ports: list[tuple[str, int]] = []  # what `start` bound, checked free again by `stop`
 _haproxy_dir: list[Path] = []  # HAProxy's config and sockets, removed by `stop`
 _server_record: list[Path] = []  # <run-dir>/server.json while this process serves, removed by `stop`
@@ -179,13 +180,16 @@ def start(
     ray_cpus: int = 2,
     metrics_port: int | None = None,
     ready_timeout_s: float = 120.0,
+    ray_address: str = "",
 ) -> str:
     """Start Ray (unless already up), Serve and the app in this process; return the base URL once /healthz
-    answers. Metrics: http://127.0.0.1:<metrics_port>/metrics."""
-    global _started_ray
+    answers. Metrics: http://127.0.0.1:<metrics_port>/metrics. `ray_address`: deploy onto that running cluster
+    instead, whose nodes' own settings (network, authentication, metrics) apply; its Serve proxy listens on the
+    head node only."""
+    global _started_ray, _on_cluster
     import sys
 
-    starts_ray = "ray" not in sys.modules or not sys.modules["ray"].is_initialized()
+    starts_ray = not ray_address and ("ray" not in sys.modules or not sys.modules["ray"].is_initialized())
     if starts_ray:
         end_killed_server(Path(run_dir))
         check_port_free(host, port, "HTTP")
@@ -222,12 +226,21 @@ def start(
             # a process started in the background by a shell inherits SIGINT ignored, and Python then leaves it so.
             signal.signal(signal.SIGTERM, interrupt)
             signal.signal(signal.SIGINT, interrupt)
+    elif ray_address:
+        ray.init(address=ray_address, log_to_driver=False)
+        _on_cluster = True
+        if threading.current_thread() is threading.main_thread():
+            signal.signal(signal.SIGTERM, interrupt)
+            signal.signal(signal.SIGINT, interrupt)
     # The proxy's own timeout is a backstop: the app answers 504 at request_timeout_s first, and a teacher fallback
     # gives up after its budget (the student's answer stands), so neither ever meets it.
     http_options = {
         "host": host,
         "port": port,
         "request_timeout_s": args.limits.request_timeout_s + args.cascade.budget_s + 30,
+        # One proxy, on the head: what this command's URL names (a load balancer in front of every node's proxy is
+        # the RayService's way, serving/README.md).
+        **({"location": "HeadOnly"} if ray_address else {}),
     }
     serve.start(
         http_options=http_options, logging_config=LoggingConfig(encoding="JSON", enable_access_log=args.access_log)
@@ -339,12 +352,17 @@ def ignore_stop_signals() -> None:
 
 
 def stop() -> None:
-    """Shut Serve down (proxy, replicas) and Ray too when `start` started it; frees the ports."""
-    global _started_ray
+    """Shut Serve down (proxy, replicas) and Ray too when `start` started it; frees the ports. On a cluster, only
+    this app goes (other apps and Serve itself stay) and this process disconnects."""
+    global _started_ray, _on_cluster
     import ray
     from ray import serve
 
-    if ray.is_initialized():
+    if ray.is_initialized() and _on_cluster:
+        serve.delete(APP_NAME)
+        ray.shutdown()
+        _on_cluster = False
+    elif ray.is_initialized():
         serve.shutdown()
         if _started_ray:
             ray.shutdown()

@@ -44,6 +44,7 @@ def main(
     ray_cpus: int = 2,
     metrics_port: int = 9464,
     run_dir: Path = Path("runs/serve"),
+    ray_address: str = "",
 ) -> Path:
     """Serve exported students over HTTP on Ray Serve until Ctrl-C or SIGTERM.
 
@@ -63,6 +64,10 @@ def main(
         ray_cpus: CPUs of the local Ray instance
         metrics_port: Prometheus metrics at http://127.0.0.1:PORT/metrics
         run_dir: Ray's temporary folder and logs (ray/session_latest/logs/serve/ holds the JSON logs)
+        ray_address: a running Ray cluster to deploy onto (host:port of its head) instead of a local Ray; Serve's
+            proxy answers on the head node's --host/--port, replicas go where the cluster has room, and the app is
+            deleted from the cluster on Ctrl-C. Metrics and logs are then the cluster's (its nodes' metrics ports,
+            their Ray logs); --ray-cpus, --metrics-port and --run-dir are not used
     """
     args = ServeArgs(
         models=parse_models(model),
@@ -74,15 +79,15 @@ def main(
         access_log=access_log,
         allow_unverified=allow_unverified,
     )
+    metrics_url = f"http://127.0.0.1:{metrics_port}/metrics"
     try:
         url = lifecycle.start(
-            args, port=port, host=host, run_dir=run_dir, ray_cpus=ray_cpus, metrics_port=metrics_port
-        )  # SIGTERM: as Ctrl-C
-        print(
-            f"[serve] {url}/v1/predict  docs {url}/docs  metrics http://127.0.0.1:{metrics_port}/metrics  "
-            f"logs {run_dir.resolve()}/ray/session_latest/logs/serve  (Ctrl-C stops)",
-            flush=True,
-        )
+            args, port=port, host=host, run_dir=run_dir, ray_cpus=ray_cpus, metrics_port=metrics_port,
+            ray_address=ray_address,
+        )  # fmt: skip  # SIGTERM: as Ctrl-C
+        logs = f"{run_dir.resolve()}/ray/session_latest/logs/serve"
+        where = f"on the cluster at {ray_address}" if ray_address else f"metrics {metrics_url}  logs {logs}"
+        print(f"[serve] {url}/v1/predict  docs {url}/docs  {where}  (Ctrl-C stops)", flush=True)
         while True:
             time.sleep(3600)
     except KeyboardInterrupt:

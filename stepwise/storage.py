@@ -20,6 +20,7 @@ import hashlib
 import json
 import os
 import shutil
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
@@ -311,14 +312,25 @@ def upload_folder(folder: Path, location: str) -> None:
     (so a reader never takes a half-replaced folder for whole) and last in, once every file is up."""
     checksums = write_checksums(folder)
     delete(str(join(location, CHECKSUMS)))
-    for name in checksums["files"]:
-        fs, path = filesystem(str(join(location, name)))
-        with (Path(folder) / name).open("rb") as source, fs.open_output_stream(path) as target:
-            shutil.copyfileobj(source, target, 1 << 20)
+    upload_files(folder, checksums["files"], location)
     stale = set(list_files(location)) - set(checksums["files"]) - {CHECKSUMS}
     for name in stale:
         delete(str(join(location, name)))
     write_bytes(str(join(location, CHECKSUMS)), (Path(folder) / CHECKSUMS).read_bytes())
+
+
+def upload_files(folder: Path, names: Iterable[str], location: str) -> None:
+    """Copy the named files of a local folder to the same names under `location`, each one whole object."""
+    for name in names:
+        fs, path = filesystem(str(join(location, name)))
+        with (Path(folder) / name).open("rb") as source, fs.open_output_stream(path) as target:
+            shutil.copyfileobj(source, target, 1 << 20)
+
+
+def download_files(location: str, folder: Path, names: Iterable[str]) -> None:
+    """Copy the named objects under `location` into the same names in a local folder, each written atomically."""
+    for name in names:
+        _write_file_atomic(_inside(Path(folder), name, location), read_bytes(str(join(location, name))))
 
 
 def read_checksums(location: str, what: str) -> dict[str, Any]:
@@ -395,8 +407,7 @@ def mirror(location: str) -> Path:
     names = list_files(location)
     if not names:
         raise FileNotFoundError(f"{location} does not exist")
-    for relative in names:
-        _write_file_atomic(_inside(local, relative, location), read_bytes(str(join(location, relative))))
+    download_files(location, local, names)
     return local
 
 

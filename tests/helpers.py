@@ -7,9 +7,8 @@ import ipaddress
 import os
 import subprocess
 import sys
-from pathlib import Path
 
-from benchmarks.harness import ROOT, free_port, wait_until_ready
+from benchmarks.harness import ROOT, descendants, free_port, wait_until_ready
 
 __all__ = ["ROOT", "cli_env", "descendants", "free_port", "loopback", "start_stepwise", "stepwise", "wait_until_ready"]
 
@@ -38,29 +37,6 @@ def start_stepwise(*args: str, env: dict[str, str] | None = None, **popen) -> su
     `stdout` says otherwise."""
     popen = {"stdout": subprocess.DEVNULL, "stderr": subprocess.DEVNULL} | popen
     return subprocess.Popen([sys.executable, "-m", "stepwise", *args], cwd=ROOT, env=env or cli_env(), **popen)
-
-
-def descendants(pid: int) -> dict[int, str]:
-    """Every process below `pid` (Ray's daemons and workers are children of the driver that started Ray),
-    with its command line."""
-    parents: dict[int, int] = {}
-    commands: dict[int, str] = {}
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            parents[int(entry.name)] = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
-            commands[int(entry.name)] = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
-        except (OSError, IndexError, ValueError):
-            continue
-    found, frontier = {}, [pid]
-    while frontier:
-        parent = frontier.pop()
-        for child, ppid in parents.items():
-            if ppid == parent and child not in found:
-                found[child] = commands.get(child, "")
-                frontier.append(child)
-    return found
 
 
 def loopback(address: str) -> bool:

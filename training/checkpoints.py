@@ -10,21 +10,29 @@
 
 A rerun resumes from the newest whole checkpoint of either kind, so a run started on one process can continue
 on workers and back. The folder's top-level model is always the best on validation so far.
+
+On a cluster whose nodes share no disk (`--out s3://...` with Ray Train workers) the run folder lives on the object
+store: Ray Train keeps its checkpoints under <out>/checkpoint/ray there, every worker starts from a copy of the
+folder in a temporary directory of its own (`pull_run`), and rank 0 uploads its log and each new best model before
+each checkpoint (`push_run`), so the store never holds a checkpoint newer than the best model beside it. A worker
+restarted on another node, or a driver rerun on another machine, finds everything there.
 """
 
 from __future__ import annotations
 
 import csv
 import io
+import json
 import shutil
 import tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any
 
 from torch import nn
 from torch.optim import Optimizer
 
-from stepwise import artifacts
+from stepwise import artifacts, storage
 from stepwise.training import distributed
 from stepwise.training.distributed import World
 
@@ -56,34 +64,61 @@ def read_progress(folder: Path) -> Progress:
     return Progress(**artifacts.read_json(Path(folder) / STATE, "a training checkpoint's counters"))
 
 
-def resume_point(out: Path, on_ray: bool = False) -> Path | None:
-    """The newest whole checkpoint of the run in `out`: a single process's committed ones, or the latest
-    one Ray Train recorded (checkpoints whose upload a kill cut short are not in Ray's record). In a Ray Train
+@dataclass(frozen=True)
+class ResumePoint:
+    """A whole checkpoint to resume from: a committed local folder, or one Ray Train recorded (on local disk or
+    the object store, read through its own filesystem)."""
+
+    progress: Progress
+    where: str  # for the log
+    ray_checkpoint: Any = None  # a ray.train.Checkpoint; None: `where` is a local committed folder
+
+
+def ray_storage(out: Path, store: str | None) -> str:
+    """Ray Train's `storage_path`: <out>/checkpoint, or <store>/checkpoint when the run folder lives on an object
+    store (a run on a cluster whose nodes share no disk)."""
+    return str(storage.join(store, artifacts.CHECKPOINT)) if store else str(root(out).resolve())
+
+
+def _ray_point(checkpoint: Any) -> ResumePoint:
+    with checkpoint.filesystem.open_input_stream(f"{checkpoint.path}/{STATE}") as state:
+        progress = Progress(**json.loads(state.read()))
+    return ResumePoint(progress, checkpoint.path, checkpoint)
+
+
+def resume_point(out: Path, store: str | None = None, on_ray: bool = False) -> ResumePoint | None:
+    """The newest whole checkpoint of the run in `out` (and `store`): a single process's committed ones, or the
+    latest one Ray Train recorded (checkpoints whose upload a kill cut short are not in Ray's record). In a Ray Train
     worker, Ray's own `get_checkpoint` (what it restores after a worker failure) is one more candidate: the highest
     step among them all wins, so a run moved between single-process and Ray resumes from its newest state."""
     # A committed folder is whole; one without its counters is an older one a kill left half removed.
-    candidates = [p for p in root(out).glob("step-*") if (p / STATE).exists()]
+    candidates = [ResumePoint(read_progress(p), str(p)) for p in root(out).glob("step-*") if (p / STATE).exists()]
     if on_ray:
         import ray.train
 
         latest = ray.train.get_checkpoint()
         if latest is not None:
-            candidates.append(Path(latest.path))
-    if (root(out) / RAY_RUN).is_dir():
+            candidates.append(_ray_point(latest))
+    record = storage.join(ray_storage(out, store), RAY_RUN)
+    if storage.exists(record):
         from ray.train import Result
 
         try:
-            latest = Result.from_path(str((root(out) / RAY_RUN).resolve())).checkpoint
+            latest = Result.from_path(str(record)).checkpoint
         except RuntimeError:  # Ray had not recorded a checkpoint yet
             latest = None
         if latest is not None:
-            candidates.append(Path(latest.path))
-    return max(candidates, key=lambda folder: read_progress(folder).step, default=None)
+            candidates.append(_ray_point(latest))
+    return max(candidates, key=lambda point: point.progress.step, default=None)
 
 
-def restore(folder: Path, model: nn.Module, optimizer: Optimizer) -> Progress:
-    distributed.load_state(folder, model, optimizer)
-    return read_progress(folder)
+def restore(point: ResumePoint, model: nn.Module, optimizer: Optimizer) -> Progress:
+    if point.ray_checkpoint is None:
+        distributed.load_state(Path(point.where), model, optimizer)
+    else:  # the folder itself on local disk; a temporary download of it from an object store
+        with point.ray_checkpoint.as_directory() as folder:
+            distributed.load_state(Path(folder), model, optimizer)
+    return point.progress
 
 
 def save(out: Path, model: nn.Module, optimizer: Optimizer, progress: Progress, world: World, on_ray: bool) -> None:
@@ -119,18 +154,51 @@ def save(out: Path, model: nn.Module, optimizer: Optimizer, progress: Progress, 
     distributed.barrier(world)
 
 
-def save_best(out: Path, model: nn.Module, world: World) -> None:
+def save_best(out: Path, model: nn.Module, world: World) -> list[str]:
     """The current weights become the folder's model: written whole into a temporary folder, fsynced, committed
     by a rename, then moved in file by file (`finish_interrupted_writes` completes an interrupted move). A kill never
-    leaves a truncated model.safetensors. Every rank must call it (FSDP gathers the weights)."""
+    leaves a truncated model.safetensors. Every rank must call it (FSDP gathers the weights); rank 0 gets the names
+    of the files written."""
     weights = distributed.full_weights(model, world)
+    names = []
     if world.main:
         staging, ready = Path(out) / ".best.tmp", Path(out) / ".best.ready"
         shutil.rmtree(staging, ignore_errors=True)
         model.save_pretrained(staging, state_dict=weights)
+        names = storage.list_files(staging)
         artifacts.commit_folder(staging, ready)
         artifacts.move_files_into(ready, out)
     distributed.barrier(world)
+    return names
+
+
+def remove_all(out: Path, store: str | None) -> None:
+    """Drop every checkpoint of the run: in `out`, and under `store` where Ray Train kept them there."""
+    shutil.rmtree(root(out), ignore_errors=True)
+    if store:
+        storage.delete_prefix(str(storage.join(store, artifacts.CHECKPOINT)))
+
+
+def _run_files(names: list[str]) -> list[str]:
+    """The run folder's own files among `names`: not its checkpoints, not hidden ones (the lock, staging folders
+    and temporary files)."""
+    return [n for n in names if not n.startswith((f"{artifacts.CHECKPOINT}/", ".")) and "/." not in n]
+
+
+def pull_run(store: str, out: Path) -> None:
+    """Make local `out` the run folder as the object store holds it (checkpoints aside, which Ray Train reads from
+    the store itself): what a node starting or resuming a run on workers reads. Local files the store lacks are
+    removed; the lock this process holds stays."""
+    names = _run_files(storage.list_files(store))
+    Path(out).mkdir(parents=True, exist_ok=True)
+    for stale in set(_run_files(storage.list_files(out))) - set(names):
+        (Path(out) / stale).unlink()
+    storage.download_files(store, out, names)
+
+
+def push_run(out: Path, store: str, names: list[str] | None = None) -> None:
+    """Upload files of the local run folder to the store: `names`, or all of them."""
+    storage.upload_files(out, _run_files(storage.list_files(out)) if names is None else names, store)
 
 
 def finish_interrupted_writes(out: Path) -> None:

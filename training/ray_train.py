@@ -6,9 +6,10 @@ checkpointing into <out>/checkpoint/ray (see checkpoints.py): when a worker dies
 them from the last checkpoint (up to --max-failures times); when the driver dies, the same command finds
 Ray's record there and resumes.
 
-Without --ray-address, Ray starts privately on this machine with every port bound to 127.0.0.1. With one,
-the run folder, the task data and the rationales must be on storage every node sees (Ray Train requires
-shared storage for checkpoints anyway).
+Without --ray-address, Ray starts privately on this machine with every port bound to 127.0.0.1. With one, the
+nodes share nothing but `--out` on an object store (s3://...): the driver reads the task data and rationales and
+ships the examples in the plan, and the run folder and Ray's checkpoints live on the store (a local --out must be
+on a filesystem every node mounts).
 """
 
 from __future__ import annotations
@@ -165,7 +166,7 @@ def fit(plan: Any, worker: Callable[[Any, Any, bool], None]) -> None:
             torch_config=node_rendezvous_config("nccl" if compute.use_gpu else "gloo"),
             run_config=train.RunConfig(
                 name=checkpoints.RAY_RUN,
-                storage_path=str(checkpoints.root(plan.out).resolve()),
+                storage_path=checkpoints.ray_storage(plan.out, plan.store),
                 failure_config=train.FailureConfig(max_failures=compute.max_failures),
                 checkpoint_config=train.CheckpointConfig(
                     num_to_keep=2

@@ -18,8 +18,9 @@ from __future__ import annotations
 import math
 import random
 import shutil
+import tempfile
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, Literal
 
@@ -174,7 +175,8 @@ class ComputeOptions:
         strategy: ddp (every worker holds the whole student) or fsdp (parameters, gradients and optimizer state
             sharded over the workers).
         ray_address: Ray cluster to train on ("auto": the one `ray start` made here; "ray://host:10001"); empty: a
-            private local Ray when --workers > 1. The run folder must be on storage every node sees.
+            private local Ray when --workers > 1. --out on an object store (s3://...) needs nothing shared
+            between the nodes; a local --out must be on a filesystem every node mounts.
         max_failures: Worker failures Ray Train recovers from (restarting every worker from the last checkpoint)
             before the run fails.
     """
@@ -228,6 +230,7 @@ class Plan:
     counts: dict
     valid: list[tasks.Example]
     test: list[tasks.Example]
+    store: str | None = None  # --out on an object store while Ray Train workers train: the run folder's home
 
     @property
     def with_rationale(self) -> bool:
@@ -326,13 +329,16 @@ def evaluate(
 # ---------------------------------------------------------------- setup
 
 
-def prepare_out(out: Path, config: dict, force: bool) -> Literal["fresh", "resume", "done"]:
-    """What to do with `out`: reuse a finished run of the same config, resume its checkpoint, or start over."""
+def prepare_out(out: Path, config: dict, force: bool, store: str | None) -> Literal["fresh", "resume", "done"]:
+    """What to do with `out` (a copy of `store`, where the run lives there): reuse a finished run of the same
+    config, resume its checkpoint, or start over."""
     config_path = out / artifacts.TRAIN_CONFIG
     if force and config_path.exists():
         for path in out.iterdir():  # all but the lock this run holds
             if path.name != artifacts.TRAIN_LOCK:
                 shutil.rmtree(path) if path.is_dir() else path.unlink()
+        if store:
+            storage.delete_prefix(store)
     elif config_path.exists():
         previous = artifacts.read_json(config_path, "a training run's options")
         if previous != config:
@@ -342,14 +348,14 @@ def prepare_out(out: Path, config: dict, force: bool) -> Literal["fresh", "resum
                 "pass --force to replace it or choose another --out"
             )
         if (out / artifacts.METRICS).exists():
-            shutil.rmtree(checkpoints.root(out), ignore_errors=True)  # a kill between metrics.json and the clean-up
+            checkpoints.remove_all(out, store)  # a kill between metrics.json and the clean-up
             return "done"
-        if checkpoints.resume_point(out) is not None:
+        if checkpoints.resume_point(out, store) is not None:
             return "resume"
     elif out.exists() and any(p.name != artifacts.TRAIN_LOCK for p in out.iterdir()):
         raise ValueError(f"{out} is not empty and is not a stepwise training folder: choose another --out")
     out.mkdir(parents=True, exist_ok=True)
-    shutil.rmtree(checkpoints.root(out), ignore_errors=True)  # a fresh start: no stale Ray record either
+    checkpoints.remove_all(out, store)  # a fresh start: no stale Ray record either
     artifacts.write_json(config_path, config)
     return "fresh"
 
@@ -389,8 +395,10 @@ def setup(
     compute: ComputeOptions,
     force: bool,
     labels: list[str] | None = None,
+    store: str | None = None,
 ) -> Plan | None:
-    """Check the options, read the data, prepare the folder (None: it already holds this finished run)."""
+    """Check the options, read the data, prepare the folder (None: it already holds this finished run). `store`:
+    where the run folder lives while workers train, `out` being this machine's copy."""
     if mode not in MODES:
         raise ValueError(f"unknown mode {mode!r}: expected one of {MODES}")
     if optim.batch_size % (compute.workers * optim.grad_accum):
@@ -416,10 +424,10 @@ def setup(
     plan = Plan(
         out=Path(out), task=task_def, student=student, mode=mode, data_fraction=data_fraction, seed=seed,
         teacher_labels=teacher_labels, data=data, optim=optim, evaluation=evaluation, compute=compute,
-        examples=examples, counts=counts, valid=valid, test=test,
+        examples=examples, counts=counts, valid=valid, test=test, store=store,
     )  # fmt: skip
 
-    state = prepare_out(plan.out, train_config(task, plan, rationales, vocab_size), force)
+    state = prepare_out(plan.out, train_config(task, plan, rationales, vocab_size), force, store)
     if state == "done":
         print(f"[train] {out} already holds this finished run; reusing it (--force retrains)", flush=True)
         return None
@@ -497,13 +505,13 @@ def start_worker(plan: Plan, device: torch.device, on_ray: bool) -> Worker:
     forward = distributed.wrap(model, world, plan.compute.bf16)
     optimizer = torch.optim.AdamW(model.parameters(), lr=plan.optim.learning_rate, weight_decay=0.0)
     progress = Progress()
-    resume_from = checkpoints.resume_point(plan.out, on_ray)
+    resume_from = checkpoints.resume_point(plan.out, plan.store, on_ray)
     if resume_from is not None:
         progress = checkpoints.restore(resume_from, model, optimizer)
         if world.main:
             print(
-                f"[train] resuming {plan.out} at step {progress.step} ({progress.elapsed_s / 60:.1f} min trained) "
-                f"from {resume_from}",
+                f"[train] resuming {plan.store or plan.out} at step {progress.step} "
+                f"({progress.elapsed_s / 60:.1f} min trained) from {resume_from.where}",
                 flush=True,
             )
     if world.main:
@@ -587,13 +595,16 @@ def validate_and_checkpoint(worker: Worker) -> float:
     kill between the two repeats the same steps and finds the same best)."""
     plan, world, progress = worker.plan, worker.world, worker.progress
     accuracy = score(worker, plan.valid)["accuracy"]
+    best_files = []
     if accuracy > progress.best_accuracy:
         progress.best_accuracy, progress.best_step = accuracy, progress.step
-        checkpoints.save_best(plan.out, worker.model, world)
+        best_files = checkpoints.save_best(plan.out, worker.model, world)
     if world.main:
         row = {"step": progress.step, "elapsed_s": round(worker.elapsed(), 1), "valid_accuracy": accuracy}
         checkpoints.append_log(plan.out, row)
         worker.tracker.log(row, progress.step)
+        if plan.store:  # before the checkpoint: the store never holds one newer than its best model and log
+            checkpoints.push_run(plan.out, plan.store, [*best_files, artifacts.TRAIN_LOG])
     progress.validated_step = progress.step
     progress.elapsed_s, worker.started = worker.elapsed(), time.monotonic()
     checkpoints.save(plan.out, worker.model, worker.optimizer, progress, world, worker.on_ray)
@@ -656,12 +667,24 @@ def finish_worker(worker: Worker) -> None:
             "test": test,
         }  # fmt: skip
         artifacts.write_json(plan.out / artifacts.METRICS, metrics)
+        if plan.store:
+            checkpoints.push_run(plan.out, plan.store, [artifacts.METRICS, artifacts.TRAIN_LOG])
         worker.tracker.finish(metrics)
     distributed.barrier(world)
 
 
 def train_worker(plan: Plan, device: torch.device, on_ray: bool = False) -> None:
-    """The whole training run as one process of the world sees it (the only process, or one Ray Train worker)."""
+    """The whole training run as one process of the world sees it (the only process, or one Ray Train worker).
+    Where the run folder lives on an object store, the worker's copy of it is a temporary folder of its own."""
+    if not plan.store:
+        train_in_folder(plan, device, on_ray)
+        return
+    with tempfile.TemporaryDirectory(prefix="stepwise-run-") as local:
+        checkpoints.pull_run(plan.store, Path(local))
+        train_in_folder(replace(plan, out=Path(local)), device, on_ray)
+
+
+def train_in_folder(plan: Plan, device: torch.device, on_ray: bool) -> None:
     worker = start_worker(plan, device, on_ray)
     train_loop(worker)
     finish_worker(worker)
@@ -687,7 +710,7 @@ def run(plan: Plan) -> None:
 
 def finish(plan: Plan) -> Path:
     """The folder is the model now, not a training state: drop the checkpoints; report."""
-    shutil.rmtree(checkpoints.root(plan.out), ignore_errors=True)
+    checkpoints.remove_all(plan.out, plan.store)
     metrics = artifacts.read_metrics(plan.out)
     cards.write_model_card(plan.out)
     test_text = (
@@ -726,7 +749,8 @@ def main(
         task: Task name (svamp, cqa, esnli) or a custom task's data file/folder.
         out: Output model folder (Hugging Face format + task.json, train_config.json, metrics.json, log.csv), or a
             prefix on an object store (s3://bucket/prefix): trained in a local folder under STEPWISE_CACHE, then
-            uploaded with checksums.json.
+            uploaded with checksums.json; on Ray Train workers the run folder and Ray's checkpoints live there
+            while it trains (nodes that share no disk resume from it).
         rationales: Extraction output folder (JSONL/Parquet shards), or its prefix on an object store
             (s3://bucket/prefix); not needed for standard-finetune.
         student: A T5 checkpoint name or folder (from_pretrained), or tiny/small: built locally from scratch with a
@@ -746,18 +770,26 @@ def main(
     out_at = storage.as_location(out)
     storage.check_location(out_at, "--out")
     # On an object store: trained in a local folder named after the location (a rerun here resumes from its
-    # checkpoint), and the finished run folder uploaded whole, checksums.json last.
+    # checkpoint), and the finished run folder uploaded whole, checksums.json last. On Ray Train workers the store
+    # holds the run as it trains (checkpoints.py), and that local folder is the driver's copy of it.
     out = storage.working_folder(out_at) if storage.is_remote(out_at) else Path(out_at)
+    store = str(out_at) if storage.is_remote(out_at) and compute.on_ray else None
     if out.exists() and not out.is_dir():
         raise ValueError(f"--out {out} is a file, not a folder")
     # One run per folder: a second one would delete this one's checkpoints and staging folders.
     with artifacts.folder_lock(out / artifacts.TRAIN_LOCK, "train", out, remove=True):
+        if store:
+            checkpoints.pull_run(store, out)  # a run begun elsewhere resumes here
         plan = setup(
             task, out, rationales, student, mode, data_fraction, seed, vocab_size, data, optim, evaluation, compute,
-            force, labels,
+            force, labels, store,
         )  # fmt: skip
         if plan is not None:
+            if store:
+                checkpoints.push_run(out, store)  # what every worker starts from
             run(plan)
+            if store:
+                checkpoints.pull_run(store, out)  # what rank 0 left there
             out = finish(plan)
     if not storage.is_remote(out_at):
         return out

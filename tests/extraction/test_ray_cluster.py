@@ -13,31 +13,20 @@ from collections import Counter
 
 import pytest
 
+from benchmarks import harness
 from stepwise import artifacts, storage, tasks
 from stepwise.extraction import read_records
-
-import scaleout
-from helpers import descendants
 
 pytestmark = pytest.mark.slow
 
 LIMIT = 40
 
 
-def engine_nodes(cluster: scaleout.RayNodes) -> list[int]:
-    """The worker nodes running a vLLM engine actor (Ray Data's actor processes are named after the map's class)."""
-    return [
-        index
-        for index, node in enumerate(cluster.workers)
-        if any("EngineActor" in cmd for cmd in descendants(node.pid).values())
-    ]
-
-
 def test_extraction_on_three_nodes_survives_a_killed_worker_node(tiny_teacher, child_env, s3_env, bucket, tmp_path):
     out = f"{bucket}/esnli/valid"
     env = child_env | s3_env
     # two CPUs per worker node: after one node dies, the engine it ran has a place on the other
-    with scaleout.ray_nodes(env, worker_cpus=2) as cluster:
+    with harness.ray_nodes(env, worker_cpus=2) as cluster:
         driver = subprocess.Popen(
             [sys.executable, "-m", "stepwise", "extract", "--task", "esnli", "--split", "valid", "--limit",
              str(LIMIT), "--teacher", "vllm", "--model", str(tiny_teacher), "--max-tokens", "32", "--enforce-eager",
@@ -46,12 +35,12 @@ def test_extraction_on_three_nodes_survives_a_killed_worker_node(tiny_teacher, c
         )  # fmt: skip
         try:
             deadline = time.monotonic() + 420
-            while not (artifacts.shard_paths(out) and len(engine_nodes(cluster)) == 2):
+            while not (artifacts.shard_paths(out) and len(cluster.running("EngineActor")) == 2):
                 assert driver.poll() is None, f"the job ended before both engines were up:\n{driver.stdout.read()}"
                 assert time.monotonic() < deadline, "no shard within the time"
                 time.sleep(0.5)
             written_before = len(artifacts.shard_paths(out))
-            cluster.kill_node(engine_nodes(cluster)[0])
+            cluster.kill_node(cluster.running("EngineActor")[0])
             output, _ = driver.communicate(timeout=600)
         finally:
             driver.kill()

@@ -10,9 +10,9 @@ import time
 
 import pytest
 
+from benchmarks import harness
 from stepwise import storage
 
-import scaleout
 from helpers import ROOT, cli_env
 
 pytestmark = pytest.mark.slow
@@ -34,7 +34,7 @@ print("seen:", json.dumps({"ids": ids, "alive": sum(n["Alive"] for n in ray.node
 
 def test_three_raylets_reach_the_object_store_and_a_killed_node_is_seen_dead(s3_env, bucket):
     env = cli_env(**s3_env)
-    with scaleout.ray_nodes(env) as cluster:
+    with harness.ray_nodes(env) as cluster:
         run = subprocess.run([sys.executable, "-c", ON_EACH_NODE, cluster.address, bucket], cwd=ROOT, env=env,
                              capture_output=True, text=True, timeout=300)  # fmt: skip
         assert run.returncode == 0, run.stderr[-3000:]
@@ -45,6 +45,6 @@ def test_three_raylets_reach_the_object_store_and_a_killed_node_is_seen_dead(s3_
 
         cluster.kill_node(1)
         deadline = time.monotonic() + 120
-        while scaleout.alive_nodes(cluster.address, env) != 2:
+        while harness.alive_nodes(cluster.address, env) != 2:
             assert time.monotonic() < deadline, "the killed node is still counted alive"
             time.sleep(2)

@@ -109,7 +109,7 @@ def test_resume_takes_the_highest_step_of_ray_and_local_checkpoints(tmp_path, lo
 
     def resume(config: dict) -> None:
         chosen = checkpoints.resume_point(Path(config["out"]), on_ray=True)
-        (Path(config["out"]) / "chosen").write_text(str(checkpoints.read_progress(chosen).step))
+        (Path(config["out"]) / "chosen").write_text(str(chosen.progress.step))
 
     out = tmp_path / "run"
     run_config = RunConfig(name="resume", storage_path=str(tmp_path / "ray"))
