@@ -271,10 +271,10 @@ def _node_ports() -> list[str]:
     ]
 
 
-def _ray_start(args: list[str], temp_dir: Path, env: dict[str, str]) -> subprocess.Popen:
+def _ray_start(args: list[str], temp_dir: Path, env: dict[str, str], python: Path) -> subprocess.Popen:
     """One node: its own Ray temp dir, and its own disk as its processes see it (TMPDIR, STEPWISE_CACHE), so
     nothing one node writes is where another looks."""
-    ray = str(Path(sys.executable).with_name("ray"))
+    ray = str(python.with_name("ray"))
     log = (temp_dir.parent / f"{temp_dir.name}.log").open("wb")
     disk = temp_dir.parent / f"{temp_dir.name}-disk"
     (disk / "tmp").mkdir(parents=True)
@@ -286,12 +286,12 @@ def _ray_start(args: list[str], temp_dir: Path, env: dict[str, str]) -> subproce
     )  # fmt: skip
 
 
-def alive_nodes(address: str, env: dict[str, str]) -> int:
+def alive_nodes(address: str, env: dict[str, str], python: Path = Path(sys.executable)) -> int:
     # Ray itself prints to stdout here (a dead node's "lagging heartbeats" notice): the count is the marked line
     script = (
         "import ray; ray.init(address=%r, logging_level='ERROR'); print('alive:', sum(n['Alive'] for n in ray.nodes()))"  # noqa: E501
     )
-    result = subprocess.run([sys.executable, "-c", script % address], env=env, capture_output=True, text=True,
+    result = subprocess.run([str(python), "-c", script % address], env=env, capture_output=True, text=True,
                             timeout=120)  # fmt: skip
     counts = [line.split()[-1] for line in result.stdout.splitlines() if line.startswith("alive: ")]
     return int(counts[-1]) if result.returncode == 0 and counts else 0
@@ -305,12 +305,14 @@ def ray_nodes(
     workers: int = 2,
     head_resources: dict | None = None,
     dashboard: bool = False,
+    python: Path = Path(sys.executable),
 ) -> Iterator[RayNodes]:
     """A head (`head_cpus` CPUs: 0 keeps work off it, as a real head node) and `workers` worker nodes with
     `worker_cpus` CPUs and a `node-<i>` resource each, as separate raylets on 127.0.0.1. `env` is every node's
     environment (its workers inherit it: the object store's endpoint and credentials, as a real cluster's nodes
     get them from their machine). `dashboard`: the head serves Ray's dashboard (and the state API Ray Train's
-    controller polls) on 127.0.0.1. Stopped, and every process of theirs killed, on exit."""
+    controller polls) on 127.0.0.1. `python`: the environment the nodes run (its `ray`). Stopped, and every
+    process of theirs killed, on exit."""
     root = Path(tempfile.mkdtemp(prefix="stepwise-cluster-", dir="/tmp"))  # short: Ray's socket paths must fit
     env = {**env, "RAY_USAGE_STATS_ENABLED": "0"}
     port = free_port()
@@ -329,13 +331,13 @@ def ray_nodes(
             f"--ray-client-server-port={free_port()}",
             f"--resources={json.dumps(head_resources or {})}",
         ]
-        started.append(_ray_start(head_args, root / "head", env))
+        started.append(_ray_start(head_args, root / "head", env, python))
         for index in range(workers):
             node_args = [f"--address={address}", f"--num-cpus={worker_cpus}",
                          f"--resources={json.dumps({f'node-{index}': 1})}"]  # fmt: skip
-            started.append(_ray_start(node_args, root / f"worker-{index}", env))
+            started.append(_ray_start(node_args, root / f"worker-{index}", env, python))
         deadline = time.monotonic() + 180
-        while alive_nodes(address, env) < workers + 1:
+        while alive_nodes(address, env, python) < workers + 1:
             if time.monotonic() > deadline or any(p.poll() is not None for p in started):
                 logs = "\n".join(p.read_text()[-1500:] for p in sorted(root.glob("*.log")))
                 raise RuntimeError(f"the loopback Ray cluster did not come up:\n{logs}")

@@ -41,6 +41,7 @@ BENCHMARKS: dict[str, tuple[str, str]] = {
     "export": ("benchmarks.export", "student"),
     "label-memory": ("benchmarks.label_memory", "student"),
     "storage": ("benchmarks.storage", "student"),
+    "cluster": ("benchmarks.cluster", "student"),
     "serving": ("benchmarks.serving", "student"),
     "extraction": ("benchmarks.extraction", "teacher"),
     "training-grid": ("benchmarks.training_grid", "student"),
