@@ -11,7 +11,7 @@ import pytest
 
 from stepwise import artifacts, tasks
 from stepwise.export import parity
-from stepwise.export.run import ParityOptions
+from stepwise.export.run import ParityOptions, ServedRequests
 from stepwise.export.run import main as export_main
 from stepwise.export.runtime import configured_providers, load_runtime, predict
 
@@ -70,6 +70,8 @@ def test_bad_input_gives_clear_errors(tiny_student_dir, tiny_export_dir, tmp_pat
         export_main(model=tiny_student_dir, out=tmp_path / "out", quantize="int8", precision="fp16")
     with pytest.raises(ValueError, match="parity-limit"):
         ParityOptions(parity_limit=-1)
+    with pytest.raises(ValueError, match="--max-choice-tokens must be 1 or more, got 0"):
+        ServedRequests(max_choice_tokens=0)
 
 
 def test_overwrite_never_deletes_the_model_or_a_foreign_folder(tiny_student_dir, tmp_path):
