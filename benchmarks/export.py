@@ -268,9 +268,11 @@ def head_to_head(
             p.label for p in predict(one_encoder_call, batch)
         ],
         "ort-int8 one-pass scorer (before)": one_pass,
-        CT2_SCORE: lambda batch: ct2_score_labels(translator, tokenizer, task, batch),
         "ct2-int8 greedy": lambda batch: ct2_greedy_labels(translator, tokenizer, batch, label_tokens),
         "ct2-int8 encoder + 1 step": ct2_one_step,
+        CT2_SCORE: lambda batch: ct2_score_labels(
+            translator, tokenizer, task, batch
+        ),  # last: the earlier turns as before
     }
     results: dict[str, Any] = {}
     for size, rounds in ((1, rounds_batch1), (16, rounds_batch16)):
