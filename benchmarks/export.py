@@ -270,9 +270,8 @@ def head_to_head(
         "ort-int8 one-pass scorer (before)": one_pass,
         "ct2-int8 greedy": lambda batch: ct2_greedy_labels(translator, tokenizer, batch, label_tokens),
         "ct2-int8 encoder + 1 step": ct2_one_step,
-        CT2_SCORE: lambda batch: ct2_score_labels(
-            translator, tokenizer, task, batch
-        ),  # last: the earlier turns as before
+        # Last, so that the earlier paths take their turns in the order they did before it came.
+        CT2_SCORE: lambda batch: ct2_score_labels(translator, tokenizer, task, batch),
     }
     results: dict[str, Any] = {}
     for size, rounds in ((1, rounds_batch1), (16, rounds_batch16)):
