@@ -474,7 +474,7 @@ def write_and_place(
         write_export(
             model, staging, task, kind, layout, target, threads, max_input_tokens, max_rationale_tokens, served
         )
-        report = parity_gate(staging, model, task, kind, parity)
+        report = parity_gate(staging, model, task, kind, parity, served.max_batch)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
@@ -488,10 +488,10 @@ def write_and_place(
 
 
 def parity_gate(
-    out: Path, model: Path, task: tasks.Task, precision: str, options: ParityOptions
+    out: Path, model: Path, task: tasks.Task, precision: str, options: ParityOptions, max_batch: int
 ) -> artifacts.ParityReport:
-    """Compare the export with the PyTorch model on the validation split; write parity.json; say loudly when it
-    fails."""
+    """Compare the export with the PyTorch model on the validation split, in batches of at most `max_batch` (what
+    serving sends, and what a TensorRT export's profiles hold); write parity.json; say loudly when it fails."""
     from stepwise.export import parity
     from stepwise.export.runtime import load_runtime
 
@@ -509,7 +509,7 @@ def parity_gate(
     if not examples:
         raise ValueError(f"task {task.name} has no validation examples for the parity gate")
     runtime = load_runtime(out, providers=options.parity_providers)
-    report = parity.compare(runtime, model, examples)
+    report = parity.compare(runtime, model, examples, batch_size=max_batch)
     failures = parity.gate(report, precision, threshold, options.max_accuracy_drop, options.max_logit_diff)
     report |= {
         "skipped": False,
