@@ -28,10 +28,14 @@ from benchmarks.harness import (
     rss_mb,
     write_results,
 )
+from stepwise import request_limits
 
 TASK = "cqa"
 VOCAB = 32128  # google/t5-* embedding rows
-ITEMS, CHOICES, CHOICE_TOKENS = 16, 16, 32  # serving's max_batch_size, max_choices, max_choice_tokens
+# serving's default max_batch_size, max_choices, max_choice_tokens
+ITEMS = request_limits.DEFAULT_MAX_BATCH
+CHOICES = request_limits.DEFAULT_MAX_CHOICES
+CHOICE_TOKENS = request_limits.DEFAULT_MAX_CHOICE_TOKENS
 INPUT_TOKENS = {"short": 16, "long": 512}
 UNBOUNDED = 1 << 62
 

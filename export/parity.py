@@ -172,6 +172,7 @@ def compare(
     golds = [e.label for e in examples]
     report: dict[str, Any] = {
         "examples": len(examples),
+        "batch_size": batch_size,
         "served_path": "fast_path" if closed else "greedy",
         "greedy_agreement": agreement(out["torch_greedy"], out["onnx_greedy"]),
         "fast_path_agreement": agreement(out["torch_fast"], out["onnx_fast"]) if closed else None,

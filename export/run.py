@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
-from stepwise import artifacts, cards, storage, tasks
+from stepwise import artifacts, cards, request_limits, storage, tasks
 
 ONNX_FILES = {
     "encoder": "encoder_model.onnx",
@@ -110,8 +110,8 @@ def convert_fp16(path: Path) -> Path:
 def providers_for(
     target: str,
     precision: str,
-    max_batch: int,
-    max_candidates: int,
+    served: ServedRequests,
+    task: tasks.Task,
     limits: dict[str, int],
     model_config: dict[str, Any],
 ) -> list[dict[str, Any]]:
@@ -143,21 +143,23 @@ def providers_for(
             "trt_builder_optimization_level": 3,
         },
         # Per session; the merged decoder (If node, past inputs) gets none: TensorRT targets use the split layout.
-        "profiles": trt_profiles(max_batch, max_candidates, limits, model_config),
+        "profiles": trt_profiles(served, task, limits, model_config),
     }
     return [trt, cuda, cpu]
 
 
 def trt_profiles(
-    max_batch: int, max_candidates: int, limits: dict[str, int], model: dict[str, Any]
+    served: ServedRequests, task: tasks.Task, limits: dict[str, int], model: dict[str, Any]
 ) -> dict[str, dict[str, str]]:
-    """TensorRT optimisation profiles (min/opt/max shapes) per session, so engines are built once for the
-    whole serving range instead of rebuilt per new shape. Scoring runs batch x candidates decoder rows."""
+    """TensorRT optimisation profiles (min/opt/max shapes) per session, so engines are built once for every
+    request serving accepts (`served`) instead of rebuilt per new shape. Scoring runs batch x candidates decoder
+    rows, each as long as the longest candidate: a label seen in training, or a choice of max_choice_tokens."""
     heads, d_kv, d_model = model["num_heads"], model["d_kv"], model["d_model"]
+    choice = task.answer_style == "choice"
     seq, rows, label, total = (
         limits["input"],
-        max_batch * max_candidates,
-        limits["label_tokens"],
+        served.max_batch * request_limits.candidates_per_input(task, served.max_choices),
+        max(limits["label_tokens"], served.max_choice_tokens) if choice else limits["label_tokens"],
         max(limits["label"], limits["rationale"]),
     )
 
@@ -180,7 +182,7 @@ def trt_profiles(
 
     low, opt, high = (
         shapes(1, 1, 1, 1),
-        shapes(max(1, max_batch // 4), min(128, seq), label, 8),
+        shapes(max(1, served.max_batch // 4), min(128, seq), label, 8),
         shapes(rows, seq, label, total),
     )
     return {
@@ -212,6 +214,27 @@ def folder_version(out: Path, files: dict[str, str]) -> str:
             for chunk in iter(lambda: f.read(1 << 20), b""):
                 digest.update(chunk)
     return digest.hexdigest()[:12]
+
+
+@dataclass(frozen=True)
+class ServedRequests:
+    """The largest request the export will be served with, which a TensorRT export's shape profiles cover: serving
+    refuses at start a TensorRT export narrower than its own limits. Defaults: serving's (stepwise.request_limits).
+
+    Args:
+        max_batch: most inputs serving decodes together (its --max-batch-size)
+        max_choices: most answer choices of one input, for a multiple-choice task (serving's --max-choices)
+        max_choice_tokens: longest answer choice in tokens, EOS included (serving's --max-choice-tokens)
+    """
+
+    max_batch: int = request_limits.DEFAULT_MAX_BATCH
+    max_choices: int = request_limits.DEFAULT_MAX_CHOICES
+    max_choice_tokens: int = request_limits.DEFAULT_MAX_CHOICE_TOKENS
+
+    def __post_init__(self) -> None:
+        for name in ("max_batch", "max_choices", "max_choice_tokens"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"--{name.replace('_', '-')} must be 1 or more, got {getattr(self, name)}")
 
 
 @dataclass(frozen=True)
@@ -267,7 +290,7 @@ def write_export(
     threads: int,
     max_input_tokens: int,
     max_rationale_tokens: int,
-    max_batch: int,
+    served: ServedRequests,
 ) -> artifacts.ExportConfig:
     """ONNX files (converted to `kind`), tokenizer, task and export_config.json into `folder`."""
     export_onnx(model, folder)
@@ -308,7 +331,6 @@ def write_export(
     max_input_tokens = max_input_tokens or (trained["max_input_length"] if trained else artifacts.T5_MAX_INPUT_TOKENS)
     max_rationale_tokens = max_rationale_tokens or (trained["max_target_length"] if trained else RATIONALE_TOKENS)
     limits = token_limits(task, tokenizer, max_rationale_tokens) | {"input": max_input_tokens}
-    max_candidates = len(task.labels) if task.answer_style == "label" else 8
     export_config = {
         "model_id": model.resolve().name,
         "source_model": str(model.resolve()),
@@ -321,7 +343,7 @@ def write_export(
             "decoder": files.get("decoder_merged", files.get("decoder")),
             **({"decoder_with_past": files["decoder_with_past"]} if layout == "split" else {}),
         },
-        "providers": providers_for(target, kind, max_batch, max_candidates, limits, model_config),
+        "providers": providers_for(target, kind, served, task, limits, model_config),
         "io_binding": target in ("cuda", "tensorrt"),
         "threads": threads,
         "session_config": {"graph_optimization_level": "ORT_ENABLE_ALL", "session.intra_op.allow_spinning": "0 on CPU"},
@@ -361,7 +383,7 @@ def main(
     threads: int = 0,
     max_input_tokens: int = 0,
     max_rationale_tokens: int = 0,
-    max_batch: int = 16,
+    served: ServedRequests = ServedRequests(),
     parity: ParityOptions = ParityOptions(),
     overwrite: bool = False,
 ) -> str | Path:
@@ -383,7 +405,7 @@ def main(
         threads: intra-op threads per ONNX session written into the config (0: ONNX Runtime decides)
         max_input_tokens: inputs are truncated to this many tokens (0: train_config.json's max_input_length, else 512)
         max_rationale_tokens: generation limit for rationales (0: train_config.json's max_target_length, else 128)
-        max_batch: largest request batch serving will send (TensorRT shape profiles)
+        served: the largest request serving will send (TensorRT shape profiles)
         parity: the parity gate's settings
         overwrite: replace an earlier export at --out (only a folder `stepwise export` wrote)
     """
@@ -406,7 +428,7 @@ def main(
 
     def write_into(folder: Path) -> Path:
         return write_and_place(model, folder, task, quantize, precision, target, layout, threads,
-                               max_input_tokens, max_rationale_tokens, max_batch, parity)  # fmt: skip
+                               max_input_tokens, max_rationale_tokens, served, parity)  # fmt: skip
 
     if storage.is_remote(out_at):  # exported into a scratch folder, then uploaded with checksums.json last
         if storage.exists(storage.join(out_at, storage.CHECKSUMS)) and not overwrite:
@@ -435,7 +457,7 @@ def write_and_place(
     threads: int,
     max_input_tokens: int,
     max_rationale_tokens: int,
-    max_batch: int,
+    served: ServedRequests,
     parity: ParityOptions,
 ) -> Path:
     """Write the export into a staging folder beside `out`, gate it, and swap it into place whole."""
@@ -450,9 +472,9 @@ def write_and_place(
     print(f"[export] {model} -> {out} ({kind}, {layout} decoder, target {target})", flush=True)
     try:
         write_export(
-            model, staging, task, kind, layout, target, threads, max_input_tokens, max_rationale_tokens, max_batch
+            model, staging, task, kind, layout, target, threads, max_input_tokens, max_rationale_tokens, served
         )
-        report = parity_gate(staging, model, task, kind, parity)
+        report = parity_gate(staging, model, task, kind, parity, served.max_batch)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
@@ -466,10 +488,10 @@ def write_and_place(
 
 
 def parity_gate(
-    out: Path, model: Path, task: tasks.Task, precision: str, options: ParityOptions
+    out: Path, model: Path, task: tasks.Task, precision: str, options: ParityOptions, max_batch: int
 ) -> artifacts.ParityReport:
-    """Compare the export with the PyTorch model on the validation split; write parity.json; say loudly when it
-    fails."""
+    """Compare the export with the PyTorch model on the validation split, in batches of at most `max_batch` (what
+    serving sends, and what a TensorRT export's profiles hold); write parity.json; say loudly when it fails."""
     from stepwise.export import parity
     from stepwise.export.runtime import load_runtime
 
@@ -487,7 +509,7 @@ def parity_gate(
     if not examples:
         raise ValueError(f"task {task.name} has no validation examples for the parity gate")
     runtime = load_runtime(out, providers=options.parity_providers)
-    report = parity.compare(runtime, model, examples)
+    report = parity.compare(runtime, model, examples, batch_size=max_batch)
     failures = parity.gate(report, precision, threshold, options.max_accuracy_drop, options.max_logit_diff)
     report |= {
         "skipped": False,

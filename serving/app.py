@@ -31,7 +31,7 @@ from ray.serve.metrics import Counter, Histogram
 from ray.serve.schema import LoggingConfig
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from stepwise import artifacts, storage, tasks
+from stepwise import artifacts, request_limits, storage, tasks
 from stepwise.export.runtime import Prediction, Runtime, load_runtime, predict
 from stepwise.serving import fallback, schema
 from stepwise.serving.settings import ServeArgs
@@ -505,6 +505,60 @@ def unverified_reason(folder: Path) -> str:
     return ""
 
 
+def check_trt_profiles(models: dict[str, str], args: ServeArgs) -> None:
+    """ValueError naming the export folder, the profile dimension and the limit, when a TensorRT export's shape
+    profiles are narrower than a request this server accepts: TensorRT would have to build an engine outside them
+    (or fail) mid-request. An export that asks for no TensorRT takes any shape."""
+    for model_id, folder in models.items():
+        location = storage.as_location(folder)
+        shortfall = narrower_trt_profile(artifacts.read_export_config(location), tasks.load_task(location), args)
+        if shortfall:
+            raise ValueError(
+                f"model {model_id!r}: {folder} {shortfall}; re-export it with `stepwise export --target tensorrt "
+                f"--max-batch {args.batching.max_batch_size} --max-choices {args.limits.max_choices} "
+                f"--max-choice-tokens {args.limits.max_choice_tokens}`, or serve it with lower limits"
+            )
+
+
+def narrower_trt_profile(export: artifacts.ExportConfig, task: tasks.Task, args: ServeArgs) -> str:
+    """Where the export's recorded TensorRT profiles fall short of this server's limits ("" where they do not, or
+    the export asks for no TensorRT). A batch runs the encoder and the decoder's start step on its inputs, and the
+    cached decoder on every candidate of every input at once, each candidate's tokens but its first."""
+    trt = next((p for p in export["providers"] if p["name"] == "TensorrtExecutionProvider"), None)
+    if trt is None:
+        return ""
+    batch, limits = args.batching.max_batch_size, args.limits
+    candidates = request_limits.candidates_per_input(task, limits.max_choices)
+    per_input = f"max_choices={limits.max_choices}" if task.answer_style == "choice" else f"{candidates} candidates"
+    needs = [
+        ("encoder", 0, batch, f"max_batch_size={batch}"),
+        ("decoder", 0, batch, f"max_batch_size={batch}"),
+        ("decoder_with_past", 0, batch * candidates, f"max_batch_size={batch} x {per_input} = {batch * candidates}"),
+    ]
+    if task.answer_style == "choice":
+        needs.append(
+            ("decoder_with_past", 1, limits.max_choice_tokens, f"max_choice_tokens={limits.max_choice_tokens}")
+        )
+    for session, axis, need, limit in needs:
+        have = profile_shape(trt["profiles"][session]["trt_profile_max_shapes"], "input_ids")[axis]
+        if have < need:
+            what = "rows" if axis == 0 else "tokens"
+            return (
+                f"has a TensorRT profile of at most {have} {what} for {session} input_ids, "
+                f"fewer than the {limit} this server accepts"
+            )
+    return ""
+
+
+def profile_shape(shapes: str, name: str) -> list[int]:
+    """One input's dimensions in ONNX Runtime's TensorRT profile notation ("input_ids:16x512,attention_mask:...")."""
+    for entry in shapes.split(","):
+        input_name, dims = entry.rsplit(":", 1)
+        if input_name == name:
+            return [int(d) for d in dims.split("x")]
+    raise ValueError(f"the TensorRT profile has no shape for {name}: {shapes[:80]}")
+
+
 def wants_gpu(models: dict[str, str]) -> bool:
     targets = [artifacts.read_export_config(storage.as_location(folder))["target"] for folder in models.values()]
     return any(target in ("cuda", "tensorrt") for target in targets)
@@ -526,6 +580,7 @@ def build_app(args: dict[str, Any] | ServeArgs) -> serve.Application:
             }
         }
     models = check_models(args.models, args.allow_unverified)
+    check_trt_profiles(models, args)
     if args.cascade.fallback:  # the teacher's few-shot prompts: refused here, before any replica starts, if unreadable
         for folder in models.values():
             fallback.few_shots(tasks.load_task(storage.as_location(folder)))

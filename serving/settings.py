@@ -9,6 +9,7 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any
 
+from stepwise import request_limits
 from stepwise.extraction.teachers import OpenAIClient, retry_budget_s
 
 MAX_CHOICES = 26  # choices are shown to the student lettered (a) to (z)
@@ -24,7 +25,7 @@ class Batching:
         max_ongoing_requests: requests one replica works on at once (at least max_batch_size, or batches never fill)
     """
 
-    max_batch_size: int = 16
+    max_batch_size: int = request_limits.DEFAULT_MAX_BATCH
     batch_wait_timeout_s: float = 0.0
     max_ongoing_requests: int = 64
 
@@ -55,9 +56,9 @@ class Limits:
     max_body_bytes: int = 1_000_000
     max_items: int = 64
     max_input_chars: int = 4000
-    max_choices: int = 16
+    max_choices: int = request_limits.DEFAULT_MAX_CHOICES
     max_choice_chars: int = 200
-    max_choice_tokens: int = 32
+    max_choice_tokens: int = request_limits.DEFAULT_MAX_CHOICE_TOKENS
     request_timeout_s: float = 10.0
 
     def __post_init__(self) -> None:

@@ -11,7 +11,7 @@ import pytest
 
 from stepwise import artifacts, tasks
 from stepwise.export import parity
-from stepwise.export.run import ParityOptions
+from stepwise.export.run import ParityOptions, ServedRequests
 from stepwise.export.run import main as export_main
 from stepwise.export.runtime import configured_providers, load_runtime, predict
 
@@ -70,6 +70,8 @@ def test_bad_input_gives_clear_errors(tiny_student_dir, tiny_export_dir, tmp_pat
         export_main(model=tiny_student_dir, out=tmp_path / "out", quantize="int8", precision="fp16")
     with pytest.raises(ValueError, match="parity-limit"):
         ParityOptions(parity_limit=-1)
+    with pytest.raises(ValueError, match="--max-choice-tokens must be 1 or more, got 0"):
+        ServedRequests(max_choice_tokens=0)
 
 
 def test_overwrite_never_deletes_the_model_or_a_foreign_folder(tiny_student_dir, tmp_path):
@@ -175,12 +177,15 @@ def test_one_export_per_out_and_an_interrupted_replacement_is_put_back(tiny_stud
 
 @pytest.mark.slow
 def test_fp16_gpu_export_writes_tensorrt_options_and_runs_on_cpu(tiny_student_dir, tmp_path):
-    """The GPU artifact: fp16 with T5's overflow-prone ops kept in fp32, TensorRT EP options in the config.
-    No GPU here: ONNX Runtime falls back to the CPU EP, where the fp16 model must still agree with PyTorch."""
+    """The GPU artifact: fp16 with T5's overflow-prone ops kept in fp32, TensorRT EP options in the config, shape
+    profiles for the batch it will be served with (and parity run in batches no larger). No GPU here: ONNX Runtime
+    falls back to the CPU EP, where the fp16 model must still agree with PyTorch."""
     out = tmp_path / "trt"
+    served = ServedRequests(max_batch=4)
+    parity_options = ParityOptions(parity_limit=16)
     assert (
         export_main(
-            model=tiny_student_dir, out=out, precision="fp16", target="tensorrt", parity=ParityOptions(parity_limit=16)
+            model=tiny_student_dir, out=out, precision="fp16", target="tensorrt", served=served, parity=parity_options
         )
         == out
     )
@@ -220,7 +225,8 @@ def test_fp16_gpu_export_writes_tensorrt_options_and_runs_on_cpu(tiny_student_di
     assert ffn and all(t == onnx.TensorProto.FLOAT for name, t in ffn.items() if "/wo/" in name)  # overflow-prone: fp32
     assert all(t == onnx.TensorProto.FLOAT16 for name, t in ffn.items() if "/wi" in name)
     report = json.loads((out / "parity.json").read_text())
-    assert report["providers"] == ["CPUExecutionProvider"] and report["passed"]
+    assert report["providers"] == ["CPUExecutionProvider"] and report["passed"] and report["batch_size"] == 4
+    assert trt["profiles"]["decoder_with_past"]["trt_profile_max_shapes"].startswith("input_ids:12x")  # 4 x 3 labels
 
 
 @pytest.mark.slow

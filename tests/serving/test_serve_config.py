@@ -15,6 +15,7 @@ from pydantic import ValidationError
 from ray.serve.schema import ServeDeploySchema
 
 from stepwise import artifacts, tasks
+from stepwise.export.run import ServedRequests, providers_for
 from stepwise.serving import app, lifecycle, run, schema
 from stepwise.serving.settings import GROUPS, Batching, Limits, Scaling, ServeArgs
 
@@ -90,6 +91,58 @@ def test_unverified_exports_are_refused_unless_allowed(tiny_export_dir, tmp_path
     with pytest.raises(ValueError, match=rf"{re.escape(reason)}.*--allow-unverified"):
         app.check_models({"esnli": str(export)}, allow_unverified=False)
     assert app.check_models({"esnli": str(export)}, allow_unverified=True) == {"esnli": str(export)}
+
+
+def tensorrt_export(export: Path, folder: Path, task: str, served: ServedRequests) -> str:
+    """A copy of `export` whose config asks for TensorRT with the profiles `stepwise export --target tensorrt` writes
+    for `served` and `task` (no GPU needed: serving's check reads the config, it builds no engine)."""
+    copy = Path(shutil.copytree(export, folder))
+    tasks.save_task(tasks.get_task(task), copy)
+    config = artifacts.read_export_config(copy)
+    label = config["max_new_tokens"]["label"]
+    limits = {"input": config["max_input_tokens"], "label": label, "label_tokens": label}
+    limits["rationale"] = config["max_new_tokens"]["rationale"]
+    config["providers"] = providers_for("tensorrt", "fp16", served, tasks.load_task(copy), limits, config["model"])
+    artifacts.write_json(copy / artifacts.EXPORT_CONFIG, config)
+    return str(copy)
+
+
+@pytest.mark.parametrize(
+    "task,served,batching,shortfall",
+    [
+        ("esnli", ServedRequests(max_batch=8), Batching(), "at most 24 rows for decoder_with_past input_ids, fewer "
+         "than the max_batch_size=16 x 3 candidates = 48"),
+        ("esnli", ServedRequests(), Batching(max_batch_size=32), "at most 48 rows for decoder_with_past input_ids, "
+         "fewer than the max_batch_size=32 x 3 candidates = 96"),
+        ("cqa", ServedRequests(max_choices=8), Batching(), "at most 128 rows for decoder_with_past input_ids, fewer "
+         "than the max_batch_size=16 x max_choices=16 = 256"),
+        ("cqa", ServedRequests(max_choice_tokens=8), Batching(), "at most 8 tokens for decoder_with_past input_ids, "
+         "fewer than the max_choice_tokens=32"),
+    ],
+)  # fmt: skip
+def test_a_tensorrt_export_narrower_than_the_servers_limits_is_refused(
+    tiny_export_dir, tmp_path, task, served, batching, shortfall
+):
+    folder = tensorrt_export(tiny_export_dir, tmp_path / "trt", task, served)
+    with pytest.raises(ValueError) as refused:
+        app.build_app(ServeArgs(models={task: folder}, batching=batching))
+    message = str(refused.value)
+    assert message.startswith(f"model {task!r}: {folder} has a TensorRT profile of {shortfall} this server accepts; ")
+    assert "re-export it with `stepwise export --target tensorrt --max-batch" in message and "\n" not in message
+
+
+@pytest.mark.parametrize("task", ["esnli", "cqa"])
+def test_exports_default_tensorrt_profiles_cover_every_request_serving_accepts(tiny_export_dir, tmp_path, task):
+    folder = tensorrt_export(tiny_export_dir, tmp_path / "trt", task, ServedRequests())
+    app.build_app(ServeArgs(models={task: folder}))
+
+
+def test_an_export_without_tensorrt_is_served_whatever_the_limits(tiny_export_dir):
+    """A CPU export has no shape profiles: ONNX Runtime's CPU provider takes any shape."""
+    limits = Limits(max_choices=26, max_choice_tokens=512)
+    app.build_app(
+        ServeArgs(models={"esnli": str(tiny_export_dir)}, batching=Batching(max_batch_size=64), limits=limits)
+    )
 
 
 SERVED = {"esnli": tasks.get_task("esnli"), "cqa": tasks.get_task("cqa")}
