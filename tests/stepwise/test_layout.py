@@ -1,5 +1,6 @@
 """The code's layering, read with `ast` (every import statement, also those inside functions): the base package
-(stepwise/*.py) imports no stage, and no modules import each other, directly or in a circle."""
+(stepwise/*.py) imports no stage, a stage imports another only where the README's layout says, and no modules
+import each other, directly or in a circle."""
 
 from __future__ import annotations
 
@@ -47,6 +48,26 @@ def test_the_base_package_imports_no_stage():
         m: sorted(d for d in deps if d.split(".")[1:2] and d.split(".")[1] in STAGES) for m, deps in base.items()
     }
     assert {m: d for m, d in offenders.items() if d} == {}
+
+
+# What one stage may import of another (the README's layout says why); nothing else crosses a stage's folder.
+STAGE_TO_STAGE = {
+    "serving": {"stepwise.export.runtime", "stepwise.extraction.teachers"},
+}
+
+
+def stage_of(module: str) -> str | None:
+    parts = module.split(".")
+    return parts[1] if len(parts) > 1 and parts[1] in STAGES else None
+
+
+def test_a_stage_imports_another_only_where_the_readme_says():
+    crossing: dict[str, set[str]] = {}
+    for module, deps in graph().items():
+        for dependency in deps:
+            if stage_of(module) and stage_of(dependency) not in (None, stage_of(module)):
+                crossing.setdefault(stage_of(module), set()).add(dependency)
+    assert crossing == STAGE_TO_STAGE
 
 
 def test_no_import_circles():
