@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import json
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -129,7 +130,7 @@ def label_decoder(backend: str, path: Path, model_dir: Path, threads: int, label
         candidates = [candidates_for(task, e) for e in examples]
         # score_batch appends EOS to each target itself; all candidates of the batch in one call.
         scored = translator.score_batch(
-            [s for s, cs in zip(sources, candidates) for _ in cs],
+            [s for s, cs in zip(sources, candidates, strict=True) for _ in cs],
             [tokens(c, eos=False) for cs in candidates for c in cs],
         )
         sums = iter([sum(r.log_probs) for r in scored])
@@ -232,7 +233,7 @@ def head_to_head(
     ) -> None:  # the runtime before: one encoder call, every candidate a full decoder row
         candidates = [candidates_for(runtime.task, e) for e in batch]
         scores = parity.onnx_one_pass_scores(one_encoder_call, [tasks.label_input(e) for e in batch], candidates)
-        [cs[int(np.argmax(s))] for cs, s in zip(candidates, scores)]
+        [cs[int(np.argmax(s))] for cs, s in zip(candidates, scores, strict=True)]
 
     label_paths = {
         "ort-int8 batched label path": lambda batch: predict(timed, batch),
@@ -423,7 +424,7 @@ def time_every_backend(prepared: dict[str, Any], timing: TimingOptions) -> tuple
             for row in result["rows"]:
                 labels = row.pop("labels")
                 reference = torch_labels.setdefault((row["batch"], row["fast_path"]), labels)  # pytorch-eager is first
-                agreement = sum(a == b for a, b in zip(labels, reference)) / len(reference)
+                agreement = sum(a == b for a, b in zip(labels, reference, strict=True)) / len(reference)
                 rows.append(
                     row
                     | {
@@ -449,7 +450,7 @@ def time_every_backend(prepared: dict[str, Any], timing: TimingOptions) -> tuple
     return rows, duels
 
 
-def speedups(rows: list[dict[str, Any]], sizes: list[str]) -> dict[str, Any]:
+def speedups(rows: list[dict[str, Any]], sizes: Sequence[str]) -> dict[str, Any]:
     """The p50 ratios the README quotes, per size and batch."""
 
     def p50(model: str, backend: str, batch: int, fast: bool) -> float:
@@ -483,7 +484,7 @@ def speedups(rows: list[dict[str, Any]], sizes: list[str]) -> dict[str, Any]:
 
 
 def main(
-    sizes: list[str] = list(SIZES),
+    sizes: Sequence[str] = SIZES,
     timing: TimingOptions = TimingOptions(),
     workdir: Path = ROOT / "runs" / "export-bench",
     out: Path = RESULTS / "export",

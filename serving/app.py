@@ -207,7 +207,7 @@ async def decode_jobs(
         replica_metrics()["batch_size"].observe(
             len(rows), tags={"model": model_id, "mode": "explain" if explain else "label"}
         )
-        for i, prediction in zip(rows, predictions):
+        for i, prediction in zip(rows, predictions, strict=True):
             results[i] = Decoded(prediction, started - jobs[i].queued_at, runtime_s, len(rows))
     return results
 
@@ -331,7 +331,9 @@ class StudentServer:
             "batch": max(d.batch_size for d in decoded),
         }
         failed = [
-            (example.id, d.prediction) for example, d in zip(examples, decoded) if isinstance(d.prediction, Exception)
+            (example.id, d.prediction)
+            for example, d in zip(examples, decoded, strict=True)
+            if isinstance(d.prediction, Exception)
         ]
         if failed:
             where, problem = failed[0]
@@ -355,7 +357,7 @@ class StudentServer:
             *(fallback.ask(self.teachers[model_id], examples[i], predictions[i]) for i in unsure)
         )
         metrics = replica_metrics()
-        for i, outcome in zip(unsure, answers):
+        for i, outcome in zip(unsure, answers, strict=True):
             outcomes[i] = outcome
             metrics["fallbacks"].inc(tags={"model": model_id, "source": outcome.source})
             metrics["fallback_latency"].observe(1000 * outcome.seconds, tags={"model": model_id})

@@ -236,7 +236,7 @@ def _load_shipped(task: Task, our_split: str) -> list[Example]:
     rows = _read_jsonl(path)
     completions = _teacher_completions(task.name, file_split, batch, len(rows))
     examples = []
-    for i, (row, completion) in enumerate(zip(rows, completions)):
+    for i, (row, completion) in enumerate(zip(rows, completions, strict=True)):
         example_id = row.get("id") or f"{task.name}-{file_split}-{i:06d}"
         if task.name == "svamp":
             examples.append(Example(example_id, row["input"], row["label"], teacher_completion=completion))
@@ -782,4 +782,4 @@ def accuracy(task: Task, predictions: list[str], golds: list[str]) -> float:
         raise ValueError(f"{len(predictions)} predictions for {len(golds)} gold labels")
     if not golds:
         return 0.0
-    return sum(is_correct(task, p, g) for p, g in zip(predictions, golds)) / len(golds)
+    return sum(is_correct(task, p, g) for p, g in zip(predictions, golds, strict=True)) / len(golds)

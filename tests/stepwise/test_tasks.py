@@ -36,7 +36,9 @@ def test_parser_over_all_shipped_completions(task_name, split):
     examples = tasks.load_split(task, split)
     parsed = [tasks.parse_completion(task, e.teacher_completion, e.choices) for e in examples]
     parse_rate = sum(p.status == "ok" for p in parsed) / len(parsed)
-    teacher_accuracy = sum(tasks.is_correct(task, p.label, e.label) for p, e in zip(parsed, examples)) / len(examples)
+    teacher_accuracy = sum(
+        tasks.is_correct(task, p.label, e.label) for p, e in zip(parsed, examples, strict=True)
+    ) / len(examples)
     expected_rate, expected_accuracy = MEASURED[(task_name, split)]
     assert parse_rate == pytest.approx(expected_rate, abs=0.005)
     assert teacher_accuracy == pytest.approx(expected_accuracy, abs=0.005)

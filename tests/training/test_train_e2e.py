@@ -131,7 +131,7 @@ def test_killed_run_resumes_and_matches_an_uninterrupted_one(tmp_path, esnli_rat
     assert "resuming" in resumed.stdout and "done: 24 steps" in resumed.stdout
     straight_log, resumed_log = log_rows(straight), log_rows(interrupted)
     assert [r["step"] for r in resumed_log] == [r["step"] for r in straight_log]  # no step logged twice or lost
-    for a, b in zip(straight_log, resumed_log):  # the same batches and optimizer state: the same losses
+    for a, b in zip(straight_log, resumed_log, strict=True):  # the same batches and optimizer state: the same losses
         for column in ("loss", "label_loss", "rationale_loss", "valid_accuracy"):
             assert (a[column] == b[column]) or float(a[column]) == pytest.approx(float(b[column]), rel=1e-3, abs=1e-4)
     assert (
