@@ -13,6 +13,7 @@ is `serving/schema.py`); GET /v1/models, /healthz, /docs, /openapi.json.
 
 # No `from __future__ import annotations`: FastAPI reads the endpoints' types from the runtime annotations.
 import asyncio
+import dataclasses
 import functools
 import json
 import logging
@@ -541,5 +542,5 @@ def build_app(args: dict[str, Any] | ServeArgs) -> serve.Application:
         logging_config=LoggingConfig(encoding="JSON", enable_access_log=args.access_log),
         **replicas,
     )
-    with_paths = ServeArgs.from_dict(args.to_dict() | {"models": models})
-    return deployment.bind(with_paths.to_dict())
+    # Replicas get a plain dict (what a Serve config's `args:` holds too) and rebuild ServeArgs from it.
+    return deployment.bind(dataclasses.replace(args, models=models).to_dict())
