@@ -89,7 +89,8 @@ def get_task(name_or_path: str, labels: list[str] | None = None) -> Task:
     """A built-in task by name, or a custom task from a data file or folder (see the module docstring),
     configured by its task file and `labels` (which overrides the task file's)."""
     if name_or_path in BUILTIN:
-        if labels:
+        # Its own label set given back is no conflict: a training run's train_config.json records it.
+        if labels and labels != BUILTIN[name_or_path].labels:
             own = ", ".join(BUILTIN[name_or_path].labels) or "none"
             raise ValueError(f"--labels is for custom tasks: {name_or_path} has its own ({own})")
         return BUILTIN[name_or_path]

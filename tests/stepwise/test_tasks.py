@@ -517,3 +517,10 @@ def test_a_bad_task_json_in_a_folder_is_named(tmp_path, content, message):
     (tmp_path / "task.json").write_text(content)
     with pytest.raises(ValueError, match=message):
         tasks.load_task(tmp_path)
+
+
+def test_a_built_in_task_takes_back_its_own_label_set_and_refuses_another():
+    esnli = tasks.get_task("esnli")
+    assert tasks.get_task("esnli", list(esnli.labels)) == esnli  # as a finished run's train_config.json records it
+    with pytest.raises(ValueError, match=r"--labels is for custom tasks: esnli has its own \(entailment"):
+        tasks.get_task("esnli", ["yes", "no"])
