@@ -27,6 +27,7 @@ import re
 import statistics
 import subprocess
 import time
+from collections.abc import Sequence
 from contextlib import ExitStack
 from pathlib import Path
 from typing import Any
@@ -91,7 +92,7 @@ def calibrate(export: Path, examples: list[tasks.Example]) -> tuple[dict[str, An
         "inputs": len(ranked),
         "student_margin_p10_p50_p90": [round(statistics.quantiles(ranked, n=10)[i], 4) for i in (0, 4, 8)],
     }
-    return calibration, [e for e, m in zip(examples, margins) if m < threshold]
+    return calibration, [e for e, m in zip(examples, margins, strict=True) if m < threshold]
 
 
 def build_teacher(workdir: Path) -> Path:
@@ -229,7 +230,7 @@ def summary(runs: list[dict[str, Any]], clients: int) -> dict[str, Any]:
 
 
 def measure(
-    urls: dict[str, str], bodies: list[dict], concurrency: list[int], requests: int, rounds: int
+    urls: dict[str, str], bodies: list[dict], concurrency: Sequence[int], requests: int, rounds: int
 ) -> list[dict[str, Any]]:
     """Every configuration at every concurrency, in `rounds` rounds that take turns (the order rotating each round), so
     that the shared machine's changing load falls on all of them alike."""
@@ -345,7 +346,7 @@ def plot(result: dict[str, Any], path: Path) -> None:
 
 
 def main(
-    concurrency: list[int] = [1, 16],
+    concurrency: Sequence[int] = (1, 16),
     requests: int = 200,
     rounds: int = 3,
     train_steps: int = 100,

@@ -351,7 +351,7 @@ def serve_and_query(out: Path, requests: int, port: int, force: bool) -> dict:
             "requests": len(examples),
             "p50_ms": statistics.median(latencies),
             "p95_ms": sorted(latencies)[int(0.95 * (len(latencies) - 1))],
-            "agreement_with_offline": sum(a == b for a, b in zip(served, offline)) / len(offline),
+            "agreement_with_offline": sum(a == b for a, b in zip(served, offline, strict=True)) / len(offline),
             "accuracy": tasks.accuracy(task, served, [e.label for e in examples]),
             "burst": burst,
             "example": {"input": examples[0].input, "gold": examples[0].label, "response": explained},

@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -119,7 +119,7 @@ def ct2_score_labels(translator: Any, tokenizer: Any, task: Any, examples: list[
     sources = [ct2_tokens(tokenizer, tasks.label_input(e)) for e in examples]
     # score_batch appends EOS to each target itself and returns a log-prob per target token, EOS's included.
     scored = translator.score_batch(
-        [source for source, cs in zip(sources, candidates) for _ in cs],
+        [source for source, cs in zip(sources, candidates, strict=True) for _ in cs],
         [ct2_tokens(tokenizer, c, eos=False) for cs in candidates for c in cs],
     )
     sums = iter([sum(r.log_probs) for r in scored])
@@ -256,7 +256,7 @@ def head_to_head(
         """The runtime before: one encoder call, every candidate a full decoder row."""
         candidates = [candidates_for(task, e) for e in batch]
         scores = parity.onnx_one_pass_scores(one_encoder_call, [tasks.label_input(e) for e in batch], candidates)
-        return [cs[int(np.argmax(s))] for cs, s in zip(candidates, scores)]
+        return [cs[int(np.argmax(s))] for cs, s in zip(candidates, scores, strict=True)]
 
     def ct2_one_step(batch: list[tasks.Example]) -> None:
         """What any label path on CTranslate2 pays at least; a one-token label is no decision to compare."""
@@ -294,7 +294,7 @@ def head_to_head(
         results[f"batch{size}"] = {
             "p50_ms": {name: float(np.median(v)) for name, v in times.items()},
             "same_decision_as_label_path": {
-                name: float(np.mean([a == b for a, b in zip(labels, decisions[LABEL_PATH])]))
+                name: float(np.mean([a == b for a, b in zip(labels, decisions[LABEL_PATH], strict=True)]))
                 for name, labels in decisions.items()
                 if labels
             },
@@ -468,7 +468,7 @@ def time_every_backend(prepared: dict[str, Any], timing: TimingOptions) -> tuple
             for row in result["rows"]:
                 labels = row.pop("labels")
                 reference = torch_labels.setdefault((row["batch"], row["fast_path"]), labels)  # pytorch-eager is first
-                agreement = sum(a == b for a, b in zip(labels, reference)) / len(reference)
+                agreement = sum(a == b for a, b in zip(labels, reference, strict=True)) / len(reference)
                 rows.append(
                     row
                     | {
@@ -494,7 +494,7 @@ def time_every_backend(prepared: dict[str, Any], timing: TimingOptions) -> tuple
     return rows, duels
 
 
-def speedups(rows: list[dict[str, Any]], sizes: list[str]) -> dict[str, Any]:
+def speedups(rows: list[dict[str, Any]], sizes: Sequence[str]) -> dict[str, Any]:
     """The p50 ratios the README quotes, per size and batch."""
 
     def p50(model: str, backend: str, batch: int, fast: bool) -> float:
@@ -528,7 +528,7 @@ def speedups(rows: list[dict[str, Any]], sizes: list[str]) -> dict[str, Any]:
 
 
 def main(
-    sizes: list[str] = list(SIZES),
+    sizes: Sequence[str] = SIZES,
     timing: TimingOptions = TimingOptions(),
     workdir: Path = ROOT / "runs" / "export-bench",
     out: Path = RESULTS / "export",

@@ -17,6 +17,7 @@ import shutil
 import statistics
 import tempfile
 import time
+from collections.abc import Sequence
 from dataclasses import asdict
 from pathlib import Path
 
@@ -66,7 +67,7 @@ def time_pipeline(
 
 
 def bench_vllm(
-    model: Path, task_name: str, count: int, max_tokens: int, chunk_sizes: list[int], repeats: int, run_dir: Path
+    model: Path, task_name: str, count: int, max_tokens: int, chunk_sizes: Sequence[int], repeats: int, run_dir: Path
 ) -> list[dict]:
     from vllm import SamplingParams
 
@@ -173,7 +174,7 @@ def main(
     task: str = "cqa",
     prompts: int = 256,
     max_tokens: int = 64,
-    chunk_sizes: list[int] = [64, 256],
+    chunk_sizes: Sequence[int] = (64, 256),
     repeats: int = 5,
     hf_batch: int = 16,
     model: Path | None = None,

@@ -155,12 +155,12 @@ def main(device: Literal["cuda", "cpu"] = "cuda", skip_base: bool = False, out: 
     alone, ddp, fsdp = (tiny_runs[k]["losses"] for k in ("one process", "ddp", "fsdp"))
     check(
         "ddp = one process",
-        all(abs(a - b) <= 1e-3 * abs(a) + 1e-3 for a, b in zip(alone[:10], ddp[:10])),
+        all(abs(a - b) <= 1e-3 * abs(a) + 1e-3 for a, b in zip(alone[:10], ddp[:10], strict=True)),
         f"first losses {alone[:3]} vs {ddp[:3]}",
     )
     check(
         "fsdp ~ one process (bf16)",
-        all(abs(a - b) <= 0.05 * abs(a) for a, b in zip(alone[:3], fsdp[:3])),
+        all(abs(a - b) <= 0.05 * abs(a) for a, b in zip(alone[:3], fsdp[:3], strict=True)),
         f"first losses {alone[:3]} vs {fsdp[:3]}",
     )
 

@@ -22,6 +22,7 @@ import statistics
 import subprocess
 import sys
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -258,7 +259,7 @@ def in_process(export: Path, body: dict, requests: int) -> dict[str, float]:
 
 
 def measure(
-    config: str, export: Path, workdir: Path, body: dict, body_file: Path, concurrency: list[int], requests: int
+    config: str, export: Path, workdir: Path, body: dict, body_file: Path, concurrency: Sequence[int], requests: int
 ) -> dict[str, Any]:
     port = free_port()
     run_dir = workdir / re.sub(r"\W+", "-", config.strip()).strip("-").lower()
@@ -361,9 +362,9 @@ def plot(result: dict[str, Any], path: Path) -> None:
 
 
 def main(
-    sizes: list[str] = ["tiny", "small"],
-    configs: list[str] = list(CONFIGS),
-    concurrency: list[int] = [1, 16, 32],
+    sizes: Sequence[str] = ("tiny", "small"),
+    configs: Sequence[str] = tuple(CONFIGS),
+    concurrency: Sequence[int] = (1, 16, 32),
     requests: int = 600,
     workdir: Path = Path("runs/bench-serving"),
     out: Path = RESULTS / "serving",

@@ -13,6 +13,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+from collections.abc import Sequence
 from pathlib import Path
 
 from benchmarks.harness import RESULTS, ROOT, bench_lock
@@ -42,8 +43,8 @@ def main(
     task: str = "esnli",
     minutes: float = 2.5,
     eval_limit: int = 500,
-    seeds: list[int] = [0, 1, 2],
-    fractions: list[float] = [0.25, 1.0],
+    seeds: Sequence[int] = (0, 1, 2),
+    fractions: Sequence[float] = (0.25, 1.0),
     runs: Path = ROOT / "runs" / "training-grid",
     out: Path = RESULTS / "training_grid",
 ) -> Path:

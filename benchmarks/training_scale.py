@@ -20,6 +20,7 @@ import shutil
 import subprocess
 import sys
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -110,7 +111,7 @@ def plot(rows: list[dict], path: Path) -> None:
 
     students = list(dict.fromkeys(r["student"] for r in rows))
     figure, axes = plt.subplots(1, len(students), figsize=(5 * len(students), 3.6), squeeze=False)
-    for axis, student in zip(axes[0], students):
+    for axis, student in zip(axes[0], students, strict=True):
         mine = [r for r in rows if r["student"] == student]
         axis.barh(
             [r["config"] for r in mine],
@@ -127,8 +128,8 @@ def plot(rows: list[dict], path: Path) -> None:
 
 
 def main(
-    students: list[str] = list(SHAPES),
-    configs: list[str] = list(CONFIGS),
+    students: Sequence[str] = tuple(SHAPES),
+    configs: Sequence[str] = tuple(CONFIGS),
     steps: int = 0,
     workdir: Path = ROOT / "runs" / "training-scale",
     out: Path = RESULTS / "training_scale",

@@ -92,7 +92,7 @@ def torch_fast_path_predictions(
 ) -> list[ort_runtime.Prediction]:
     """Closed label set: the runtime's predictions (label, probabilities, margin) from PyTorch's scores."""
     candidates, scores = torch_candidate_scores(model, tokenizer, task, examples, max_input_tokens)
-    return [ort_runtime.closed_set_prediction(cs, s) for cs, s in zip(candidates, scores)]
+    return [ort_runtime.closed_set_prediction(cs, s) for cs, s in zip(candidates, scores, strict=True)]
 
 
 def torch_fast_path_labels(
@@ -123,7 +123,7 @@ def onnx_one_pass_scores(
 
 
 def agreement(a: list[str], b: list[str]) -> float:
-    return sum(x == y for x, y in zip(a, b)) / max(1, len(a))
+    return sum(x == y for x, y in zip(a, b, strict=True)) / max(1, len(a))
 
 
 def compare(
@@ -153,7 +153,7 @@ def compare(
             onnx_fast = ort_runtime.predict(runtime, batch, fast_path=True)
             out["torch_fast"] += [p.label for p in torch_fast]
             out["onnx_fast"] += [p.label for p in onnx_fast]
-            for expected, got in zip(torch_fast, onnx_fast):
+            for expected, got in zip(torch_fast, onnx_fast, strict=True):
                 max_probability_diff = max(
                     max_probability_diff, max(abs(p - got.scores[c]) for c, p in expected.scores.items())
                 )

@@ -230,7 +230,7 @@ def load_runtime(
         device=device,
         past_names=[i.name for i in past_session.get_inputs() if i.name.startswith("past_key_values.")],
         step_weight_bytes=(export_dir / files["decoder_with_past" if decoder_with_past else "decoder"]).stat().st_size,
-        label_token_ids=dict(zip(task.labels, tokenizer(task.labels).input_ids)) if task.labels else {},
+        label_token_ids=dict(zip(task.labels, tokenizer(task.labels).input_ids, strict=True)) if task.labels else {},
     )
 
 
@@ -246,7 +246,7 @@ def run_session(
     names = outputs or [o.name for o in session.get_outputs()]
     if not runtime.io_binding:
         feeds = {k: v.numpy() if isinstance(v, ort.OrtValue) else v for k, v in feeds.items()}
-        return dict(zip(names, session.run(names, feeds)))
+        return dict(zip(names, session.run(names, feeds), strict=True))
     binding = session.io_binding()
     for name, value in feeds.items():
         if isinstance(value, ort.OrtValue):
@@ -256,7 +256,7 @@ def run_session(
     for name in names:
         binding.bind_output(name, runtime.device)
     session.run_with_iobinding(binding)
-    return dict(zip(names, binding.get_outputs()))
+    return dict(zip(names, binding.get_outputs(), strict=True))
 
 
 def to_numpy(value: Any) -> np.ndarray:
@@ -504,7 +504,7 @@ def score_candidates(runtime: Runtime, texts: list[str], candidates: list[list[s
     flat = [c for cs in candidates for c in cs]
     unseen = [c for c in dict.fromkeys(flat) if c not in runtime.label_token_ids]  # a choice task's choices
     tokenized = runtime.label_token_ids | (
-        dict(zip(unseen, runtime.tokenizer(unseen).input_ids)) if unseen else {}
+        dict(zip(unseen, runtime.tokenizer(unseen).input_ids, strict=True)) if unseen else {}
     )  # T5 tokenizers append EOS
     token_ids = [tokenized[c] for c in flat]
     first = logits[:, 0, :]
@@ -530,7 +530,7 @@ def closed_set_prediction(candidates: list[str], log_likelihoods: np.ndarray) ->
         candidates[best],
         probability=float(probabilities[best]),
         margin=float(probabilities[best]) - runner_up,
-        scores={c: float(p) for c, p in zip(candidates, probabilities)},
+        scores={c: float(p) for c, p in zip(candidates, probabilities, strict=True)},
         log_prob=float(log_likelihoods[best]),
     )
 
@@ -554,14 +554,18 @@ def predict(
         candidates = [candidates_for(runtime.task, e) for e in examples]
         predictions = [
             closed_set_prediction(cs, s)
-            for cs, s in zip(candidates, score_candidates(runtime, label_texts, candidates))
+            for cs, s in zip(candidates, score_candidates(runtime, label_texts, candidates), strict=True)
         ]
     else:
         ids, log_probs = greedy_decode(runtime, label_texts, limits["label"], score=True)
         labels = [t.strip() for t in runtime.tokenizer.batch_decode(ids, skip_special_tokens=True)]
-        predictions = [Prediction(label, log_prob=float(log_prob)) for label, log_prob in zip(labels, log_probs)]
+        predictions = [
+            Prediction(label, log_prob=float(log_prob)) for label, log_prob in zip(labels, log_probs, strict=True)
+        ]
     if explain:
         ids, _ = greedy_decode(runtime, [tasks.rationale_input(e) for e in examples], limits["rationale"])
-        for prediction, rationale in zip(predictions, runtime.tokenizer.batch_decode(ids, skip_special_tokens=True)):
+        for prediction, rationale in zip(
+            predictions, runtime.tokenizer.batch_decode(ids, skip_special_tokens=True), strict=True
+        ):
             prediction.rationale = rationale.strip()
     return predictions

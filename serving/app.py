@@ -13,6 +13,7 @@ is `serving/schema.py`); GET /v1/models, /healthz, /docs, /openapi.json.
 
 # No `from __future__ import annotations`: FastAPI reads the endpoints' types from the runtime annotations.
 import asyncio
+import dataclasses
 import functools
 import json
 import logging
@@ -207,7 +208,7 @@ async def decode_jobs(
         replica_metrics()["batch_size"].observe(
             len(rows), tags={"model": model_id, "mode": "explain" if explain else "label"}
         )
-        for i, prediction in zip(rows, predictions):
+        for i, prediction in zip(rows, predictions, strict=True):
             results[i] = Decoded(prediction, started - jobs[i].queued_at, runtime_s, len(rows))
     return results
 
@@ -331,7 +332,9 @@ class StudentServer:
             "batch": max(d.batch_size for d in decoded),
         }
         failed = [
-            (example.id, d.prediction) for example, d in zip(examples, decoded) if isinstance(d.prediction, Exception)
+            (example.id, d.prediction)
+            for example, d in zip(examples, decoded, strict=True)
+            if isinstance(d.prediction, Exception)
         ]
         if failed:
             where, problem = failed[0]
@@ -355,7 +358,7 @@ class StudentServer:
             *(fallback.ask(self.teachers[model_id], examples[i], predictions[i]) for i in unsure)
         )
         metrics = replica_metrics()
-        for i, outcome in zip(unsure, answers):
+        for i, outcome in zip(unsure, answers, strict=True):
             outcomes[i] = outcome
             metrics["fallbacks"].inc(tags={"model": model_id, "source": outcome.source})
             metrics["fallback_latency"].observe(1000 * outcome.seconds, tags={"model": model_id})
@@ -594,5 +597,5 @@ def build_app(args: dict[str, Any] | ServeArgs) -> serve.Application:
         logging_config=LoggingConfig(encoding="JSON", enable_access_log=args.access_log),
         **replicas,
     )
-    with_paths = ServeArgs.from_dict(args.to_dict() | {"models": models})
-    return deployment.bind(with_paths.to_dict())
+    # Replicas get a plain dict (what a Serve config's `args:` holds too) and rebuild ServeArgs from it.
+    return deployment.bind(dataclasses.replace(args, models=models).to_dict())

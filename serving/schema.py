@@ -182,7 +182,7 @@ def describe_problems(problems: list[dict[str, Any]], limits: Limits) -> tuple[i
         statuses.append(status)
         messages.append(message)
     status = 404 if 404 in statuses else 413 if 413 in statuses else 422
-    return status, "; ".join(dict.fromkeys(m for s, m in zip(statuses, messages) if s == status))
+    return status, "; ".join(dict.fromkeys(m for s, m in zip(statuses, messages, strict=True) if s == status))
 
 
 def describe(problem: dict[str, Any], limits: Limits) -> tuple[int, str]:

@@ -8,8 +8,9 @@ they are the top-level folders beside it, so the checkout's root joins this pack
 from pathlib import Path
 
 STAGES = ("extraction", "training", "export", "serving")
-_checkout = Path(__file__).resolve().parent.parent
+# The folder this package sits in: in a source checkout, its root (benchmarks/, tests/, .venv/, pyproject.toml).
+ROOT = Path(__file__).resolve().parent.parent
 if not (Path(__file__).parent / "export").is_dir() and all(
-    (_checkout / stage / "__init__.py").is_file() for stage in STAGES
+    (ROOT / stage / "__init__.py").is_file() for stage in STAGES
 ):
-    __path__.append(str(_checkout))
+    __path__.append(str(ROOT))

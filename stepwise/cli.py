@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import ast
+import collections.abc
 import dataclasses
 import importlib
 import inspect
@@ -159,7 +160,7 @@ def parser_for(fn: Callable, prog: str) -> argparse.ArgumentParser:
         elif get_origin(hint) is Literal:
             kwargs["choices"] = list(get_args(hint))
             kwargs["type"] = type(get_args(hint)[0])
-        elif get_origin(hint) in (list, tuple):
+        elif get_origin(hint) in (list, tuple, collections.abc.Sequence):
             # `--x a b` and `--x a --x b` both collect; the default is filled in after parsing, since
             # "extend" would append to a default list instead of replacing it.
             kwargs.update(nargs="+", action="extend", type=get_args(hint)[0] if get_args(hint) else str)
@@ -194,7 +195,9 @@ def read_config(path: Path, fn: Callable) -> dict[str, Any]:
         else:
             data = json.loads(path.read_text())
     except (ValueError, UnicodeDecodeError) as problem:  # TOMLDecodeError and JSONDecodeError are ValueErrors
-        raise ValueError(f"config file {path} is not valid {path.suffix.lstrip('.').upper() or 'JSON'}: {problem}")
+        raise ValueError(
+            f"config file {path} is not valid {path.suffix.lstrip('.').upper() or 'JSON'}: {problem}"
+        ) from problem
     if not isinstance(data, dict):
         raise ValueError(f"config file {path} must hold a table of options, not {type(data).__name__}")
     known = {o.name: o for o in options_of(fn)}

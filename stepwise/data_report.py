@@ -36,7 +36,9 @@ def split_stats(task: tasks.Task, split: str) -> dict:
     with_teacher = [e for e in examples if e.teacher_completion is not None]
     parsed = [tasks.parse_completion(task, e.teacher_completion, e.choices) for e in with_teacher]
     ok = [p for p in parsed if p.status == "ok"]
-    correct = sum(tasks.is_correct(task, p.label, e.label) for p, e in zip(parsed, with_teacher) if p.status == "ok")
+    correct = sum(
+        tasks.is_correct(task, p.label, e.label) for p, e in zip(parsed, with_teacher, strict=True) if p.status == "ok"
+    )
     reasons = Counter(p.reason.split(":")[0] for p in parsed if p.status != "ok")
     rationales = [e.rationale for e in examples if e.rationale]
     labels = label_counts(task, examples)

@@ -18,7 +18,8 @@ import sys
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
+from stepwise import ROOT
+
 ENV_NAMES = ("student", "teacher")
 # The PyPI builds of these are CUDA-linked and break `import vllm` on a CPU box; text models don't need them.
 TEACHER_CPU_UNUSED = ["torchvision", "torchaudio", "torchcodec", "triton"]

@@ -12,6 +12,7 @@ import dataclasses
 import io
 import os
 import statistics
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -61,7 +62,13 @@ def run_folder(out: Path, mode: str, fraction: float, seed: int) -> Path:
 
 
 def run_grid(
-    task: str, out: Path, modes: list[str], fractions: list[float], seeds: list[int], grid: GridOptions, **train_options
+    task: str,
+    out: Path,
+    modes: Sequence[str],
+    fractions: Sequence[float],
+    seeds: Sequence[int],
+    grid: GridOptions,
+    **train_options,
 ) -> list[dict]:
     """Train every (mode, fraction, seed) into out/<mode>_frac<f>_seed<s>; one row of metrics per run."""
     unknown = [m for m in modes if m not in train.MODES]
@@ -99,7 +106,7 @@ def run_grid(
     else:
         folders = [train.main(**run) for run in runs]
     rows = []
-    for run, folder in zip(runs, folders):
+    for run, folder in zip(runs, folders, strict=True):
         metrics = artifacts.read_metrics(folder)
         rows.append(
             {
@@ -189,9 +196,9 @@ def main(
     out: Path,
     rationales: Path | None = None,
     student: str = "tiny",
-    modes: list[str] = list(train.MODES),
-    fractions: list[float] = [0.25, 1.0],
-    seeds: list[int] = [0, 1, 2],
+    modes: Sequence[str] = train.MODES,
+    fractions: Sequence[float] = (0.25, 1.0),
+    seeds: Sequence[int] = (0, 1, 2),
     vocab_size: int = 2000,
     labels: list[str] | None = None,
     data: train.DataOptions = train.DataOptions(),

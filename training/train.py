@@ -289,7 +289,7 @@ def predict(
             generated = model.generate(
                 **encoded, max_new_tokens=max_new_tokens, do_sample=False, num_beams=1, synced_gpus=synced
             )
-            for i, text in zip(chunk, tokenizer.batch_decode(generated, skip_special_tokens=True)):
+            for i, text in zip(chunk, tokenizer.batch_decode(generated, skip_special_tokens=True), strict=True):
                 predictions[i] = text.strip()
     return predictions
 

@@ -241,7 +241,7 @@ def test_choice_task_scores_each_examples_choices_and_open_task_generates(choice
         predictions = predict(runtime, examples)
         model, tokenizer = parity.load_torch_model(student)
         if name == "cqa":
-            assert all(p.label in e.choices for p, e in zip(predictions, examples))
+            assert all(p.label in e.choices for p, e in zip(predictions, examples, strict=True))
             assert [p.label for p in predictions] == parity.torch_fast_path_labels(
                 model, tokenizer, runtime.task, examples
             )

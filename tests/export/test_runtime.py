@@ -128,7 +128,7 @@ def test_fast_path_scores_match_pytorch_and_pick_a_task_label(tiny_export_dir, t
     texts = [tasks.label_input(e) for e in examples]
     scores = score_candidates(runtime, texts, [runtime.task.labels] * len(examples))
     model, tokenizer = parity.load_torch_model(tiny_student_dir)
-    for example, text, onnx_scores in zip(examples, texts, scores):
+    for text, onnx_scores in zip(texts, scores, strict=True):
         logits, targets, mask = parity.torch_teacher_forced_logits(model, tokenizer, [text] * 3, runtime.task.labels)
         np.testing.assert_allclose(onnx_scores, sequence_log_likelihood(logits, targets, mask), atol=1e-3)
     labels = [p.label for p in predict(runtime, examples)]
@@ -147,7 +147,7 @@ def test_batched_label_path_ranks_as_the_one_pass_scorer_on_the_parity_set(expor
         texts, candidates = [tasks.label_input(e) for e in batch], [candidates_for(runtime.task, e) for e in batch]
         one_pass = parity.onnx_one_pass_scores(runtime, texts, candidates)
         predictions = predict(runtime, batch)
-        for prediction, cs, reference in zip(predictions, candidates, one_pass):
+        for prediction, cs, reference in zip(predictions, candidates, one_pass, strict=True):
             agree += prediction.label == cs[int(np.argmax(reference))]
             np.testing.assert_allclose([prediction.scores[c] for c in cs], softmax(reference), atol=1e-4)
             assert prediction.log_prob == pytest.approx(float(reference.max()), abs=1e-3)
@@ -162,7 +162,7 @@ def test_probabilities_and_margin_match_pytorch_teacher_forcing(export, student,
     )
     examples = tasks.load_split(runtime.task, "valid")[:24]
     candidates, expected = parity.torch_candidate_scores(model, tokenizer, runtime.task, examples)
-    for prediction, cs, scores in zip(predict(runtime, examples), candidates, expected):
+    for prediction, cs, scores in zip(predict(runtime, examples), candidates, expected, strict=True):
         probabilities = softmax(scores)
         assert list(prediction.scores) == cs and sum(prediction.scores.values()) == pytest.approx(1.0, abs=1e-9)
         np.testing.assert_allclose([prediction.scores[c] for c in cs], probabilities, atol=1e-4)
@@ -193,7 +193,7 @@ def test_batch_composition_does_not_change_fp32_predictions(export, request):
     runtime = load_runtime(request.getfixturevalue(export), threads=1)
     examples = tasks.load_split(runtime.task, "valid")[:16]
     together = predict(runtime, examples)
-    for example, batched in zip(examples, together):
+    for example, batched in zip(examples, together, strict=True):
         alone = predict(runtime, [example])[0]
         assert alone.label == batched.label
         assert alone.log_prob == pytest.approx(batched.log_prob, abs=1e-4)
@@ -240,10 +240,10 @@ def test_choice_examples_with_different_numbers_and_lengths_of_choices(cqa_expor
     texts = [tasks.label_input(e) for e in examples]
     for weight_bytes in (0, 1 << 40):
         scored = score_candidates(dataclasses.replace(runtime, step_weight_bytes=weight_bytes), texts, candidates)
-        for got, want in zip(scored, expected):
+        for got, want in zip(scored, expected, strict=True):
             np.testing.assert_allclose(got, want, atol=1e-3)
     predictions = predict(runtime, examples)
-    assert [p.label for p in predictions] == [cs[int(np.argmax(s))] for cs, s in zip(candidates, expected)]
+    assert [p.label for p in predictions] == [cs[int(np.argmax(s))] for cs, s in zip(candidates, expected, strict=True)]
     single = predictions[0]  # one choice: certain, nothing to compete with
     assert (single.label, single.probability, single.margin) == (examples[0].choices[0], 1.0, 1.0)
 
@@ -286,7 +286,7 @@ def test_greedy_log_prob_is_the_generated_sequence_log_likelihood(tiny_export_di
     ids, log_probs = greedy_decode(runtime, texts, runtime.export_config["max_new_tokens"]["label"], score=True)
     model, tokenizer = parity.load_torch_model(tiny_student_dir)
     start = model.config.decoder_start_token_id
-    for text, generated, log_prob in zip(texts, ids, log_probs):
+    for text, generated, log_prob in zip(texts, ids, log_probs, strict=True):
         with torch.inference_mode():
             logits = model(
                 **tokenizer([text], return_tensors="pt"), decoder_input_ids=torch.tensor([[start] + generated[:-1]])

@@ -39,7 +39,6 @@ def run_dir() -> Path:
 @pytest.fixture
 def child_env() -> dict[str, str]:
     """The environment for a `python -m stepwise ...` child: this session's settings, the checkout on the path."""
-    root = Path(__file__).resolve().parents[2]
     env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join([str(root), env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
+    env["PYTHONPATH"] = os.pathsep.join([str(harness.ROOT), env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
     return env

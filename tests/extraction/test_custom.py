@@ -43,7 +43,8 @@ def test_data_report_shows_labels_rationales_and_the_completions_parse_rate(
             assert row["parse_rate"] == sum(p.status == "ok" for p in parsed) / len(examples) > 0.9
             assert (
                 row["teacher_accuracy"]
-                == sum(p.status == "ok" and p.label == e.label for p, e in zip(parsed, examples)) / len(examples)
+                == sum(p.status == "ok" and p.label == e.label for p, e in zip(parsed, examples, strict=True))
+                / len(examples)
                 > 0.5
             )
             assert row["dataset_rationale_words_p10_p50_p90"][1] > 3

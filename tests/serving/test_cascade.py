@@ -41,7 +41,7 @@ def test_the_curve_against_the_shipped_palm_answers(trained_export_dir, student,
     assert [r["fraction"] for r in rows] == cascade.FRACTIONS
     # f = 0 is the student alone; f = 1 is PaLM's answer wherever it is readable (the student's elsewhere, as served).
     assert rows[0]["teacher_calls"] == 0 and rows[0]["accuracy"] == tasks.accuracy(ESNLI, student["labels"], golds)
-    final = [p.label if p.status == "ok" else label for p, label in zip(palm, student["labels"])]
+    final = [p.label if p.status == "ok" else label for p, label in zip(palm, student["labels"], strict=True)]
     assert rows[-1]["teacher_calls"] == LIMIT and rows[-1]["accuracy"] == tasks.accuracy(ESNLI, final, golds)
     assert result["reference"]["teacher"] == tasks.accuracy(ESNLI, [p.label for p in palm], golds)
     calls = [r["teacher_calls"] for r in rows]
@@ -56,7 +56,7 @@ def test_the_curve_against_the_shipped_palm_answers(trained_export_dir, student,
     assert [c["margin"] for c in saved] == sorted(c["margin"] for c in saved)
     assert [c["margin"] for c in saved] == pytest.approx(sorted(student["margins"]), abs=1e-6)
     assert {c["id"]: c["teacher"] for c in saved} == {
-        e.id: p.label if p.status == "ok" else None for e, p in zip(examples, palm)
+        e.id: p.label if p.status == "ok" else None for e, p in zip(examples, palm, strict=True)
     }
     assert result["teacher_per_1k"] is None and rows[-1]["seconds_per_1k"] is None  # no --teacher-cost
     assert "| 100% | 60 |" in (out / "cascade.md").read_text()
@@ -70,7 +70,7 @@ def test_an_extraction_folder_as_the_teacher(trained_export_dir, student, tmp_pa
     records = {r["id"]: r for r in artifacts.read_records(teacher)}
     answers = {i: r["teacher_label"] for i, r in records.items() if r["status"] == "ok"}
     assert result["teacher"] == str(teacher) and result["teacher_readable"] == len(answers) / LIMIT
-    final = [answers.get(e.id, label) for e, label in zip(student["examples"], student["labels"])]
+    final = [answers.get(e.id, label) for e, label in zip(student["examples"], student["labels"], strict=True)]
     assert result["rows"][-1]["accuracy"] == tasks.accuracy(ESNLI, final, [e.label for e in student["examples"]])
     assert sum(c["teacher"] is not None for c in read_calls(out)) == len(answers)
     # A replay run generated nothing, so it has no cost to report.

@@ -315,7 +315,7 @@ def teacher_says(teacher_url: str, example: tasks.Example) -> tasks.Parsed:
 @pytest.mark.slow
 def test_unsure_predictions_are_answered_by_the_teacher(served, offline, teacher_url):
     sent = 0
-    for example, student in zip(offline.examples, offline.predictions):
+    for example, student in zip(offline.examples, offline.predictions, strict=True):
         body = httpx.post(f"{served.url}/v1/predict", json={"inputs": premise_hypothesis(example)}, timeout=180).json()
         [answer] = body["predictions"]
         # The student's scores stay: they are why it asked (or not).
@@ -349,7 +349,7 @@ def test_a_list_with_explain_and_scores_mixes_both_sources(served, offline):
     ).json()
     sources = [p["source"] for p in body["predictions"]]
     assert sources == ["teacher" if p.margin < offline.threshold else "student" for p in offline.predictions]
-    for answer, student, rationale in zip(body["predictions"], offline.predictions, offline.rationales):
+    for answer, student, rationale in zip(body["predictions"], offline.predictions, offline.rationales, strict=True):
         assert answer["scores"] == pytest.approx(student.scores, abs=1e-5)
         assert answer["probability"] == pytest.approx(student.scores[answer["label"]], abs=1e-5)
         if answer["source"] == "student":
@@ -382,7 +382,7 @@ def test_a_dead_teacher_leaves_the_students_answers_flowing(served, offline):
     errors = []
     for i, response in enumerate(responses):
         for answer, student in zip(
-            response.json()["predictions"], [offline.predictions[i], offline.predictions[-1 - i]]
+            response.json()["predictions"], [offline.predictions[i], offline.predictions[-1 - i]], strict=True
         ):
             assert answer["source"] == "student" and answer["label"] == student.label
             errors.append(answer["fallback_error"])

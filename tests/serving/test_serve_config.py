@@ -47,6 +47,13 @@ def test_autoscaling_settings_become_the_deployment_config(tiny_export_dir):
     assert (autoscaling.min_replicas, autoscaling.max_replicas, autoscaling.target_ongoing_requests) == (1, 3, 4)
 
 
+def test_replicas_get_every_setting_in_one_dict_with_the_model_folders_checked(tiny_export_dir):
+    args = ServeArgs(models={"esnli": str(tiny_export_dir)}, limits=Limits(max_items=4), access_log=True)
+    (bound,) = app.build_app(args)._bound_deployment.init_args
+    checked = app.check_models(args.models, args.allow_unverified)
+    assert ServeArgs.from_dict(bound) == dataclasses.replace(args, models=checked)
+
+
 def test_settings_that_cannot_work_are_refused():
     with pytest.raises(ValueError, match=r"max_ongoing_requests \(5\) must be at least max_batch_size \(16\)"):
         Batching(max_ongoing_requests=5, max_batch_size=16)

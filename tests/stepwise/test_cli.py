@@ -6,6 +6,7 @@ import json
 import os
 import subprocess
 import sys
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Literal
 
@@ -46,6 +47,14 @@ def test_options_come_from_the_signature():
     assert cli.call_with_argv(stage, ["--task", "t"], "t")["names"] is None
     help_text = cli.parser_for(stage, "t").format_help()
     assert "how many steps, continued on a second line." in " ".join(help_text.split())
+
+
+def test_a_sequence_option_keeps_its_tuple_default_and_collects_like_a_list():
+    def grid(seeds: Sequence[int] = (0, 1)) -> Sequence[int]:
+        return seeds
+
+    assert cli.call_with_argv(grid, [], "t") == (0, 1)
+    assert cli.call_with_argv(grid, ["--seeds", "3", "--seeds", "4"], "t") == [3, 4]
 
 
 def test_bad_options_are_rejected_with_the_reason(capsys):

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from stepwise import cli
+from stepwise import artifacts, cli, tasks
 
 CONFIGS = sorted((Path(cli.__file__).parent / "configs").glob("*.toml"))
 
@@ -40,3 +40,37 @@ def test_a_config_key_the_command_does_not_have_is_refused(tmp_path):
     bad.write_text('model = "m"\nout = "o"\n[parity]\nparity_limt = 3\n')
     with pytest.raises(ValueError, match="unknown keys in config file .*export-bad.toml: parity_limt"):
         cli.arguments(export, ["--config", str(bad)])
+
+
+def test_a_finished_runs_train_config_json_is_a_config_for_the_same_run(tmp_path):
+    """`stepwise train --config RUN/train_config.json --out FOLDER` asks for that run again: every key it records is
+    an option of `stepwise train`, and the options read from it record the same file."""
+    from stepwise.training import train
+
+    def recorded(arguments: dict) -> dict:
+        plan = train.Plan(
+            out=arguments["out"],
+            task=tasks.get_task(arguments["task"], arguments["labels"]),
+            student=arguments["student"],
+            mode=arguments["mode"],
+            data_fraction=arguments["data_fraction"],
+            seed=arguments["seed"],
+            teacher_labels=False,
+            data=arguments["data"],
+            optim=arguments["optim"],
+            evaluation=arguments["evaluation"],
+            compute=arguments["compute"],
+            examples=[],
+            counts={},
+            valid=[],
+            test=[],
+        )
+        return train.train_config(arguments["task"], plan, arguments["rationales"], arguments["vocab_size"])
+
+    flags = ["--task", "esnli", "--rationales", str(tmp_path / "rationales"), "--seed", "3", "--alpha", "0.2",
+             "--max-steps", "7", "--eval-limit", "16", "--device", "cpu", "--bf16"]  # fmt: skip
+    first = recorded(cli.arguments(train.main, [*flags, "--out", str(tmp_path / "run")]))
+    config = tmp_path / "run" / "train_config.json"
+    artifacts.write_json(config, first)
+    again = recorded(cli.arguments(train.main, ["--config", str(config), "--out", str(tmp_path / "again")]))
+    assert again == first and first["alpha"] == 0.2 and first["max_steps"] == 7 and first["bf16"] is True

@@ -99,3 +99,24 @@ def test_a_stage_module_names_its_own_file_from_a_checkout():
     script = "import stepwise.training.data as m, stepwise.extraction.run as e; print(m.__file__); print(e.__file__)"
     found = subprocess.run([sys.executable, "-c", script], cwd=ROOT, capture_output=True, text=True, check=True)
     assert found.stdout.split() == [str(ROOT / "training" / "data.py"), str(ROOT / "extraction" / "run.py")]
+
+
+def test_the_task_layer_has_one_entry_point_for_every_name_the_code_uses():
+    """`from stepwise import tasks; tasks.X` keeps working for each X in use, whichever part of the task layer
+    (task_model, task_data, prompts, scoring) holds it."""
+    from stepwise import tasks
+
+    used = set()
+    for path in [*ROOT.glob("*/*.py"), *ROOT.glob("tests/*/*.py")]:
+        tree = ast.parse(path.read_text())
+        if any(
+            isinstance(node, ast.ImportFrom) and node.module == "stepwise" and "tasks" in [a.name for a in node.names]
+            for node in ast.walk(tree)
+        ):
+            used |= {
+                node.attr
+                for node in ast.walk(tree)
+                if isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name) and node.value.id == "tasks"
+            } - {"__all__"}  # this test's own
+    assert len(used) > 20 and sorted(used - set(tasks.__all__)) == []
+    assert [name for name in tasks.__all__ if not hasattr(tasks, name)] == []

@@ -36,7 +36,9 @@ def test_parser_over_all_shipped_completions(task_name, split):
     examples = tasks.load_split(task, split)
     parsed = [tasks.parse_completion(task, e.teacher_completion, e.choices) for e in examples]
     parse_rate = sum(p.status == "ok" for p in parsed) / len(parsed)
-    teacher_accuracy = sum(tasks.is_correct(task, p.label, e.label) for p, e in zip(parsed, examples)) / len(examples)
+    teacher_accuracy = sum(
+        tasks.is_correct(task, p.label, e.label) for p, e in zip(parsed, examples, strict=True)
+    ) / len(examples)
     expected_rate, expected_accuracy = MEASURED[(task_name, split)]
     assert parse_rate == pytest.approx(expected_rate, abs=0.005)
     assert teacher_accuracy == pytest.approx(expected_accuracy, abs=0.005)
@@ -515,3 +517,10 @@ def test_a_bad_task_json_in_a_folder_is_named(tmp_path, content, message):
     (tmp_path / "task.json").write_text(content)
     with pytest.raises(ValueError, match=message):
         tasks.load_task(tmp_path)
+
+
+def test_a_built_in_task_takes_back_its_own_label_set_and_refuses_another():
+    esnli = tasks.get_task("esnli")
+    assert tasks.get_task("esnli", list(esnli.labels)) == esnli  # as a finished run's train_config.json records it
+    with pytest.raises(ValueError, match=r"--labels is for custom tasks: esnli has its own \(entailment"):
+        tasks.get_task("esnli", ["yes", "no"])

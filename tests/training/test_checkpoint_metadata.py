@@ -54,7 +54,7 @@ def test_a_real_checkpoint_round_trips_through_the_checked_reader(tmp_path):
     restored = nn.Sequential(nn.Linear(3, 4), nn.LayerNorm(4), nn.Linear(4, 2, dtype=torch.bfloat16))
     restored_optimizer = torch.optim.AdamW(restored.parameters())
     distributed.load_state(tmp_path, restored, restored_optimizer)
-    for saved, loaded in zip(model.state_dict().values(), restored.state_dict().values()):
+    for saved, loaded in zip(model.state_dict().values(), restored.state_dict().values(), strict=True):
         assert torch.equal(saved, loaded)
     moments = [state["exp_avg"] for state in restored_optimizer.state.values()]
     assert moments and all(m.abs().sum() > 0 for m in moments)

@@ -73,7 +73,7 @@ def test_two_workers_reproduce_one_process(tmp_path, esnli_rationales, one_proce
     two = run(tmp_path / "two", esnli_rationales, ComputeOptions(workers=2, strategy=strategy))
     alone, paired = log_rows(one_process), log_rows(two)
     assert [r["step"] for r in paired] == [r["step"] for r in alone] and len(alone) == 8  # 6 loss rows, 2 validations
-    for a, b in zip(alone, paired):
+    for a, b in zip(alone, paired, strict=True):
         for column in ("loss", "label_loss", "rationale_loss"):
             if a[column]:
                 assert float(b[column]) == pytest.approx(float(a[column]), rel=1e-4, abs=1e-4), (a["step"], column)

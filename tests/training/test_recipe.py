@@ -69,7 +69,7 @@ def test_a_seeded_tiny_student_reproduces_its_first_losses(
     ]
     expected = PINNED[transformers.__version__.split(".")[0]]
     assert len(losses) == len(expected) == 5
-    for step, (got, want) in enumerate(zip(losses, expected), 1):
+    for step, (got, want) in enumerate(zip(losses, expected, strict=True), 1):
         assert got == pytest.approx(want, rel=RELATIVE_TOLERANCE), f"step {step}: {got} != {want}"
 
 

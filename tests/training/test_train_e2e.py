@@ -75,6 +75,8 @@ def test_train_saves_a_folder_that_reloads_and_predicts(tmp_path, esnli_rational
     refused = stepwise(*train_args(out, esnli_rationales, "--alpha", "0.7"), check=False)
     assert refused.returncode != 0 and "alpha" in refused.stderr and "--force" in refused.stderr
     assert "reusing it" in stepwise(*train_args(out, esnli_rationales, "--workers", "2", "--strategy", "fsdp")).stdout
+    # The run's own train_config.json, as --config, asks for this run again.
+    assert "reusing it" in stepwise("train", "--config", str(out / "train_config.json"), "--out", str(out)).stdout
 
 
 def test_standard_finetune_needs_no_rationales(tmp_path):
@@ -131,7 +133,7 @@ def test_killed_run_resumes_and_matches_an_uninterrupted_one(tmp_path, esnli_rat
     assert "resuming" in resumed.stdout and "done: 24 steps" in resumed.stdout
     straight_log, resumed_log = log_rows(straight), log_rows(interrupted)
     assert [r["step"] for r in resumed_log] == [r["step"] for r in straight_log]  # no step logged twice or lost
-    for a, b in zip(straight_log, resumed_log):  # the same batches and optimizer state: the same losses
+    for a, b in zip(straight_log, resumed_log, strict=True):  # the same batches and optimizer state: the same losses
         for column in ("loss", "label_loss", "rationale_loss", "valid_accuracy"):
             assert (a[column] == b[column]) or float(a[column]) == pytest.approx(float(b[column]), rel=1e-3, abs=1e-4)
     assert (
