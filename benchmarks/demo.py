@@ -3,7 +3,7 @@
 extract (replay teacher) -> train (step-by-step and standard fine-tuning) -> export (int8) -> serve on
 loopback and send real requests -> benchmark -> cascade -> report.md with plots. Every stage runs as the user
 would run it (`python -m stepwise <stage>`, each in its own environment); each step's artifact is reused when
-already there (unless --force), and every artifact is written whole or not at all, so Ctrl-C loses nothing.
+already there (unless --overwrite), and every artifact is written whole or not at all, so Ctrl-C loses nothing.
 It sits on top of the stages and the benchmarks (its latency step is the export benchmark's timing), so it
 lives in the checkout beside them.
 """
@@ -116,9 +116,9 @@ def save(path: Path, data: dict) -> dict:
     return data
 
 
-def reused(path: Path, force: bool) -> dict | None:
-    """A step's earlier result, unless --force."""
-    if force or not path.exists():
+def reused(path: Path, overwrite: bool) -> dict | None:
+    """A step's earlier result, unless --overwrite."""
+    if overwrite or not path.exists():
         return None
     print(f"reusing {path}")
     return artifacts.read_json(path, "a result the demo wrote")
@@ -147,13 +147,13 @@ def stepwise(*args: str) -> dict:
 # ---------------------------------------------------------------- steps
 
 
-def extract(out: Path, task: str, teacher: str, teacher_model: str, limit: int, force: bool) -> dict:
+def extract(out: Path, task: str, teacher: str, teacher_model: str, limit: int, overwrite: bool) -> dict:
     folder = out / "extract"
     manifest = artifacts.read_manifest(folder) if (folder / artifacts.MANIFEST).exists() else None
-    if manifest and manifest["complete"] and not force:
+    if manifest and manifest["complete"] and not overwrite:
         print(f"reusing {folder} ({manifest['counts']['records']} records)")
         return json.loads((out / "extract.json").read_text()) if (out / "extract.json").exists() else {}
-    if force:
+    if overwrite:
         shutil.rmtree(folder, ignore_errors=True)
     args = ["extract", "--task", task, "--split", "train", "--teacher", teacher, "--out", str(folder)]
     if teacher == "vllm":
@@ -163,12 +163,12 @@ def extract(out: Path, task: str, teacher: str, teacher_model: str, limit: int, 
     return save(out / "extract.json", stepwise(*args))
 
 
-def teacher_cost(out: Path, task: str, teacher: str, extract_run: dict, limit: int, force: bool) -> dict:
+def teacher_cost(out: Path, task: str, teacher: str, extract_run: dict, limit: int, overwrite: bool) -> dict:
     """Cost of teacher predictions per 1k inputs, measured on a real vLLM engine. A replay teacher costs
     nothing to measure, so the demo times a tiny local teacher of the student's own size instead (a lower
     bound: same-size models, so what remains is the few-shot prompt plus the rationale it generates)."""
     result_path = out / "teacher-cost.json"
-    if (cached := reused(result_path, force)) is not None:
+    if (cached := reused(result_path, overwrite)) is not None:
         return cached
     folder = teacher_cost_folder(out, teacher)
     if teacher == "vllm":
@@ -233,9 +233,9 @@ def cost_from_manifest(manifest: artifacts.Manifest, run: dict, teacher_name: st
     }
 
 
-def train(out: Path, task: str, mode: str, training: StudentOptions, force: bool) -> dict:
+def train(out: Path, task: str, mode: str, training: StudentOptions, overwrite: bool) -> dict:
     folder = out / "train" / mode
-    if (folder / artifacts.METRICS).exists() and not force:
+    if (folder / artifacts.METRICS).exists() and not overwrite:
         print(f"reusing {folder}")
     else:
         learning_rate = training.learning_rate or (1e-3 if training.student in ("tiny", "small") else 5e-5)
@@ -264,15 +264,15 @@ def train(out: Path, task: str, mode: str, training: StudentOptions, force: bool
             args += ["--rationales", str(out / "extract")]
         if training.max_steps:
             args += ["--max-steps", str(training.max_steps)]
-        if force:
-            args += ["--force"]
+        if overwrite:
+            args += ["--overwrite"]
         stepwise(*args)
     return artifacts.read_metrics(folder)
 
 
-def export(out: Path, target: str, max_accuracy_drop: float, force: bool) -> dict:
+def export(out: Path, target: str, max_accuracy_drop: float, overwrite: bool) -> dict:
     folder = out / "export"
-    if (folder / artifacts.PARITY).exists() and not force and (parity := artifacts.read_parity(folder))["passed"]:
+    if (folder / artifacts.PARITY).exists() and not overwrite and (parity := artifacts.read_parity(folder))["passed"]:
         print(f"reusing {folder}")
         return parity
     # A folder without a passing parity report is a half-finished export: start it again.
@@ -295,10 +295,10 @@ def export(out: Path, target: str, max_accuracy_drop: float, force: bool) -> dic
     return artifacts.read_parity(folder)
 
 
-def serve_and_query(out: Path, requests: int, port: int, force: bool) -> dict:
+def serve_and_query(out: Path, requests: int, port: int, overwrite: bool) -> dict:
     """Start `stepwise serve` on loopback, send real test-split requests over HTTP, compare with offline predictions."""
     result_path = out / "serve.json"
-    if (cached := reused(result_path, force)) is not None:
+    if (cached := reused(result_path, overwrite)) is not None:
         return cached
     import httpx
 
@@ -393,11 +393,11 @@ async def concurrent_burst(url: str, bodies: list[dict], concurrency: int) -> di
     }
 
 
-def benchmark(out: Path, calls: int, force: bool) -> dict:
+def benchmark(out: Path, calls: int, overwrite: bool) -> dict:
     """Label-only latency of the trained student: PyTorch eager vs the ONNX export, greedy vs the fast
     path, each backend alone in a fresh process (the export benchmark's timing)."""
     result_path = out / "bench.json"
-    if (cached := reused(result_path, force)) is not None:
+    if (cached := reused(result_path, overwrite)) is not None:
         return cached
     export_config = artifacts.read_export_config(out / "export")
     student = out / "train" / "step-by-step"
@@ -422,12 +422,12 @@ def benchmark(out: Path, calls: int, force: bool) -> dict:
     return save(result_path, backends)
 
 
-def cascade(out: Path, teacher: str, limit: int, force: bool) -> dict | None:
+def cascade(out: Path, teacher: str, limit: int, overwrite: bool) -> dict | None:
     """`stepwise cascade` on the export: accuracy against the share of test inputs the student hands the teacher
     (least sure first), the teacher's answers being the task's shipped test completions (PaLM-540B for the built-in
     tasks), its cost per 1k the teacher-cost step's. None when the task ships no test completions."""
     folder = out / "cascade"
-    if (cached := reused(folder / "cascade.json", force)) is not None:
+    if (cached := reused(folder / "cascade.json", overwrite)) is not None:
         return cached
     task = tasks.load_task(out / "export")
     if not any(e.teacher_completion for e in tasks.load_split(task, "test")[:limit]):
@@ -609,7 +609,7 @@ def main(
     teaching: TeacherOptions = TeacherOptions(),
     training: StudentOptions = StudentOptions(),
     delivery: DeliveryOptions = DeliveryOptions(),
-    force: bool = False,
+    overwrite: bool = False,
 ) -> Path:
     """The whole pipeline on the embedded default (replay teacher on e-SNLI, tiny student), then a report.
 
@@ -619,7 +619,7 @@ def main(
         teaching: the teacher that writes the rationales.
         training: the two students the demo trains.
         delivery: how the step-by-step student is exported, served and timed.
-        force: redo every step even where its artifact exists.
+        overwrite: redo every step even where its artifact exists.
     """
     teacher = teaching.teacher
     started = time.time()
@@ -628,22 +628,22 @@ def main(
     results: dict[str, Any] = {}
 
     say(1, f"extract: {teacher} teacher on {task}/train -> {out / 'extract'}")
-    extract_run = extract(out, task, teacher, teaching.teacher_model, training.train_limit, force)
+    extract_run = extract(out, task, teacher, teaching.teacher_model, training.train_limit, overwrite)
     say(2, "teacher cost: a real vLLM engine answering few-shot chain-of-thought prompts")
-    results["teacher_cost"] = teacher_cost(out, task, teacher, extract_run, teaching.teacher_probe, force)
+    results["teacher_cost"] = teacher_cost(out, task, teacher, extract_run, teaching.teacher_probe, overwrite)
     results["train"] = {}
     for i, mode in enumerate(MODES):
         say(3 + i, f"train {mode} ({training.student} student, up to {training.train_minutes:g} min)")
-        results["train"][mode] = train(out, task, mode, training, force)
+        results["train"][mode] = train(out, task, mode, training, overwrite)
     precision = "int8" if delivery.export_target == "cpu" else "fp16"
     say(5, f"export the step-by-step student to ONNX ({precision}, {delivery.export_target}), parity-gated")
-    results["parity"] = export(out, delivery.export_target, delivery.max_accuracy_drop, force)
+    results["parity"] = export(out, delivery.export_target, delivery.max_accuracy_drop, overwrite)
     say(6, f"serve it on Ray Serve at 127.0.0.1:{delivery.port} and send {delivery.requests} real requests")
-    results["serve"] = serve_and_query(out, delivery.requests, delivery.port, force)
+    results["serve"] = serve_and_query(out, delivery.requests, delivery.port, overwrite)
     say(7, "benchmark label-only latency: PyTorch eager vs ONNX Runtime, greedy vs fast path")
-    results["bench"] = benchmark(out, delivery.bench_calls, force)
+    results["bench"] = benchmark(out, delivery.bench_calls, overwrite)
     say(8, "cascade: the student first, its least sure test inputs to the teacher")
-    results["cascade"] = cascade(out, teacher, training.eval_limit or 1000, force)
+    results["cascade"] = cascade(out, teacher, training.eval_limit or 1000, overwrite)
     say(9, "report")
     report = write_report(out, task, teacher, results)
     print(f"\n[demo] done in {(time.time() - started) / 60:.1f} min. Report: {report}", flush=True)

@@ -124,7 +124,7 @@ class OpenAIClient:
             process list does not show it)
         api_key_env: environment variable the bearer token is read from when --api-key is not given
         concurrency: requests in flight at once
-        timeout: seconds per request before it is retried
+        timeout_s: seconds per request before it is retried
         retries: retries per request (exponential backoff) before the record is an error
     """
 
@@ -132,7 +132,7 @@ class OpenAIClient:
     api_key: str = ""
     api_key_env: str = "STEPWISE_TEACHER_API_KEY"
     concurrency: int = 16
-    timeout: float = 120.0
+    timeout_s: float = 120.0
     retries: int = 4
 
     def __post_init__(self) -> None:
@@ -140,8 +140,8 @@ class OpenAIClient:
             raise ValueError(f"--base-url must start with http:// or https://, got {self.base_url!r}")
         if self.concurrency < 1:
             raise ValueError(f"--concurrency must be 1 or more, got {self.concurrency}")
-        if self.timeout <= 0:
-            raise ValueError(f"--timeout must be more than 0 seconds, got {self.timeout}")
+        if self.timeout_s <= 0:
+            raise ValueError(f"--timeout-s must be more than 0 seconds, got {self.timeout_s}")
         if self.retries < 0:
             raise ValueError(f"--retries must be 0 or more, got {self.retries}")
 
@@ -314,7 +314,7 @@ def backoff_s(attempt: int) -> float:
 def retry_budget_s(client_options: OpenAIClient) -> float:
     """How long one `complete` call may take, every attempt's timeout and the longest waits between them included
     (the timeout bounds each network operation of an attempt, so a caller that needs a hard bound enforces this)."""
-    return client_options.timeout * (client_options.retries + 1) + sum(
+    return client_options.timeout_s * (client_options.retries + 1) + sum(
         1.5 * backoff_s(k) for k in range(1, client_options.retries + 1)
     )
 
@@ -378,7 +378,7 @@ def openai_teacher(task: tasks.Task, model: str, sampling: Sampling, client_opti
         work = iter(work)
         loop = asyncio.new_event_loop()
         limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
-        client = httpx.AsyncClient(timeout=httpx.Timeout(client_options.timeout), limits=limits)
+        client = httpx.AsyncClient(timeout=httpx.Timeout(client_options.timeout_s), limits=limits)
         running: dict[asyncio.Task, tasks.Example] = {}
         try:
             while True:

@@ -174,7 +174,7 @@ class Fallback:
         return OpenAIClient(
             base_url=self.fallback,
             api_key_env=self.fallback_api_key_env,
-            timeout=self.fallback_timeout_s,
+            timeout_s=self.fallback_timeout_s,
             retries=self.fallback_retries,
             concurrency=self.fallback_concurrency,
         )

@@ -318,11 +318,29 @@ def import_function(module_name: str, fn_name: str) -> Callable:
     return getattr(importlib.import_module(module_name), fn_name)
 
 
+# Flags renamed so that every command says one thing one way; the old spelling works for one more release.
+RENAMED_FLAGS = {"--force": "--overwrite", "--timeout": "--timeout-s"}
+
+
+def renamed_flags(argv: list[str], prog: str) -> list[str]:
+    """`argv` with renamed flags in their new spelling, and a warning on stderr for each old one."""
+    new = []
+    for arg in argv:
+        flag, equals, value = arg.partition("=")
+        if flag in RENAMED_FLAGS:
+            print(
+                f"{prog}: {flag} is deprecated and goes in the next release: use {RENAMED_FLAGS[flag]}", file=sys.stderr
+            )
+            arg = RENAMED_FLAGS[flag] + equals + value
+        new.append(arg)
+    return new
+
+
 def run_command(fn: Callable, argv: list[str], prog: str) -> None:
     """`fn` called with the options in `argv`. Library code raises; here, and only here, an error becomes a
     one-line message and an exit code (a traceback would bury what the message names; STEPWISE_DEBUG=1 keeps it)."""
     try:
-        result = call_with_argv(fn, argv, prog=prog)
+        result = call_with_argv(fn, renamed_flags(argv, prog), prog=prog)
     except (ValueError, OSError, ImportError, RuntimeError, artifacts.ParityFailed) as problem:
         if os.environ.get("STEPWISE_DEBUG") == "1":
             raise

@@ -79,7 +79,7 @@ def test_unreachable_server_gives_error_records_not_a_crash(tmp_path):
             "3",
             "--retries",
             "2",
-            "--timeout",
+            "--timeout-s",
             "2",
             "--out",
             str(out),

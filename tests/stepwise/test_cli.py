@@ -184,3 +184,15 @@ def test_os_and_import_errors_are_one_line_naming_the_file_or_package(kind, mess
         cli.run_command(failing_stage, ["--kind", kind], prog="stepwise train")
     assert str(raised.value).startswith("stepwise train: error: ") and message in str(raised.value)
     assert "\n" not in str(raised.value)
+
+
+def test_a_renamed_flag_still_works_for_a_release_with_a_warning(capsys):
+    def command(out: str, overwrite: bool = False) -> tuple[str, bool]:
+        return out, overwrite
+
+    argv = cli.renamed_flags(["--out", "x", "--force"], "stepwise train")
+    assert cli.call_with_argv(command, argv, "stepwise train") == ("x", True)
+    assert (
+        "stepwise train: --force is deprecated and goes in the next release: use --overwrite" in capsys.readouterr().err
+    )
+    assert cli.renamed_flags(["--overwrite", "--out=f"], "stepwise train") == ["--overwrite", "--out=f"]

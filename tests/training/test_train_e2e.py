@@ -73,7 +73,7 @@ def test_train_saves_a_folder_that_reloads_and_predicts(tmp_path, esnli_rational
     assert (out / "model.safetensors").stat().st_mtime_ns == modified
     # Other options into the same folder: refused, naming what differs. Where it trains is not an option of the run.
     refused = stepwise(*train_args(out, esnli_rationales, "--alpha", "0.7"), check=False)
-    assert refused.returncode != 0 and "alpha" in refused.stderr and "--force" in refused.stderr
+    assert refused.returncode != 0 and "alpha" in refused.stderr and "--overwrite" in refused.stderr
     assert "reusing it" in stepwise(*train_args(out, esnli_rationales, "--workers", "2", "--strategy", "fsdp")).stdout
     # The run's own train_config.json, as --config, asks for this run again.
     assert "reusing it" in stepwise("train", "--config", str(out / "train_config.json"), "--out", str(out)).stdout
