@@ -5,6 +5,11 @@ The extraction output folder is the contract: JSONL shards (or Parquet, when pya
 manifest.json and task.json, one record per input with id, input, label, choices, rationale,
 teacher_label, status ("ok", or why not), reason and fingerprint (of the input it was made from). It is
 read through `stepwise.artifacts`, the contract both environments share.
+
+Several sources (`--rationales A B`: two extractions, or an extraction and the teacher answers a server logged)
+merge by id, the first source's usable record winning; each record keeps its `source`. A record of an input
+outside the task's splits (a served input, say) is a training example of its own, once per input fingerprint, and
+never when its input is a validation or test input.
 """
 
 from __future__ import annotations
@@ -25,6 +30,7 @@ class StudentExample:
     input: str  # the task input text; the student sees it with the predict:/explain: prefixes
     label: str  # the label it learns (gold or the teacher's)
     rationale: str | None  # the teacher's rationale (step-by-step only)
+    source: str = ""  # the --rationales folder its teacher record came from ("": the task's own data)
 
 
 def records_by_id(folder: str | Path) -> dict[str, dict]:
@@ -43,6 +49,22 @@ def records_by_id(folder: str | Path) -> dict[str, dict]:
     if not records:
         raise ValueError(f"rationales folder {folder} holds no records (*.jsonl or *.parquet shards)")
     return records
+
+
+def usable(record: dict) -> bool:
+    return record["status"] == "ok"
+
+
+def records_by_source(sources: list[str | Path]) -> dict[str, dict]:
+    """The records of several sources by id, each with its `source`: for an id more than one holds, the first
+    source's ok record (or the first record, when none is ok)."""
+    merged: dict[str, dict] = {}
+    for source in sources:
+        for record_id, record in records_by_id(source).items():
+            previous = merged.get(record_id)
+            if previous is None or (not usable(previous) and usable(record)):
+                merged[record_id] = record | {"source": str(source)}
+    return merged
 
 
 def check_task_matches(folder: str | Path, task: tasks.Task) -> None:
@@ -119,7 +141,8 @@ def training_examples(
     counts: Counter = Counter(train_split=len(train), selected=len(selected))
     if (needs_teacher_label or needs_rationale) and records is None:
         raise ValueError("this mode learns from the teacher: pass --rationales (an extraction output folder)")
-    if records is not None and not any(e.id in records for e in train):
+    others = other_inputs(task, records or {}, {e.id for e in train}, needs_teacher_label, needs_rationale, counts)
+    if records is not None and not any(e.id in records for e in train) and not others:
         raise ValueError(
             f"none of the {len(records)} records' ids are in task {task.name!r}'s train split: "
             "wrong --task or --rationales?"
@@ -143,8 +166,43 @@ def training_examples(
                 continue
         label = record["teacher_label"] if needs_teacher_label else example.label
         rationale = record["rationale"] if needs_rationale else None
-        examples.append(StudentExample(example.input, label, rationale))
+        examples.append(StudentExample(example.input, label, rationale, record.get("source", "") if record else ""))
+    examples += others
     counts["used"] = len(examples)
     if not examples:
         raise ValueError(f"no usable training examples for task {task.name!r} ({dict(counts)})")
     return examples, dict(counts)
+
+
+def other_inputs(
+    task: tasks.Task,
+    records: dict[str, dict],
+    train_ids: set[str],
+    needs_teacher_label: bool,
+    needs_rationale: bool,
+    counts: Counter,
+) -> list[StudentExample]:
+    """Examples from records of inputs outside the train split (a server's logged teacher answers): usable for
+    the mode (a teacher label or a gold one, a rationale where needed), one per input fingerprint, none of a
+    validation or test input (the student would be selected and scored on what it trained on)."""
+    held_out = {tasks.input_fingerprint(e) for split in ("valid", "test") for e in tasks.load_split(task, split)}
+    seen: set[str] = set()
+    examples = []
+    for record in records.values():
+        if str(record["id"]) in train_ids or not record.get("input"):
+            continue
+        fingerprint = record.get("fingerprint", "")
+        label = record.get("teacher_label") if needs_teacher_label else record.get("label")
+        if fingerprint in held_out:
+            counts["skipped_held_out_input"] += 1
+        elif fingerprint in seen or not fingerprint:
+            counts["skipped_duplicate_input" if fingerprint else "skipped_no_fingerprint"] += 1
+        elif not usable(record) or not label or (needs_rationale and not record.get("rationale")):
+            counts["skipped_not_ok"] += 1
+        else:
+            seen.add(fingerprint)
+            rationale = record["rationale"] if needs_rationale else None
+            examples.append(StudentExample(record["input"], label, rationale, record.get("source", "")))
+    if examples:
+        counts["other_inputs"] = len(examples)
+    return examples

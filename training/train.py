@@ -10,7 +10,7 @@ The output folder is the contract for export and serving: a Hugging Face model (
 model.safetensors, tokenizer files) + task.json + train_config.json + metrics.json + log.csv. The model in
 it is the best one on the VALIDATION split; test metrics are computed once, at the end, on that model.
 Checkpoints (checkpoints.py) let a rerun of the same command continue after an interruption, on any number
-of workers; a rerun of a finished run returns its folder without training again (unless --force).
+of workers; a rerun of a finished run returns its folder without training again (unless --overwrite).
 """
 
 from __future__ import annotations
@@ -20,6 +20,7 @@ import random
 import shutil
 import tempfile
 import time
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, Literal
@@ -35,7 +36,7 @@ from stepwise.training.data import (
     StudentExample,
     check_extraction_finished,
     check_task_matches,
-    records_by_id,
+    records_by_source,
     training_examples,
 )
 from stepwise.training.distributed import World
@@ -53,6 +54,7 @@ from stepwise.training.objective import (
 from stepwise.training.tiny import SHAPES, build_student, student_config, train_tokenizer
 
 Mode = Literal["step-by-step", "standard-finetune", "standard-distill"]
+Rationales = str | Path | Sequence[str | Path] | None  # one source of teacher records, several, or none
 MODES: tuple[str, ...] = ("step-by-step", "standard-finetune", "standard-distill")
 
 
@@ -237,13 +239,15 @@ class Plan:
         return self.mode == "step-by-step"
 
 
-def train_config(task: str, plan: Plan, rationales: str | Path | None, vocab_size: int) -> dict:
+def train_config(task: str, plan: Plan, rationales: Rationales, vocab_size: int) -> dict:
     """What train_config.json records: every option that changes what is learned. Where it trains (workers,
-    strategy, cluster) does not: a run may resume on another number of workers."""
+    strategy, cluster) does not: a run may resume on another number of workers. One source of rationales is
+    recorded as its location, several as a list."""
+    sources = [str(source) for source in rationale_sources(rationales)]
     return {
         "task": task,
         "labels": plan.task.labels,
-        "rationales": str(rationales) if rationales else None,
+        "rationales": (sources[0] if len(sources) == 1 else sources) or None,
         "student": plan.student,
         "mode": plan.mode,
         "data_fraction": plan.data_fraction,
@@ -329,11 +333,11 @@ def evaluate(
 # ---------------------------------------------------------------- setup
 
 
-def prepare_out(out: Path, config: dict, force: bool, store: str | None) -> Literal["fresh", "resume", "done"]:
+def prepare_out(out: Path, config: dict, overwrite: bool, store: str | None) -> Literal["fresh", "resume", "done"]:
     """What to do with `out` (a copy of `store`, where the run lives there): reuse a finished run of the same
     config, resume its checkpoint, or start over."""
     config_path = out / artifacts.TRAIN_CONFIG
-    if force and config_path.exists():
+    if overwrite and config_path.exists():
         for path in out.iterdir():  # all but the lock this run holds
             if path.name != artifacts.TRAIN_LOCK:
                 shutil.rmtree(path) if path.is_dir() else path.unlink()
@@ -345,7 +349,7 @@ def prepare_out(out: Path, config: dict, force: bool, store: str | None) -> Lite
             changed = sorted(k for k in set(previous) | set(config) if previous.get(k) != config.get(k))
             raise ValueError(
                 f"{out} holds a training run with other options (differs in: {', '.join(changed)}); "
-                "pass --force to replace it or choose another --out"
+                "pass --overwrite to replace it or choose another --out"
             )
         if (out / artifacts.METRICS).exists():
             checkpoints.remove_all(out, store)  # a kill between metrics.json and the clean-up
@@ -372,18 +376,17 @@ def save_tokenizer(out: Path, student: str, examples: list[StudentExample], voca
         AutoTokenizer.from_pretrained(student).save_pretrained(out)
 
 
-def rationales_location(rationales: str | Path | None) -> str | Path | None:
-    """One name for the rationales however they were spelled: an absolute folder, or a URI."""
-    if not rationales:
-        return None
-    location = storage.as_location(rationales)
-    return location if storage.is_remote(location) else Path(location).resolve()
+def rationale_sources(rationales: Rationales) -> list[str | Path]:
+    """The sources of rationales, one name each however they were spelled: an absolute folder, or a URI."""
+    given = [rationales] if isinstance(rationales, (str, Path)) else list(rationales or ())
+    locations = [storage.as_location(source) for source in given if source]
+    return [where if storage.is_remote(where) else Path(where).resolve() for where in locations]
 
 
 def setup(
     task: str,
     out: Path,
-    rationales: str | Path | None,
+    rationales: Rationales,
     student: str,
     mode: str,
     data_fraction: float,
@@ -393,7 +396,7 @@ def setup(
     optim: OptimOptions,
     evaluation: EvalOptions,
     compute: ComputeOptions,
-    force: bool,
+    overwrite: bool,
     labels: list[str] | None = None,
     store: str | None = None,
 ) -> Plan | None:
@@ -408,13 +411,12 @@ def setup(
         )
     distributed.check_strategy(compute.strategy, group_coming=compute.on_ray)
     task_def = tasks.get_task(task, labels)
-    rationales = rationales_location(rationales)
-    records = None
-    if rationales is not None:
-        storage.check_location(rationales, "--rationales", must_exist=True)
-        check_task_matches(rationales, task_def)
-        check_extraction_finished(rationales, data.allow_incomplete)
-        records = records_by_id(rationales)
+    sources = rationale_sources(rationales)
+    for source in sources:
+        storage.check_location(source, "--rationales", must_exist=True)
+        check_task_matches(source, task_def)
+        check_extraction_finished(source, data.allow_incomplete)
+    records = records_by_source(sources) if sources else None
     teacher_labels = mode == "standard-distill" or (mode == "step-by-step" and data.label_source == "teacher")
     examples, counts = training_examples(task_def, records, teacher_labels, mode == "step-by-step", data_fraction, seed)
     valid = evaluation_subset(tasks.load_split(task_def, "valid"), evaluation.eval_limit)
@@ -427,9 +429,9 @@ def setup(
         examples=examples, counts=counts, valid=valid, test=test, store=store,
     )  # fmt: skip
 
-    state = prepare_out(plan.out, train_config(task, plan, rationales, vocab_size), force, store)
+    state = prepare_out(plan.out, train_config(task, plan, sources, vocab_size), overwrite, store)
     if state == "done":
-        print(f"[train] {out} already holds this finished run; reusing it (--force retrains)", flush=True)
+        print(f"[train] {out} already holds this finished run; reusing it (--overwrite retrains)", flush=True)
         return None
     if state == "fresh":
         save_tokenizer(plan.out, student, examples, vocab_size)
@@ -730,7 +732,7 @@ def finish(plan: Plan) -> Path:
 def main(
     task: str,
     out: str | Path,
-    rationales: str | Path | None = None,
+    rationales: Sequence[str] | None = None,
     student: str = "tiny",
     mode: Mode = "step-by-step",
     data_fraction: float = 1.0,
@@ -741,7 +743,7 @@ def main(
     optim: OptimOptions = OptimOptions(),
     evaluation: EvalOptions = EvalOptions(),
     compute: ComputeOptions = ComputeOptions(),
-    force: bool = False,
+    overwrite: bool = False,
 ) -> Path:
     """Train a T5 student on labels (and teacher rationales); save the best model on the validation split.
 
@@ -752,7 +754,9 @@ def main(
             uploaded with checksums.json; on Ray Train workers the run folder and Ray's checkpoints live there
             while it trains (nodes that share no disk resume from it).
         rationales: Extraction output folder (JSONL/Parquet shards), or its prefix on an object store
-            (s3://bucket/prefix); not needed for standard-finetune.
+            (s3://bucket/prefix); not needed for standard-finetune. Several (--rationales A B): merged by id, the
+            first usable record winning; records of inputs outside the task's splits (the teacher answers a server
+            logged) become examples of their own, once per input, never a validation or test input.
         student: A T5 checkpoint name or folder (from_pretrained), or tiny/small: built locally from scratch with a
             tokenizer trained on the task's text.
         mode: step-by-step (labels + rationales), standard-finetune (gold labels), standard-distill (teacher labels).
@@ -765,7 +769,7 @@ def main(
         optim: The optimizer, the batches and the budget.
         evaluation: Validation, test and logging.
         compute: Where the run trains.
-        force: Retrain even if --out already holds a finished or different run.
+        overwrite: Retrain even if --out already holds a finished or different run.
     """
     out_at = storage.as_location(out)
     storage.check_location(out_at, "--out")
@@ -782,7 +786,7 @@ def main(
             checkpoints.pull_run(store, out)  # a run begun elsewhere resumes here
         plan = setup(
             task, out, rationales, student, mode, data_fraction, seed, vocab_size, data, optim, evaluation, compute,
-            force, labels, store,
+            overwrite, labels, store,
         )  # fmt: skip
         if plan is not None:
             if store:

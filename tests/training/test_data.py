@@ -13,6 +13,7 @@ from stepwise.training.data import (
     check_task_matches,
     data_fraction,
     records_by_id,
+    records_by_source,
     training_examples,
 )
 
@@ -214,14 +215,56 @@ def test_an_unfinished_or_running_extraction_is_refused_unless_allowed(tmp_path,
     check_extraction_finished(folder, allow_incomplete=False)  # the lock went with its holder
 
 
-def test_a_second_train_on_one_out_is_refused_and_force_keeps_the_lock(tmp_path):
+def test_a_second_train_on_one_out_is_refused_and_overwrite_keeps_the_lock(tmp_path):
     from stepwise.training import train
 
     out = tmp_path / "student"
     with artifacts.folder_lock(out / artifacts.TRAIN_LOCK, "train", out):  # a run writing it now
         with pytest.raises(ValueError, match=f"{out} is being written by another `stepwise train`"):
             train.main(task="esnli", out=out, mode="standard-finetune")
-    (out / artifacts.TRAIN_CONFIG).write_text("{}")  # an earlier run's folder, replaced with --force
+    (out / artifacts.TRAIN_CONFIG).write_text("{}")  # an earlier run's folder, replaced with --overwrite
     plan = train.setup("esnli", out, None, "tiny", "standard-finetune", 0.01, 0, 500, train.DataOptions(),
                        train.OptimOptions(), train.EvalOptions(), train.ComputeOptions(), True)  # fmt: skip
     assert plan is not None and (out / artifacts.TRAIN_LOCK).exists()
+
+
+def test_several_sources_merge_by_id_and_served_inputs_become_examples_once(tmp_path):
+    """An extraction that failed on some inputs, a second one that has them, and a server's log of teacher answers:
+    one record per id (the first usable one), each example naming its source; a served input outside the splits
+    is an example once however often it was logged, and a served validation input never is."""
+    train, valid = tasks.load_split(ESNLI, "train")[:4], tasks.load_split(ESNLI, "valid")[:1]
+    first_records = _records_for(ESNLI, train)
+    first_records[1] |= {"status": "malformed", "rationale": "", "teacher_label": ""}
+    first = _write_folder(tmp_path / "first", first_records)
+    second = _write_folder(tmp_path / "second", [r | {"rationale": "again"} for r in _records_for(ESNLI, train[:2])])
+    served = tasks.Example("served-1", "Premise: A cat sleeps.\nHypothesis: An animal rests.", "", None, None, "")
+    logged = {
+        "id": served.id,
+        "input": served.input,
+        "label": "",
+        "choices": None,
+        "rationale": "cats rest",
+        "teacher_label": "entailment",
+        "status": "ok",
+        "reason": "",
+        "fingerprint": tasks.input_fingerprint(served),
+    }
+    held_out = _records_for(ESNLI, valid)[0] | {"id": "served-2"}
+    log = _write_folder(tmp_path / "log", [logged, logged | {"id": "served-1b"}, held_out])  # fmt: skip
+
+    records = records_by_source([first, second, log])
+    assert records[train[0].id]["source"] == str(first) and records[train[1].id]["source"] == str(second)
+    examples, counts = training_examples(ESNLI, records, needs_teacher_label=True, needs_rationale=True,
+                                         fraction=1.0, seed=0)  # fmt: skip
+    assert [(e.input, e.rationale, e.source) for e in examples] == [
+        (train[0].input, f"why {train[0].id}", str(first)),
+        (train[1].input, "again", str(second)),
+        (train[2].input, f"why {train[2].id}", str(first)),
+        (train[3].input, f"why {train[3].id}", str(first)),
+        (served.input, "cats rest", str(log)),
+    ]
+    assert counts["other_inputs"] == 1 and counts["skipped_duplicate_input"] == 1
+    assert counts["skipped_held_out_input"] == 1 and counts["used"] == 5
+    gold, gold_counts = training_examples(ESNLI, records, needs_teacher_label=False, needs_rationale=True,
+                                          fraction=1.0, seed=0)  # fmt: skip
+    assert served.input not in {e.input for e in gold}  # no gold label for a served input
