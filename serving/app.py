@@ -35,6 +35,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from stepwise import artifacts, request_limits, storage, tasks
 from stepwise.export.runtime import Prediction, Runtime, load_runtime, predict
 from stepwise.serving import fallback, schema
+from stepwise.serving.fallback_log import FallbackLog, served_record
 from stepwise.serving.settings import ServeArgs
 
 # Serve's multiplexing would drop the least recently used model beyond its limit and load it again inside the next
@@ -65,6 +66,11 @@ class Decoded(NamedTuple):
 
 
 @functools.cache
+def dropped_counter(model_id: str) -> Callable[[str], None]:
+    """What a fallback log calls when it loses a row: the replica's counter, by reason."""
+    return lambda reason: replica_metrics()["fallback_log_dropped"].inc(tags={"model": model_id, "reason": reason})
+
+
 def replica_metrics() -> dict[str, Any]:
     """Created once per replica process; Ray exports them on its metrics port (prefixed `ray_`)."""
     return {
@@ -83,6 +89,14 @@ def replica_metrics() -> dict[str, Any]:
         ),
         "fallbacks": Counter(
             "stepwise_fallbacks", "predictions sent to the teacher, by who answered", tag_keys=("model", "source")
+        ),
+        "fallback_log_rows": Counter(
+            "stepwise_fallback_log_rows", "teacher answers kept as training rows (--fallback-log)", tag_keys=("model",)
+        ),
+        "fallback_log_dropped": Counter(
+            "stepwise_fallback_log_dropped",
+            "teacher answers the fallback log lost (a full queue or disk, a write error)",
+            tag_keys=("model", "reason"),
         ),
         "fallback_latency": Histogram(
             "stepwise_fallback_latency_ms",
@@ -261,6 +275,18 @@ class StudentServer:
             for model_id, task in self.tasks.items()
             if cascade.fallback and task.closed_label_set
         }
+        self.logs = {
+            model_id: FallbackLog(
+                Path(cascade.fallback_log) / model_id, self.tasks[model_id], dropped_counter(model_id)
+            )
+            for model_id in self.teachers
+            if cascade.fallback_log
+        }
+
+    def __del__(self) -> None:
+        """Serve's shutdown of this replica: the fallback logs write what they hold."""
+        for log in getattr(self, "logs", {}).values():
+            log.close()
 
     def __serve_build_asgi_app__(self) -> FastAPI:
         return build_api(self)
@@ -358,10 +384,16 @@ class StudentServer:
             *(fallback.ask(self.teachers[model_id], examples[i], predictions[i]) for i in unsure)
         )
         metrics = replica_metrics()
+        log = self.logs.get(model_id)
         for i, outcome in zip(unsure, answers, strict=True):
             outcomes[i] = outcome
             metrics["fallbacks"].inc(tags={"model": model_id, "source": outcome.source})
             metrics["fallback_latency"].observe(1000 * outcome.seconds, tags={"model": model_id})
+            if log and outcome.source == "teacher":
+                version = self.runtimes[model_id].version
+                log.add(served_record(self.tasks[model_id], examples[i], predictions[i], outcome.prediction,
+                                      model_id, version))  # fmt: skip
+                metrics["fallback_log_rows"].inc(tags={"model": model_id})
         return outcomes
 
     def models(self) -> list[schema.ModelInfo]:

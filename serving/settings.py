@@ -144,6 +144,9 @@ class Fallback:
             for this many seconds, the student's answer standing at once (0: always ask)
         fallback_api_key_env: environment variable holding the teacher's bearer token, read on each replica's node
             (never a flag: the process list would show it)
+        fallback_log: a folder on each replica's node where every teacher answer is appended as a training row in
+            the extraction format (DIR/<model id>/: `stepwise train --rationales EXTRACT_DIR DIR/<model id>`); the
+            rows hold the request's input, so they are user data ("": off)
     """
 
     fallback: str = ""
@@ -156,6 +159,7 @@ class Fallback:
     fallback_structured: bool = True
     fallback_cooldown_s: float = 5.0
     fallback_api_key_env: str = "STEPWISE_TEACHER_API_KEY"
+    fallback_log: str = ""
 
     def __post_init__(self) -> None:
         if self.fallback and not self.fallback.startswith(("http://", "https://")):
@@ -168,6 +172,8 @@ class Fallback:
         if self.fallback_timeout_s <= 0:
             raise ValueError(f"--fallback-timeout-s must be positive, got {self.fallback_timeout_s}")
         _at_least(self, fallback_cooldown_s=0)
+        if self.fallback_log and not self.fallback:
+            raise ValueError("--fallback-log keeps the teacher's answers: it needs --fallback")
 
     def client(self) -> OpenAIClient:
         """The extraction stage's client options for this teacher."""

@@ -182,11 +182,12 @@ def other_inputs(
     needs_rationale: bool,
     counts: Counter,
 ) -> list[StudentExample]:
-    """Examples from records of inputs outside the train split (a server's logged teacher answers): usable for
-    the mode (a teacher label or a gold one, a rationale where needed), one per input fingerprint, none of a
-    validation or test input (the student would be selected and scored on what it trained on)."""
+    """Examples from records of inputs outside the task's splits (a server's logged teacher answers): usable for
+    the mode (a teacher label or a gold one, a rationale where needed), one per input fingerprint; none of a
+    validation or test input (the student would be selected and scored on what it trained on), nor of a train
+    input (the split's own example stands for it)."""
     held_out = {tasks.input_fingerprint(e) for split in ("valid", "test") for e in tasks.load_split(task, split)}
-    seen: set[str] = set()
+    seen = {tasks.input_fingerprint(e) for e in tasks.load_split(task, "train")}
     examples = []
     for record in records.values():
         if str(record["id"]) in train_ids or not record.get("input"):
@@ -195,7 +196,7 @@ def other_inputs(
         label = record.get("teacher_label") if needs_teacher_label else record.get("label")
         if fingerprint in held_out:
             counts["skipped_held_out_input"] += 1
-        elif fingerprint in seen or not fingerprint:
+        elif fingerprint in seen or not fingerprint:  # a train input, or one already taken
             counts["skipped_duplicate_input" if fingerprint else "skipped_no_fingerprint"] += 1
         elif not usable(record) or not label or (needs_rationale and not record.get("rationale")):
             counts["skipped_not_ok"] += 1

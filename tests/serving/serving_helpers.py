@@ -28,11 +28,15 @@ def metric_samples(metrics_text: str, name: str, **labels: str) -> list[tuple[di
     return samples
 
 
-def wait_for_metric(url: str, name: str, **labels: str) -> list[tuple[dict[str, str], float]]:
-    """Samples of a metric once Ray has exported them (every second or so), or [] after 30 s."""
+def wait_for_metric(
+    url: str, name: str, total: float | None = None, **labels: str
+) -> list[tuple[dict[str, str], float]]:
+    """Samples of a metric once Ray has exported them (every second or so), or [] after 30 s; with `total`, once
+    their sum has reached it (Ray exports counters as they are at each interval), or the last ones seen."""
+    samples = []
     for _ in range(60):
         samples = metric_samples(httpx.get(url, timeout=10).text, name, **labels)
-        if samples:
+        if samples and (total is None or sum(v for _, v in samples) >= total):
             return samples
         time.sleep(0.5)
-    return []
+    return samples

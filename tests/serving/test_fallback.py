@@ -10,6 +10,7 @@ whose teacher accepts connections and never answers."""
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import os
 import socket
@@ -26,6 +27,7 @@ from stepwise.export.runtime import Prediction, load_runtime, predict
 from stepwise.extraction.teachers import answer_regex
 from stepwise.serving import app, fallback, lifecycle
 from stepwise.serving.settings import Fallback, Scaling, ServeArgs
+from stepwise.training.data import records_by_source, training_examples
 
 from helpers import free_port
 from serving_helpers import metric_samples, premise_hypothesis, wait_for_metric
@@ -292,7 +294,13 @@ def served(trained_export_dir, teacher_url, silent_teacher, offline, tmp_path_fa
     serve.run(
         app.build_app(ServeArgs(models=models, scaling=SMALL, cascade=silent)), name="silent", route_prefix="/silent"
     )
-    yield SimpleNamespace(url=url, metrics=f"http://127.0.0.1:{metrics_port}/metrics", silent=silent)
+    logged = dataclasses.replace(teacher, fallback_margin=1.0, fallback_log=str(run / "fallback-log"))
+    serve.run(
+        app.build_app(ServeArgs(models=models, scaling=SMALL, cascade=logged)), name="logged", route_prefix="/logged"
+    )
+    yield SimpleNamespace(
+        url=url, metrics=f"http://127.0.0.1:{metrics_port}/metrics", silent=silent, log=run / "fallback-log"
+    )
     lifecycle.stop()
 
 
@@ -435,3 +443,32 @@ def test_metrics_count_fallbacks_by_source(served, offline):
     )  # the real teacher always answered
     latency = metric_samples(text, "ray_stepwise_fallback_latency_ms_count", model="esnli", application="dead")
     assert sum(v for _, v in latency) == 25
+
+
+@pytest.mark.slow
+def test_the_teachers_answers_are_kept_as_training_rows(served, offline):
+    """Every teacher answer of the app with --fallback-log (margin 1: all of them) is a record in the extraction
+    format once its replica stops; training takes the new inputs once each and none of the test inputs."""
+    from ray import serve
+
+    new = [{"premise": f"A {animal} sleeps on a mat.", "hypothesis": "An animal rests."} for animal in ("cat", "dog")]
+    asked = [*new, new[0], premise_hypothesis(offline.examples[0]), premise_hypothesis(offline.examples[1])]
+    for item in asked:
+        answer = httpx.post(f"{served.url}/logged/v1/predict", json={"inputs": item}, timeout=180).json()
+        assert answer["predictions"][0]["source"] == "teacher", answer
+    rows = wait_for_metric(served.metrics, "ray_stepwise_fallback_log_rows_total", total=len(asked), model="esnli",
+                           application="logged")  # fmt: skip
+    assert sum(v for _, v in rows) == len(asked)
+    serve.delete("logged")  # the replica's shutdown writes its shard
+    folder = served.log / "esnli"
+    assert tasks.load_task(folder).name == "esnli" and not list(folder.glob(".*"))  # no half-written file left
+    records = records_by_source([folder])
+    assert len(records) == 4 and all(r["status"] == "ok" and r["teacher_label"] in tasks.NLI_LABELS
+                                      for r in records.values())  # fmt: skip
+    kept = {"id", "input", "label", "choices", "rationale", "teacher_label", "status", "reason", "fingerprint",
+            "student_label", "student_margin", "model", "version", "time", "source"}  # fmt: skip
+    assert all(set(r) == kept for r in records.values())  # nothing else of the request
+    examples, counts = training_examples(ESNLI, records, needs_teacher_label=True, needs_rationale=True,
+                                         fraction=1.0, seed=0)  # fmt: skip
+    assert counts["other_inputs"] == 2 and counts["skipped_held_out_input"] == 2
+    assert sorted(e.input for e in examples) == sorted(tasks.format_input(ESNLI, item) for item in new)
