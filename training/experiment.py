@@ -21,6 +21,7 @@ from stepwise.training import train
 
 RUN_COLUMNS = [
     "mode",
+    "turn",
     "data_fraction",
     "seed",
     "steps",
@@ -57,8 +58,20 @@ class GridOptions:
             )
 
 
-def run_folder(out: Path, mode: str, fraction: float, seed: int) -> Path:
-    return Path(out) / f"{mode}_frac{fraction}_seed{seed}"
+def run_folder(out: Path, mode: str, fraction: float, seed: int, turn: str = "") -> Path:
+    """out/<mode>_frac<f>_seed<s>; a flywheel turn's "after" runs in out/after/ (its "before" runs are the plain grid's,
+    so a grid already trained is reused)."""
+    return Path(out) / ("after" if turn == "after" else "") / f"{mode}_frac{fraction}_seed{seed}"
+
+
+def turns(rationales: train.Rationales, added_rationales: Sequence[str]) -> list[tuple[str, list | None]]:
+    """("", sources) for a plain grid; with added sources, ("before", sources) and ("after", sources + added)."""
+    given = train.rationale_sources(rationales) or None
+    if not added_rationales:
+        return [("", given)]
+    if not given:
+        raise ValueError("--added-rationales are added to --rationales: give the sources the 'before' runs learn from")
+    return [("before", given), ("after", [*given, *added_rationales])]
 
 
 def run_grid(
@@ -68,9 +81,12 @@ def run_grid(
     fractions: Sequence[float],
     seeds: Sequence[int],
     grid: GridOptions,
+    rationales: train.Rationales = None,
+    added_rationales: Sequence[str] = (),
     **train_options,
 ) -> list[dict]:
-    """Train every (mode, fraction, seed) into out/<mode>_frac<f>_seed<s>; one row of metrics per run."""
+    """Train every (mode, fraction, seed), before and after the added sources where some are given, into
+    `run_folder`; one row of metrics per run."""
     unknown = [m for m in modes if m not in train.MODES]
     if unknown:
         raise ValueError(f"unknown mode(s) {unknown}: expected some of {train.MODES}")
@@ -78,19 +94,25 @@ def run_grid(
         repeated = sorted({v for v in values if values.count(v) > 1})
         if repeated:  # one grid point twice: two runs into one folder
             raise ValueError(f"{flag} repeats {', '.join(map(str, repeated))}: give each value once")
-    runs = [
-        dict(
-            task=task,
-            out=run_folder(out, mode, fraction, seed),
-            mode=mode,
-            data_fraction=fraction,
-            seed=seed,
-            **train_options,
+    grid_points = [
+        (
+            turn,
+            dict(
+                task=task,
+                out=run_folder(out, mode, fraction, seed, turn),
+                mode=mode,
+                data_fraction=fraction,
+                seed=seed,
+                rationales=sources,
+                **train_options,
+            ),
         )
+        for turn, sources in turns(rationales, added_rationales)
         for mode in modes
         for fraction in fractions
         for seed in seeds
     ]
+    runs = [run for _, run in grid_points]
     if grid.on_ray:
         compute: train.ComputeOptions = train_options["compute"]
         if compute.workers > 1:
@@ -106,11 +128,12 @@ def run_grid(
     else:
         folders = [train.main(**run) for run in runs]
     rows = []
-    for run, folder in zip(runs, folders, strict=True):
+    for (turn, run), folder in zip(grid_points, folders, strict=True):
         metrics = artifacts.read_metrics(folder)
         rows.append(
             {
                 "mode": run["mode"],
+                "turn": turn,
                 "data_fraction": run["data_fraction"],
                 "seed": run["seed"],
                 "steps": metrics["steps"],
@@ -126,14 +149,15 @@ def run_grid(
 
 
 def summarise(rows: list[dict]) -> list[dict]:
-    """Mean and standard deviation over seeds per (mode, fraction)."""
-    groups: dict[tuple[str, float], list[dict]] = {}
+    """Mean and standard deviation over seeds per (mode, turn, fraction)."""
+    groups: dict[tuple[str, str, float], list[dict]] = {}
     for row in rows:
-        groups.setdefault((row["mode"], row["data_fraction"]), []).append(row)
+        groups.setdefault((row["mode"], row["turn"], row["data_fraction"]), []).append(row)
     summary = []
-    for (mode, fraction), group in groups.items():
+    for (mode, turn, fraction), group in groups.items():
         entry = {
             "mode": mode,
+            "turn": turn,
             "data_fraction": fraction,
             "seeds": len(group),
             "mean_steps": statistics.mean(r["steps"] for r in group),
@@ -146,6 +170,11 @@ def summarise(rows: list[dict]) -> list[dict]:
     return summary
 
 
+def run_kind(entry: dict) -> str:
+    """The mode, and which side of a flywheel turn, as the table and the plot name a line."""
+    return f"{entry['mode']} ({entry['turn']})" if entry["turn"] else entry["mode"]
+
+
 def markdown_table(summary: list[dict]) -> str:
     lines = [
         "| mode | data fraction | test accuracy (mean ± std) | valid accuracy (mean ± std) | seeds | mean steps |",
@@ -154,7 +183,7 @@ def markdown_table(summary: list[dict]) -> str:
     for s in summary:
         test = f"{s['test_mean']:.4f} ± {s['test_std']:.4f}" if s["test_mean"] is not None else "n/a"
         lines.append(
-            f"| {s['mode']} | {s['data_fraction']} | {test} | {s['valid_mean']:.4f} ± {s['valid_std']:.4f} | "
+            f"| {run_kind(s)} | {s['data_fraction']} | {test} | {s['valid_mean']:.4f} ± {s['valid_std']:.4f} | "
             f"{s['seeds']} | {s['mean_steps']:.0f} |"
         )
     return "\n".join(lines) + "\n"
@@ -167,9 +196,10 @@ def plot(summary: list[dict], path: Path, title: str) -> None:
     import matplotlib.pyplot as plt
 
     figure, axes = plt.subplots(figsize=(6, 4))
-    for mode in dict.fromkeys(s["mode"] for s in summary):
+    for kind in dict.fromkeys(run_kind(s) for s in summary):
         points = sorted(
-            (s for s in summary if s["mode"] == mode and s["test_mean"] is not None), key=lambda s: s["data_fraction"]
+            (s for s in summary if run_kind(s) == kind and s["test_mean"] is not None),
+            key=lambda s: s["data_fraction"],
         )
         axes.errorbar(
             [p["data_fraction"] for p in points],
@@ -177,7 +207,7 @@ def plot(summary: list[dict], path: Path, title: str) -> None:
             yerr=[100 * p["test_std"] for p in points],
             marker="o",
             capsize=4,
-            label=mode,
+            label=kind,
         )
     axes.set_xlabel("share of the training set")
     axes.set_ylabel("test accuracy (%)")
@@ -194,7 +224,8 @@ def plot(summary: list[dict], path: Path, title: str) -> None:
 def main(
     task: str,
     out: Path,
-    rationales: Path | None = None,
+    rationales: Sequence[str] | None = None,
+    added_rationales: Sequence[str] = (),
     student: str = "tiny",
     modes: Sequence[str] = train.MODES,
     fractions: Sequence[float] = (0.25, 1.0),
@@ -214,7 +245,11 @@ def main(
     Args:
         task: Task name (svamp, cqa, esnli) or a custom task's data file/folder.
         out: Folder of the grid's runs (one model folder per run; finished runs are reused).
-        rationales: Extraction output folder (needed by step-by-step and standard-distill).
+        rationales: Extraction output folder(s) (needed by step-by-step and standard-distill), merged by id as
+            `stepwise train --rationales A B` merges them.
+        added_rationales: Sources of one flywheel turn (a server's --fallback-log folder): every grid point trains
+            twice, before (--rationales) and after (--rationales and these), scored on the same validation and test
+            splits; the after runs go to <out>/after/. A served input has no gold label: use --label-source teacher.
         student: A T5 checkpoint name or folder, or tiny/small built locally.
         modes: Training modes to compare.
         fractions: Shares of the training set.
@@ -237,6 +272,7 @@ def main(
         seeds,
         grid,
         rationales=rationales,
+        added_rationales=added_rationales,
         student=student,
         vocab_size=vocab_size,
         labels=labels,
@@ -258,6 +294,8 @@ def main(
     settings = {
         "task": task,
         "student": student,
+        "rationales": [str(source) for source in train.rationale_sources(rationales)],
+        "added_rationales": [str(source) for source in added_rationales],
         "label_source": data.label_source,
         "alpha": data.alpha,
         "learning_rate": optim.learning_rate,

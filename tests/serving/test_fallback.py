@@ -22,7 +22,7 @@ from types import SimpleNamespace
 import httpx
 import pytest
 
-from stepwise import tasks
+from stepwise import artifacts, tasks
 from stepwise.export.runtime import Prediction, load_runtime, predict
 from stepwise.extraction.teachers import answer_regex
 from stepwise.serving import app, fallback, lifecycle
@@ -445,22 +445,41 @@ def test_metrics_count_fallbacks_by_source(served, offline):
     assert sum(v for _, v in latency) == 25
 
 
-@pytest.mark.slow
-def test_the_teachers_answers_are_kept_as_training_rows(served, offline):
-    """Every teacher answer of the app with --fallback-log (margin 1: all of them) is a record in the extraction
-    format once its replica stops; training takes the new inputs once each and none of the test inputs."""
+NEW_INPUTS = [
+    {"premise": f"A {animal} sleeps on a mat.", "hypothesis": "An animal rests."} for animal in ("cat", "dog")
+]
+
+
+@pytest.fixture(scope="module")
+def fallback_log(served, offline) -> SimpleNamespace:
+    """The fallback log of the app with --fallback-log (margin 1: every prediction asks the teacher) after it answered
+    two new inputs, one of them twice, and two test inputs, and then stopped (its replica's shutdown writes the
+    shard)."""
     from ray import serve
 
-    new = [{"premise": f"A {animal} sleeps on a mat.", "hypothesis": "An animal rests."} for animal in ("cat", "dog")]
-    asked = [*new, new[0], premise_hypothesis(offline.examples[0]), premise_hypothesis(offline.examples[1])]
+    asked = [
+        *NEW_INPUTS,
+        NEW_INPUTS[0],
+        premise_hypothesis(offline.examples[0]),
+        premise_hypothesis(offline.examples[1]),
+    ]
+    sources = []
     for item in asked:
         answer = httpx.post(f"{served.url}/logged/v1/predict", json={"inputs": item}, timeout=180).json()
-        assert answer["predictions"][0]["source"] == "teacher", answer
+        sources.append(answer["predictions"][0]["source"])
     rows = wait_for_metric(served.metrics, "ray_stepwise_fallback_log_rows_total", total=len(asked), model="esnli",
                            application="logged")  # fmt: skip
-    assert sum(v for _, v in rows) == len(asked)
-    serve.delete("logged")  # the replica's shutdown writes its shard
-    folder = served.log / "esnli"
+    serve.delete("logged")
+    return SimpleNamespace(folder=served.log / "esnli", asked=asked, sources=sources, rows=rows)
+
+
+@pytest.mark.slow
+def test_the_teachers_answers_are_kept_as_training_rows(fallback_log):
+    """Every teacher answer is a record in the extraction format once its replica stops; training takes the new
+    inputs once each and none of the test inputs."""
+    assert fallback_log.sources == ["teacher"] * len(fallback_log.asked)
+    assert sum(v for _, v in fallback_log.rows) == len(fallback_log.asked)
+    folder = fallback_log.folder
     assert tasks.load_task(folder).name == "esnli" and not list(folder.glob(".*"))  # no half-written file left
     records = records_by_source([folder])
     assert len(records) == 4 and all(r["status"] == "ok" and r["teacher_label"] in tasks.NLI_LABELS
@@ -471,4 +490,50 @@ def test_the_teachers_answers_are_kept_as_training_rows(served, offline):
     examples, counts = training_examples(ESNLI, records, needs_teacher_label=True, needs_rationale=True,
                                          fraction=1.0, seed=0)  # fmt: skip
     assert counts["other_inputs"] == 2 and counts["skipped_held_out_input"] == 2
-    assert sorted(e.input for e in examples) == sorted(tasks.format_input(ESNLI, item) for item in new)
+    assert sorted(e.input for e in examples) == sorted(tasks.format_input(ESNLI, item) for item in NEW_INPUTS)
+
+
+@pytest.mark.slow
+def test_one_turn_of_the_flywheel_serves_a_student_retrained_on_the_log(
+    served, fallback_log, trained_export_dir, tmp_path
+):
+    """The whole loop: the served teacher's answers (the log above) and an extraction run train a new step-by-step
+    student on the teacher's labels (a served input has no gold label); it is exported, parity-gated, and served
+    beside the old one, answering the inputs it learnt from."""
+    from ray import serve
+
+    from stepwise.export.run import ParityOptions
+    from stepwise.export.run import main as export_main
+    from stepwise.extraction.run import main as extract
+    from stepwise.training import train
+
+    extracted = extract(task="esnli", out=tmp_path / "extract", teacher="replay")
+    student = train.main(
+        task="esnli",
+        out=tmp_path / "after",
+        rationales=[str(extracted), str(fallback_log.folder)],
+        mode="step-by-step",
+        data_fraction=0.02,
+        vocab_size=1000,
+        data=train.DataOptions(label_source="teacher", max_input_length=96, max_target_length=48),
+        optim=train.OptimOptions(learning_rate=1e-3, batch_size=16, max_steps=10),
+        evaluation=train.EvalOptions(eval_every=10, eval_limit=16),
+    )
+    metrics = artifacts.read_metrics(student)
+    assert metrics["label_source"] == "teacher"
+    assert metrics["train_examples"]["other_inputs"] == 2 and metrics["train_examples"]["skipped_held_out_input"] == 2
+    assert json.loads((student / "train_config.json").read_text())["rationales"] == [
+        str(extracted), str(fallback_log.folder.resolve())
+    ]  # fmt: skip
+    after = export_main(model=student, out=tmp_path / "export", parity=ParityOptions(parity_limit=8))
+    serve.run(
+        app.build_app(ServeArgs(models={"esnli": str(after)}, scaling=SMALL)), name="after", route_prefix="/after"
+    )
+    try:
+        [before] = httpx.get(f"{served.url}/v1/models", timeout=30).json()
+        answer = httpx.post(f"{served.url}/after/v1/predict", json={"inputs": NEW_INPUTS}, timeout=60).json()
+        assert answer["version"] == load_runtime(after, threads=1).version != before["version"]
+        assert [p["source"] for p in answer["predictions"]] == ["student"] * 2
+        assert {p["label"] for p in answer["predictions"]} <= set(tasks.NLI_LABELS)
+    finally:
+        serve.delete("after")

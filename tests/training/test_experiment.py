@@ -8,6 +8,9 @@ import os
 
 import pytest
 
+from stepwise import tasks
+from stepwise.export.runtime import Prediction
+from stepwise.serving.fallback_log import FallbackLog, served_record
 from stepwise.training import experiment
 from stepwise.training.experiment import GridOptions
 from stepwise.training.train import DataOptions, EvalOptions, OptimOptions
@@ -86,6 +89,38 @@ def test_a_grid_on_ray_writes_what_the_grid_in_this_process_writes(tmp_path, esn
         out=tmp_path / "ray", grid=GridOptions(on_ray=True), **options
     )  # finished runs are reused on Ray too
     assert len(finished) == 2 and finished == {p: p.stat().st_mtime_ns for p in finished}
+
+
+def served_log(folder, premises: list[str]):
+    """A server's fallback log (its own writer) holding the teacher's answers to inputs outside e-SNLI's splits."""
+    esnli = tasks.get_task("esnli")
+    log = FallbackLog(folder, esnli, dropped=lambda reason: pytest.fail(f"a row was dropped: {reason}"))
+    for premise in premises:
+        example = tasks.Example("", tasks.format_input(esnli, {"premise": premise, "hypothesis": "It moves."}), "")
+        student = Prediction("neutral", None, 0.4, 0.05, None)
+        teacher = Prediction("entailment", "Something that runs moves.", 1.0, 1.0, None)
+        log.add(served_record(esnli, example, student, teacher, "esnli", "v1"))
+    log.close()
+    return folder
+
+
+def test_a_flywheel_turn_trains_every_grid_point_before_and_after(tmp_path, esnli_rationales):
+    log = served_log(tmp_path / "log", ["A horse runs.", "A child runs to school.", "A train runs on time."])
+    options = dict(task="esnli", out=tmp_path / "grid", rationales=[str(esnli_rationales)], modes=["step-by-step"],
+                   fractions=[0.01], seeds=[0], name="turn")  # fmt: skip
+    small = dict(SMALL, data=DataOptions(label_source="teacher", max_input_length=96, max_target_length=32))
+    experiment.main(added_rationales=[str(log)], **options, **small)
+    saved = json.loads((tmp_path / "grid" / "turn.json").read_text())
+    before, after = sorted(saved["runs"], key=lambda r: r["turn"] != "before")
+    assert (before["turn"], after["turn"]) == ("before", "after")
+    assert after["train_examples"] == before["train_examples"] + 3  # the served inputs, on the same train share
+    assert after["test_examples"] == before["test_examples"] > 0  # scored on the same held-out split
+    assert (tmp_path / "grid" / "after" / "step-by-step_frac0.01_seed0" / "metrics.json").exists()
+    table = (tmp_path / "grid" / "turn.md").read_text()
+    assert "| step-by-step (before) | 0.01 |" in table and "| step-by-step (after) | 0.01 |" in table
+    assert saved["settings"]["added_rationales"] == [str(log)]
+    with pytest.raises(ValueError, match="--added-rationales are added to --rationales"):
+        experiment.main(**dict(options, rationales=None), added_rationales=[str(log)], **small)
 
 
 def test_a_grid_point_given_twice_is_refused_before_any_run(tmp_path):
