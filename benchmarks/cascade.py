@@ -60,7 +60,7 @@ def trained_export(workdir: Path, steps: int) -> Path:
         out=workdir / f"student-{steps}",
         mode="standard-finetune",
         vocab_size=1000,
-        data=train.DataOptions(max_input_length=128, max_target_length=16),
+        data=train.DataOptions(max_input_tokens=128, max_target_tokens=16),
         optim=train.OptimOptions(learning_rate=1e-3, batch_size=32, max_steps=steps),
         evaluation=train.EvalOptions(eval_every=steps, eval_limit=64),
     )

@@ -146,7 +146,7 @@ def main(
                 where = f"{bucket}/train-{'cluster' if address else 'one'}-{i}"
                 stepwise(student_python, ["train", "--task", "esnli", "--rationales", rationales, "--student",
                          "tiny", "--out", where, "--data-fraction", "0.05", "--batch-size", "16", "--eval-limit",
-                         "16", "--max-input-length", "96", "--max-target-length", "48", "--max-steps",
+                         "16", "--max-input-tokens", "96", "--max-target-tokens", "48", "--max-steps",
                          str(train_steps), "--eval-every", str(train_steps // 2), "--log-every", "5",
                          "--workers", "2", *(["--ray-address", address] if address else [])], env)  # fmt: skip
                 return training_rate(where)

@@ -138,7 +138,7 @@ def main(device: Literal["cuda", "cpu"] = "cuda", skip_base: bool = False, out: 
         mode="step-by-step",
         seed=0,
         vocab_size=200,
-        data=DataOptions(max_input_length=32, max_target_length=24),
+        data=DataOptions(max_input_tokens=32, max_target_tokens=24),
         optim=OptimOptions(learning_rate=3e-3, batch_size=32, max_steps=40),
         evaluation=EvalOptions(eval_every=20, eval_limit=64, log_every=1),
     )
@@ -173,7 +173,7 @@ def main(device: Literal["cuda", "cpu"] = "cuda", skip_base: bool = False, out: 
             student=str(student),
             mode="step-by-step",
             seed=0,
-            data=DataOptions(max_input_length=1024, max_target_length=256),
+            data=DataOptions(max_input_tokens=1024, max_target_tokens=256),
             optim=OptimOptions(learning_rate=5e-5, batch_size=8, max_steps=2),
             evaluation=EvalOptions(eval_every=2, eval_limit=8, eval_batch_size=8, log_every=1),
         )

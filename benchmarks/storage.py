@@ -95,7 +95,7 @@ def main(
                 task=TASK, out=where, rationales=rationales, student="tiny", data_fraction=0.05, vocab_size=500,
                 optim=train.OptimOptions(batch_size=8, max_steps=train_steps),
                 evaluation=train.EvalOptions(eval_every=train_steps, eval_limit=16),
-                data=train.DataOptions(max_input_length=64, max_target_length=32),
+                data=train.DataOptions(max_input_tokens=64, max_target_tokens=32),
             )  # fmt: skip
 
         rows.append(

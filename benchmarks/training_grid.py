@@ -71,7 +71,7 @@ def main(
             student="tiny",
             seeds=seeds,
             fractions=fractions,
-            data=DataOptions(max_input_length=128, max_target_length=64),
+            data=DataOptions(max_input_tokens=128, max_target_tokens=64),
             optim=OptimOptions(
                 learning_rate=1e-3, batch_size=32, max_steps=0, max_minutes=minutes, schedule="linear", warmup_steps=20
             ),

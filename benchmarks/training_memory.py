@@ -65,7 +65,7 @@ def command(size: str, strategy: str, accum: int) -> str:
         f"--student google/t5-v1_1-{size} --mode step-by-step "
         f"--workers {GPUS} --use-gpu --strategy {strategy} --batch-size 64"
         f"{f' --grad-accum {accum}' if accum > 1 else ''} --learning-rate 5e-5 "
-        "--max-steps 10000 --max-input-length 1024 --max-target-length 256 --eval-every 250 "
+        "--max-steps 10000 --max-input-tokens 1024 --max-target-tokens 256 --eval-every 250 "
         f"--out runs/esnli-t5-{size}-{strategy}"
     )
 

@@ -69,9 +69,9 @@ def run_config(name: str, student: str, rationales: Path, workdir: Path, steps: 
         str(log_every),
         "--eval-limit",
         "32",
-        "--max-input-length",
+        "--max-input-tokens",
         "128",
-        "--max-target-length",
+        "--max-target-tokens",
         "64",
         *flags,
     ]

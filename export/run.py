@@ -328,8 +328,8 @@ def write_export(
         )
     }
     trained = artifacts.read_train_config(model)
-    max_input_tokens = max_input_tokens or (trained["max_input_length"] if trained else artifacts.T5_MAX_INPUT_TOKENS)
-    max_rationale_tokens = max_rationale_tokens or (trained["max_target_length"] if trained else RATIONALE_TOKENS)
+    max_input_tokens = max_input_tokens or (trained["max_input_tokens"] if trained else artifacts.T5_MAX_INPUT_TOKENS)
+    max_rationale_tokens = max_rationale_tokens or (trained["max_target_tokens"] if trained else RATIONALE_TOKENS)
     limits = token_limits(task, tokenizer, max_rationale_tokens) | {"input": max_input_tokens}
     export_config = {
         "model_id": model.resolve().name,
@@ -403,8 +403,8 @@ def main(
         decoder_layout: split (decoder + decoder_with_past) or merged (one decoder with an If on the cache); auto picks
             per target
         threads: intra-op threads per ONNX session written into the config (0: ONNX Runtime decides)
-        max_input_tokens: inputs are truncated to this many tokens (0: train_config.json's max_input_length, else 512)
-        max_rationale_tokens: generation limit for rationales (0: train_config.json's max_target_length, else 128)
+        max_input_tokens: inputs are truncated to this many tokens (0: train_config.json's max_input_tokens, else 512)
+        max_rationale_tokens: generation limit for rationales (0: train_config.json's max_target_tokens, else 128)
         served: the largest request serving will send (TensorRT shape profiles)
         parity: the parity gate's settings
         overwrite: replace an earlier export at --out (only a folder `stepwise export` wrote)

@@ -269,8 +269,17 @@ class TrainConfig(TypedDict):
     task: str
     student: str
     mode: str
-    max_input_length: int  # input tokens the student learned from: export's default input limit
-    max_target_length: int  # label and rationale tokens: export's default rationale limit
+    max_input_tokens: int  # input tokens the student learned from: export's default input limit
+    max_target_tokens: int  # label and rationale tokens: export's default rationale limit
+
+
+# train_config.json keys renamed since (the option's old name -> its name now); folders written before still read.
+RENAMED_SETTINGS = {"max_input_length": "max_input_tokens", "max_target_length": "max_target_tokens"}
+
+
+def current_settings(config: dict) -> dict:
+    """A train_config.json's settings under today's names (a run folder trained by an earlier stepwise)."""
+    return {RENAMED_SETTINGS.get(key, key): value for key, value in config.items()}
 
 
 # T5's pretraining input length: the input limit of an exported checkpoint that brings no train_config.json.
@@ -320,6 +329,7 @@ def _read_typed(folder: str | Path, name: str, kind: type[Typed], what: str) -> 
     data = read_json(path, what)
     if not isinstance(data, dict):
         raise ValueError(f"{path} holds a JSON {type(data).__name__}, not an object: {what}")
+    data = current_settings(data) if name == TRAIN_CONFIG else data
     missing = sorted(set(kind.__required_keys__) - set(data))
     if missing:
         raise ValueError(f"{path} lacks {', '.join(missing)}: {what} (written by another stepwise version?)")

@@ -115,7 +115,9 @@ def model_card(folder: Path, name: str = "") -> str:
     too): the task and labels, the recipe, the metrics the run measured, the export's parity report."""
     folder = Path(folder)
     task = artifacts.read_json(folder / artifacts.TASK, "a stepwise artifact folder")
-    recipe = read_if_there(folder / artifacts.TRAIN_CONFIG)  # absent when a checkpoint from elsewhere was exported
+    recipe = artifacts.current_settings(
+        read_if_there(folder / artifacts.TRAIN_CONFIG)
+    )  # absent when a checkpoint from elsewhere was exported
     metrics = (
         artifacts.read_json(folder / artifacts.METRICS, "a finished run")
         if (folder / artifacts.METRICS).exists()
@@ -181,7 +183,7 @@ def model_card(folder: Path, name: str = "") -> str:
         f"| student | {recipe.get('student')} |",
         f"| recipe | alpha {recipe.get('alpha')}, lr {recipe.get('learning_rate')}, batch {recipe.get('batch_size')} x "
         f"{recipe.get('grad_accum')}, {metrics['steps'] if metrics else '?'} steps, input/target tokens "
-        f"{recipe.get('max_input_length')}/{recipe.get('max_target_length')} |",
+        f"{recipe.get('max_input_tokens')}/{recipe.get('max_target_tokens')} |",
         f"| rationales | {recipe.get('rationales') or '-'} |",
     ]
     for split in ("valid", "test"):

@@ -182,6 +182,15 @@ def parser_for(fn: Callable, prog: str) -> argparse.ArgumentParser:
     return parser
 
 
+def renamed_key(key: str, path: Path) -> str:
+    """A config file's key in today's spelling, with a warning where it is an old one."""
+    if key in RENAMED_KEYS:
+        print(f"config file {path}: {key} is deprecated and goes in the next release: use {RENAMED_KEYS[key]}",
+              file=sys.stderr)  # fmt: skip
+        return RENAMED_KEYS[key]
+    return key
+
+
 def read_config(path: Path, fn: Callable) -> dict[str, Any]:
     """Option values from a JSON or TOML file: option names as keys, or a table per argument group holding that
     group's options only (a key under the wrong table is an error naming both)."""
@@ -203,11 +212,11 @@ def read_config(path: Path, fn: Callable) -> dict[str, Any]:
     known = {o.name: o for o in options_of(fn)}
     groups = {o.group for o in known.values() if o.group}
     flat: dict[str, Any] = {}
+    data = {renamed_key(key.replace("-", "_"), path): value for key, value in data.items()}
     for key, value in data.items():
-        key = key.replace("-", "_")
         if key in groups and isinstance(value, dict):
             for inner, inner_value in value.items():
-                inner = inner.replace("-", "_")
+                inner = renamed_key(inner.replace("-", "_"), path)
                 if inner in known and known[inner].group != key:
                     home = f"[{known[inner].group}]" if known[inner].group else "the top level"
                     raise ValueError(f"config file {path}: {inner} is not an option of [{key}]; it belongs at {home}")
@@ -319,7 +328,12 @@ def import_function(module_name: str, fn_name: str) -> Callable:
 
 
 # Flags renamed so that every command says one thing one way; the old spelling works for one more release.
-RENAMED_FLAGS = {"--force": "--overwrite", "--timeout": "--timeout-s"}
+RENAMED_FLAGS = {
+    "--force": "--overwrite",
+    "--timeout": "--timeout-s",
+    **{"--" + old.replace("_", "-"): "--" + new.replace("_", "-") for old, new in artifacts.RENAMED_SETTINGS.items()},
+}
+RENAMED_KEYS = {old[2:].replace("-", "_"): new[2:].replace("-", "_") for old, new in RENAMED_FLAGS.items()}
 
 
 def renamed_flags(argv: list[str], prog: str) -> list[str]:

@@ -32,17 +32,17 @@ def encode(tokenizer: PreTrainedTokenizerBase, texts: list[str], max_length: int
 
 
 def tokenize_examples(
-    tokenizer: PreTrainedTokenizerBase, examples: list[StudentExample], max_input_length: int, max_target_length: int
+    tokenizer: PreTrainedTokenizerBase, examples: list[StudentExample], max_input_tokens: int, max_target_tokens: int
 ) -> dict[str, list[list[int]]]:
     """Token ids per example, computed once: predict/explain inputs, label and rationale targets."""
     as_example = [tasks.Example("", e.input, e.label) for e in examples]
     columns = {
-        "predict": encode(tokenizer, [tasks.label_input(e) for e in as_example], max_input_length),
-        "label": encode(tokenizer, [e.label for e in examples], max_target_length),
+        "predict": encode(tokenizer, [tasks.label_input(e) for e in as_example], max_input_tokens),
+        "label": encode(tokenizer, [e.label for e in examples], max_target_tokens),
     }
     if all(e.rationale is not None for e in examples):
-        columns["explain"] = encode(tokenizer, [tasks.rationale_input(e) for e in as_example], max_input_length)
-        columns["rationale"] = encode(tokenizer, [e.rationale for e in examples], max_target_length)
+        columns["explain"] = encode(tokenizer, [tasks.rationale_input(e) for e in as_example], max_input_tokens)
+        columns["rationale"] = encode(tokenizer, [e.rationale for e in examples], max_target_tokens)
     return columns
 
 

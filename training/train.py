@@ -68,16 +68,16 @@ class DataOptions:
     Args:
         label_source: Labels learned in step-by-step mode: the gold ones or the teacher's.
         alpha: Weight of the label loss; the rationale loss gets 1 - alpha.
-        max_input_length: Input tokens kept (truncated beyond).
-        max_target_length: Label and rationale tokens kept (truncated beyond).
+        max_input_tokens: Input tokens kept (truncated beyond).
+        max_target_tokens: Label and rationale tokens kept (truncated beyond).
         allow_incomplete: Train on an extraction that has not finished (its manifest not complete, or a run still
             writing it): only the records it holds so far.
     """
 
     label_source: Literal["gold", "teacher"] = "gold"
     alpha: float = 0.5
-    max_input_length: int = 1024
-    max_target_length: int = 256
+    max_input_tokens: int = 1024
+    max_target_tokens: int = 256
     allow_incomplete: bool = False
 
     def __post_init__(self) -> None:
@@ -85,10 +85,10 @@ class DataOptions:
             raise ValueError(f"--label-source must be gold or teacher, got {self.label_source!r}")
         if not 0.0 <= self.alpha <= 1.0:
             raise ValueError(f"--alpha must be in [0, 1], got {self.alpha}")
-        if self.max_input_length < 1 or self.max_target_length < 1:
+        if self.max_input_tokens < 1 or self.max_target_tokens < 1:
             raise ValueError(
-                "--max-input-length and --max-target-length must be positive, "
-                f"got {self.max_input_length} and {self.max_target_length}"
+                "--max-input-tokens and --max-target-tokens must be positive, "
+                f"got {self.max_input_tokens} and {self.max_target_tokens}"
             )
 
 
@@ -268,7 +268,7 @@ def predict(
     model: T5ForConditionalGeneration,
     tokenizer: PreTrainedTokenizerBase,
     examples: list[tasks.Example],
-    max_input_length: int = 1024,
+    max_input_tokens: int = 1024,
     max_new_tokens: int = 32,
     batch_size: int = 64,
     synced: bool = False,
@@ -287,7 +287,7 @@ def predict(
                 [texts[i] for i in chunk],
                 padding=True,
                 truncation=True,
-                max_length=max_input_length,
+                max_length=max_input_tokens,
                 return_tensors="pt",
             ).to(device)
             generated = model.generate(
@@ -313,7 +313,7 @@ def evaluate(
     task: tasks.Task,
     examples: list[tasks.Example],
     world: World,
-    max_input_length: int,
+    max_input_tokens: int,
     max_new_tokens: int,
     batch_size: int,
 ) -> dict:
@@ -323,7 +323,7 @@ def evaluate(
     mine = examples[world.rank :: world.size]
     with distributed.generation_ready(model, world) as synced:
         predicted = predict(
-            model, tokenizer, mine + examples[: share - len(mine)], max_input_length, max_new_tokens, batch_size, synced
+            model, tokenizer, mine + examples[: share - len(mine)], max_input_tokens, max_new_tokens, batch_size, synced
         )
     by_rank = distributed.gather(predicted[: len(mine)], world)
     predictions = [by_rank[i % world.size][i // world.size] for i in range(len(examples))]
@@ -344,13 +344,14 @@ def prepare_out(out: Path, config: dict, overwrite: bool, store: str | None) -> 
         if store:
             storage.delete_prefix(store)
     elif config_path.exists():
-        previous = artifacts.read_json(config_path, "a training run's options")
+        previous = artifacts.current_settings(artifacts.read_json(config_path, "a training run's options"))
         if previous != config:
             changed = sorted(k for k in set(previous) | set(config) if previous.get(k) != config.get(k))
             raise ValueError(
                 f"{out} holds a training run with other options (differs in: {', '.join(changed)}); "
                 "pass --overwrite to replace it or choose another --out"
             )
+        artifacts.write_json(config_path, config)  # in today's names, where an earlier stepwise wrote it
         if (out / artifacts.METRICS).exists():
             checkpoints.remove_all(out, store)  # a kill between metrics.json and the clean-up
             return "done"
@@ -500,8 +501,8 @@ def start_worker(plan: Plan, device: torch.device, on_ray: bool) -> Worker:
     """Tokenize, build and wrap the student, and restore the newest checkpoint if there is one."""
     world = distributed.join(plan.compute.strategy, device)
     tokenizer = AutoTokenizer.from_pretrained(plan.out)
-    columns = tokenize_examples(tokenizer, plan.examples, plan.data.max_input_length, plan.data.max_target_length)
-    max_new_tokens = min(plan.data.max_target_length, max(len(ids) for ids in columns["label"]) + 2)
+    columns = tokenize_examples(tokenizer, plan.examples, plan.data.max_input_tokens, plan.data.max_target_tokens)
+    max_new_tokens = min(plan.data.max_target_tokens, max(len(ids) for ids in columns["label"]) + 2)
     model = initial_student(plan, tokenizer, world)
     model.generation_config.max_new_tokens = max_new_tokens  # saved with the model: label-only decoding length
     forward = distributed.wrap(model, world, plan.compute.bf16)
@@ -540,7 +541,7 @@ def open_tracker(plan: Plan, resume_step: int) -> tracking.Tracker:
 def score(worker: Worker, examples: list[tasks.Example]) -> dict:
     """Accuracy of the worker's model on `examples` (every rank takes part)."""
     plan = worker.plan
-    return evaluate(worker.model, worker.tokenizer, plan.task, examples, worker.world, plan.data.max_input_length,
+    return evaluate(worker.model, worker.tokenizer, plan.task, examples, worker.world, plan.data.max_input_tokens,
                     worker.max_new_tokens, plan.evaluation.eval_batch_size)  # fmt: skip
 
 

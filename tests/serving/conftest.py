@@ -63,7 +63,7 @@ def trained_export_dir(tmp_path_factory) -> Path:
         out=folder / "student",
         mode="standard-finetune",
         vocab_size=1000,
-        data=train.DataOptions(max_input_length=128, max_target_length=16),
+        data=train.DataOptions(max_input_tokens=128, max_target_tokens=16),
         optim=train.OptimOptions(learning_rate=1e-3, batch_size=32, max_steps=60),
         evaluation=train.EvalOptions(eval_every=60, eval_limit=32),
     )

@@ -515,7 +515,7 @@ def test_one_turn_of_the_flywheel_serves_a_student_retrained_on_the_log(
         mode="step-by-step",
         data_fraction=0.02,
         vocab_size=1000,
-        data=train.DataOptions(label_source="teacher", max_input_length=96, max_target_length=48),
+        data=train.DataOptions(label_source="teacher", max_input_tokens=96, max_target_tokens=48),
         optim=train.OptimOptions(learning_rate=1e-3, batch_size=16, max_steps=10),
         evaluation=train.EvalOptions(eval_every=10, eval_limit=16),
     )

@@ -28,7 +28,7 @@ def test_train_export_and_serve_read_and_write_the_object_store(bucket, tmp_path
     )  # a call: `cli.main` would run it in the other env
     cli.main(["train", "--task", "esnli", "--rationales", rationales, "--student", "tiny", "--out", student,
               "--max-steps", "4", "--eval-every", "4", "--eval-limit", "8", "--batch-size", "8",
-              "--max-input-length", "64", "--max-target-length", "32"])  # fmt: skip
+              "--max-input-tokens", "64", "--max-target-tokens", "32"])  # fmt: skip
     assert {"config.json", "model.safetensors", "metrics.json", "task.json", "checksums.json"} <= set(
         storage.list_files(student)
     )

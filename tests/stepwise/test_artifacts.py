@@ -91,9 +91,9 @@ def test_a_typed_artifact_that_is_not_a_json_object_is_named(tmp_path):
 
 def test_train_config_is_read_typed_and_absent_for_a_checkpoint_from_elsewhere(tmp_path):
     assert artifacts.read_train_config(tmp_path) is None  # a Hugging Face checkpoint stepwise did not train
-    settings = {"task": "esnli", "student": "tiny", "mode": "step-by-step", "max_input_length": 96}
+    settings = {"task": "esnli", "student": "tiny", "mode": "step-by-step", "max_input_tokens": 96}
     artifacts.write_json(tmp_path / artifacts.TRAIN_CONFIG, settings)
-    with pytest.raises(ValueError, match=r"train_config.json lacks max_target_length: a training run's settings"):
+    with pytest.raises(ValueError, match=r"train_config.json lacks max_target_tokens: a training run's settings"):
         artifacts.read_train_config(tmp_path)
-    artifacts.write_json(tmp_path / artifacts.TRAIN_CONFIG, settings | {"max_target_length": 48})
-    assert artifacts.read_train_config(tmp_path)["max_input_length"] == 96
+    artifacts.write_json(tmp_path / artifacts.TRAIN_CONFIG, settings | {"max_target_tokens": 48})
+    assert artifacts.read_train_config(tmp_path)["max_input_tokens"] == 96

@@ -107,7 +107,7 @@ def test_a_kill_while_the_best_model_is_written_leaves_no_partial_model(tmp_path
     out = tmp_path / "run"
     args = esnli_train(out, esnli_rationales, "--student", "small", "--data-fraction", "0.01", "--batch-size", "4",
                        "--max-steps", "2", "--eval-every", "1", "--eval-limit", "4",
-                       "--max-input-length", "64")  # fmt: skip
+                       "--max-input-tokens", "64")  # fmt: skip
     process = start_stepwise(*args)
     deadline = time.monotonic() + 300
     writing = []

@@ -18,7 +18,7 @@ from stepwise.training.train import DataOptions, EvalOptions, OptimOptions
 pytestmark = pytest.mark.slow
 
 SMALL = dict(
-    data=DataOptions(max_input_length=96, max_target_length=32),
+    data=DataOptions(max_input_tokens=96, max_target_tokens=32),
     optim=OptimOptions(learning_rate=1e-3, batch_size=8, max_steps=2),
     evaluation=EvalOptions(eval_every=2, eval_limit=8),
 )
@@ -108,7 +108,7 @@ def test_a_flywheel_turn_trains_every_grid_point_before_and_after(tmp_path, esnl
     log = served_log(tmp_path / "log", ["A horse runs.", "A child runs to school.", "A train runs on time."])
     options = dict(task="esnli", out=tmp_path / "grid", rationales=[str(esnli_rationales)], modes=["step-by-step"],
                    fractions=[0.01], seeds=[0], name="turn")  # fmt: skip
-    small = dict(SMALL, data=DataOptions(label_source="teacher", max_input_length=96, max_target_length=32))
+    small = dict(SMALL, data=DataOptions(label_source="teacher", max_input_tokens=96, max_target_tokens=32))
     experiment.main(added_rationales=[str(log)], **options, **small)
     saved = json.loads((tmp_path / "grid" / "turn.json").read_text())
     before, after = sorted(saved["runs"], key=lambda r: r["turn"] != "before")

@@ -32,7 +32,7 @@ def student(tiny_student_dir):
 def columns(student):
     train = tasks.load_split(tasks.get_task("esnli"), "train")[:8]
     examples = [StudentExample(e.input, e.label, e.rationale or "no reason") for e in train]
-    return tokenize_examples(student[1], examples, max_input_length=128, max_target_length=64)
+    return tokenize_examples(student[1], examples, max_input_tokens=128, max_target_tokens=64)
 
 
 def test_batch_stacks_predict_rows_then_explain_rows(student, columns):

@@ -51,7 +51,7 @@ def run(out, rationales, compute: ComputeOptions):
         mode="step-by-step",
         data_fraction=0.03,
         seed=0,
-        data=DataOptions(max_input_length=96, max_target_length=48),
+        data=DataOptions(max_input_tokens=96, max_target_tokens=48),
         optim=OptimOptions(learning_rate=1e-3, batch_size=16, max_steps=6),
         evaluation=EvalOptions(eval_every=3, eval_limit=16, log_every=1),
         compute=compute,

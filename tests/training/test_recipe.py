@@ -60,7 +60,7 @@ def test_a_seeded_tiny_student_reproduces_its_first_losses(
         mode="step-by-step",
         seed=0,
         vocab_size=200,
-        data=DataOptions(max_input_length=32, max_target_length=24),
+        data=DataOptions(max_input_tokens=32, max_target_tokens=24),
         optim=OptimOptions(learning_rate=3e-3, batch_size=32, max_steps=5),
         evaluation=EvalOptions(eval_every=5, eval_limit=16, log_every=1),
     )
@@ -81,7 +81,7 @@ def test_validation_accuracy_rises_far_above_chance_on_a_learnable_task(tmp_path
         mode="standard-finetune",
         seed=0,
         vocab_size=200,
-        data=DataOptions(max_input_length=32, max_target_length=8),
+        data=DataOptions(max_input_tokens=32, max_target_tokens=8),
         optim=OptimOptions(learning_rate=3e-3, batch_size=32, max_steps=40),
         evaluation=EvalOptions(eval_every=10, log_every=10),
     )

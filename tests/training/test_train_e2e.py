@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 from transformers import AutoTokenizer, T5ForConditionalGeneration
 
-from stepwise import tasks
+from stepwise import artifacts, tasks
 from stepwise.training.train import evaluation_subset, predict
 
 from helpers import start_stepwise, stepwise
@@ -24,7 +24,7 @@ pytestmark = pytest.mark.slow
 
 def train_args(out: Path, rationales: Path, *extra: str) -> list[str]:
     return esnli_train(out, rationales, "--max-steps", "6", "--eval-every", "3", "--eval-limit", "24",
-                       "--max-input-length", "128", "--max-target-length", "64", *extra)  # fmt: skip
+                       "--max-input-tokens", "128", "--max-target-tokens", "64", *extra)  # fmt: skip
 
 
 def log_rows(out: Path) -> list[dict]:
@@ -62,7 +62,7 @@ def test_train_saves_a_folder_that_reloads_and_predicts(tmp_path, esnli_rational
     task = tasks.load_task(out)
     test = evaluation_subset(tasks.load_split(task, "test"), 24)
     predictions = predict(
-        model, tokenizer, test, max_input_length=128, max_new_tokens=model.generation_config.max_new_tokens
+        model, tokenizer, test, max_input_tokens=128, max_new_tokens=model.generation_config.max_new_tokens
     )
     assert tasks.accuracy(task, predictions, [e.label for e in test]) == metrics["test"]["accuracy"]
     assert set(predictions) - {""}  # it generates text, not nothing
@@ -77,6 +77,21 @@ def test_train_saves_a_folder_that_reloads_and_predicts(tmp_path, esnli_rational
     assert "reusing it" in stepwise(*train_args(out, esnli_rationales, "--workers", "2", "--strategy", "fsdp")).stdout
     # The run's own train_config.json, as --config, asks for this run again.
     assert "reusing it" in stepwise("train", "--config", str(out / "train_config.json"), "--out", str(out)).stdout
+
+    # A folder an earlier stepwise trained (its settings say max_input_length/max_target_length) is still this run,
+    # as its own file and as a --config; the old flags work, with a warning; the file is rewritten in today's names.
+    old_name = {new: old for old, new in artifacts.RENAMED_SETTINGS.items()}
+    old_names = {old_name.get(key, key): value for key, value in config.items()}
+    assert {"max_input_length", "max_target_length"} <= set(old_names) and "max_input_tokens" not in old_names
+    earlier = tmp_path / "earlier-config.json"
+    earlier.write_text(json.dumps(old_names))
+    (out / "train_config.json").write_text(json.dumps(old_names))
+    again = stepwise("train", "--config", str(earlier), "--out", str(out))
+    assert "reusing it" in again.stdout and "max_input_length is deprecated" in again.stderr
+    assert json.loads((out / "train_config.json").read_text()) == config
+    renamed = [{"--max-input-tokens": "--max-input-length", "--max-target-tokens": "--max-target-length"}.get(a, a)
+               for a in train_args(out, esnli_rationales)]  # fmt: skip
+    assert "--max-input-length" in renamed and "reusing it" in stepwise(*renamed).stdout
 
 
 def test_standard_finetune_needs_no_rationales(tmp_path):
@@ -103,7 +118,7 @@ def test_standard_finetune_needs_no_rationales(tmp_path):
         "2",
         "--eval-limit",
         "8",
-        "--max-input-length",
+        "--max-input-tokens",
         "96",
     )
     assert json.loads((out / "metrics.json").read_text())["label_source"] == "gold"

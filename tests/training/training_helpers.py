@@ -11,4 +11,4 @@ def esnli_train(out: Path, rationales: Path, *flags: str) -> list[str]:
     win over the defaults here (argparse keeps the last value of a repeated flag)."""
     return ["train", "--task", "esnli", "--rationales", str(rationales), "--student", "tiny", "--out", str(out),
             "--data-fraction", "0.03", "--learning-rate", "1e-3", "--batch-size", "16", "--eval-limit", "16",
-            "--max-input-length", "96", "--max-target-length", "48", *flags]  # fmt: skip
+            "--max-input-tokens", "96", "--max-target-tokens", "48", *flags]  # fmt: skip
