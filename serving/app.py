@@ -90,6 +90,11 @@ def replica_metrics() -> dict[str, Any]:
         "fallbacks": Counter(
             "stepwise_fallbacks", "predictions sent to the teacher, by who answered", tag_keys=("model", "source")
         ),
+        "predictions": Counter(
+            "stepwise_predictions",
+            "predictions answered, by who answered (the teacher's share is the served share of fallbacks)",
+            tag_keys=("model", "source"),
+        ),
         "fallback_log_rows": Counter(
             "stepwise_fallback_log_rows", "teacher answers kept as training rows (--fallback-log)", tag_keys=("model",)
         ),
@@ -270,6 +275,10 @@ class StudentServer:
         # A teacher per closed-label student (open labels have no margin to send them by), its few-shot prompt read
         # now: a replica that cannot build it fails at start, never a request.
         cascade = self.args.cascade
+        self.thresholds = {
+            model_id: fallback.threshold(cascade, runtime.export_dir, model_id)
+            for model_id, runtime in self.runtimes.items()
+        }
         self.teachers = {
             model_id: fallback.prepare(cascade, task)
             for model_id, task in self.tasks.items()
@@ -375,11 +384,9 @@ class StudentServer:
         self, model_id: str, examples: list[tasks.Example], predictions: list[Prediction]
     ) -> list[fallback.Outcome]:
         """The student's predictions, with those it is unsure of answered by the teacher (when one is set)."""
-        settings = self.args.cascade
+        settings, threshold = self.args.cascade, self.thresholds[model_id]
         outcomes = [fallback.Outcome(p, "student", None, 0.0) for p in predictions]
-        unsure = [i for i, p in enumerate(predictions) if fallback.unsure(settings, p)]
-        if not unsure:
-            return outcomes
+        unsure = [i for i, p in enumerate(predictions) if fallback.unsure(settings, p, threshold)]
         answers = await asyncio.gather(
             *(fallback.ask(self.teachers[model_id], examples[i], predictions[i]) for i in unsure)
         )
@@ -394,6 +401,10 @@ class StudentServer:
                 log.add(served_record(self.tasks[model_id], examples[i], predictions[i], outcome.prediction,
                                       model_id, version))  # fmt: skip
                 metrics["fallback_log_rows"].inc(tags={"model": model_id})
+        for source in ("student", "teacher"):
+            answered = sum(o.source == source for o in outcomes)
+            if answered:
+                metrics["predictions"].inc(answered, tags={"model": model_id, "source": source})
         return outcomes
 
     def models(self) -> list[schema.ModelInfo]:
@@ -616,9 +627,10 @@ def build_app(args: dict[str, Any] | ServeArgs) -> serve.Application:
         }
     models = check_models(args.models, args.allow_unverified)
     check_trt_profiles(models, args)
-    if args.cascade.fallback:  # the teacher's few-shot prompts: refused here, before any replica starts, if unreadable
-        for folder in models.values():
+    if args.cascade.fallback:  # the teacher's few-shot prompts and the thresholds: refused here, before any replica
+        for model_id, folder in models.items():  # starts, if unreadable
             fallback.few_shots(tasks.load_task(storage.as_location(folder)))
+            fallback.threshold(args.cascade, storage.as_location(folder), model_id)
     # Ray hides GPUs from actors that reserve none, and ONNX Runtime then silently falls back to the CPU.
     gpus = scaling.replica_gpus if scaling.replica_gpus is not None else float(wants_gpu(models))
     deployment = StudentServer.options(

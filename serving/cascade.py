@@ -5,12 +5,19 @@ to 1, with what each f costs per 1k predictions, as a table, JSON and a PNG; the
 
     stepwise cascade --model runs/demo/export --split test            # e-SNLI student vs PaLM-540B's test answers
     stepwise cascade --model EXPORT --teacher runs/teacher-test --teacher-cost runs/teacher-test
+    stepwise cascade --model EXPORT --target-share 0.1     # calibrate the served margin on valid, into the export
+
+With a target (a share of predictions for the teacher, or an accuracy to reach), the margin threshold is chosen on
+the validation split, as RouteLLM's `calibrate_threshold` does (the margin quantile below which the target share
+falls), and written into the export folder's cascade_settings.json, which `stepwise serve --fallback-share` reads.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -86,6 +93,114 @@ def curve(
     return rows
 
 
+def threshold_for(margins: list[float], sent: int) -> float:
+    """The margin below which the `sent` least sure predictions fall: halfway between the sent-th smallest margin and
+    the next (0 sends none, a margin of 1.0, the surest there is, is never sent)."""
+    ranked = sorted(margins)
+    if sent <= 0:
+        return 0.0
+    if sent >= len(ranked):
+        return 1.0
+    return (ranked[sent - 1] + ranked[sent]) / 2
+
+
+def at_threshold(
+    task: tasks.Task,
+    examples: list[tasks.Example],
+    labels: list[str],
+    margins: list[float],
+    answers: dict[str, str],
+    threshold: float,
+) -> tuple[float, float]:
+    """The share the fallback sends at `threshold` (margin strictly below it, as served) and the cascade's accuracy."""
+    asked = {i for i, m in enumerate(margins) if m < threshold}
+    final = [answers.get(e.id, labels[i]) if i in asked else labels[i] for i, e in enumerate(examples)]
+    return len(asked) / len(examples), tasks.accuracy(task, final, [e.label for e in examples])
+
+
+def sent_for_accuracy(
+    task: tasks.Task,
+    examples: list[tasks.Example],
+    labels: list[str],
+    margins: list[float],
+    answers: dict[str, str],
+    target: float,
+) -> int:
+    """The fewest least sure predictions whose answers by the teacher bring the cascade's accuracy to `target`; a
+    ValueError naming the best reachable when none does."""
+    order = sorted(range(len(examples)), key=lambda i: margins[i])
+    student = [tasks.is_correct(task, labels[i], examples[i].label) for i in order]
+    cascade = [tasks.is_correct(task, answers.get(examples[i].id, labels[i]), examples[i].label) for i in order]
+    correct, best = sum(student), (sum(student), 0)
+    for sent in range(len(order) + 1):
+        if correct / len(order) >= target:
+            return sent
+        if sent < len(order):
+            correct += cascade[sent] - student[sent]
+            best = max(best, (correct, sent + 1), key=lambda b: b[0])
+    raise ValueError(
+        f"no share of teacher calls reaches accuracy {target} on this split: the best is {best[0] / len(order):.3f}, "
+        f"sending {best[1] / len(order):.1%}"
+    )
+
+
+@dataclass(frozen=True)
+class Calibration:
+    """Pick the served fallback's margin for a target on a held-out split and write it into the export folder
+    (cascade_settings.json, read by `stepwise serve --fallback-share`).
+
+    Args:
+        target_share: the share of predictions to send to the teacher, in (0, 1) (0: no calibration)
+        target_accuracy: the cascade accuracy to reach with the fewest teacher calls, in (0, 1] (0: none)
+        calibrate_on: the split the threshold is chosen on (never the test split, which stays held out)
+        calibration_teacher: a `stepwise extract` folder with the teacher's answers for that split (default: the task's
+            shipped completions); only the accuracy target uses them
+        calibration_limit: only the first N examples of that split (0: all)
+    """
+
+    target_share: float = 0.0
+    target_accuracy: float = 0.0
+    calibrate_on: str = "valid"
+    calibration_teacher: Path | None = None
+    calibration_limit: int = 0
+
+    def __post_init__(self) -> None:
+        if self.target_share and self.target_accuracy:
+            raise ValueError("give --target-share or --target-accuracy, not both")
+        if not 0.0 <= self.target_share < 1.0:
+            raise ValueError(f"--target-share is a share of predictions in (0, 1), got {self.target_share}")
+        if not 0.0 <= self.target_accuracy <= 1.0:
+            raise ValueError(f"--target-accuracy is in (0, 1], got {self.target_accuracy}")
+        if self.wanted and self.calibrate_on == "test":
+            raise ValueError("--calibrate-on test: the threshold is chosen on another split, the test split checks it")
+
+    @property
+    def wanted(self) -> dict[str, float]:
+        """What the threshold is calibrated for ({} when nothing is)."""
+        if self.target_share:
+            return {"share": self.target_share}
+        return {"accuracy": self.target_accuracy} if self.target_accuracy else {}
+
+
+def calibrated_margin(folder: str | Path, share: float, model_id: str = "") -> float:
+    """The margin `stepwise serve --fallback-share SHARE` sends by: the export's calibrated threshold, refused (a
+    ValueError saying which `stepwise cascade` to run) when the export has none, or one for another target, or one
+    calibrated on another version of the export."""
+    who = f"model {model_id!r}: {folder}" if model_id else str(folder)
+    rerun = f"calibrate it with `stepwise cascade --target-share {share} --model {folder}`"
+    settings = artifacts.read_cascade_settings(folder)
+    if settings is None:
+        raise ValueError(f"{who} has no {artifacts.CASCADE_SETTINGS} for --fallback-share: {rerun}")
+    calibrated = settings["target"].get("share")
+    if calibrated is None or not math.isclose(calibrated, share):
+        target = ", ".join(f"{k} {v}" for k, v in settings["target"].items())
+        raise ValueError(f"{who} was calibrated for target {target}, not share {share}: {rerun}")
+    version = artifacts.read_export_config(folder)["version"]
+    if settings["version"] != version:
+        raise ValueError(f"{who} was calibrated on export version {settings['version']}, not {version}: {rerun}")
+    return settings["threshold"]
+
+
 def plot(
     rows: list[dict[str, Any]], reference: dict[str, float], cost: dict[str, float] | None, title: str, path: Path
 ) -> None:
@@ -122,6 +237,57 @@ def plot(
     plt.close(fig)
 
 
+def label_split(
+    runtime: Any, split: str, limit: int, batch_size: int, teacher: Path | None
+) -> tuple[list[tasks.Example], list[Any], dict[str, str], float]:
+    """A split's examples, the student's predictions of them, the teacher's answers and the student's seconds."""
+    from stepwise.export.runtime import predict
+
+    task = runtime.task
+    examples = tasks.load_split(task, split)[: limit or None]
+    if not examples:
+        raise ValueError(f"task {task.name!r} has no {split} examples")
+    answers = teacher_answers(task, split, examples, teacher)
+    predictions, started = [], time.perf_counter()
+    for start in progress.bar(
+        range(0, len(examples), batch_size), desc=f"student on {task.name}/{split}", unit="batch"
+    ):
+        predictions += predict(runtime, examples[start : start + batch_size])
+    return examples, predictions, answers, time.perf_counter() - started
+
+
+def calibrate(runtime: Any, calibration: Calibration, batch_size: int) -> artifacts.CascadeSettings:
+    """The margin threshold for the calibration's target on its split, written into the export folder."""
+    split = calibration.calibrate_on
+    teacher = calibration.calibration_teacher
+    examples, predictions, answers = label_split(runtime, split, calibration.calibration_limit, batch_size, teacher)[:3]
+    labels, margins = [p.label for p in predictions], [p.margin for p in predictions]
+    if calibration.target_share:
+        sent = round(calibration.target_share * len(examples))
+    else:
+        sent = sent_for_accuracy(runtime.task, examples, labels, margins, answers, calibration.target_accuracy)
+    threshold = threshold_for(margins, sent)
+    share, accuracy = at_threshold(runtime.task, examples, labels, margins, answers, threshold)
+    settings: artifacts.CascadeSettings = {
+        "target": calibration.wanted,
+        "threshold": threshold,
+        "share": share,
+        "accuracy": accuracy,
+        "split": split,
+        "examples": len(examples),
+        "teacher": str(teacher) if teacher else f"shipped completions of {runtime.task.name}/{split}",
+        "version": runtime.version,
+    }
+    written = artifacts.write_cascade_settings(runtime.export_dir, settings)
+    print(
+        f"[cascade] calibrated on {runtime.task.name}/{split} ({len(examples)} examples) for "
+        f"{calibration.wanted}: margin below {threshold:.4f} sends {settings['share']:.1%} to the teacher, "
+        f"accuracy {settings['accuracy']:.3f}; written to {written}",
+        flush=True,
+    )
+    return settings
+
+
 def main(
     model: Path,
     split: str = "test",
@@ -130,6 +296,7 @@ def main(
     limit: int = 0,
     batch_size: int = 16,
     out: Path = Path("runs/cascade"),
+    calibration: Calibration = Calibration(),
 ) -> Path:
     """Accuracy against the share of predictions sent to the teacher, least sure first; table, JSON and PNG.
 
@@ -143,8 +310,10 @@ def main(
         limit: only the first N examples of the split (0: all)
         batch_size: inputs the student labels together
         out: folder for cascade.json, cascade.md, cascade.png and teacher_calls.jsonl
+        calibration: with a target, the served fallback's margin chosen on a held-out split first; the curve then
+            says what that margin does on --split
     """
-    from stepwise.export.runtime import load_runtime, predict
+    from stepwise.export.runtime import load_runtime
 
     runtime = load_runtime(Path(model))
     task = runtime.task
@@ -153,16 +322,9 @@ def main(
             f"task {task.name!r} has open labels: "
             "the cascade ranks by the margin between candidate labels, which needs a closed label set"
         )
-    examples = tasks.load_split(task, split)[: limit or None]
-    if not examples:
-        raise ValueError(f"task {task.name!r} has no {split} examples")
-    answers = teacher_answers(task, split, examples, teacher)
-    predictions, started = [], time.perf_counter()
-    for start in progress.bar(
-        range(0, len(examples), batch_size), desc=f"student on {task.name}/{split}", unit="batch"
-    ):
-        predictions += predict(runtime, examples[start : start + batch_size])
-    student_seconds = time.perf_counter() - started
+    if calibration.wanted:
+        calibrate(runtime, calibration, batch_size)
+    examples, predictions, answers, student_seconds = label_split(runtime, split, limit, batch_size, teacher)
     labels, margins = [p.label for p in predictions], [p.margin for p in predictions]
     rows = curve(task, examples, labels, margins, answers)
     golds = [e.label for e in examples]
@@ -170,6 +332,10 @@ def main(
         "student": rows[0]["accuracy"],
         "teacher": tasks.accuracy(task, [answers.get(e.id, "") for e in examples], golds),
     }
+    settings = artifacts.read_cascade_settings(runtime.export_dir)
+    if settings:  # what the served margin does on this split
+        share, accuracy = at_threshold(task, examples, labels, margins, answers, settings["threshold"])
+        settings = {**settings, "on_split": {"split": split, "share": share, "accuracy": accuracy}}
     cost = cost_per_1k(teacher_cost)
     student_per_1k = 1000 * student_seconds / len(examples)
     for row in rows:
@@ -205,6 +371,7 @@ def main(
         "teacher": source,
         "teacher_readable": len(answers) / len(examples),
         "reference": reference,
+        "calibrated": settings,
         "student_seconds_per_1k": round(student_per_1k, 2),
         "teacher_per_1k": cost,
         "rows": rows,
@@ -214,6 +381,15 @@ def main(
         f"{task.name}/{split}, {len(examples)} examples; "
         f"teacher: {source} (readable for {len(answers) / len(examples):.1%}); "
         f"student alone {reference['student']:.3f}, teacher alone {reference['teacher']:.3f}\n",
+    ]
+    if settings:
+        target = ", ".join(f"{k} {v}" for k, v in settings["target"].items())
+        lines.append(
+            f"Calibrated margin {settings['threshold']:.4f} (target {target} on {settings['split']}, "
+            f"{settings['examples']} examples: {settings['share']:.1%} sent, accuracy {settings['accuracy']:.3f}) "
+            f"sends {settings['on_split']['share']:.1%} of {split}, accuracy {settings['on_split']['accuracy']:.3f}\n"
+        )
+    lines += [
         "| sent to the teacher | teacher calls | margins up to | accuracy | seconds per 1k | teacher tokens per 1k |",
         "|---|---|---|---|---|---|",
     ]

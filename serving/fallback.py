@@ -11,6 +11,7 @@ import dataclasses
 import logging
 import time
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Awaitable, Callable
 
 from stepwise import tasks
@@ -71,10 +72,20 @@ def prepare(settings: Fallback, task: tasks.Task) -> Teacher:
     return Teacher(task, few_shots(task), complete, client, asyncio.Semaphore(slots), settings)
 
 
-def unsure(settings: Fallback, prediction: Prediction) -> bool:
-    """The student's answer goes to the teacher: a closed label set's margin below the threshold (open labels have no
-    margin and are never sent)."""
-    return bool(settings.fallback) and prediction.margin is not None and prediction.margin < settings.fallback_margin
+def unsure(settings: Fallback, prediction: Prediction, threshold: float) -> bool:
+    """The student's answer goes to the teacher: a closed label set's margin below the model's threshold (open labels
+    have no margin and are never sent)."""
+    return bool(settings.fallback) and prediction.margin is not None and prediction.margin < threshold
+
+
+def threshold(settings: Fallback, folder: str | Path, model_id: str) -> float:
+    """The margin a model's unsure predictions are below: --fallback-margin, or with --fallback-share the export's
+    calibrated one (a ValueError saying how to calibrate it when it has none for that share)."""
+    from stepwise.serving.cascade import calibrated_margin
+
+    if not settings.fallback_share:
+        return settings.fallback_margin
+    return calibrated_margin(folder, settings.fallback_share, model_id)
 
 
 def cooling_down(teacher: Teacher) -> str:

@@ -41,7 +41,7 @@ class PredictionOut(BaseModel):
     log_prob: float | None = Field(None, description="the generated label's sequence log-probability (open labels)")
     rationale: str | None = Field(None, description='with "explain": true, or the teacher\'s when it answered')
     source: Literal["student", "teacher"] = Field(
-        "student", description="who answered: the teacher when the student's margin was below --fallback-margin"
+        "student", description="who answered: the teacher when the student's margin was below the fallback's threshold"
     )
     fallback_error: str | None = Field(None, description="why the teacher's answer was not used (the student's stands)")
 

@@ -134,6 +134,8 @@ class Fallback:
         fallback: base URL of the teacher server, e.g. http://127.0.0.1:8001 ("": no fallback)
         fallback_margin: predictions whose margin (label probability minus the runner-up's) is below this go to the
             teacher
+        fallback_share: send the share of predictions the export was calibrated for instead (the margin in its
+            cascade_settings.json, written by `stepwise cascade --target-share SHARE`; 0: use --fallback-margin)
         fallback_model: model name the teacher server serves
         fallback_timeout_s: seconds per teacher request; past it, or on any teacher error, the student's answer stands
         fallback_retries: retries of a failed teacher request
@@ -151,6 +153,7 @@ class Fallback:
 
     fallback: str = ""
     fallback_margin: float = 0.0
+    fallback_share: float = 0.0
     fallback_model: str = ""
     fallback_timeout_s: float = 10.0
     fallback_retries: int = 1
@@ -168,6 +171,14 @@ class Fallback:
             raise ValueError("--fallback needs --fallback-model (the model name the teacher server serves)")
         if not 0.0 <= self.fallback_margin <= 1.0:
             raise ValueError(f"--fallback-margin is a probability difference in [0, 1], got {self.fallback_margin}")
+        if not 0.0 <= self.fallback_share < 1.0:
+            raise ValueError(f"--fallback-share is a share of predictions in (0, 1), got {self.fallback_share}")
+        if self.fallback_share and self.fallback_margin:
+            raise ValueError(
+                "give --fallback-margin or --fallback-share, not both (a share sends by the export's calibrated margin)"
+            )
+        if self.fallback_share and not self.fallback:
+            raise ValueError("--fallback-share sends predictions to the teacher: it needs --fallback")
         _at_least(self, fallback_retries=0, fallback_max_tokens=1, fallback_concurrency=1)
         if self.fallback_timeout_s <= 0:
             raise ValueError(f"--fallback-timeout-s must be positive, got {self.fallback_timeout_s}")

@@ -6,7 +6,8 @@ write and read them. Standard library only (pyarrow for Parquet shards), so it i
     model folder        Hugging Face model files, task.json, train_config.json, metrics.json, log.csv, README.md
                         (the model card; checkpoint/ while a run is unfinished; tensorboard/ with --report-to)
     export folder       *.onnx, tokenizer files, task.json, train_config.json, export_config.json, parity.json,
-                        README.md (the model card)
+                        README.md (the model card); cascade_settings.json once `stepwise cascade --target-share`
+                        (or --target-accuracy) has calibrated the served fallback's margin on it
 
 Every file is written whole or not at all (`write_atomic`): a reader, or a rerun after kill -9, never sees
 half of one. An extraction folder may also be a prefix on an object store (`s3://bucket/prefix`,
@@ -34,6 +35,7 @@ TRAIN_LOG = "log.csv"
 CHECKPOINT = "checkpoint"
 EXPORT_CONFIG = "export_config.json"
 PARITY = "parity.json"
+CASCADE_SETTINGS = "cascade_settings.json"  # the calibrated fallback margin, written after the export
 EXTRACT_LOCK = ".extract.lock"  # held (flock) by the one `stepwise extract` run writing a folder
 TRAIN_LOCK = ".train.lock"  # held by the one `stepwise train` run writing a model folder
 SHARD_FORMATS = ("jsonl", "parquet")
@@ -299,6 +301,19 @@ class ExportConfig(TypedDict):
     max_new_tokens: dict[str, int]  # label, rationale
 
 
+class CascadeSettings(TypedDict):
+    """The served fallback's margin, calibrated on a held-out split (`stepwise cascade --target-share`)."""
+
+    target: dict[str, float]  # {"share": 0.1} or {"accuracy": 0.6}: what it was calibrated for
+    threshold: float  # predictions whose margin is below it go to the teacher
+    share: float  # the share of the calibration split below the threshold
+    accuracy: float  # the cascade's accuracy on the calibration split at that share
+    split: str
+    examples: int
+    teacher: str  # whose answers scored the accuracy
+    version: str  # the export's version (export_config.json) it was calibrated on
+
+
 class ParityFailed(Exception):
     """An export that did not match its PyTorch model; carries the parity report that says how."""
 
@@ -307,7 +322,7 @@ class ParityFailed(Exception):
         super().__init__(f"parity gate failed ({folder / PARITY}): " + "; ".join(report["failures"]))
 
 
-Typed = TypeVar("Typed", Manifest, Metrics, ParityReport, TrainConfig, ExportConfig)
+Typed = TypeVar("Typed", Manifest, Metrics, ParityReport, TrainConfig, ExportConfig, CascadeSettings)
 
 
 def read_json(path: str | Path, what: str) -> Any:
@@ -359,6 +374,25 @@ def read_train_config(folder: Path) -> TrainConfig | None:
 
 def read_export_config(folder: Path) -> ExportConfig:
     return _read_typed(folder, EXPORT_CONFIG, ExportConfig, "not a folder written by `stepwise export`")
+
+
+def read_cascade_settings(folder: str | Path) -> CascadeSettings | None:
+    """An export's calibrated fallback margin (a local folder or a prefix on an object store); None when it has
+    none."""
+    if not storage.exists(storage.join(folder, CASCADE_SETTINGS)):
+        return None
+    return _read_typed(folder, CASCADE_SETTINGS, CascadeSettings, "an export's calibrated fallback margin")
+
+
+def write_cascade_settings(folder: Path, settings: CascadeSettings) -> Path:
+    """Write `settings` into a local export folder. The export's version hashes its ONNX files only, so it stays;
+    a folder that carries a checksum list (a downloaded or uploaded copy) gets it recomputed, so that every file,
+    this one included, is still covered and an upload of the folder takes it along."""
+    folder = Path(folder)
+    write_json(folder / CASCADE_SETTINGS, settings)
+    if (folder / storage.CHECKSUMS).exists():
+        storage.write_checksums(folder)
+    return folder / CASCADE_SETTINGS
 
 
 # ---------------------------------------------------------------- extraction records
