@@ -36,6 +36,7 @@ FAST = {"RAY_SERVE_ENABLE_HA_PROXY": "1", "RAY_SERVE_THROUGHPUT_OPTIMIZED": "1"}
 # name -> (environment of the server, extra `stepwise serve` flags); "plain" is the uvicorn app.
 CONFIGS: dict[str, tuple[dict[str, str], list[str]]] = {
     "plain FastAPI": ({}, []),
+    "plain FastAPI, USE_TORCH=0": ({"USE_TORCH": "0"}, []),
     "Serve, Python proxy": ({"RAY_SERVE_ENABLE_HA_PROXY": "0", "RAY_SERVE_THROUGHPUT_OPTIMIZED": "0"}, []),
     "Serve, Python proxy, same-loop": (
         {
@@ -86,7 +87,7 @@ def start_server(config: str, export: Path, port: int, run_dir: Path) -> subproc
         | env
         | {"PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
     )
-    if config == "plain FastAPI":
+    if config.startswith("plain FastAPI"):
         command = [
             sys.executable,
             "-m",
@@ -154,6 +155,144 @@ def stack_memory_mb(server: subprocess.Popen) -> dict[str, float]:
         "rss_mb": round(rss / 2**20),
         "processes": len(root.children(recursive=True)) + 1,
     }
+
+
+# Process roles of a serving stack, by what each process's command line names (Ray renames its workers
+# "ray::<actor class>"): first match wins.
+ROLES = (
+    ("HAProxy", ("haproxy",)),
+    ("GCS server", ("gcs_server",)),
+    ("raylet", ("raylet/raylet", "/raylet ")),
+    ("dashboard", ("dashboard/dashboard.py",)),
+    ("dashboard subprocess", ("ray-dashboard-", "dashboard.subprocesses")),
+    ("dashboard agent (metrics)", ("DashboardAgent", "dashboard/agent.py")),
+    ("runtime-env agent", ("RuntimeEnvAgent", "runtime_env/agent/main.py")),
+    ("log monitor", ("log_monitor.py",)),
+    ("autoscaler monitor", ("autoscaler/_private/monitor.py", "monitor.py")),
+    ("Serve controller", ("ServeController",)),
+    ("Serve fallback proxy (Python)", ("ProxyActor",)),
+    ("Serve HAProxy manager", ("HAProxyManager",)),
+    ("Serve replica", ("ServeReplica",)),
+    ("idle Ray worker", ("ray::IDLE", "default_worker.py")),
+    ("other Ray process", ("ray",)),
+)
+
+
+def process_role(cmdline: str, root: bool) -> str:
+    if root:
+        return "server process (driver / uvicorn)"
+    for role, marks in ROLES:
+        if any(mark in cmdline for mark in marks):
+            return role
+    return "other"
+
+
+def stack_memory_by_role(pid: int) -> dict[str, Any]:
+    """PSS (and RSS, count) per process role over `pid` and its descendants, plus the stack's totals (MB)."""
+    import psutil
+
+    root = psutil.Process(pid)
+    roles: dict[str, dict[str, float]] = {}
+    for process in [root, *root.children(recursive=True)]:
+        try:
+            role = process_role(" ".join(process.cmdline()), process.pid == root.pid)
+            info = process.memory_full_info()
+        except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
+            continue
+        entry = roles.setdefault(role, {"pss_mb": 0.0, "rss_mb": 0.0, "processes": 0})
+        entry["pss_mb"] += info.pss / 2**20
+        entry["rss_mb"] += info.rss / 2**20
+        entry["processes"] += 1
+    for entry in roles.values():
+        entry["pss_mb"], entry["rss_mb"] = round(entry["pss_mb"], 1), round(entry["rss_mb"], 1)
+    return {
+        "pss_mb": round(sum(e["pss_mb"] for e in roles.values())),
+        "rss_mb": round(sum(e["rss_mb"] for e in roles.values())),
+        "processes": int(sum(e["processes"] for e in roles.values())),
+        "roles": dict(sorted(roles.items(), key=lambda item: -item[1]["pss_mb"])),
+    }
+
+
+def measure_memory(config: str, export: Path, workdir: Path, body: dict) -> dict[str, Any]:
+    """Start `config`'s server, answer a few requests (models loaded, every process of the request path up), let
+    it settle, and take its stack's memory by process role."""
+    port = free_port()
+    run_dir = workdir / ("mem-" + re.sub(r"\W+", "-", config.strip()).strip("-").lower())
+    server = start_server(config, export, port, run_dir)
+    try:
+        wait_until_ready(f"http://127.0.0.1:{port}/healthz", 600, server)
+        asyncio.run(httpx_load(f"http://127.0.0.1:{port}/v1/predict", body, 2, 20))
+        time.sleep(5)  # prestarted or short-lived workers come and go at start-up
+        return {"config": config, **stack_memory_by_role(server.pid)}
+    finally:
+        stop_server(server)
+
+
+def memory_markdown(result: dict[str, Any]) -> str:
+    plain, light, serve = result["rows"]
+    lines = [
+        f"Stack PSS, {result['size']} student (int8), after {result['requests']} requests; {result['machine']}.",
+        "",
+        f"**{serve['config']}: {serve['pss_mb']} MB in {serve['processes']} processes; {plain['config']}: "
+        f"{plain['pss_mb']} MB in {plain['processes']}; ratio {result['ratio']}x** (to {light['config']}, "
+        f"{light['pss_mb']} MB: {result['ratio_to_plain_without_torch']}x)",
+        "",
+        "| process role | " + " | ".join(f"{row['config']}: PSS MB (processes)" for row in result["rows"]) + " |",
+        "|---|" + "---|" * len(result["rows"]),
+    ]
+    roles = list(dict.fromkeys(role for row in result["rows"][::-1] for role in row["roles"]))
+    for role in roles:
+        cells = [
+            f"{row['roles'][role]['pss_mb']} ({row['roles'][role]['processes']})" if role in row["roles"] else "-"
+            for row in result["rows"]
+        ]
+        lines.append(f"| {role} | " + " | ".join(cells) + " |")
+    lines.append(
+        "| **total** | " + " | ".join(f"**{row['pss_mb']}** ({row['processes']})" for row in result["rows"]) + " |"
+    )
+    return "\n".join(lines) + "\n"
+
+
+def memory_plot(result: dict[str, Any], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    roles = list(dict.fromkeys(role for row in result["rows"][::-1] for role in row["roles"]))
+    fig, ax = plt.subplots(figsize=(9, 4.5))
+    names = [row["config"] for row in result["rows"]]
+    bottom = [0.0] * len(names)
+    for role in roles:
+        values = [row["roles"].get(role, {}).get("pss_mb", 0.0) for row in result["rows"]]
+        ax.barh(names, values, left=bottom, label=role)
+        bottom = [b + v for b, v in zip(bottom, values, strict=True)]
+    ax.set_xlabel("stack PSS, MB")
+    ax.set_title(f"serving stack memory by process role (ratio {result['ratio']}x)")
+    ax.legend(fontsize=7, loc="lower right")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+def run_memory_only(size: str, workdir: Path, body: dict, out: Path) -> Path:
+    """The default `stepwise serve` stack and the plain app side by side, memory only: serving_memory.*"""
+    export = int8_export(size, workdir)
+    configs = ["plain FastAPI", "plain FastAPI, USE_TORCH=0", DEFAULT]
+    with bench_lock():
+        rows = [measure_memory(config, export, workdir, body) for config in configs]
+    result = {
+        "machine": f"{platform.machine()}, {os.cpu_count()} CPUs",
+        "size": size,
+        "requests": 20,
+        "ratio": round(rows[-1]["pss_mb"] / rows[0]["pss_mb"], 2),
+        "ratio_to_plain_without_torch": round(rows[-1]["pss_mb"] / rows[1]["pss_mb"], 2),
+        "rows": rows,
+    }
+    artifacts.write_json(out.with_suffix(".json"), result)
+    artifacts.write_atomic(out.with_suffix(".md"), memory_markdown(result))
+    memory_plot(result, out.with_suffix(".png"))
+    print(memory_markdown(result))
+    return out.with_suffix(".json")
 
 
 # ---------------------------------------------------------------- load
@@ -368,6 +507,7 @@ def main(
     requests: int = 600,
     workdir: Path = Path("runs/bench-serving"),
     out: Path = RESULTS / "serving",
+    memory_only: bool = False,
 ) -> Path:
     """Serve configurations under load (hey and httpx), hop by hop, with the memory of each serving stack.
 
@@ -378,6 +518,8 @@ def main(
         requests: requests per point (half at one client)
         workdir: the exports and the servers' run folders
         out: result files (.json, .md, .png) without suffix
+        memory_only: only the stack memory per process role, `stepwise serve` beside the plain app, for the first
+            size (no load): benchmarks/results/serving_memory.{json,md,png} unless --out names other files
     """
     unknown = sorted(set(configs) - set(CONFIGS))
     if unknown:
@@ -395,6 +537,9 @@ def main(
             "hypothesis": "A person makes music.",
         }
     }
+    if memory_only:
+        target = RESULTS / "serving_memory" if Path(out) == RESULTS / "serving" else Path(out)
+        return run_memory_only(sizes[0], workdir, body, target)
     body_file = workdir / "body.json"
     body_file.write_text(json.dumps(body))
     result: dict[str, Any] = {

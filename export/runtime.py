@@ -19,13 +19,16 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import onnxruntime as ort
-from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
 from stepwise import artifacts, tasks
+
+if TYPE_CHECKING:  # transformers (and the torch it brings) loads only where a tokenizer does: Serve's controller
+    # and proxies import this module with the app but never tokenize (serving/README.md, the stack's memory)
+    from transformers import PreTrainedTokenizerBase
 
 GPU_PROVIDERS = ("CUDAExecutionProvider", "TensorrtExecutionProvider")
 # What one more encoder call costs, in padded tokens of encoder work (t5-small-shaped int8, one thread: groups
@@ -214,6 +217,8 @@ def load_runtime(
     device = "cuda" if actual[0] in GPU_PROVIDERS else "cpu"
     past_session = decoder_with_past or decoder
     task = tasks.load_task(export_dir)
+    from transformers import AutoTokenizer
+
     tokenizer = AutoTokenizer.from_pretrained(export_dir)
     return Runtime(
         task=task,

@@ -79,6 +79,9 @@ def ray_environment(host: str, run_dir: Path, haproxy_dir: Path) -> dict[str, st
     loopback, Serve's fast request path with HAProxy's files in `haproxy_dir` (short: Unix socket paths), and
     free ports where Serve would take fixed ones."""
     settings = {SINGLE_NODE: "0", "RAY_USAGE_STATS_ENABLED": "0"}
+    # transformers only tokenizes here (ONNX Runtime runs the model): without USE_TORCH=0 it imports torch, some
+    # 200 MB in every replica (serving/README.md, the stack's memory). An operator's own setting wins.
+    settings["USE_TORCH"] = os.environ.get("USE_TORCH", "0")
     settings |= {k: os.environ.get(k, v) for k, v in FAST_PATH.items() | DRAIN.items()}
     settings |= {k: os.environ.get(k, str(haproxy_dir / name)) for k, name in HAPROXY_FILES.items()}
     for name in OWN_PORTS:
@@ -130,10 +133,53 @@ def port_error(host: str, port: int) -> str:
             return problem.strerror or str(problem)
 
 
+def without_pandas() -> None:
+    """Ray Serve imports pandas when it is installed (only to batch DataFrames, which this app never does): some
+    80 MB in each of Serve's processes. Mark it absent, before Serve is imported, in this process only."""
+    import sys
+
+    if "pandas" not in sys.modules:
+        sys.modules["pandas"] = None  # type: ignore[assignment]  # `import pandas` raises ImportError
+
+
+# What the Ray that `start` starts leaves out (serving/README.md, the stack's memory): worker processes prestarted
+# for tasks this app never runs (Serve starts each actor's own worker), the log monitor (it streams worker logs to
+# the driver, which log_to_driver=False turns off) and the autoscaler monitor (a single node, nothing to scale).
+LIGHT_SYSTEM_CONFIG = {"enable_worker_prestart": False, "prestart_worker_first_driver": False}
+
+
+class _LightRayParams:
+    """ray.init has no option for the two monitors, which Ray's RayParams (and `ray start`'s --no-monitor) do:
+    for the one ray.init call in `start`, ray.init's RayParams is this subclass's. Ray 2.x only: another
+    version starts both monitors as before."""
+
+    def __enter__(self) -> None:
+        import ray
+        from ray._private import parameter
+
+        self.original = parameter.RayParams
+        if not ray.__version__.startswith("2.") or not hasattr(self.original, "update_if_absent"):
+            return
+
+        class LightRayParams(self.original):  # type: ignore[misc, valid-type]
+            def __init__(self, *args: Any, **kwargs: Any) -> None:
+                super().__init__(*args, **kwargs)
+                self.include_log_monitor = False
+                self.no_monitor = True
+
+        parameter.RayParams = LightRayParams
+
+    def __exit__(self, *exc: object) -> None:
+        from ray._private import parameter
+
+        parameter.RayParams = self.original
+
+
 def in_every_ray_worker() -> None:
     """Run by Ray in each worker process of the Ray that `start` starts (runtime_env worker_process_setup_hook):
     Ray Serve 2.60 binds a few listeners to every interface whatever the node's address; bind them where the
-    node (single-node mode: 127.0.0.1) is instead."""
+    node (single-node mode: 127.0.0.1) is instead. And no pandas (`without_pandas`)."""
+    without_pandas()
     from ray.serve._private import haproxy, replica
 
     bind = replica.add_port_to_grpc_server  # the replicas' inter-deployment gRPC server: [::] in _on_initialized
@@ -202,6 +248,8 @@ def start(
         os.environ.setdefault("ORT_DISABLE_TELEMETRY", "1")
         # Replicas are new processes: they find this checkout's code through PYTHONPATH.
         os.environ["PYTHONPATH"] = os.pathsep.join(p for p in (str(envs.ROOT), os.environ.get("PYTHONPATH", "")) if p)
+    if starts_ray:
+        without_pandas()
     from stepwise.serving.app import build_app
 
     app = build_app(args)  # checks the model folders before anything starts
@@ -211,14 +259,16 @@ def start(
 
     if starts_ray:
         ray_dir = short_ray_dir((Path(run_dir) / "ray").resolve())
-        ray.init(
-            num_cpus=ray_cpus,
-            include_dashboard=False,
-            _temp_dir=str(ray_dir),
-            _metrics_export_port=metrics_port,
-            log_to_driver=False,
-            runtime_env={"worker_process_setup_hook": f"{__name__}.in_every_ray_worker"},
-        )
+        with _LightRayParams():
+            ray.init(
+                num_cpus=ray_cpus,
+                include_dashboard=False,
+                _temp_dir=str(ray_dir),
+                _metrics_export_port=metrics_port,
+                log_to_driver=False,
+                _system_config=LIGHT_SYSTEM_CONFIG,
+                runtime_env={"worker_process_setup_hook": f"{__name__}.in_every_ray_worker"},
+            )
         _started_ray = True
         if threading.current_thread() is threading.main_thread():
             # ray.init installs a SIGTERM handler that exits without shutting Serve down; from here on SIGTERM
