@@ -79,9 +79,6 @@ def ray_environment(host: str, run_dir: Path, haproxy_dir: Path) -> dict[str, st
     loopback, Serve's fast request path with HAProxy's files in `haproxy_dir` (short: Unix socket paths), and
     free ports where Serve would take fixed ones."""
     settings = {SINGLE_NODE: "0", "RAY_USAGE_STATS_ENABLED": "0"}
-    # transformers only tokenizes here (ONNX Runtime runs the model): without USE_TORCH=0 it imports torch, some
-    # 200 MB in every replica (serving/README.md, the stack's memory). An operator's own setting wins.
-    settings["USE_TORCH"] = os.environ.get("USE_TORCH", "0")
     settings |= {k: os.environ.get(k, v) for k, v in FAST_PATH.items() | DRAIN.items()}
     settings |= {k: os.environ.get(k, str(haproxy_dir / name)) for k, name in HAPROXY_FILES.items()}
     for name in OWN_PORTS:
@@ -134,12 +131,18 @@ def port_error(host: str, port: int) -> str:
 
 
 def without_pandas() -> None:
-    """Ray Serve imports pandas when it is installed (only to batch DataFrames, which this app never does): some
-    80 MB in each of Serve's processes. Mark it absent, before Serve is imported, in this process only."""
+    """Ray Serve imports pandas where it is installed (ray.serve._private.utils, only to encode DataFrames, which
+    this app never returns): some 80 MB in each of Serve's processes. Import that module with pandas marked absent,
+    then unmark it, so that what needs pandas (a task read from a Hugging Face datasets folder) still imports it."""
     import sys
 
-    if "pandas" not in sys.modules:
-        sys.modules["pandas"] = None  # type: ignore[assignment]  # `import pandas` raises ImportError
+    if "pandas" in sys.modules:
+        return
+    sys.modules["pandas"] = None  # type: ignore[assignment]  # `import pandas` raises ImportError
+    try:
+        import ray.serve._private.utils  # noqa: F401
+    finally:
+        del sys.modules["pandas"]
 
 
 # What the Ray that `start` starts leaves out (serving/README.md, the stack's memory): worker processes prestarted
@@ -267,7 +270,13 @@ def start(
                 _metrics_export_port=metrics_port,
                 log_to_driver=False,
                 _system_config=LIGHT_SYSTEM_CONFIG,
-                runtime_env={"worker_process_setup_hook": f"{__name__}.in_every_ray_worker"},
+                runtime_env={
+                    "worker_process_setup_hook": f"{__name__}.in_every_ray_worker",
+                    # transformers only tokenizes in the replicas (ONNX Runtime runs the model): without USE_TORCH=0
+                    # it imports torch, some 200 MB in each (serving/README.md, the stack's memory). Ray's processes
+                    # only: this one may train next. An operator's own setting wins.
+                    "env_vars": {"USE_TORCH": os.environ.get("USE_TORCH", "0")},
+                },
             )
         _started_ray = True
         if threading.current_thread() is threading.main_thread():
