@@ -34,7 +34,7 @@ from typing import Any
 
 from benchmarks.harness import RESULTS, ROOT, bench_lock, command_line, free_port, vllm_openai_server
 from stepwise import artifacts, envs, tasks
-from stepwise.serving import lifecycle
+from stepwise.serving import cascade, lifecycle
 from stepwise.serving.settings import Batching, Fallback, Overload, Scaling, ServeArgs
 
 TEACHER_TOKENS = 320  # the structured answer's longest form: a 300-character rationale line, then the label
@@ -85,7 +85,7 @@ def calibrate(export: Path, examples: list[tasks.Example]) -> tuple[dict[str, An
     margins = [predict(runtime, [example])[0].margin for example in examples]
     ranked = sorted(margins)
     rank = round(SHARE * len(ranked))
-    threshold = (ranked[rank - 1] + ranked[rank]) / 2
+    threshold = cascade.threshold_for(margins, rank)
     calibration = {
         "margin": threshold,
         "sent": rank,
