@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TypeVar
 
-from stepwise.envs import ROOT
+from stepwise.envs import ROOT, root_first
 from stepwise.net import free_port, wait_until_ready
 
 RESULTS = ROOT / "benchmarks" / "results"
@@ -141,7 +141,7 @@ def vllm_openai_server(
     port = free_port()
     caches = Path(tempfile.mkdtemp(prefix="vllm-"))
     env = dict(os.environ) | vllm_cpu_environment(caches)
-    env["PYTHONPATH"] = os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]).rstrip(os.pathsep)
+    env["PYTHONPATH"] = root_first(os.environ.get("PYTHONPATH"))
     command = [str(python or sys.executable), "-m", "vllm.entrypoints.openai.api_server", "--model", str(model),
                "--host", "127.0.0.1", "--port", str(port), "--enforce-eager", "--served-model-name", served_name,
                "--max-model-len", "4096"]  # fmt: skip

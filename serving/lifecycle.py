@@ -250,7 +250,7 @@ def start(
         apply_ray_environment(ray_environment(host, run_dir, _haproxy_dir[0]))
         os.environ.setdefault("ORT_DISABLE_TELEMETRY", "1")
         # Replicas are new processes: they find this checkout's code through PYTHONPATH.
-        os.environ["PYTHONPATH"] = os.pathsep.join(p for p in (str(envs.ROOT), os.environ.get("PYTHONPATH", "")) if p)
+        os.environ["PYTHONPATH"] = envs.root_first(os.environ.get("PYTHONPATH"))
     if starts_ray:
         without_pandas()
     from stepwise.serving.app import build_app

@@ -200,12 +200,17 @@ def quiet_runtime_env() -> dict[str, str]:
     return env
 
 
+def root_first(pythonpath: str | None) -> str:
+    """A PYTHONPATH with this checkout first, so that the processes it reaches run this checkout's code (a venv may
+    have been built from another checkout; Ray's workers and replicas are new processes)."""
+    return os.pathsep.join(p for p in (str(ROOT), pythonpath or "") if p)
+
+
 def exec_in_env(name: str, argv: list[str]) -> None:
     """Replace this process with `python -m stepwise argv...` inside venv `name`."""
     python = ensure_env(name)
     env = quiet_runtime_env()
-    # Run the checkout's code even if the venv was built from another checkout.
-    env["PYTHONPATH"] = os.pathsep.join([str(ROOT), env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
+    env["PYTHONPATH"] = root_first(env.get("PYTHONPATH"))
     sys.stdout.flush()
     sys.stderr.flush()
     os.execve(str(python), [str(python), "-m", "stepwise", *argv], env)

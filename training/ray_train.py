@@ -42,7 +42,7 @@ def session(address: str, cpus: int) -> Iterator[None]:
     saved_env = {name: os.environ.get(name) for name in ("PYTHONPATH", LOOPBACK_ONLY)}
     saved_cluster = ray_constants.ENABLE_RAY_CLUSTER
     # Workers are new processes: they find the stepwise package through PYTHONPATH.
-    os.environ["PYTHONPATH"] = os.pathsep.join(p for p in (str(envs.ROOT), os.environ.get("PYTHONPATH", "")) if p)
+    os.environ["PYTHONPATH"] = envs.root_first(os.environ.get("PYTHONPATH"))
     temp = None
     try:
         if address:
