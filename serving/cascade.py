@@ -342,27 +342,7 @@ def main(
         row["seconds_per_1k"] = round(student_per_1k + row["fraction"] * cost["seconds"], 2) if cost else None
         row["teacher_tokens_per_1k"] = round(row["fraction"] * cost["tokens"]) if cost else None
 
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
     source = str(teacher) if teacher else f"shipped completions of {task.name}/{split}"
-    calls = sorted(range(len(examples)), key=lambda i: margins[i])
-    artifacts.write_atomic(
-        out / "teacher_calls.jsonl",
-        "".join(
-            json.dumps(
-                {
-                    "rank": rank,
-                    "id": examples[i].id,
-                    "margin": margins[i],
-                    "student": labels[i],
-                    "teacher": answers.get(examples[i].id),
-                    "gold": golds[i],
-                }
-            )
-            + "\n"
-            for rank, i in enumerate(calls)
-        ),
-    )
     result = {
         "model": str(Path(model).resolve()),
         "task": task.name,
@@ -376,10 +356,20 @@ def main(
         "teacher_per_1k": cost,
         "rows": rows,
     }
-    artifacts.write_json(out / "cascade.json", result)
+    calls = [
+        {"rank": rank, "id": examples[i].id, "margin": margins[i], "student": labels[i],
+         "teacher": answers.get(examples[i].id), "gold": golds[i]}
+        for rank, i in enumerate(sorted(range(len(examples)), key=lambda i: margins[i]))
+    ]  # fmt: skip
+    return write_results(Path(out), result, calls)
+
+
+def markdown(result: dict[str, Any]) -> str:
+    """The cascade's table, with the calibrated margin's line where the export has one."""
+    split, reference, settings = result["split"], result["reference"], result["calibrated"]
     lines = [
-        f"{task.name}/{split}, {len(examples)} examples; "
-        f"teacher: {source} (readable for {len(answers) / len(examples):.1%}); "
+        f"{result['task']}/{split}, {result['examples']} examples; "
+        f"teacher: {result['teacher']} (readable for {result['teacher_readable']:.1%}); "
         f"student alone {reference['student']:.3f}, teacher alone {reference['teacher']:.3f}\n",
     ]
     if settings:
@@ -393,13 +383,23 @@ def main(
         "| sent to the teacher | teacher calls | margins up to | accuracy | seconds per 1k | teacher tokens per 1k |",
         "|---|---|---|---|---|---|",
     ]
-    for r in rows:
+    for r in result["rows"]:
         margin = "-" if r["margin_below"] is None else f"{r['margin_below']:.3f}"
         lines.append(
             f"| {r['fraction']:.0%} | {r['teacher_calls']} | {margin} | {r['accuracy']:.3f} | "
             f"{r['seconds_per_1k'] or '-'} | {r['teacher_tokens_per_1k'] or '-'} |"
         )
-    artifacts.write_atomic(out / "cascade.md", "\n".join(lines) + "\n")
-    plot(rows, reference, cost, f"{task.name}/{split}: student-first cascade, teacher = {source}", out / "cascade.png")
-    print("\n".join(lines), flush=True)
+    return "\n".join(lines) + "\n"
+
+
+def write_results(out: Path, result: dict[str, Any], calls: list[dict[str, Any]]) -> Path:
+    """cascade.json, cascade.md, cascade.png and teacher_calls.jsonl (least sure first) in `out`."""
+    out.mkdir(parents=True, exist_ok=True)
+    artifacts.write_atomic(out / "teacher_calls.jsonl", "".join(json.dumps(call) + "\n" for call in calls))
+    artifacts.write_json(out / "cascade.json", result)
+    table = markdown(result)
+    artifacts.write_atomic(out / "cascade.md", table)
+    title = f"{result['task']}/{result['split']}: student-first cascade, teacher = {result['teacher']}"
+    plot(result["rows"], result["reference"], result["teacher_per_1k"], title, out / "cascade.png")
+    print(table, end="", flush=True)
     return out

@@ -225,22 +225,18 @@ class ServeArgs:
 
     @classmethod
     def from_dict(cls, args: dict[str, Any]) -> ServeArgs:
-        """From `args:` of a Serve config file (groups as nested mappings) or `to_dict`; unknown keys are errors."""
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(args) - known)
-        if unknown:
-            raise ValueError(f"unknown serve settings: {', '.join(unknown)} (known: {', '.join(sorted(known))})")
-        values = dict(args)
+        """From `args:` of a Serve config file or `to_dict`, read as `stepwise serve --config` reads a file (one
+        table per group, or the options at the top level; unknown or misplaced keys are errors); groups already
+        built are taken as they are."""
+        from stepwise.cli import placed_keys
+
+        built = {name: value for name, value in args.items() if name in GROUPS and isinstance(value, GROUPS[name])}
+        owners = {f.name: None for f in dataclasses.fields(cls) if f.name not in GROUPS}
+        owners |= {f.name: name for name, group in GROUPS.items() for f in dataclasses.fields(group)}
+        flat = placed_keys({k: v for k, v in args.items() if k not in built}, owners, "serve settings")
+        values: dict[str, Any] = {name: value for name, value in flat.items() if owners[name] is None}
         for name, group in GROUPS.items():
-            given = values.get(name) or {}
-            if isinstance(given, dict):
-                fields = {f.name for f in dataclasses.fields(group)}
-                if set(given) - fields:
-                    raise ValueError(
-                        f"unknown {name} settings: {', '.join(sorted(set(given) - fields))} "
-                        f"(known: {', '.join(sorted(fields))})"
-                    )
-                values[name] = group(**given)
+            values[name] = built.get(name) or group(**{k: v for k, v in flat.items() if owners[k] == name})
         return cls(**values)
 
     def to_dict(self) -> dict[str, Any]:

@@ -182,11 +182,10 @@ def parser_for(fn: Callable, prog: str) -> argparse.ArgumentParser:
     return parser
 
 
-def renamed_key(key: str, path: Path) -> str:
-    """A config file's key in today's spelling, with a warning where it is an old one."""
+def renamed_key(key: str, where: str) -> str:
+    """A settings key in today's spelling, with a warning where it is an old one."""
     if key in RENAMED_KEYS:
-        print(f"config file {path}: {key} is deprecated and goes in the next release: use {RENAMED_KEYS[key]}",
-              file=sys.stderr)  # fmt: skip
+        print(f"{where}: {key} is deprecated and goes in the next release: use {RENAMED_KEYS[key]}", file=sys.stderr)
         return RENAMED_KEYS[key]
     return key
 
@@ -209,23 +208,30 @@ def read_config(path: Path, fn: Callable) -> dict[str, Any]:
         ) from problem
     if not isinstance(data, dict):
         raise ValueError(f"config file {path} must hold a table of options, not {type(data).__name__}")
-    known = {o.name: o for o in options_of(fn)}
-    groups = {o.group for o in known.values() if o.group}
+    return placed_keys(data, {o.name: o.group for o in options_of(fn)}, f"config file {path}")
+
+
+def placed_keys(data: dict[str, Any], owners: dict[str, str | None], where: str) -> dict[str, Any]:
+    """Option name -> value from a table of settings (a config file; a Serve config's `args:`): option names at the
+    top level, or a table per argument group holding that group's options only; dashes or underscores. `owners`
+    maps each option to its group (None: the top level). An unknown key, or one under another group's table, is an
+    error naming `where` and the key."""
+    groups = {group for group in owners.values() if group}
     flat: dict[str, Any] = {}
-    data = {renamed_key(key.replace("-", "_"), path): value for key, value in data.items()}
     for key, value in data.items():
+        key = renamed_key(key.replace("-", "_"), where)
         if key in groups and isinstance(value, dict):
             for inner, inner_value in value.items():
-                inner = renamed_key(inner.replace("-", "_"), path)
-                if inner in known and known[inner].group != key:
-                    home = f"[{known[inner].group}]" if known[inner].group else "the top level"
-                    raise ValueError(f"config file {path}: {inner} is not an option of [{key}]; it belongs at {home}")
+                inner = renamed_key(inner.replace("-", "_"), where)
+                if inner in owners and owners[inner] != key:
+                    home = f"[{owners[inner]}]" if owners[inner] else "the top level"
+                    raise ValueError(f"{where}: {inner} is not an option of [{key}]; it belongs at {home}")
                 flat[inner] = inner_value
         else:
             flat[key] = value
-    unknown = set(flat) - set(known)
+    unknown = set(flat) - set(owners)
     if unknown:
-        raise ValueError(f"unknown keys in config file {path}: {', '.join(sorted(unknown))}")
+        raise ValueError(f"unknown keys in {where}: {', '.join(sorted(unknown))}")
     return flat
 
 

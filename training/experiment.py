@@ -281,8 +281,6 @@ def main(
         evaluation=evaluation,
         compute=compute,
     )
-    summary = summarise(rows)
-    results_dir = Path(results or out)
     budget = " and ".join(
         b
         for b in (
@@ -305,18 +303,22 @@ def main(
         "warmup_steps": optim.warmup_steps,
         "eval_limit": evaluation.eval_limit,
     }
-    artifacts.write_json(results_dir / f"{name}.json", {"settings": settings, "summary": summary, "runs": rows})
+    return write_results(Path(results or out), name, settings, rows, len(seeds))
+
+
+def write_results(folder: Path, name: str, settings: dict, rows: list[dict], seeds: int) -> Path:
+    """<name>.json (settings, summary, runs), .csv (runs), .md (summary) and .png in `folder`."""
+    summary = summarise(rows)
+    artifacts.write_json(folder / f"{name}.json", {"settings": settings, "summary": summary, "runs": rows})
     table_csv = io.StringIO()
     writer = csv.DictWriter(table_csv, RUN_COLUMNS)
     writer.writeheader()
     writer.writerows(rows)
-    artifacts.write_atomic(results_dir / f"{name}.csv", table_csv.getvalue())
+    artifacts.write_atomic(folder / f"{name}.csv", table_csv.getvalue())
     table = markdown_table(summary)
-    artifacts.write_atomic(results_dir / f"{name}.md", f"{task}, student {student}, budget {budget} per run\n\n{table}")
-    plot(
-        summary,
-        results_dir / f"{name}.png",
-        f"{task}, student {student}, {budget} per run, mean ± std over {len(seeds)} seeds",
-    )
+    task, student, budget = settings["task"], settings["student"], settings["budget_per_run"]
+    artifacts.write_atomic(folder / f"{name}.md", f"{task}, student {student}, budget {budget} per run\n\n{table}")
+    title = f"{task}, student {student}, {budget} per run, mean ± std over {seeds} seeds"
+    plot(summary, folder / f"{name}.png", title)
     print(table, flush=True)
-    return results_dir
+    return folder

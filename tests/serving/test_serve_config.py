@@ -63,8 +63,14 @@ def test_settings_that_cannot_work_are_refused():
         ServeArgs(models={})
     with pytest.raises(ValueError, match="max_choices must be at most 26"):
         Limits(max_choices=30)
-    with pytest.raises(ValueError, match="unknown limits settings: max_itemz"):
+    with pytest.raises(ValueError, match="unknown keys in serve settings: max_itemz"):
         ServeArgs.from_dict({"models": {"a": "b"}, "limits": {"max_itemz": 3}})
+    # The Serve config file's args are read as `stepwise serve --config` reads a file: a key under another group's
+    # table is named with where it belongs.
+    with pytest.raises(
+        ValueError, match=r"serve settings: max_items is not an option of \[batching\]; it belongs at \[limits\]"
+    ):
+        ServeArgs.from_dict({"models": {"a": "b"}, "batching": {"max_items": 3}})
 
 
 def test_model_specs_and_folders(tiny_export_dir, tmp_path):
