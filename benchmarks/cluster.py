@@ -128,7 +128,7 @@ def main(
                 where = f"{bucket}/extract-{'cluster' if address else 'one'}-{i}"
                 stepwise(teacher_python, ["extract", "--task", "esnli", "--split", "valid", "--limit", str(records),
                          "--teacher", "vllm", "--model", str(teacher), "--max-tokens", str(max_tokens),
-                         "--enforce-eager", "--chunk-size", "8", "--ray", "--ray-actors", "2", "--out", where,
+                         "--enforce-eager", "--chunk-size", "8", "--on-ray", "--ray-actors", "2", "--out", where,
                          *(["--ray-address", address] if address else [])], teacher_env)  # fmt: skip
                 return extraction_rate(where)
 

@@ -27,12 +27,12 @@ class RayCluster:
     """Scale-out: the vllm job on a Ray cluster with Ray Data (a pool of vLLM engine actors).
 
     Args:
-        ray: run the vllm job on a Ray cluster with Ray Data
+        on_ray: run the vllm job on a Ray cluster with Ray Data (`--ray` before: it still works for a release)
         ray_address: Ray cluster address ("" starts a local one; "auto" joins a running one)
         ray_actors: number of vLLM engine actors (one per GPU on a GPU cluster)
     """
 
-    ray: bool = False
+    on_ray: bool = False
     ray_address: str = ""
     ray_actors: int = 1
 

@@ -109,8 +109,8 @@ def check_teacher(
     """Refuse a teacher that cannot work on these examples, before anything is written."""
     if teacher in LLM_TEACHERS and not model:
         raise ValueError(f"--teacher {teacher} needs --model")
-    if cluster.ray and teacher != "vllm":
-        raise ValueError("--ray runs the vllm teacher; pass --teacher vllm")
+    if cluster.on_ray and teacher != "vllm":
+        raise ValueError("--on-ray runs the vllm teacher; pass --teacher vllm")
     if engine.structured and teacher != "vllm":
         raise ValueError("--structured constrains the vllm engine's output; pass --teacher vllm")
     where = task.source or task.name
@@ -312,7 +312,7 @@ def generate_pending(
     generation started (in this process, after the engine's start-up, which is reported apart)."""
     if not pending:
         return [], time.time()
-    if cluster.ray:
+    if cluster.on_ray:
         started = time.time()
         ray_job.extract_on_ray(
             job.task,

@@ -84,7 +84,7 @@ class Sampling:
 
 @dataclass(frozen=True)
 class VllmEngine:
-    """The in-process vLLM engine (--teacher vllm; one per Ray actor with --ray).
+    """The in-process vLLM engine (--teacher vllm; one per Ray actor with --on-ray).
 
     Args:
         structured: constrain each completion to a rationale line plus a parseable answer sentence (a label of the

@@ -337,6 +337,7 @@ def import_function(module_name: str, fn_name: str) -> Callable:
 RENAMED_FLAGS = {
     "--force": "--overwrite",
     "--timeout": "--timeout-s",
+    "--ray": "--on-ray",  # extract: as experiment says it
     **{"--" + old.replace("_", "-"): "--" + new.replace("_", "-") for old, new in artifacts.RENAMED_SETTINGS.items()},
 }
 RENAMED_KEYS = {old[2:].replace("-", "_"): new[2:].replace("-", "_") for old, new in RENAMED_FLAGS.items()}

@@ -23,7 +23,7 @@ def test_the_rayjob_runs_an_extract_command_its_signature_accepts():
     argv = shlex.split(job["spec"]["entrypoint"])
     assert argv[:4] == ["python", "-m", "stepwise", "extract"]
     options = cli.arguments(extraction_run.main, argv[4:])
-    assert options["cluster"].ray and options["cluster"].ray_address == "auto"
+    assert options["cluster"].on_ray and options["cluster"].ray_address == "auto"
     assert storage.is_remote(options["out"]) and storage.is_remote(options["task"])  # the pods share no disk
     workers = job["spec"]["rayClusterSpec"]["workerGroupSpecs"][0]
     assert workers["replicas"] == options["cluster"].ray_actors  # one engine per GPU worker

@@ -34,7 +34,7 @@ def test_ray_data_actor_pool_extracts_and_resumes(tiny_teacher, tmp_path, local_
         "vllm",
         "--model",
         str(tiny_teacher),
-        "--ray",
+        "--on-ray",
         "--ray-actors",
         "1",
         "--chunk-size",

@@ -30,7 +30,7 @@ def test_extraction_on_three_nodes_survives_a_killed_worker_node(tiny_teacher, c
         driver = subprocess.Popen(
             [sys.executable, "-m", "stepwise", "extract", "--task", "esnli", "--split", "valid", "--limit",
              str(LIMIT), "--teacher", "vllm", "--model", str(tiny_teacher), "--max-tokens", "32", "--enforce-eager",
-             "--chunk-size", "2", "--ray", "--ray-address", cluster.address, "--ray-actors", "2", "--out", out],
+             "--chunk-size", "2", "--on-ray", "--ray-address", cluster.address, "--ray-actors", "2", "--out", out],
             cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
         )  # fmt: skip
         try:

@@ -196,3 +196,7 @@ def test_a_renamed_flag_still_works_for_a_release_with_a_warning(capsys):
         "stepwise train: --force is deprecated and goes in the next release: use --overwrite" in capsys.readouterr().err
     )
     assert cli.renamed_flags(["--overwrite", "--out=f"], "stepwise train") == ["--overwrite", "--out=f"]
+    # One way to say "on Ray": extract's --ray is --on-ray, as experiment's; --ray-address is left alone.
+    assert cli.renamed_flags(["--ray", "--ray-address", "auto"], "stepwise extract") == [
+        "--on-ray", "--ray-address", "auto"
+    ]  # fmt: skip
