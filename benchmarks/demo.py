@@ -456,41 +456,49 @@ def bench_row(bench: dict, backend: str, batch: int, fast: bool) -> dict:
     return next(r for r in bench[backend]["rows"] if (r["batch"], r["fast_path"]) == (batch, fast))
 
 
-def write_report(out: Path, task: str, teacher: str, results: dict) -> Path:
+def report_figures(results: dict) -> dict:
+    """What the report's plots and tables show, from the steps' results: test accuracy per mode, batch-1 latency
+    per backend, the student's cost per 1k predictions."""
+    bench = results["bench"]
+    onnx = f"ORT {bench['onnx']['precision']}"
+    student_fast = bench_row(bench, "onnx", 16, True)
+    return {
+        "onnx": onnx,
+        "accuracy": {mode: m["test"]["accuracy"] for mode, m in results["train"].items()},
+        "latency": {
+            "PyTorch eager\ngreedy": bench_row(bench, "pytorch", 1, False)["p50_ms"],
+            f"{onnx}\ngreedy": bench_row(bench, "onnx", 1, False)["p50_ms"],
+            f"{onnx}\nlabel fast path": bench_row(bench, "onnx", 1, True)["p50_ms"],
+            f"Ray Serve HTTP\n({onnx} + fast path)": results["serve"]["p50_ms"],
+        },
+        "student_seconds_per_1k": 1000 / student_fast["throughput_per_s"],
+        "student_rss": bench["onnx"]["peak_rss_mb"],
+    }
+
+
+def write_plots(plots: Path, task_name: str, teacher: str, teacher_accuracy: float, figures: dict, cost: dict) -> None:
+    """accuracy_by_mode.png, latency_by_backend.png and cost_per_1k.png in `plots`."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    plots = out / "plots"
     plots.mkdir(parents=True, exist_ok=True)
-    spec = tasks.get_task(task)
-    manifest = artifacts.read_manifest(out / "extract")
-    train_metrics, bench, served = results["train"], results["bench"], results["serve"]
-    cost, parity = results["teacher_cost"], results["parity"]
-
-    accuracy = {mode: m["test"]["accuracy"] for mode, m in train_metrics.items()}
+    accuracy, latency = figures["accuracy"], figures["latency"]
     figure, axis = plt.subplots(figsize=(6, 4))
     axis.bar(list(accuracy), list(accuracy.values()), color=["tab:green", "tab:gray"])
     axis.axhline(
-        manifest["counts"]["teacher_accuracy"] or 0,
+        teacher_accuracy,
         color="tab:red",
         linestyle="--",
         label="teacher on train (shipped PaLM-540B)" if teacher == "replay" else "teacher on train",
     )
     axis.set_ylabel("test accuracy")
-    axis.set_title(f"{spec.name}: student accuracy by training mode")
+    axis.set_title(f"{task_name}: student accuracy by training mode")
     axis.legend(loc="lower right")
     figure.tight_layout()
     figure.savefig(plots / "accuracy_by_mode.png", dpi=110)
 
-    onnx = f"ORT {bench['onnx']['precision']}"
-    latency = {
-        "PyTorch eager\ngreedy": bench_row(bench, "pytorch", 1, False)["p50_ms"],
-        f"{onnx}\ngreedy": bench_row(bench, "onnx", 1, False)["p50_ms"],
-        f"{onnx}\nlabel fast path": bench_row(bench, "onnx", 1, True)["p50_ms"],
-        f"Ray Serve HTTP\n({onnx} + fast path)": served["p50_ms"],
-    }
     figure, axis = plt.subplots(figsize=(7, 4))
     axis.bar(list(latency), list(latency.values()), color=["tab:gray", "tab:blue", "tab:green", "tab:purple"])
     axis.set_ylabel("p50 latency per input, ms (batch 1)")
@@ -498,20 +506,32 @@ def write_report(out: Path, task: str, teacher: str, results: dict) -> Path:
     figure.tight_layout()
     figure.savefig(plots / "latency_by_backend.png", dpi=110)
 
-    student_fast = bench_row(bench, "onnx", 16, True)
-    student_seconds_per_1k = 1000 / student_fast["throughput_per_s"]
-    student_rss = bench["onnx"]["peak_rss_mb"]
     figure, axes = plt.subplots(1, 2, figsize=(9, 4))
     axes[0].bar(
-        ["teacher", "student"], [cost["seconds_per_1k"], student_seconds_per_1k], color=["tab:red", "tab:green"]
+        ["teacher", "student"],
+        [cost["seconds_per_1k"], figures["student_seconds_per_1k"]],
+        color=["tab:red", "tab:green"],
     )
     axes[0].set_ylabel("seconds per 1k predictions")
     axes[0].set_yscale("log")
-    axes[1].bar(["teacher", "student"], [cost["peak_rss_mb"], student_rss], color=["tab:red", "tab:green"])
+    axes[1].bar(["teacher", "student"], [cost["peak_rss_mb"], figures["student_rss"]], color=["tab:red", "tab:green"])
     axes[1].set_ylabel("peak RSS, MB")
     figure.suptitle("Cost per 1k predictions: teacher (few-shot CoT) vs student (label only)")
     figure.tight_layout()
     figure.savefig(plots / "cost_per_1k.png", dpi=110)
+    plt.close("all")
+
+
+def write_report(out: Path, task: str, teacher: str, results: dict) -> Path:
+    """report.md, with its plots in <out>/plots."""
+    spec = tasks.get_task(task)
+    manifest = artifacts.read_manifest(out / "extract")
+    train_metrics, bench, served = results["train"], results["bench"], results["serve"]
+    cost, parity = results["teacher_cost"], results["parity"]
+    figures = report_figures(results)
+    write_plots(out / "plots", spec.name, teacher, manifest["counts"]["teacher_accuracy"] or 0, figures, cost)
+    onnx, latency = figures["onnx"], figures["latency"]
+    student_seconds_per_1k, student_rss = figures["student_seconds_per_1k"], figures["student_rss"]
 
     counts = manifest["counts"]
     rows = "\n".join(
