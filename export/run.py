@@ -293,6 +293,17 @@ def write_export(
     served: ServedRequests,
 ) -> artifacts.ExportConfig:
     """ONNX files (converted to `kind`), tokenizer, task and export_config.json into `folder`."""
+    files = write_onnx_files(model, folder, kind, layout)
+    export_config = export_settings(model, folder, files, task, kind, layout, target, threads, max_input_tokens,
+                                    max_rationale_tokens, served)  # fmt: skip
+    export_config["version"] = folder_version(folder, export_config["files"])
+    artifacts.write_json(folder / artifacts.EXPORT_CONFIG, export_config)
+    return export_config
+
+
+def write_onnx_files(model: Path, folder: Path, kind: str, layout: str) -> dict[str, str]:
+    """The ONNX files of `layout`, converted to `kind`, with the tokenizer, task.json and train_config.json, into
+    `folder`; role (encoder, decoder, decoder_with_past, decoder_merged) -> file name."""
     export_onnx(model, folder)
     for name in COPIED_FILES:
         if (model / name).exists():
@@ -309,7 +320,23 @@ def write_export(
             (folder / name).unlink()
             files[key] = converted.name
             print(f"[export] {kind}: {converted.name} ({converted.stat().st_size / 1e6:.1f} MB)", flush=True)
+    return files
 
+
+def export_settings(
+    model: Path,
+    folder: Path,
+    files: dict[str, str],
+    task: tasks.Task,
+    kind: str,
+    layout: str,
+    target: str,
+    threads: int,
+    max_input_tokens: int,
+    max_rationale_tokens: int,
+    served: ServedRequests,
+) -> dict[str, Any]:
+    """export_config.json but its version: what the runtime opens and how, the model's shape, the token limits."""
     from transformers import AutoConfig, AutoTokenizer
 
     hf_config = AutoConfig.from_pretrained(folder)
@@ -331,7 +358,7 @@ def write_export(
     max_input_tokens = max_input_tokens or (trained["max_input_tokens"] if trained else artifacts.T5_MAX_INPUT_TOKENS)
     max_rationale_tokens = max_rationale_tokens or (trained["max_target_tokens"] if trained else RATIONALE_TOKENS)
     limits = token_limits(task, tokenizer, max_rationale_tokens) | {"input": max_input_tokens}
-    export_config = {
+    return {
         "model_id": model.resolve().name,
         "source_model": str(model.resolve()),
         "target": target,
@@ -368,9 +395,6 @@ def write_export(
         "max_new_tokens": {"label": limits["label"], "rationale": limits["rationale"]},
         "exported_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }
-    export_config["version"] = folder_version(folder, export_config["files"])
-    artifacts.write_json(folder / artifacts.EXPORT_CONFIG, export_config)
-    return export_config
 
 
 def main(
