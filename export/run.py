@@ -280,27 +280,6 @@ def check_out(model: Path, out: Path, overwrite: bool) -> None:
             )
 
 
-def write_export(
-    model: Path,
-    folder: Path,
-    task: tasks.Task,
-    kind: str,
-    layout: str,
-    target: str,
-    threads: int,
-    max_input_tokens: int,
-    max_rationale_tokens: int,
-    served: ServedRequests,
-) -> artifacts.ExportConfig:
-    """ONNX files (converted to `kind`), tokenizer, task and export_config.json into `folder`."""
-    files = write_onnx_files(model, folder, kind, layout)
-    export_config = export_settings(model, folder, files, task, kind, layout, target, threads, max_input_tokens,
-                                    max_rationale_tokens, served)  # fmt: skip
-    export_config["version"] = folder_version(folder, export_config["files"])
-    artifacts.write_json(folder / artifacts.EXPORT_CONFIG, export_config)
-    return export_config
-
-
 def write_onnx_files(model: Path, folder: Path, kind: str, layout: str) -> dict[str, str]:
     """The ONNX files of `layout`, converted to `kind`, with the tokenizer, task.json and train_config.json, into
     `folder`; role (encoder, decoder, decoder_with_past, decoder_merged) -> file name."""
@@ -336,7 +315,8 @@ def export_settings(
     max_rationale_tokens: int,
     served: ServedRequests,
 ) -> dict[str, Any]:
-    """export_config.json but its version: what the runtime opens and how, the model's shape, the token limits."""
+    """export_config.json: what the runtime opens and how, the model's shape, the token limits, and the version (a
+    hash of the ONNX files written to `folder`)."""
     from transformers import AutoConfig, AutoTokenizer
 
     hf_config = AutoConfig.from_pretrained(folder)
@@ -358,7 +338,7 @@ def export_settings(
     max_input_tokens = max_input_tokens or (trained["max_input_tokens"] if trained else artifacts.T5_MAX_INPUT_TOKENS)
     max_rationale_tokens = max_rationale_tokens or (trained["max_target_tokens"] if trained else RATIONALE_TOKENS)
     limits = token_limits(task, tokenizer, max_rationale_tokens) | {"input": max_input_tokens}
-    return {
+    settings = {
         "model_id": model.resolve().name,
         "source_model": str(model.resolve()),
         "target": target,
@@ -395,6 +375,7 @@ def export_settings(
         "max_new_tokens": {"label": limits["label"], "rationale": limits["rationale"]},
         "exported_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }
+    return settings | {"version": folder_version(folder, settings["files"])}
 
 
 def main(
@@ -495,9 +476,10 @@ def write_and_place(
 
     print(f"[export] {model} -> {out} ({kind}, {layout} decoder, target {target})", flush=True)
     try:
-        write_export(
-            model, staging, task, kind, layout, target, threads, max_input_tokens, max_rationale_tokens, served
-        )
+        files = write_onnx_files(model, staging, kind, layout)
+        settings = export_settings(model, staging, files, task, kind, layout, target, threads, max_input_tokens,
+                                   max_rationale_tokens, served)  # fmt: skip
+        artifacts.write_json(staging / artifacts.EXPORT_CONFIG, settings)
         report = parity_gate(staging, model, task, kind, parity, served.max_batch)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)

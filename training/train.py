@@ -344,14 +344,16 @@ def prepare_out(out: Path, config: dict, overwrite: bool, store: str | None) -> 
         if store:
             storage.delete_prefix(store)
     elif config_path.exists():
-        previous = artifacts.current_settings(artifacts.read_json(config_path, "a training run's options"))
+        written = artifacts.read_json(config_path, "a training run's options")
+        previous = artifacts.current_settings(written)
         if previous != config:
             changed = sorted(k for k in set(previous) | set(config) if previous.get(k) != config.get(k))
             raise ValueError(
                 f"{out} holds a training run with other options (differs in: {', '.join(changed)}); "
                 "pass --overwrite to replace it or choose another --out"
             )
-        artifacts.write_json(config_path, config)  # in today's names, where an earlier stepwise wrote it
+        if written != config:  # an earlier stepwise's names: today's from now on
+            artifacts.write_json(config_path, config)
         if (out / artifacts.METRICS).exists():
             checkpoints.remove_all(out, store)  # a kill between metrics.json and the clean-up
             return "done"
