@@ -304,6 +304,88 @@ def head_to_head(
     return results
 
 
+def thread_shapes(path: str, thread_counts: Sequence[int], rounds_batch1: int, rounds_batch16: int) -> dict[str, Any]:
+    """The int8 label path at each intra-op thread count, with its encoder batch in length groups and in one
+    call, all variants taking turns call by call in this one process (one runtime per thread count): p50 total
+    and encoder ms per batch size, and the batch-16 cost per example over batch 1's."""
+    import dataclasses
+
+    import numpy as np
+
+    from stepwise import tasks
+    from stepwise.export.runtime import load_runtime, predict
+
+    tally: dict[str, float] = {}
+    variants: dict[str, Any] = {}
+    for threads in thread_counts:
+        runtime = load_runtime(Path(path), threads=threads)
+        timed = dataclasses.replace(runtime, encoder=TimedSession(runtime.encoder, tally, "encoder"))
+        variants[f"{threads} thread(s), length groups"] = timed
+        variants[f"{threads} thread(s), one encoder call"] = dataclasses.replace(timed, encoder_call_tokens=1 << 30)
+    examples = tasks.load_split(timed.task, "valid")
+    results: dict[str, Any] = {}
+    for size, rounds in ((1, rounds_batch1), (16, rounds_batch16)):
+        batches = [examples[(i * size) % len(examples) :][:size] for i in range(rounds)]
+        total: dict[str, list[float]] = {name: [] for name in variants}
+        encoder: dict[str, list[float]] = {name: [] for name in variants}
+        for index, batch in enumerate(batches):
+            for name, runtime in variants.items():
+                tally["encoder"] = 0.0
+                started = time.perf_counter()
+                predict(runtime, batch)
+                if index >= 2:  # the first rounds warm up
+                    total[name].append((time.perf_counter() - started) * 1000)
+                    encoder[name].append(tally["encoder"] * 1000)
+        results[f"batch{size}"] = {
+            "p50_ms": {name: float(np.median(v)) for name, v in total.items()},
+            "encoder_p50_ms": {name: float(np.median(v)) for name, v in encoder.items()},
+            "rounds": len(batches) - 2,
+        }
+    one, sixteen = results["batch1"]["p50_ms"], results["batch16"]["p50_ms"]
+    results["cost_per_example_batch16_over_batch1"] = {name: sixteen[name] / 16 / one[name] for name in variants}
+    return results
+
+
+def render_thread_shapes(shapes: dict[str, Any]) -> str:
+    lines = [
+        "| model | int8 label path | batch 1 p50 ms | batch 16 p50 ms | encoder at batch 16 ms "
+        "| batch 16 cost per example / batch 1 (goal <= 0.333) |",
+        "|---|---|---|---|---|---|",
+    ]
+    for size, shape in shapes.items():
+        for name, one in shape["batch1"]["p50_ms"].items():
+            lines.append(
+                f"| {size} | {name} | {one:.2f} | {shape['batch16']['p50_ms'][name]:.2f} | "
+                f"{shape['batch16']['encoder_p50_ms'][name]:.2f} | "
+                f"{shape['cost_per_example_batch16_over_batch1'][name]:.3f} |"
+            )
+    return "\n".join(lines)
+
+
+def run_thread_shapes(prepared: dict[str, Any], thread_counts: Sequence[int], timing: TimingOptions, out: Path) -> Path:
+    """`--compare-threads`: only the thread and length-group comparison, per size, written to `out`."""
+    from stepwise import artifacts
+
+    shapes: dict[str, Any] = {}
+    with bench_lock():
+        for size, info in prepared.items():
+            print(f"[bench] {size} threads {list(thread_counts)}", flush=True)
+            shapes[size] = in_fresh_process(
+                thread_shapes,
+                env={"TOKENIZERS_PARALLELISM": "false"},
+                path=info["paths"]["ort-int8"],
+                thread_counts=list(thread_counts),
+                rounds_batch1=timing.rounds_batch1,
+                rounds_batch16=timing.rounds_batch16,
+            )
+    report = {"command": command_line(), "machine": machine(), "task": TASK, "thread_shapes": shapes}
+    artifacts.write_json(out.with_suffix(".json"), report)
+    table = render_thread_shapes(shapes)
+    artifacts.write_atomic(out.with_suffix(".md"), table + "\n")
+    print(table)
+    return out.with_suffix(".json")
+
+
 # ---------------------------------------------------------------- the run
 
 
@@ -532,6 +614,7 @@ def main(
     timing: TimingOptions = TimingOptions(),
     workdir: Path = ROOT / "runs" / "export-bench",
     out: Path = RESULTS / "export",
+    compare_threads: Sequence[int] = (),
 ) -> Path:
     """Label-only decoding speed of the exported student against PyTorch eager and CTranslate2.
 
@@ -540,13 +623,21 @@ def main(
         timing: how each backend is timed
         workdir: the students, their exports and CTranslate2 conversions (reused when rerun)
         out: result files (.json, .md, .png) without suffix
+        compare_threads: only the int8 label path at these intra-op thread counts (e.g. 1 2), length groups
+            against one encoder call, taking turns in one process: benchmarks/results/export_threads.{json,md}
+            unless --out names other files
     """
     from stepwise import artifacts
 
     unknown = sorted(set(sizes) - set(SIZES))
     if unknown:
         raise ValueError(f"unknown sizes {unknown}; known: {list(SIZES)}")
+    if any(threads < 1 for threads in compare_threads):
+        raise ValueError(f"--compare-threads takes thread counts of 1 or more, got {list(compare_threads)}")
     prepared = {size: prepare(Path(workdir), size) for size in sizes}
+    if compare_threads:
+        target = RESULTS / "export_threads" if Path(out) == RESULTS / "export" else Path(out)
+        return run_thread_shapes(prepared, compare_threads, timing, target)
     with bench_lock():
         rows, duels = time_every_backend(prepared, timing)
     summary = speedups(rows, sizes)
