@@ -49,3 +49,15 @@ def test_ct2_scoring_makes_the_label_paths_decision(tiny_student_dir, tiny_expor
         examples,
     )
     assert theirs == ours
+
+
+def test_the_thread_comparison_times_every_thread_count_with_and_without_length_groups(tiny_export_dir):
+    shapes = bench.thread_shapes(str(tiny_export_dir), thread_counts=[1, 2], rounds_batch1=3, rounds_batch16=3)
+    names = {f"{t} thread(s), {how}" for t in (1, 2) for how in ("length groups", "one encoder call")}
+    for batch in ("batch1", "batch16"):
+        assert set(shapes[batch]["p50_ms"]) == names and shapes[batch]["rounds"] == 1
+        # the encoder is part of the path's time, and it ran
+        assert all(0 < shapes[batch]["encoder_p50_ms"][n] < shapes[batch]["p50_ms"][n] for n in names)
+    assert set(shapes["cost_per_example_batch16_over_batch1"]) == names
+    table = bench.render_thread_shapes({"tiny": shapes})
+    assert table.count("| tiny |") == 4 and "goal <= 0.333" in table
