@@ -402,13 +402,13 @@ def benchmark(out: Path, calls: int, overwrite: bool) -> dict:
     export_config = artifacts.read_export_config(out / "export")
     student = out / "train" / "step-by-step"
     backends: dict[str, Any] = {}
-    # The export benchmark picks its loader by backend kind; the folder decides the precision.
-    for name, backend, path in (("pytorch", "pytorch-eager", student), ("onnx", "ort-fp32", out / "export")):
+    # The export benchmark's loader by backend kind; the folder decides the precision.
+    for name, kind, path in (("pytorch", "pytorch", student), ("onnx", "ort", out / "export")):
         print(f"timing {name}", flush=True)
         result = in_fresh_process(
             time_backend,
             env={"OMP_NUM_THREADS": "1"},
-            backend=backend,
+            kind=kind,
             path=path,
             model_dir=student,
             label_tokens=export_config["max_new_tokens"]["label"],

@@ -83,11 +83,11 @@ def size_on_disk(backend: str, path: Path) -> int:
 # ---------------------------------------------------------------- CTranslate2, the reference
 
 
-def ct2_translator(path: str | Path, threads: int, compute_type: str = "int8") -> Any:
+def ct2_translator(path: str | Path, threads: int, compute_type: str = "int8", device: str = "cpu") -> Any:
     import ctranslate2
 
     return ctranslate2.Translator(
-        str(path), device="cpu", compute_type=compute_type, inter_threads=1, intra_threads=threads
+        str(path), device=device, compute_type=compute_type, inter_threads=1, intra_threads=threads
     )
 
 
@@ -129,11 +129,21 @@ def ct2_score_labels(translator: Any, tokenizer: Any, task: Any, examples: list[
 # ---------------------------------------------------------------- one backend, in its own process
 
 
-def label_decoder(backend: str, path: Path, model_dir: Path, threads: int, label_tokens: int):
-    """(examples, fast_path) -> labels for one backend, everything loaded up front."""
+def label_decoder(
+    kind: str,
+    path: Path,
+    model_dir: Path,
+    threads: int,
+    label_tokens: int,
+    device: str = "cpu",
+    torch_dtype: str = "float32",
+    ct2_compute_type: str = "int8",
+):
+    """(examples, fast_path) -> labels for one backend of `kind` (ort, pytorch, ct2), everything loaded up front.
+    An ONNX export runs on the providers its folder names; PyTorch and CTranslate2 on `device` (cpu, cuda) in
+    `torch_dtype` and `ct2_compute_type`."""
     from stepwise import tasks
 
-    kind = BACKENDS[backend][0]
     task = tasks.load_task(model_dir)
     if kind == "ort":
         from stepwise.export.runtime import load_runtime, predict
@@ -147,6 +157,7 @@ def label_decoder(backend: str, path: Path, model_dir: Path, threads: int, label
 
         torch.set_num_threads(threads)
         model, tokenizer = parity.load_torch_model(model_dir)
+        model = model.to(device=device, dtype=getattr(torch, torch_dtype))
 
         def decode_torch(examples, fast):
             if fast:
@@ -156,7 +167,7 @@ def label_decoder(backend: str, path: Path, model_dir: Path, threads: int, label
         return decode_torch
     from transformers import AutoTokenizer
 
-    translator = ct2_translator(path, threads)
+    translator = ct2_translator(path, threads, ct2_compute_type, device)
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
 
     def decode_ct2(examples, fast):
@@ -168,17 +179,28 @@ def label_decoder(backend: str, path: Path, model_dir: Path, threads: int, label
 
 
 def time_backend(
-    backend: str, path: Path, model_dir: Path, label_tokens: int, threads: int, calls_batch1: int, calls_batch16: int
+    kind: str,
+    path: Path,
+    model_dir: Path,
+    label_tokens: int,
+    threads: int,
+    calls_batch1: int,
+    calls_batch16: int,
+    device: str = "cpu",
+    torch_dtype: str = "float32",
+    ct2_compute_type: str = "int8",
 ) -> dict[str, Any]:
     """Latency per call (p50/p95) and throughput for batch 1 and 16, with and without the fast path, of one
-    backend (a key of BACKENDS) loaded from `path`, with this process's peak RSS. Run it in a fresh process
-    (`harness.in_fresh_process`): the peak is then this backend's alone. `model_dir` is the PyTorch student (its
-    task and tokenizer); `label_tokens` caps greedy decoding."""
+    backend of `kind` (ort, pytorch, ct2: see `label_decoder`) loaded from `path`, with this process's peak RSS.
+    Run it in a fresh process (`harness.in_fresh_process`): the peak is then this backend's alone. `model_dir` is
+    the PyTorch student (its task and tokenizer); `label_tokens` caps greedy decoding."""
     import numpy as np
 
     from stepwise import tasks
 
-    decode = label_decoder(backend, Path(path), Path(model_dir), threads, label_tokens)
+    decode = label_decoder(
+        kind, Path(path), Path(model_dir), threads, label_tokens, device, torch_dtype, ct2_compute_type
+    )
     examples = tasks.load_split(tasks.load_task(Path(model_dir)), "valid")
     rows = []
     for batch, calls in ((1, calls_batch1), (16, calls_batch16)):
@@ -539,7 +561,7 @@ def time_every_backend(prepared: dict[str, Any], timing: TimingOptions) -> tuple
             result = in_fresh_process(
                 time_backend,
                 env=env,
-                backend=backend,
+                kind=BACKENDS[backend][0],
                 path=paths[backend],
                 model_dir=model_dir,
                 label_tokens=info["label_tokens"],

@@ -28,7 +28,7 @@ def torch_greedy_labels(
     max_input_tokens: int = artifacts.T5_MAX_INPUT_TOKENS,
 ) -> list[str]:
     batch = tokenizer(texts, padding=True, truncation=True, max_length=max_input_tokens, return_tensors="pt")
-    ids = model.generate(**batch, max_new_tokens=max_new_tokens, do_sample=False, num_beams=1)
+    ids = model.generate(**batch.to(model.device), max_new_tokens=max_new_tokens, do_sample=False, num_beams=1)
     return [t.strip() for t in tokenizer.batch_decode(ids, skip_special_tokens=True)]
 
 
@@ -67,19 +67,19 @@ def torch_candidate_scores(
         truncation=True,
         max_length=max_input_tokens,
         return_tensors="pt",
-    )
+    ).to(model.device)  # the benchmarks time PyTorch on a GPU too
     hidden = model.get_encoder()(**batch).last_hidden_state
-    rows = torch.from_numpy(np.repeat(np.arange(len(examples)), counts))
+    rows = torch.from_numpy(np.repeat(np.arange(len(examples)), counts)).to(model.device)
     decoder_ids, targets, mask = ort_runtime.candidate_batch(
         tokenizer, [c for cs in candidates for c in cs], model.config.decoder_start_token_id, model.config.pad_token_id
     )
     logits = model(
         encoder_outputs=(hidden[rows],),
         attention_mask=batch["attention_mask"][rows],
-        decoder_input_ids=torch.from_numpy(decoder_ids),
+        decoder_input_ids=torch.from_numpy(decoder_ids).to(model.device),
     ).logits
     return candidates, np.split(
-        ort_runtime.sequence_log_likelihood(logits.numpy(), targets, mask), np.cumsum(counts)[:-1]
+        ort_runtime.sequence_log_likelihood(logits.float().cpu().numpy(), targets, mask), np.cumsum(counts)[:-1]
     )
 
 

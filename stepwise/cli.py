@@ -50,6 +50,7 @@ BENCHMARKS: dict[str, tuple[str, str]] = {
     "training-memory": ("benchmarks.training_memory", "student"),
     "cascade": ("benchmarks.cascade", "student"),
     "gpu-train-check": ("benchmarks.gpu_train_check", "student"),
+    "gpu": ("benchmarks.gpu", "student"),
 }
 CHECKOUT_PACKAGE = "benchmarks"
 
