@@ -26,6 +26,7 @@ from typing import Any, Literal
 from benchmarks.export import time_backend
 from benchmarks.harness import in_fresh_process
 from stepwise import artifacts, envs, tasks
+from stepwise.serving.run import serve_args
 
 MODES = ("step-by-step", "standard-finetune")
 STEP_COUNT = 9
@@ -313,18 +314,7 @@ def serve_and_query(out: Path, requests: int, port: int, overwrite: bool) -> dic
     runtime = load_runtime(export_dir, threads=1)
     offline = [predict(runtime, [example])[0].label for example in examples]
     env = envs.quiet_runtime_env() | {"PYTHONPATH": str(envs.ROOT), "RAY_AUTH_MODE": "disabled"}
-    command = [
-        sys.executable,
-        "-m",
-        "stepwise",
-        "serve",
-        "--model",
-        str(export_dir),
-        "--port",
-        str(port),
-        "--run-dir",
-        str(out / "serve"),
-    ]
+    command = [sys.executable, "-m", "stepwise", *serve_args([export_dir], port, out / "serve")]
     server = subprocess.Popen(command, cwd=envs.ROOT, env=env, start_new_session=True)
     url = f"http://127.0.0.1:{port}"
     try:

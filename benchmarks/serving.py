@@ -28,6 +28,7 @@ from typing import TYPE_CHECKING, Any
 
 from benchmarks.harness import RESULTS, ROOT, bench_lock, free_port, wait_until_ready
 from stepwise import artifacts, tasks
+from stepwise.serving.run import serve_args
 
 if TYPE_CHECKING:
     import httpx
@@ -104,27 +105,8 @@ def start_server(config: str, export: Path, port: int, run_dir: Path) -> subproc
         ]
         env["STEPWISE_PLAIN_MODEL"] = str(export)
     else:
-        command = [
-            sys.executable,
-            "-m",
-            "stepwise",
-            "serve",
-            "--model",
-            str(export),
-            "--port",
-            str(port),
-            "--metrics-port",
-            str(free_port()),
-            "--run-dir",
-            str(run_dir),
-            "--max-ongoing-requests",
-            "128",
-            "--max-queued-requests",
-            "1024",
-            "--request-timeout-s",
-            "120",
-            *flags,
-        ]
+        load = ["--max-ongoing-requests", "128", "--max-queued-requests", "1024", "--request-timeout-s", "120"]
+        command = [sys.executable, "-m", "stepwise", *serve_args([export], port, run_dir, free_port(), load + flags)]
     log = (run_dir.parent / f"{run_dir.name}.log").open("w")
     return subprocess.Popen(command, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
 

@@ -7,6 +7,7 @@ stepwise serve --model runs/export-esnli cqa=runs/export-cqa   # several; reques
 from __future__ import annotations
 
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
 from stepwise import storage, tasks
@@ -28,6 +29,23 @@ def parse_models(specs: list[str]) -> dict[str, str]:
             raise ValueError(f"model id {model_id!r} given twice: name them with ID=DIR")
         models[model_id] = folder
     return models
+
+
+def serve_args(
+    models: Sequence[str | Path],
+    port: int,
+    run_dir: Path | None = None,
+    metrics_port: int | None = None,
+    flags: Sequence[str] = (),
+) -> list[str]:
+    """The arguments of `stepwise serve` for these exports (DIR or ID=DIR), for a caller that starts it as a process
+    (`python -m stepwise *serve_args(...)`): the benchmarks, the demo and the tests. Unset: the command's default."""
+    args = ["serve", "--model", *map(str, models), "--port", str(port)]
+    if run_dir is not None:
+        args += ["--run-dir", str(run_dir)]
+    if metrics_port is not None:
+        args += ["--metrics-port", str(metrics_port)]
+    return args + list(flags)
 
 
 def main(

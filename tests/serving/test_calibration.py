@@ -19,6 +19,7 @@ from stepwise import artifacts, cli, storage, tasks
 from stepwise.export.runtime import load_runtime, predict
 from stepwise.serving import cascade, lifecycle
 from stepwise.serving.cascade import Calibration
+from stepwise.serving.run import serve_args
 from stepwise.serving.settings import Fallback, Scaling, ServeArgs
 
 from helpers import free_port
@@ -93,8 +94,8 @@ def test_bad_share_settings_are_refused(fields, message):
 def serve_error(folder: Path, tmp_path: Path, monkeypatch, *flags: str) -> str:
     """`stepwise serve`'s one-line error for these fallback flags (it fails before Ray starts)."""
     monkeypatch.setenv("STEPWISE_INPROCESS", "1")
-    argv = ["serve", "--model", str(folder), "--port", str(free_port()), "--metrics-port", str(free_port())]
-    argv += ["--run-dir", str(tmp_path / "run"), "--fallback", "http://127.0.0.1:9", "--fallback-model", "m", *flags]
+    teacher = ["--fallback", "http://127.0.0.1:9", "--fallback-model", "m", *flags]
+    argv = serve_args([folder], free_port(), tmp_path / "run", free_port(), teacher)
     with pytest.raises(SystemExit) as refused:
         cli.main(argv)
     return str(refused.value)

@@ -13,6 +13,7 @@ import pytest
 from stepwise import artifacts, cli, storage, tasks
 from stepwise.extraction.run import main as extract
 from stepwise.serving import app
+from stepwise.serving.run import serve_args
 
 from helpers import cli_env, free_port, start_stepwise, wait_until_ready
 
@@ -39,9 +40,8 @@ def test_train_export_and_serve_read_and_write_the_object_store(bucket, tmp_path
 
     port, run_dir = free_port(), tmp_path / "serve"
     env = cli_env(STEPWISE_CACHE=str(tmp_path / "replica-cache"))  # the replica's node: a cache of its own
-    server = start_stepwise("serve", "--model", export, "--port", str(port), "--metrics-port", str(free_port()),
-                            "--run-dir", str(run_dir), env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                            text=True)  # fmt: skip
+    server = start_stepwise(*serve_args([export], port, run_dir, free_port()), env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)  # fmt: skip
     try:
         wait_until_ready(f"http://127.0.0.1:{port}/healthz", 240, server)
         answer = httpx.post(f"http://127.0.0.1:{port}/v1/predict", json={"inputs": "Premise: A dog runs.\n"

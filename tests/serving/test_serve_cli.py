@@ -17,6 +17,7 @@ import psutil
 import pytest
 
 from stepwise import tasks
+from stepwise.serving.run import serve_args
 
 from helpers import ROOT, free_port, loopback
 
@@ -48,21 +49,7 @@ def start_server(export: Path, port: int, metrics_port: int, run_dir: Path, *ext
         "PYTHONPATH": str(ROOT),
         "OMP_NUM_THREADS": "1",
     }
-    command = [
-        sys.executable,
-        "-m",
-        "stepwise",
-        "serve",
-        "--model",
-        str(export),
-        "--port",
-        str(port),
-        "--metrics-port",
-        str(metrics_port),
-        "--run-dir",
-        str(run_dir),
-        *extra,
-    ]
+    command = [sys.executable, "-m", "stepwise", *serve_args([export], port, run_dir, metrics_port, extra)]
     server = subprocess.Popen(command, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     deadline = time.monotonic() + 180
     while True:
@@ -253,18 +240,7 @@ def test_a_taken_port_is_a_one_line_error_before_ray_starts(tiny_export_dir, tmp
         port = taken.getsockname()[1]
         env = os.environ | {"PYTHONPATH": str(ROOT)}
         done = subprocess.run(
-            [
-                sys.executable,
-                "-m",
-                "stepwise",
-                "serve",
-                "--model",
-                str(tiny_export_dir),
-                "--port",
-                str(port),
-                "--run-dir",
-                str(tmp_path),
-            ],
+            [sys.executable, "-m", "stepwise", *serve_args([tiny_export_dir], port, tmp_path)],
             cwd=ROOT,
             env=env,
             capture_output=True,

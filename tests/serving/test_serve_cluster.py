@@ -14,6 +14,7 @@ import pytest
 
 from benchmarks import harness
 from stepwise import storage, tasks
+from stepwise.serving.run import serve_args
 
 from helpers import cli_env, free_port, start_stepwise, wait_until_ready
 
@@ -31,8 +32,9 @@ def test_two_replicas_on_two_nodes_keep_answering_when_one_node_dies(tiny_export
     port = free_port()
     url = f"http://127.0.0.1:{port}"
     with harness.ray_nodes(env, worker_cpus=2) as cluster:
-        server = start_stepwise("serve", "--model", export, "--ray-address", cluster.address, "--port", str(port),
-                                "--replicas", "2", env=env | {"STEPWISE_CACHE": str(tmp_path / "driver-cache")},
+        on_cluster = ["--ray-address", cluster.address, "--replicas", "2"]
+        server = start_stepwise(*serve_args([export], port, flags=on_cluster),
+                                env=env | {"STEPWISE_CACHE": str(tmp_path / "driver-cache")},
                                 stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)  # fmt: skip
         try:
             wait_until_ready(f"{url}/healthz", 300, server)
