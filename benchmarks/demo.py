@@ -514,12 +514,12 @@ def write_plots(plots: Path, task_name: str, teacher: str, teacher_accuracy: flo
 
 def write_report(out: Path, task: str, teacher: str, results: dict) -> Path:
     """report.md, with its plots in <out>/plots."""
-    spec = tasks.get_task(task)
+    task_def = tasks.get_task(task)
     manifest = artifacts.read_manifest(out / "extract")
     train_metrics, bench, served = results["train"], results["bench"], results["serve"]
     cost, parity = results["teacher_cost"], results["parity"]
     figures = report_figures(results)
-    write_plots(out / "plots", spec.name, teacher, manifest["counts"]["teacher_accuracy"] or 0, figures, cost)
+    write_plots(out / "plots", task_def.name, teacher, manifest["counts"]["teacher_accuracy"] or 0, figures, cost)
     onnx, latency = figures["onnx"], figures["latency"]
     student_seconds_per_1k, student_rss = figures["student_seconds_per_1k"], figures["student_rss"]
 
@@ -533,7 +533,7 @@ def write_report(out: Path, task: str, teacher: str, results: dict) -> Path:
     text = (
         f"""# stepwise demo report
 
-Task **{spec.name}**, teacher **{teacher}**, """
+Task **{task_def.name}**, teacher **{teacher}**, """
         f"""written {time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}. Artifacts are in `{out}`.
 
 ## 1. Teacher rationales (`stepwise extract`)

@@ -423,17 +423,17 @@ def main(
         raise ValueError(f"--chunk-size must be 1 or more, got {chunk_size}")
     location = storage.as_location(out)
     storage.check_location(location, "--out")
-    spec = tasks.get_task(task, labels)
-    examples = load_examples(spec, split, limit)
-    check_teacher(spec, examples, teacher, model, engine, cluster)
-    shots = prompt_prefix(spec)
+    task_def = tasks.get_task(task, labels)
+    examples = load_examples(task_def, split, limit)
+    check_teacher(task_def, examples, teacher, model, engine, cluster)
+    shots = prompt_prefix(task_def)
     config = job_config(
-        spec, split, teacher, teacher_model(spec, teacher, model), asdict(sampling), engine.structured, shots
+        task_def, split, teacher, teacher_model(task_def, teacher, model), asdict(sampling), engine.structured, shots
     )
-    job = Job(spec, split, shots, config, location, chunk_size, shard_format, len(examples))
+    job = Job(task_def, split, shots, config, location, chunk_size, shard_format, len(examples))
     refuse_foreign_folder(job.out, overwrite)
     with hold_output(job.out):
-        prepare_output(job.out, spec, config, overwrite)
+        prepare_output(job.out, task_def, config, overwrite)
         job.manifest_etag["etag"] = storage.etag(storage.join(job.out, artifacts.MANIFEST))
         done, pending = resume_plan(job.out, examples, retry_errors)
         write_manifest(job, done)

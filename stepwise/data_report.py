@@ -66,11 +66,11 @@ def main(task: str, labels: list[str] | None = None, json_out: Path | None = Non
         labels: a custom task's closed label set (overrides its task file's and the inferred one).
         json_out: also write the numbers to this JSON file.
     """
-    spec = tasks.get_task(task, labels)
-    rows = [split_stats(spec, split) for split in tasks.SPLITS]
-    label_set = f"; labels {'/'.join(spec.labels)}" if spec.labels else ""
+    task_def = tasks.get_task(task, labels)
+    rows = [split_stats(task_def, split) for split in tasks.SPLITS]
+    label_set = f"; labels {'/'.join(task_def.labels)}" if task_def.labels else ""
     print(
-        f"task {spec.name} ({spec.answer_style} answers{label_set}); "
+        f"task {task_def.name} ({task_def.answer_style} answers{label_set}); "
         "teacher accuracy counts malformed completions as wrong"
     )
     header = (
@@ -98,6 +98,12 @@ def main(task: str, labels: list[str] | None = None, json_out: Path | None = Non
         print(f"  {r['split']:<6} {shown or '-'}{more}")
     if json_out:
         artifacts.write_json(
-            json_out, {"task": spec.name, "answer_style": spec.answer_style, "label_set": spec.labels, "splits": rows}
+            json_out,
+            {
+                "task": task_def.name,
+                "answer_style": task_def.answer_style,
+                "label_set": task_def.labels,
+                "splits": rows,
+            },
         )
     return json_out
