@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from stepwise import artifacts, progress, tasks
+from stepwise import artifacts, progress, storage, tasks
 
 FRACTIONS = [round(i / 20, 2) for i in range(21)]
 
@@ -256,8 +256,9 @@ def label_split(
     return examples, predictions, answers, time.perf_counter() - started
 
 
-def calibrate(runtime: Any, calibration: Calibration, batch_size: int) -> artifacts.CascadeSettings:
-    """The margin threshold for the calibration's target on its split, written into the export folder."""
+def calibrate(runtime: Any, calibration: Calibration, batch_size: int, folder: str | Path) -> artifacts.CascadeSettings:
+    """The margin threshold for the calibration's target on its split, written into the export `folder` (the
+    runtime's own, or the object-store prefix it was downloaded from)."""
     split = calibration.calibrate_on
     teacher = calibration.calibration_teacher
     examples, predictions, answers = label_split(runtime, split, calibration.calibration_limit, batch_size, teacher)[:3]
@@ -278,7 +279,7 @@ def calibrate(runtime: Any, calibration: Calibration, batch_size: int) -> artifa
         "teacher": str(teacher) if teacher else f"shipped completions of {runtime.task.name}/{split}",
         "version": runtime.version,
     }
-    written = artifacts.write_cascade_settings(runtime.export_dir, settings)
+    written = artifacts.write_cascade_settings(folder, settings)
     print(
         f"[cascade] calibrated on {runtime.task.name}/{split} ({len(examples)} examples) for "
         f"{calibration.wanted}: margin below {threshold:.4f} sends {settings['share']:.1%} to the teacher, "
@@ -289,7 +290,7 @@ def calibrate(runtime: Any, calibration: Calibration, batch_size: int) -> artifa
 
 
 def main(
-    model: Path,
+    model: str | Path,
     split: str = "test",
     teacher: Path | None = None,
     teacher_cost: Path | None = None,
@@ -301,7 +302,8 @@ def main(
     """Accuracy against the share of predictions sent to the teacher, least sure first; table, JSON and PNG.
 
     Args:
-        model: the student: an export folder (`stepwise export`)
+        model: the student: an export folder (`stepwise export`), local or on an object store (s3://bucket/prefix;
+            a calibration is then written back there)
         split: the task split to label (its gold labels score the cascade)
         teacher: a `stepwise extract` output folder with the teacher's answers for the split (default: the task's
             shipped completions, PaLM-540B for svamp/cqa/esnli)
@@ -315,7 +317,10 @@ def main(
     """
     from stepwise.export.runtime import load_runtime
 
-    runtime = load_runtime(Path(model))
+    location = storage.as_location(model)
+    if storage.is_remote(location):
+        storage.check_location(location, "--model", must_exist=True)
+    runtime = load_runtime(storage.local_folder(location, "--model"))
     task = runtime.task
     if not task.closed_label_set:
         raise ValueError(
@@ -323,7 +328,7 @@ def main(
             "the cascade ranks by the margin between candidate labels, which needs a closed label set"
         )
     if calibration.wanted:
-        calibrate(runtime, calibration, batch_size)
+        calibrate(runtime, calibration, batch_size, location)
     examples, predictions, answers, student_seconds = label_split(runtime, split, limit, batch_size, teacher)
     labels, margins = [p.label for p in predictions], [p.margin for p in predictions]
     rows = curve(task, examples, labels, margins, answers)
@@ -332,7 +337,7 @@ def main(
         "student": rows[0]["accuracy"],
         "teacher": tasks.accuracy(task, [answers.get(e.id, "") for e in examples], golds),
     }
-    settings = artifacts.read_cascade_settings(runtime.export_dir)
+    settings = artifacts.read_cascade_settings(location)
     if settings:  # what the served margin does on this split
         share, accuracy = at_threshold(task, examples, labels, margins, answers, settings["threshold"])
         settings = {**settings, "on_split": {"split": split, "share": share, "accuracy": accuracy}}
@@ -344,7 +349,7 @@ def main(
 
     source = str(teacher) if teacher else f"shipped completions of {task.name}/{split}"
     result = {
-        "model": str(Path(model).resolve()),
+        "model": str(location) if storage.is_remote(location) else str(Path(location).resolve()),
         "task": task.name,
         "split": split,
         "examples": len(examples),

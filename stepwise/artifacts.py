@@ -384,10 +384,14 @@ def read_cascade_settings(folder: str | Path) -> CascadeSettings | None:
     return _read_typed(folder, CASCADE_SETTINGS, CascadeSettings, "an export's calibrated fallback margin")
 
 
-def write_cascade_settings(folder: Path, settings: CascadeSettings) -> Path:
-    """Write `settings` into a local export folder. The export's version hashes its ONNX files only, so it stays;
-    a folder that carries a checksum list (a downloaded or uploaded copy) gets it recomputed, so that every file,
-    this one included, is still covered and an upload of the folder takes it along."""
+def write_cascade_settings(folder: str | Path, settings: CascadeSettings) -> str | Path:
+    """Write `settings` into an export folder, local or on an object store (its checksum list then names the new
+    file too, so the servers' caches fetch the folder anew). The export's version hashes its ONNX files only, so it
+    stays; a local folder that carries a checksum list (a downloaded or uploaded copy) gets it recomputed, so that
+    every file, this one included, is still covered and an upload of the folder takes it along."""
+    if storage.is_remote(folder):
+        storage.add_file(str(folder), CASCADE_SETTINGS, (json.dumps(settings, indent=2) + "\n").encode())
+        return storage.join(folder, CASCADE_SETTINGS)
     folder = Path(folder)
     write_json(folder / CASCADE_SETTINGS, settings)
     if (folder / storage.CHECKSUMS).exists():

@@ -319,6 +319,18 @@ def upload_folder(folder: Path, location: str) -> None:
     write_bytes(str(join(location, CHECKSUMS)), (Path(folder) / CHECKSUMS).read_bytes())
 
 
+def add_file(location: str, name: str, data: bytes) -> None:
+    """Put one more file into a folder `upload_folder` wrote, and its checksum into the folder's `checksums.json`
+    after it: a reader never sees a listed file missing, and `cached_download` fetches the changed folder anew."""
+    checksums = read_checksums(location, f"adding {name}")
+    write_bytes(str(join(location, name)), data)
+    files = checksums["files"] | {name: hashlib.sha256(data).hexdigest()}
+    digest = hashlib.sha256(json.dumps(files, sort_keys=True).encode()).hexdigest()
+    write_bytes(
+        str(join(location, CHECKSUMS)), (json.dumps({"files": files, "digest": digest}, indent=2) + "\n").encode()
+    )
+
+
 def upload_files(folder: Path, names: Iterable[str], location: str) -> None:
     """Copy the named files of a local folder to the same names under `location`, each one whole object."""
     for name in names:

@@ -5,7 +5,10 @@ changed on the store after upload is refused, never served."""
 
 from __future__ import annotations
 
+import hashlib
+import shutil
 import subprocess
+from pathlib import Path
 
 import httpx
 import pytest
@@ -66,3 +69,27 @@ def test_a_bad_model_location_is_one_line_before_any_work(s3_env):
     message = str(stopped.value)
     assert message.startswith("stepwise export: error: --model s3://no-such-bucket-stepwise/student: bucket ")
     assert "\n" not in message
+
+
+def test_a_calibration_is_written_back_to_an_export_on_the_object_store(tiny_export_dir, bucket, tmp_path, monkeypatch):
+    from stepwise.serving import cascade
+
+    monkeypatch.setenv("STEPWISE_CACHE", str(tmp_path / "cache"))
+    export = f"{bucket}/export"
+    storage.upload_folder(Path(shutil.copytree(tiny_export_dir, tmp_path / "export")), export)
+    version = artifacts.read_export_config(export)["version"]
+    calibration = cascade.Calibration(target_share=0.25, calibration_limit=40)
+    cascade.main(model=export, limit=40, out=tmp_path / "cascade", calibration=calibration)
+
+    settings = artifacts.read_cascade_settings(export)
+    assert settings["target"] == {"share": 0.25} and settings["version"] == version
+    listed = storage.read_checksums(export, "the test")["files"]
+    assert (
+        listed[artifacts.CASCADE_SETTINGS]
+        == hashlib.sha256(storage.read_bytes(f"{export}/{artifacts.CASCADE_SETTINGS}")).hexdigest()
+    )
+    # Another node's cache fetches the changed folder whole and verified, and serving takes its margin.
+    copy = storage.cached_download(export, "the test", cache=tmp_path / "another-node")
+    assert artifacts.read_cascade_settings(copy) == settings
+    assert cascade.calibrated_margin(export, 0.25) == settings["threshold"]
+    assert artifacts.read_export_config(export)["version"] == version
