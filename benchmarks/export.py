@@ -129,19 +129,20 @@ def ct2_score_labels(translator: Any, tokenizer: Any, task: Any, examples: list[
 # ---------------------------------------------------------------- one backend, in its own process
 
 
+@dataclass(frozen=True)
+class Placement:
+    """Where PyTorch and CTranslate2 run, and in what precision (an ONNX export runs on the providers its folder
+    names): the CPU in float32 / int8 here, `stepwise bench gpu` a CUDA device."""
+
+    device: str = "cpu"
+    torch_dtype: str = "float32"
+    ct2_compute_type: str = "int8"
+
+
 def label_decoder(
-    kind: str,
-    path: Path,
-    model_dir: Path,
-    threads: int,
-    label_tokens: int,
-    device: str = "cpu",
-    torch_dtype: str = "float32",
-    ct2_compute_type: str = "int8",
+    kind: str, path: Path, model_dir: Path, threads: int, label_tokens: int, placement: Placement = Placement()
 ):
-    """(examples, fast_path) -> labels for one backend of `kind` (ort, pytorch, ct2), everything loaded up front.
-    An ONNX export runs on the providers its folder names; PyTorch and CTranslate2 on `device` (cpu, cuda) in
-    `torch_dtype` and `ct2_compute_type`."""
+    """(examples, fast_path) -> labels for one backend of `kind` (ort, pytorch, ct2), everything loaded up front."""
     from stepwise import tasks
 
     task = tasks.load_task(model_dir)
@@ -157,7 +158,7 @@ def label_decoder(
 
         torch.set_num_threads(threads)
         model, tokenizer = parity.load_torch_model(model_dir)
-        model = model.to(device=device, dtype=getattr(torch, torch_dtype))
+        model = model.to(device=placement.device, dtype=getattr(torch, placement.torch_dtype))
 
         def decode_torch(examples, fast):
             if fast:
@@ -167,7 +168,7 @@ def label_decoder(
         return decode_torch
     from transformers import AutoTokenizer
 
-    translator = ct2_translator(path, threads, ct2_compute_type, device)
+    translator = ct2_translator(path, threads, placement.ct2_compute_type, placement.device)
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
 
     def decode_ct2(examples, fast):
@@ -186,9 +187,7 @@ def time_backend(
     threads: int,
     calls_batch1: int,
     calls_batch16: int,
-    device: str = "cpu",
-    torch_dtype: str = "float32",
-    ct2_compute_type: str = "int8",
+    placement: Placement = Placement(),
 ) -> dict[str, Any]:
     """Latency per call (p50/p95) and throughput for batch 1 and 16, with and without the fast path, of one
     backend of `kind` (ort, pytorch, ct2: see `label_decoder`) loaded from `path`, with this process's peak RSS.
@@ -198,9 +197,7 @@ def time_backend(
 
     from stepwise import tasks
 
-    decode = label_decoder(
-        kind, Path(path), Path(model_dir), threads, label_tokens, device, torch_dtype, ct2_compute_type
-    )
+    decode = label_decoder(kind, Path(path), Path(model_dir), threads, label_tokens, placement)
     examples = tasks.load_split(tasks.load_task(Path(model_dir)), "valid")
     rows = []
     for batch, calls in ((1, calls_batch1), (16, calls_batch16)):

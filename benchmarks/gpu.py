@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
-from benchmarks.export import SIZES
+from benchmarks.export import SIZES, Placement
 from benchmarks.harness import RESULTS, ROOT, bench_lock, command_line, in_fresh_process, machine, write_results
 
 TASK = "esnli"
@@ -30,19 +30,17 @@ TASK = "esnli"
 
 @dataclass(frozen=True)
 class Plan:
-    """What one device measures: the ONNX targets (exported at `precision`), PyTorch's dtype, CTranslate2's
-    compute type."""
+    """What one device measures: the ONNX targets (exported at `precision`), and where PyTorch and CTranslate2 run
+    in what precision."""
 
-    device: str
     targets: tuple[str, ...]
     precision: str
-    torch_dtype: str
-    ct2_compute_type: str
+    placement: Placement
 
 
 PLANS = {
-    "cuda": Plan("cuda", ("cuda", "tensorrt"), "fp16", "bfloat16", "float16"),
-    "cpu": Plan("cpu", ("cpu",), "fp32", "float32", "float32"),
+    "cuda": Plan(("cuda", "tensorrt"), "fp16", Placement("cuda", "bfloat16", "float16")),
+    "cpu": Plan(("cpu",), "fp32", Placement("cpu", "float32", "float32")),
 }
 # Without these the GPU path measures nothing; the other parts are skipped alone.
 REQUIRED = ("cuda", "ort-cuda")
@@ -76,12 +74,12 @@ def preflight() -> dict[str, str]:
 def backends(plan: Plan, skipped: dict[str, str]) -> dict[str, dict[str, Any]]:
     """Row name -> `time_backend`'s kind and settings, for what `plan` measures and this box has."""
     rows: dict[str, dict[str, Any]] = {
-        f"pytorch-{plan.torch_dtype}": {"kind": "pytorch"},
+        f"pytorch-{plan.placement.torch_dtype}": {"kind": "pytorch"},
         # a target is skipped under its own name (tensorrt); a missing "cuda" stops the run before this
         **{f"ort-{t}-{plan.precision}": {"kind": "ort", "target": t} for t in plan.targets if t not in skipped},
     }
     if "ctranslate2" not in skipped:
-        rows[f"ct2-{plan.device}-{plan.ct2_compute_type}"] = {"kind": "ct2"}
+        rows[f"ct2-{plan.placement.device}-{plan.placement.ct2_compute_type}"] = {"kind": "ct2"}
     return rows
 
 
@@ -148,9 +146,7 @@ def time_size(
             threads=1,
             calls_batch1=calls_batch1,
             calls_batch16=calls_batch16,
-            device=plan.device,
-            torch_dtype=plan.torch_dtype,
-            ct2_compute_type=plan.ct2_compute_type,
+            placement=plan.placement,
         )
         for row in result["rows"]:
             labels = row.pop("labels")
