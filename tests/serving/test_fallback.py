@@ -203,11 +203,20 @@ def test_unreadable_few_shot_data_is_refused_before_serving(trained_export_dir, 
         ({"fallback_timeout_s": 0}, "must be positive"),
         ({"fallback_concurrency": 0}, "at least 1"),
         ({"fallback_cooldown_s": -1}, "at least 0"),
+        ({"fallback_signal": "votes"}, "is one of margin, consistency, both"),
+        ({"fallback_signal": "consistency", "fallback_margin": 0.2}, "takes no margin"),
+        ({"fallback": "http://t", "fallback_model": "m", "fallback_signal": "both"}, "give --fallback-margin"),
     ],
 )
 def test_bad_fallback_settings_are_refused(fields, message):
     with pytest.raises(ValueError, match=message):
         Fallback(**fields)
+
+
+def test_the_consistency_signal_is_refused_for_an_export_not_trained_step_by_step(trained_export_dir):
+    settings = Fallback(fallback="http://127.0.0.1:9", fallback_model="m", fallback_signal="consistency")
+    with pytest.raises(ValueError, match="'esnli': .* was not trained step-by-step \\(mode: standard-finetune\\)"):
+        app.build_app(ServeArgs(models={"esnli": str(trained_export_dir)}, scaling=SMALL, cascade=settings))
 
 
 def test_the_fallback_budget_bounds_every_attempt_and_backoff():
@@ -485,7 +494,7 @@ def test_the_teachers_answers_are_kept_as_training_rows(fallback_log):
     assert len(records) == 4 and all(r["status"] == "ok" and r["teacher_label"] in tasks.NLI_LABELS
                                       for r in records.values())  # fmt: skip
     kept = {"id", "input", "label", "choices", "rationale", "teacher_label", "status", "reason", "fingerprint",
-            "student_label", "student_margin", "model", "version", "time", "source"}  # fmt: skip
+            "student_label", "student_margin", "signal", "model", "version", "time", "source"}  # fmt: skip
     assert all(set(r) == kept for r in records.values())  # nothing else of the request
     examples, counts = training_examples(ESNLI, records, needs_teacher_label=True, needs_rationale=True,
                                          fraction=1.0, seed=0)  # fmt: skip
