@@ -6,6 +6,7 @@ to 1, with what each f costs per 1k predictions, as a table, JSON and a PNG; the
     stepwise cascade --model runs/demo/export --split test            # e-SNLI student vs PaLM-540B's test answers
     stepwise cascade --model EXPORT --teacher runs/teacher-test --teacher-cost runs/teacher-test
     stepwise cascade --model EXPORT --target-share 0.1     # calibrate the served margin on valid, into the export
+    stepwise cascade --model EXPORT --compare-signals      # margin, consistency and both (--fallback-signal)
 
 With a target (a share of predictions for the teacher, or an accuracy to reach), the margin threshold is chosen on
 the validation split, as RouteLLM's `calibrate_threshold` does (the margin quantile below which the target share
