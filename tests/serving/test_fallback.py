@@ -23,7 +23,7 @@ import httpx
 import pytest
 
 from stepwise import artifacts, tasks
-from stepwise.export.runtime import Prediction, load_runtime, predict
+from stepwise.export.runtime import Prediction, load_runtime, predict, rationale_labels
 from stepwise.extraction.teachers import answer_regex
 from stepwise.serving import app, fallback, lifecycle
 from stepwise.serving.settings import Fallback, Scaling, ServeArgs
@@ -546,3 +546,50 @@ def test_one_turn_of_the_flywheel_serves_a_student_retrained_on_the_log(
         assert {p["label"] for p in answer["predictions"]} <= set(tasks.NLI_LABELS)
     finally:
         serve.delete("after")
+
+
+@pytest.mark.slow
+def test_the_consistency_signal_sends_the_predictions_whose_rationale_disagrees(
+    served, step_by_step_export_dir, teacher_url, tmp_path
+):
+    """A step-by-step student served with --fallback-signal consistency: the inputs whose rationale reaches another
+    label than the student's go to the teacher, marked with the signal in the response, the metric and the fallback
+    log; those that agree keep the student's answer; the rationale checked is not returned."""
+    from ray import serve
+
+    runtime = load_runtime(step_by_step_export_dir, threads=1)
+    examples = tasks.load_split(ESNLI, "test")[:12]
+    students = predict(runtime, examples)
+    reached = rationale_labels(runtime, examples, students)
+    disagree = [label != p.label for label, p in zip(reached, students, strict=True)]
+    assert 0 < sum(disagree) < len(examples), disagree
+    settings = Fallback(
+        fallback=teacher_url,
+        fallback_signal="consistency",
+        fallback_model="tiny",
+        fallback_max_tokens=TEACHER_TOKENS,
+        fallback_timeout_s=120,
+        fallback_retries=0,
+        fallback_log=str(tmp_path),
+    )
+    models = {"esnli": str(step_by_step_export_dir)}
+    serve.run(app.build_app(ServeArgs(models=models, scaling=SMALL, cascade=settings)), name="consistency",
+              route_prefix="/consistency")  # fmt: skip
+    try:
+        inputs = [premise_hypothesis(e) for e in examples]
+        body = httpx.post(f"{served.url}/consistency/v1/predict", json={"inputs": inputs}, timeout=300).json()
+        sent = wait_for_metric(served.metrics, "ray_stepwise_fallbacks_total", total=sum(disagree), model="esnli",
+                               application="consistency", signal="consistency")  # fmt: skip
+    finally:
+        serve.delete("consistency")  # its replica's shutdown writes the fallback log's shard
+    for answer, student, disagrees in zip(body["predictions"], students, disagree, strict=True):
+        assert answer["margin"] == pytest.approx(student.margin, abs=1e-5)
+        if disagrees:
+            assert answer["source"] == "teacher" and answer["fallback_signal"] == "consistency", answer
+            assert answer["rationale"].strip()  # the teacher's
+        else:
+            assert answer["source"] == "student" and answer["label"] == student.label, answer
+            assert "fallback_signal" not in answer and "rationale" not in answer
+    assert sum(v for _, v in sent) == sum(disagree)
+    records = records_by_source([tmp_path / "esnli"])
+    assert len(records) == sum(disagree) and {r["signal"] for r in records.values()} == {"consistency"}
