@@ -551,6 +551,8 @@ def closed_set_predictions(runtime: Runtime, texts: list[str], examples: list[ta
 
 def decode_rationales(runtime: Runtime, examples: list[tasks.Example]) -> list[str]:
     """Each example's rationale, greedy from its "explain: " input."""
+    if not examples:
+        return []
     ids, _ = greedy_decode(
         runtime, [tasks.rationale_input(e) for e in examples], runtime.export_config["max_new_tokens"]["rationale"]
     )
@@ -596,9 +598,7 @@ def rationale_labels(runtime: Runtime, examples: list[tasks.Example], prediction
     if not examples:
         return []
     missing = [i for i, p in enumerate(predictions) if p.rationale is None]
-    decoded = (
-        dict(zip(missing, decode_rationales(runtime, [examples[i] for i in missing]), strict=True)) if missing else {}
-    )
+    decoded = dict(zip(missing, decode_rationales(runtime, [examples[i] for i in missing]), strict=True))
     rationales = [decoded[i] if i in decoded else p.rationale for i, p in enumerate(predictions)]
     texts = [tasks.reasoned_label_input(e, r) for e, r in zip(examples, rationales, strict=True)]
     return [p.label for p in closed_set_predictions(runtime, texts, examples)]
