@@ -385,7 +385,8 @@ class StudentServer:
     async def cascade(
         self, model_id: str, examples: list[tasks.Example], predictions: list[Prediction]
     ) -> list[fallback.Outcome]:
-        """The student's predictions, with those it is unsure of answered by the teacher (when one is set)."""
+        """The student's predictions, with those it is unsure of answered by the teacher (when one is set): below the
+        margin, or (--fallback-signal consistency|both) whose rationale reaches another label."""
         settings, threshold = self.args.cascade, self.thresholds[model_id]
         outcomes = [fallback.Outcome(p, "student", None, 0.0) for p in predictions]
         unsure = [i for i, p in enumerate(predictions) if fallback.unsure(settings, p, threshold)]

@@ -129,7 +129,8 @@ class Scaling:
 
 @dataclass(frozen=True)
 class Fallback:
-    """A student-first cascade: predictions the student is unsure of (margin below the threshold) go to a teacher,
+    """A student-first cascade: predictions the student is unsure of (margin below the threshold; or, by
+    --fallback-signal, whose rationale reaches another label) go to a teacher,
     an OpenAI-compatible server such as vLLM's, through the extraction stage's client.
 
     Args:
