@@ -223,6 +223,18 @@ class Calibration:
         return {"accuracy": self.target_accuracy} if self.target_accuracy else {}
 
 
+def check_step_by_step(folder: Path, who: str, wanted: str) -> None:
+    """ValueError naming the export unless it was trained step-by-step: the consistency signal scores the labels on
+    the student's own rationale, which only such a student learnt to write."""
+    trained = artifacts.read_train_config(folder)
+    mode = trained["mode"] if trained else f"unknown, no {artifacts.TRAIN_CONFIG}"
+    if mode != "step-by-step":
+        raise ValueError(
+            f"{who}: {folder} was not trained step-by-step (mode: {mode}), so it writes no rationale for {wanted} "
+            "to check; the margin signal works for any export"
+        )
+
+
 def calibrated_margin(folder: str | Path, share: float, model_id: str = "") -> float:
     """The margin `stepwise serve --fallback-share SHARE` sends by: the export's calibrated threshold, refused (a
     ValueError saying which `stepwise cascade` to run) when the export has none, or one for another target, or one
@@ -407,8 +419,6 @@ def main(
             "the cascade ranks by the margin between candidate labels, which needs a closed label set"
         )
     if compare_signals:
-        from stepwise.serving.fallback import check_step_by_step
-
         check_step_by_step(runtime.export_dir, "--model", "--compare-signals")
     if calibration.wanted:
         calibrate(runtime, calibration, batch_size)

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Awaitable, Callable
 
-from stepwise import artifacts, tasks
+from stepwise import tasks
 from stepwise.export.runtime import Prediction
 from stepwise.extraction.teachers import Generation, Sampling, answer_regex, openai_completion
 from stepwise.serving.settings import Fallback
@@ -95,20 +95,10 @@ def threshold(settings: Fallback, folder: str | Path, model_id: str) -> float:
 
 def check_signal(settings: Fallback, folder: Path, model_id: str) -> None:
     """ValueError naming the export, unless its --fallback-signal can be read from it (margin always can)."""
+    from stepwise.serving.cascade import check_step_by_step
+
     if settings.fallback and settings.fallback_signal != "margin":
         check_step_by_step(folder, f"model {model_id!r}", f"--fallback-signal {settings.fallback_signal}")
-
-
-def check_step_by_step(folder: Path, who: str, wanted: str) -> None:
-    """ValueError naming the export unless it was trained step-by-step: the consistency signal scores the labels on
-    the student's own rationale, which only such a student learnt to write."""
-    trained = artifacts.read_train_config(folder)
-    mode = trained["mode"] if trained else f"unknown, no {artifacts.TRAIN_CONFIG}"
-    if mode != "step-by-step":
-        raise ValueError(
-            f"{who}: {folder} was not trained step-by-step (mode: {mode}), so it writes no rationale for {wanted} "
-            "to check; the margin signal works for any export"
-        )
 
 
 def cooling_down(teacher: Teacher) -> str:
