@@ -540,6 +540,25 @@ def closed_set_prediction(candidates: list[str], log_likelihoods: np.ndarray) ->
     )
 
 
+def closed_set_predictions(runtime: Runtime, texts: list[str], examples: list[tasks.Example]) -> list[Prediction]:
+    """The fast path's predictions for the label inputs `texts` of `examples`: every candidate scored exactly."""
+    candidates = [candidates_for(runtime.task, e) for e in examples]
+    return [
+        closed_set_prediction(cs, s)
+        for cs, s in zip(candidates, score_candidates(runtime, texts, candidates), strict=True)
+    ]
+
+
+def decode_rationales(runtime: Runtime, examples: list[tasks.Example]) -> list[str]:
+    """Each example's rationale, greedy from its "explain: " input."""
+    if not examples:
+        return []
+    ids, _ = greedy_decode(
+        runtime, [tasks.rationale_input(e) for e in examples], runtime.export_config["max_new_tokens"]["rationale"]
+    )
+    return [rationale.strip() for rationale in runtime.tokenizer.batch_decode(ids, skip_special_tokens=True)]
+
+
 def predict(
     runtime: Runtime, examples: list[tasks.Example], explain: bool = False, fast_path: bool = True
 ) -> list[Prediction]:
@@ -553,24 +572,33 @@ def predict(
     """
     if not examples:
         return []
-    limits = runtime.export_config["max_new_tokens"]
     label_texts = [tasks.label_input(e) for e in examples]
     if fast_path and runtime.task.closed_label_set:
-        candidates = [candidates_for(runtime.task, e) for e in examples]
-        predictions = [
-            closed_set_prediction(cs, s)
-            for cs, s in zip(candidates, score_candidates(runtime, label_texts, candidates), strict=True)
-        ]
+        predictions = closed_set_predictions(runtime, label_texts, examples)
     else:
-        ids, log_probs = greedy_decode(runtime, label_texts, limits["label"], score=True)
+        ids, log_probs = greedy_decode(
+            runtime, label_texts, runtime.export_config["max_new_tokens"]["label"], score=True
+        )
         labels = [t.strip() for t in runtime.tokenizer.batch_decode(ids, skip_special_tokens=True)]
         predictions = [
             Prediction(label, log_prob=float(log_prob)) for label, log_prob in zip(labels, log_probs, strict=True)
         ]
     if explain:
-        ids, _ = greedy_decode(runtime, [tasks.rationale_input(e) for e in examples], limits["rationale"])
-        for prediction, rationale in zip(
-            predictions, runtime.tokenizer.batch_decode(ids, skip_special_tokens=True), strict=True
-        ):
-            prediction.rationale = rationale.strip()
+        for prediction, rationale in zip(predictions, decode_rationales(runtime, examples), strict=True):
+            prediction.rationale = rationale
     return predictions
+
+
+def rationale_labels(runtime: Runtime, examples: list[tasks.Example], predictions: list[Prediction]) -> list[str]:
+    """The label each example's rationale reaches (the consistency signal): the fast path's label for the label
+    input with the student's own rationale after it (`tasks.reasoned_label_input`). The student learnt its
+    rationales as the teacher's, which carry no answer sentence, so there is none to parse; the label task reading
+    the rationale is the one reader of it the student has (no new training task). The rationale is the prediction's
+    own where it has one (explain), else decoded here and not kept. A closed label set only."""
+    if not examples:
+        return []
+    missing = [i for i, p in enumerate(predictions) if p.rationale is None]
+    decoded = dict(zip(missing, decode_rationales(runtime, [examples[i] for i in missing]), strict=True))
+    rationales = [decoded[i] if i in decoded else p.rationale for i, p in enumerate(predictions)]
+    texts = [tasks.reasoned_label_input(e, r) for e, r in zip(examples, rationales, strict=True)]
+    return [p.label for p in closed_set_predictions(runtime, texts, examples)]

@@ -33,7 +33,7 @@ from ray.serve.schema import LoggingConfig
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from stepwise import artifacts, request_limits, storage, tasks
-from stepwise.export.runtime import Prediction, Runtime, load_runtime, predict
+from stepwise.export.runtime import Prediction, Runtime, load_runtime, predict, rationale_labels
 from stepwise.serving import fallback, schema
 from stepwise.serving.fallback_log import FallbackLog, served_record
 from stepwise.serving.settings import ServeArgs
@@ -88,7 +88,9 @@ def replica_metrics() -> dict[str, Any]:
             tag_keys=("model", "mode"),
         ),
         "fallbacks": Counter(
-            "stepwise_fallbacks", "predictions sent to the teacher, by who answered", tag_keys=("model", "source")
+            "stepwise_fallbacks",
+            "predictions sent to the teacher, by who answered and what sent them (--fallback-signal)",
+            tag_keys=("model", "source", "signal"),
         ),
         "predictions": Counter(
             "stepwise_predictions",
@@ -383,29 +385,48 @@ class StudentServer:
     async def cascade(
         self, model_id: str, examples: list[tasks.Example], predictions: list[Prediction]
     ) -> list[fallback.Outcome]:
-        """The student's predictions, with those it is unsure of answered by the teacher (when one is set)."""
+        """The student's predictions, with those it is unsure of answered by the teacher (when one is set): below the
+        margin, or (--fallback-signal consistency|both) whose rationale reaches another label."""
         settings, threshold = self.args.cascade, self.thresholds[model_id]
         outcomes = [fallback.Outcome(p, "student", None, 0.0) for p in predictions]
         unsure = [i for i, p in enumerate(predictions) if fallback.unsure(settings, p, threshold)]
+        if unsure and settings.fallback_signal != "margin":
+            unsure = await self.disagreeing(model_id, examples, predictions, unsure)
         answers = await asyncio.gather(
             *(fallback.ask(self.teachers[model_id], examples[i], predictions[i]) for i in unsure)
         )
         metrics = replica_metrics()
         log = self.logs.get(model_id)
         for i, outcome in zip(unsure, answers, strict=True):
-            outcomes[i] = outcome
-            metrics["fallbacks"].inc(tags={"model": model_id, "source": outcome.source})
+            outcomes[i] = outcome = dataclasses.replace(outcome, signal=settings.fallback_signal)
+            metrics["fallbacks"].inc(
+                tags={"model": model_id, "source": outcome.source, "signal": settings.fallback_signal}
+            )
             metrics["fallback_latency"].observe(1000 * outcome.seconds, tags={"model": model_id})
             if log and outcome.source == "teacher":
                 version = self.runtimes[model_id].version
                 log.add(served_record(self.tasks[model_id], examples[i], predictions[i], outcome.prediction,
-                                      model_id, version))  # fmt: skip
+                                      model_id, version, settings.fallback_signal))  # fmt: skip
                 metrics["fallback_log_rows"].inc(tags={"model": model_id})
         for source in ("student", "teacher"):
             answered = sum(o.source == source for o in outcomes)
             if answered:
                 metrics["predictions"].inc(answered, tags={"model": model_id, "source": source})
         return outcomes
+
+    async def disagreeing(
+        self, model_id: str, examples: list[tasks.Example], predictions: list[Prediction], rows: list[int]
+    ) -> list[int]:
+        """The `rows` whose rationale reaches another label than the student's (the consistency signal), checked on
+        the runtime thread in one call for the request, within its timeout (504 past it, as for decoding)."""
+        timeout_s, runtime = self.args.limits.request_timeout_s, self.runtimes[model_id]
+        checked = [examples[i] for i in rows], [predictions[i] for i in rows]
+        reached = asyncio.get_running_loop().run_in_executor(self.runtime_thread, rationale_labels, runtime, *checked)
+        try:
+            labels = await asyncio.wait_for(reached, timeout_s)
+        except TimeoutError:
+            raise HTTPException(504, f"request timed out after request_timeout_s={timeout_s}s") from None
+        return [i for i, label in zip(rows, labels, strict=True) if label != predictions[i].label]
 
     def models(self) -> list[schema.ModelInfo]:
         infos = []
@@ -433,6 +454,7 @@ def prediction_out(outcome: fallback.Outcome, with_scores: bool) -> schema.Predi
         rationale=p.rationale,
         source=outcome.source,
         fallback_error=outcome.error,
+        fallback_signal=outcome.signal,
     )
 
 
@@ -631,6 +653,7 @@ def build_app(args: dict[str, Any] | ServeArgs) -> serve.Application:
         for model_id, folder in models.items():  # starts, if unreadable
             fallback.few_shots(tasks.load_task(storage.as_location(folder)))
             fallback.threshold(args.cascade, storage.as_location(folder), model_id)
+            fallback.check_signal(args.cascade, storage.local_folder(folder, f"model {model_id!r}"), model_id)
     # Ray hides GPUs from actors that reserve none, and ONNX Runtime then silently falls back to the CPU.
     gpus = scaling.replica_gpus if scaling.replica_gpus is not None else float(wants_gpu(models))
     deployment = StudentServer.options(

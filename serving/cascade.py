@@ -6,6 +6,7 @@ to 1, with what each f costs per 1k predictions, as a table, JSON and a PNG; the
     stepwise cascade --model runs/demo/export --split test            # e-SNLI student vs PaLM-540B's test answers
     stepwise cascade --model EXPORT --teacher runs/teacher-test --teacher-cost runs/teacher-test
     stepwise cascade --model EXPORT --target-share 0.1     # calibrate the served margin on valid, into the export
+    stepwise cascade --model EXPORT --compare-signals      # margin, consistency and both (--fallback-signal)
 
 With a target (a share of predictions for the teacher, or an accuracy to reach), the margin threshold is chosen on
 the validation split, as RouteLLM's `calibrate_threshold` does (the margin quantile below which the target share
@@ -72,6 +73,15 @@ def cost_per_1k(teacher_cost: Path | None) -> dict[str, float] | None:
     }
 
 
+def accuracy_asking(
+    task: tasks.Task, examples: list[tasks.Example], labels: list[str], answers: dict[str, str], asked: set[int]
+) -> float:
+    """The cascade's accuracy when the examples `asked` go to the teacher (its unreadable answers leave the
+    student's, as served)."""
+    final = [answers.get(e.id, labels[i]) if i in asked else labels[i] for i, e in enumerate(examples)]
+    return tasks.accuracy(task, final, [e.label for e in examples])
+
+
 def curve(
     task: tasks.Task, examples: list[tasks.Example], labels: list[str], margins: list[float], answers: dict[str, str]
 ) -> list[dict[str, Any]]:
@@ -80,17 +90,49 @@ def curve(
     rows = []
     for fraction in FRACTIONS:
         asked = set(order[: round(fraction * len(examples))])
-        final = [answers.get(examples[i].id, labels[i]) if i in asked else labels[i] for i in range(len(examples))]
         threshold = margins[order[len(asked) - 1]] if asked else None
         rows.append(
             {
                 "fraction": fraction,
                 "teacher_calls": len(asked),
                 "margin_below": threshold,
-                "accuracy": tasks.accuracy(task, final, [e.label for e in examples]),
+                "accuracy": accuracy_asking(task, examples, labels, answers, asked),
             }
         )
     return rows
+
+
+def signal_comparison(
+    task: tasks.Task,
+    examples: list[tasks.Example],
+    labels: list[str],
+    margins: list[float],
+    reached: list[str],
+    answers: dict[str, str],
+) -> dict[str, Any]:
+    """The served signals side by side (`stepwise serve --fallback-signal`), given the label each rationale reaches:
+    consistency sends every prediction whose rationale disagrees with its label (one point: every input's rationale
+    decoded); both decodes the rationales of the least sure fraction f only (the margin curve's f) and sends those
+    that disagree, so at each f it makes fewer teacher calls than the margin alone."""
+    disagree = {i for i, label in enumerate(labels) if reached[i] != label}
+    order = sorted(range(len(examples)), key=lambda i: margins[i])
+    both = []
+    for fraction in FRACTIONS:
+        asked = set(order[: round(fraction * len(examples))]) & disagree
+        both.append(
+            {
+                "decoded": fraction,
+                "teacher_calls": len(asked),
+                "sent": len(asked) / len(examples),
+                "accuracy": accuracy_asking(task, examples, labels, answers, asked),
+            }
+        )
+    consistency = {
+        "teacher_calls": len(disagree),
+        "sent": len(disagree) / len(examples),
+        "accuracy": accuracy_asking(task, examples, labels, answers, disagree),
+    }
+    return {"consistency": consistency, "both": both}
 
 
 def threshold_for(margins: list[float], sent: int) -> float:
@@ -114,8 +156,7 @@ def at_threshold(
 ) -> tuple[float, float]:
     """The share the fallback sends at `threshold` (margin strictly below it, as served) and the cascade's accuracy."""
     asked = {i for i, m in enumerate(margins) if m < threshold}
-    final = [answers.get(e.id, labels[i]) if i in asked else labels[i] for i, e in enumerate(examples)]
-    return len(asked) / len(examples), tasks.accuracy(task, final, [e.label for e in examples])
+    return len(asked) / len(examples), accuracy_asking(task, examples, labels, answers, asked)
 
 
 def sent_for_accuracy(
@@ -182,6 +223,18 @@ class Calibration:
         return {"accuracy": self.target_accuracy} if self.target_accuracy else {}
 
 
+def check_step_by_step(folder: Path, who: str, wanted: str) -> None:
+    """ValueError naming the export unless it was trained step-by-step: the consistency signal scores the labels on
+    the student's own rationale, which only such a student learnt to write."""
+    trained = artifacts.read_train_config(folder)
+    mode = trained["mode"] if trained else f"unknown, no {artifacts.TRAIN_CONFIG}"
+    if mode != "step-by-step":
+        raise ValueError(
+            f"{who}: {folder} was not trained step-by-step (mode: {mode}), so it writes no rationale for {wanted} "
+            "to check; the margin signal works for any export"
+        )
+
+
 def calibrated_margin(folder: str | Path, share: float, model_id: str = "") -> float:
     """The margin `stepwise serve --fallback-share SHARE` sends by: the export's calibrated threshold, refused (a
     ValueError saying which `stepwise cascade` to run) when the export has none, or one for another target, or one
@@ -202,7 +255,12 @@ def calibrated_margin(folder: str | Path, share: float, model_id: str = "") -> f
 
 
 def plot(
-    rows: list[dict[str, Any]], reference: dict[str, float], cost: dict[str, float] | None, title: str, path: Path
+    rows: list[dict[str, Any]],
+    reference: dict[str, float],
+    cost: dict[str, float] | None,
+    signals: dict[str, Any] | None,
+    title: str,
+    path: Path,
 ) -> None:
     import matplotlib
 
@@ -215,8 +273,26 @@ def plot(
         [r["accuracy"] for r in rows],
         marker="o",
         color="tab:green",
-        label="cascade (least sure first)",
+        label="cascade (least sure first)" if not signals else "margin (least sure first)",
     )
+    if signals:
+        both, alone = signals["both"], signals["consistency"]
+        ax.plot(
+            [r["sent"] for r in both],
+            [r["accuracy"] for r in both],
+            marker="s",
+            color="tab:blue",
+            label="both (rationales of the least sure, sent on disagreement)",
+        )
+        ax.plot(
+            [alone["sent"]],
+            [alone["accuracy"]],
+            marker="*",
+            markersize=12,
+            linestyle="",
+            color="tab:purple",
+            label="consistency (every rationale, sent on disagreement)",
+        )
     ax.axhline(reference["student"], color="tab:gray", linestyle=":", label=f"student alone {reference['student']:.3f}")
     ax.axhline(
         reference["teacher"],
@@ -235,6 +311,22 @@ def plot(
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
+
+
+def rationale_check(
+    runtime: Any, examples: list[tasks.Example], predictions: list[Any], batch_size: int
+) -> tuple[list[str], float]:
+    """The label each prediction's rationale reaches (what the served consistency signal computes) and the seconds
+    it took: a rationale decoded, then the labels scored on it, per input."""
+    from stepwise.export.runtime import rationale_labels
+
+    reached, started = [], time.perf_counter()
+    for start in progress.bar(
+        range(0, len(examples), batch_size), desc=f"rationales on {runtime.task.name}", unit="batch"
+    ):
+        end = start + batch_size
+        reached += rationale_labels(runtime, examples[start:end], predictions[start:end])
+    return reached, time.perf_counter() - started
 
 
 def label_split(
@@ -298,6 +390,7 @@ def main(
     batch_size: int = 16,
     out: Path = Path("runs/cascade"),
     calibration: Calibration = Calibration(),
+    compare_signals: bool = False,
 ) -> Path:
     """Accuracy against the share of predictions sent to the teacher, least sure first; table, JSON and PNG.
 
@@ -314,6 +407,9 @@ def main(
         out: folder for cascade.json, cascade.md, cascade.png and teacher_calls.jsonl
         calibration: with a target, the served fallback's margin chosen on a held-out split first; the curve then
             says what that margin does on --split
+        compare_signals: also decode every input's rationale and compare the served fallback signals (margin,
+            consistency, both: `stepwise serve --fallback-signal`) and what the rationale check costs per input; an
+            export trained step-by-step only
     """
     from stepwise.export.runtime import load_runtime
 
@@ -327,11 +423,18 @@ def main(
             f"task {task.name!r} has open labels: "
             "the cascade ranks by the margin between candidate labels, which needs a closed label set"
         )
+    if compare_signals:
+        check_step_by_step(runtime.export_dir, "--model", "--compare-signals")
     if calibration.wanted:
         calibrate(runtime, calibration, batch_size, location)
     examples, predictions, answers, student_seconds = label_split(runtime, split, limit, batch_size, teacher)
     labels, margins = [p.label for p in predictions], [p.margin for p in predictions]
     rows = curve(task, examples, labels, margins, answers)
+    signals = None
+    if compare_signals:
+        reached, check_seconds = rationale_check(runtime, examples, predictions, batch_size)
+        signals = signal_comparison(task, examples, labels, margins, reached, answers)
+        signals["check_seconds_per_1k"] = round(1000 * check_seconds / len(examples), 2)
     golds = [e.label for e in examples]
     reference = {
         "student": rows[0]["accuracy"],
@@ -360,6 +463,7 @@ def main(
         "student_seconds_per_1k": round(student_per_1k, 2),
         "teacher_per_1k": cost,
         "rows": rows,
+        "signals": signals,
     }
     calls = [
         {"rank": rank, "id": examples[i].id, "margin": margins[i], "student": labels[i],
@@ -394,6 +498,23 @@ def markdown(result: dict[str, Any]) -> str:
             f"| {r['fraction']:.0%} | {r['teacher_calls']} | {margin} | {r['accuracy']:.3f} | "
             f"{r['seconds_per_1k'] or '-'} | {r['teacher_tokens_per_1k'] or '-'} |"
         )
+    signals = result["signals"]
+    if signals:
+        alone, per_1k = signals["consistency"], result["student_seconds_per_1k"]
+        lines += [
+            f"\nThe fallback signals (`--fallback-signal`): the label path takes {per_1k} s per 1k inputs, the "
+            "rationale check (decoding the rationale, scoring the labels on it) "
+            f"{signals['check_seconds_per_1k']} s per 1k inputs it checks. consistency checks every input and "
+            f"sends {alone['sent']:.1%} ({alone['teacher_calls']} calls), accuracy {alone['accuracy']:.3f}.\n",
+            "| least sure (margin sends them; both checks their rationales) | margins up to | margin: accuracy "
+            "| both: sent | both: accuracy |",
+            "|---|---|---|---|---|",
+        ]
+        for r, b in zip(result["rows"], signals["both"], strict=True):
+            margin = "-" if r["margin_below"] is None else f"{r['margin_below']:.3f}"
+            lines.append(
+                f"| {r['fraction']:.0%} | {margin} | {r['accuracy']:.3f} | {b['sent']:.1%} | {b['accuracy']:.3f} |"
+            )
     return "\n".join(lines) + "\n"
 
 
@@ -405,6 +526,6 @@ def write_results(out: Path, result: dict[str, Any], calls: list[dict[str, Any]]
     table = markdown(result)
     artifacts.write_atomic(out / "cascade.md", table)
     title = f"{result['task']}/{result['split']}: student-first cascade, teacher = {result['teacher']}"
-    plot(result["rows"], result["reference"], result["teacher_per_1k"], title, out / "cascade.png")
+    plot(result["rows"], result["reference"], result["teacher_per_1k"], result["signals"], title, out / "cascade.png")
     print(table, end="", flush=True)
     return out

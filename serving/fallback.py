@@ -1,8 +1,9 @@
 """The served cascade: the student answers what it is sure of; a prediction whose margin is below the threshold
-goes to a teacher (an OpenAI-compatible server, e.g. vLLM's) with the task's few-shot chain-of-thought prompt,
-through the extraction stage's completion client (timeouts, retries). The teacher's answer is parsed by the task
-layer; when the teacher fails, times out or answers something unreadable, the student's answer stands, marked
-with the reason. A teacher never turns a request into an error."""
+(or, with `--fallback-signal consistency|both`, whose rationale reaches another label than its own) goes to a
+teacher (an OpenAI-compatible server, e.g. vLLM's) with the task's few-shot chain-of-thought prompt, through the
+extraction stage's completion client (timeouts, retries). The teacher's answer is parsed by the task layer; when the
+teacher fails, times out or answers something unreadable, the student's answer stands, marked with the reason. A
+teacher never turns a request into an error."""
 
 from __future__ import annotations
 
@@ -42,6 +43,7 @@ class Outcome:
     source: str  # "student" or "teacher"
     error: str | None  # why the teacher's answer was not used
     seconds: float  # spent on the teacher (0 when not asked)
+    signal: str | None = None  # what sent it to the teacher (the --fallback-signal); None when not sent
 
 
 def few_shots(task: tasks.Task) -> list[str]:
@@ -73,9 +75,12 @@ def prepare(settings: Fallback, task: tasks.Task) -> Teacher:
 
 
 def unsure(settings: Fallback, prediction: Prediction, threshold: float) -> bool:
-    """The student's answer goes to the teacher: a closed label set's margin below the model's threshold (open labels
-    have no margin and are never sent)."""
-    return bool(settings.fallback) and prediction.margin is not None and prediction.margin < threshold
+    """The student's answer goes to the teacher (signal margin), or has its rationale checked first (consistency:
+    every prediction; both: those below the margin): a closed label set's margin below the model's threshold (open
+    labels have no margin and are never sent)."""
+    if not settings.fallback or prediction.margin is None:
+        return False
+    return settings.fallback_signal == "consistency" or prediction.margin < threshold
 
 
 def threshold(settings: Fallback, folder: str | Path, model_id: str) -> float:
@@ -86,6 +91,14 @@ def threshold(settings: Fallback, folder: str | Path, model_id: str) -> float:
     if not settings.fallback_share:
         return settings.fallback_margin
     return calibrated_margin(folder, settings.fallback_share, model_id)
+
+
+def check_signal(settings: Fallback, folder: Path, model_id: str) -> None:
+    """ValueError naming the export, unless its --fallback-signal can be read from it (margin always can)."""
+    from stepwise.serving.cascade import check_step_by_step
+
+    if settings.fallback and settings.fallback_signal != "margin":
+        check_step_by_step(folder, f"model {model_id!r}", f"--fallback-signal {settings.fallback_signal}")
 
 
 def cooling_down(teacher: Teacher) -> str:

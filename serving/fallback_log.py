@@ -1,8 +1,8 @@
 """The teacher answers a server obtains, kept as training rows (`stepwise serve --fallback-log DIR`): each fallback
 the teacher answered becomes a record in the extraction stage's format (id, input, label, choices, rationale,
-teacher_label, status, reason, fingerprint; plus the student's label and margin, the model id and version, the
-time), in JSONL shards under DIR/<model id>/ beside the task's task.json and a manifest marking it as such, which
-`stepwise train --rationales EXTRACT_DIR DIR/<model id>` reads beside the extraction.
+teacher_label, status, reason, fingerprint; plus the student's label and margin, the signal that sent it, the model
+id and version, the time), in JSONL shards under DIR/<model id>/ beside the task's task.json and a manifest marking
+it as such, which `stepwise train --rationales EXTRACT_DIR DIR/<model id>` reads beside the extraction.
 
 Off the request path: the replica hands rows to a writer thread through a bounded queue. The thread appends them to
 a hidden file of its own and renames it into a shard once it holds SHARD_BYTES, is ROTATE_S old, or the replica
@@ -35,7 +35,13 @@ QUEUE_ROWS = 10_000  # rows waiting for the writer; beyond, new ones are dropped
 
 
 def served_record(
-    task: tasks.Task, example: tasks.Example, student: Prediction, teacher: Prediction, model_id: str, version: str
+    task: tasks.Task,
+    example: tasks.Example,
+    student: Prediction,
+    teacher: Prediction,
+    model_id: str,
+    version: str,
+    signal: str,
 ) -> dict:
     """One teacher answer as an extraction record. The id is the input's fingerprint, so an input served twice is
     one example to training; there is no gold label."""
@@ -52,6 +58,7 @@ def served_record(
         "fingerprint": fingerprint,
         "student_label": student.label,
         "student_margin": student.margin,
+        "signal": signal,  # what sent it to the teacher (--fallback-signal)
         "model": model_id,
         "version": version,
         "time": round(time.time(), 3),

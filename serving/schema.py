@@ -44,6 +44,11 @@ class PredictionOut(BaseModel):
         "student", description="who answered: the teacher when the student's margin was below the fallback's threshold"
     )
     fallback_error: str | None = Field(None, description="why the teacher's answer was not used (the student's stands)")
+    fallback_signal: Literal["margin", "consistency", "both"] | None = Field(
+        None,
+        description="what sent the prediction to the teacher: its margin, its rationale reaching another label "
+        "(consistency), or both",
+    )
 
 
 class PredictResponse(BaseModel):

@@ -7,12 +7,14 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal, get_args
 
 from stepwise import request_limits
 from stepwise.extraction.teachers import OpenAIClient, retry_budget_s
 
 MAX_CHOICES = 26  # choices are shown to the student lettered (a) to (z)
+Signal = Literal["margin", "consistency", "both"]  # what sends a prediction to the teacher (Fallback.fallback_signal)
+SIGNALS: tuple[str, ...] = get_args(Signal)
 
 
 @dataclass(frozen=True)
@@ -127,7 +129,8 @@ class Scaling:
 
 @dataclass(frozen=True)
 class Fallback:
-    """A student-first cascade: predictions the student is unsure of (margin below the threshold) go to a teacher,
+    """A student-first cascade: predictions the student is unsure of (margin below the threshold; or, by
+    --fallback-signal, whose rationale reaches another label) go to a teacher,
     an OpenAI-compatible server such as vLLM's, through the extraction stage's client.
 
     Args:
@@ -136,6 +139,10 @@ class Fallback:
             teacher
         fallback_share: send the share of predictions the export was calibrated for instead (the margin in its
             cascade_settings.json, written by `stepwise cascade --target-share SHARE`; 0: use --fallback-margin)
+        fallback_signal: what sends a prediction to the teacher: margin (below the threshold); consistency (every
+            prediction's rationale is decoded, and the label it reaches disagrees with the student's label; no
+            margin); both (the rationale is decoded for the predictions below the margin only, and sends those whose
+            rationale disagrees). consistency and both need an export trained step-by-step
         fallback_model: model name the teacher server serves
         fallback_timeout_s: seconds per teacher request; past it, or on any teacher error, the student's answer stands
         fallback_retries: retries of a failed teacher request
@@ -154,6 +161,7 @@ class Fallback:
     fallback: str = ""
     fallback_margin: float = 0.0
     fallback_share: float = 0.0
+    fallback_signal: Signal = "margin"
     fallback_model: str = ""
     fallback_timeout_s: float = 10.0
     fallback_retries: int = 1
@@ -176,6 +184,19 @@ class Fallback:
         if self.fallback_share and self.fallback_margin:
             raise ValueError(
                 "give --fallback-margin or --fallback-share, not both (a share sends by the export's calibrated margin)"
+            )
+        if self.fallback_signal not in SIGNALS:
+            raise ValueError(f"--fallback-signal is one of {', '.join(SIGNALS)}, got {self.fallback_signal!r}")
+        margin_given = bool(self.fallback_margin or self.fallback_share)
+        if self.fallback_signal == "consistency" and margin_given:
+            raise ValueError(
+                "--fallback-signal consistency decodes every prediction's rationale and takes no margin: "
+                "drop --fallback-margin/--fallback-share (or gate the decoding by the margin: --fallback-signal both)"
+            )
+        if self.fallback_signal == "both" and self.fallback and not margin_given:
+            raise ValueError(
+                "--fallback-signal both decodes rationales for the predictions below the margin: "
+                "give --fallback-margin or --fallback-share"
             )
         if self.fallback_share and not self.fallback:
             raise ValueError("--fallback-share sends predictions to the teacher: it needs --fallback")

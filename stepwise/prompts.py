@@ -23,6 +23,13 @@ def rationale_input(example: Example) -> str:
     return RATIONALE_PREFIX + example.input
 
 
+def reasoned_label_input(example: Example, rationale: str) -> str:
+    """The label input with a rationale after it: what the served consistency signal scores the labels on, to read
+    the label a rationale reaches (the student's rationales end without an answer sentence, like the teacher's
+    rationales it learnt them from)."""
+    return f"{label_input(example)}\nRationale: {rationale}"
+
+
 # ---------------------------------------------------------------- teacher prompts
 
 

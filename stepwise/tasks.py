@@ -24,6 +24,7 @@ from stepwise.prompts import (
     label_input,
     parse_completion,
     rationale_input,
+    reasoned_label_input,
     stop_strings,
 )
 from stepwise.scoring import accuracy, evaluate_equation, is_correct, normalize
@@ -72,6 +73,7 @@ __all__ = [
     "normalize",
     "parse_completion",
     "rationale_input",
+    "reasoned_label_input",
     "save_task",
     "stop_strings",
 ]

@@ -68,3 +68,27 @@ def trained_export_dir(tmp_path_factory) -> Path:
         evaluation=train.EvalOptions(eval_every=60, eval_limit=32),
     )
     return export_main(model=student, out=folder / "export", parity=ParityOptions(parity_limit=16))
+
+
+@pytest.fixture(scope="session")
+def step_by_step_export_dir(tmp_path_factory) -> Path:
+    """A tiny e-SNLI student trained step-by-step for 60 steps on the shipped PaLM-540B rationales (replayed), exported
+    fp32: its rationales reach another label than its label path for about a third of the test inputs, which the
+    consistency signal sends."""
+    from stepwise.export.run import ParityOptions
+    from stepwise.export.run import main as export_main
+    from stepwise.extraction.run import main as extract
+    from stepwise.training import train
+
+    folder = tmp_path_factory.mktemp("step-by-step-student")
+    student = train.main(
+        task="esnli",
+        out=folder / "student",
+        rationales=[str(extract(task="esnli", out=folder / "extract", teacher="replay"))],
+        mode="step-by-step",
+        vocab_size=1000,
+        data=train.DataOptions(max_input_tokens=128, max_target_tokens=48),
+        optim=train.OptimOptions(learning_rate=1e-3, batch_size=32, max_steps=60),
+        evaluation=train.EvalOptions(eval_every=60, eval_limit=32),
+    )
+    return export_main(model=student, out=folder / "export", parity=ParityOptions(parity_limit=16))

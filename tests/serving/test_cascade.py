@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from stepwise import artifacts, cli, tasks
-from stepwise.export.runtime import load_runtime, predict
+from stepwise.export.runtime import load_runtime, predict, rationale_labels
 from stepwise.extraction import run as extraction
 from stepwise.extraction.teachers import OpenAIClient, Sampling
 from stepwise.serving import cascade
@@ -136,3 +136,32 @@ def test_cost_per_1k_from_a_real_teacher_run(trained_export_dir, teacher_url, tm
             result["student_seconds_per_1k"] + row["fraction"] * per_1k["seconds"], abs=0.011
         )
         assert row["teacher_tokens_per_1k"] == round(row["fraction"] * per_1k["tokens"])
+
+
+def test_the_fallback_signals_compared_on_a_step_by_step_student(step_by_step_export_dir, tmp_path):
+    runtime = load_runtime(step_by_step_export_dir, threads=1)
+    examples = tasks.load_split(ESNLI, "test")[:LIMIT]
+    predictions = predict(runtime, examples)
+    # The label the rationale reaches is the same from a rationale the caller asked for (explain) as from one decoded
+    # for the check alone, which is not kept.
+    reached = rationale_labels(runtime, examples, predictions)
+    assert reached == rationale_labels(runtime, examples, predict(runtime, examples, explain=True))
+    assert all(p.rationale is None for p in predictions)
+    disagree = {i for i, p in enumerate(predictions) if reached[i] != p.label}
+    assert 0 < len(disagree) < LIMIT
+
+    out = cascade.main(model=step_by_step_export_dir, split="test", limit=LIMIT, out=tmp_path, compare_signals=True)
+    result = json.loads((out / "cascade.json").read_text())
+    signals, rows = result["signals"], result["rows"]
+    assert signals["consistency"]["teacher_calls"] == len(disagree) and signals["check_seconds_per_1k"] > 0
+    both = signals["both"]
+    assert [b["decoded"] for b in both] == cascade.FRACTIONS and both[0]["teacher_calls"] == 0
+    # both sends the disagreeing part of what the margin alone sends, and all of them once every rationale is checked.
+    assert all(b["teacher_calls"] <= r["teacher_calls"] for b, r in zip(both, rows, strict=True))
+    assert both[-1]["teacher_calls"] == len(disagree) and both[-1]["accuracy"] == signals["consistency"]["accuracy"]
+    assert "consistency checks every input and sends" in (out / "cascade.md").read_text()
+
+
+def test_comparing_signals_needs_a_step_by_step_export(trained_export_dir, tmp_path):
+    with pytest.raises(ValueError, match=r"not trained step-by-step \(mode: standard-finetune\)"):
+        cascade.main(model=trained_export_dir, split="test", limit=LIMIT, out=tmp_path, compare_signals=True)

@@ -23,7 +23,7 @@ import httpx
 import pytest
 
 from stepwise import artifacts, tasks
-from stepwise.export.runtime import Prediction, load_runtime, predict
+from stepwise.export.runtime import Prediction, load_runtime, predict, rationale_labels
 from stepwise.extraction.teachers import answer_regex
 from stepwise.serving import app, fallback, lifecycle
 from stepwise.serving.settings import Fallback, Scaling, ServeArgs
@@ -203,11 +203,20 @@ def test_unreadable_few_shot_data_is_refused_before_serving(trained_export_dir, 
         ({"fallback_timeout_s": 0}, "must be positive"),
         ({"fallback_concurrency": 0}, "at least 1"),
         ({"fallback_cooldown_s": -1}, "at least 0"),
+        ({"fallback_signal": "votes"}, "is one of margin, consistency, both"),
+        ({"fallback_signal": "consistency", "fallback_margin": 0.2}, "takes no margin"),
+        ({"fallback": "http://t", "fallback_model": "m", "fallback_signal": "both"}, "give --fallback-margin"),
     ],
 )
 def test_bad_fallback_settings_are_refused(fields, message):
     with pytest.raises(ValueError, match=message):
         Fallback(**fields)
+
+
+def test_the_consistency_signal_is_refused_for_an_export_not_trained_step_by_step(trained_export_dir):
+    settings = Fallback(fallback="http://127.0.0.1:9", fallback_model="m", fallback_signal="consistency")
+    with pytest.raises(ValueError, match="'esnli': .* was not trained step-by-step \\(mode: standard-finetune\\)"):
+        app.build_app(ServeArgs(models={"esnli": str(trained_export_dir)}, scaling=SMALL, cascade=settings))
 
 
 def test_the_fallback_budget_bounds_every_attempt_and_backoff():
@@ -485,7 +494,7 @@ def test_the_teachers_answers_are_kept_as_training_rows(fallback_log):
     assert len(records) == 4 and all(r["status"] == "ok" and r["teacher_label"] in tasks.NLI_LABELS
                                       for r in records.values())  # fmt: skip
     kept = {"id", "input", "label", "choices", "rationale", "teacher_label", "status", "reason", "fingerprint",
-            "student_label", "student_margin", "model", "version", "time", "source"}  # fmt: skip
+            "student_label", "student_margin", "signal", "model", "version", "time", "source"}  # fmt: skip
     assert all(set(r) == kept for r in records.values())  # nothing else of the request
     examples, counts = training_examples(ESNLI, records, needs_teacher_label=True, needs_rationale=True,
                                          fraction=1.0, seed=0)  # fmt: skip
@@ -537,3 +546,50 @@ def test_one_turn_of_the_flywheel_serves_a_student_retrained_on_the_log(
         assert {p["label"] for p in answer["predictions"]} <= set(tasks.NLI_LABELS)
     finally:
         serve.delete("after")
+
+
+@pytest.mark.slow
+def test_the_consistency_signal_sends_the_predictions_whose_rationale_disagrees(
+    served, step_by_step_export_dir, teacher_url, tmp_path
+):
+    """A step-by-step student served with --fallback-signal consistency: the inputs whose rationale reaches another
+    label than the student's go to the teacher, marked with the signal in the response, the metric and the fallback
+    log; those that agree keep the student's answer; the rationale checked is not returned."""
+    from ray import serve
+
+    runtime = load_runtime(step_by_step_export_dir, threads=1)
+    examples = tasks.load_split(ESNLI, "test")[:12]
+    students = predict(runtime, examples)
+    reached = rationale_labels(runtime, examples, students)
+    disagree = [label != p.label for label, p in zip(reached, students, strict=True)]
+    assert 0 < sum(disagree) < len(examples), disagree
+    settings = Fallback(
+        fallback=teacher_url,
+        fallback_signal="consistency",
+        fallback_model="tiny",
+        fallback_max_tokens=TEACHER_TOKENS,
+        fallback_timeout_s=120,
+        fallback_retries=0,
+        fallback_log=str(tmp_path),
+    )
+    models = {"esnli": str(step_by_step_export_dir)}
+    serve.run(app.build_app(ServeArgs(models=models, scaling=SMALL, cascade=settings)), name="consistency",
+              route_prefix="/consistency")  # fmt: skip
+    try:
+        inputs = [premise_hypothesis(e) for e in examples]
+        body = httpx.post(f"{served.url}/consistency/v1/predict", json={"inputs": inputs}, timeout=300).json()
+        sent = wait_for_metric(served.metrics, "ray_stepwise_fallbacks_total", total=sum(disagree), model="esnli",
+                               application="consistency", signal="consistency")  # fmt: skip
+    finally:
+        serve.delete("consistency")  # its replica's shutdown writes the fallback log's shard
+    for answer, student, disagrees in zip(body["predictions"], students, disagree, strict=True):
+        assert answer["margin"] == pytest.approx(student.margin, abs=1e-5)
+        if disagrees:
+            assert answer["source"] == "teacher" and answer["fallback_signal"] == "consistency", answer
+            assert answer["rationale"].strip()  # the teacher's
+        else:
+            assert answer["source"] == "student" and answer["label"] == student.label, answer
+            assert "fallback_signal" not in answer and "rationale" not in answer
+    assert sum(v for _, v in sent) == sum(disagree)
+    records = records_by_source([tmp_path / "esnli"])
+    assert len(records) == sum(disagree) and {r["signal"] for r in records.values()} == {"consistency"}

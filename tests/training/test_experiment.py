@@ -99,7 +99,7 @@ def served_log(folder, premises: list[str]):
         example = tasks.Example("", tasks.format_input(esnli, {"premise": premise, "hypothesis": "It moves."}), "")
         student = Prediction("neutral", None, 0.4, 0.05, None)
         teacher = Prediction("entailment", "Something that runs moves.", 1.0, 1.0, None)
-        log.add(served_record(esnli, example, student, teacher, "esnli", "v1"))
+        log.add(served_record(esnli, example, student, teacher, "esnli", "v1", "margin"))
     log.close()
     return folder
 
