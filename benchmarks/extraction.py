@@ -51,7 +51,7 @@ def time_pipeline(
     task: tasks.Task,
     shots: list[str],
     examples: list[tasks.Example],
-    sampling: teachers.Sampling,
+    sampling: teachers.SamplingOptions,
     chunk_size: int,
     out: Path,
 ) -> tuple[float, int, int]:
@@ -72,11 +72,11 @@ def bench_vllm(
     from vllm import SamplingParams
 
     task, shots, examples, prompts = job(task_name, count)
-    sampling = teachers.Sampling(max_tokens=max_tokens)
+    sampling = teachers.SamplingOptions(max_tokens=max_tokens)
     params = SamplingParams(**asdict(sampling), stop=tasks.stop_strings(task))
     rows = []
     for prefix_caching in (True, False):
-        engine = teachers.VllmEngine(prefix_caching=prefix_caching, dtype="float32", enforce_eager=True)
+        engine = teachers.EngineOptions(prefix_caching=prefix_caching, dtype="float32", enforce_eager=True)
         llm = teachers.load_vllm(str(model), engine, sampling.seed)
         llm.generate(prompts[:8], params, use_tqdm=False)  # warm-up
         times: dict[str, list[tuple[float, int, int]]] = {"raw": []} | {f"chunk{c}": [] for c in chunk_sizes}

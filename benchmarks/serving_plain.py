@@ -14,13 +14,13 @@ from fastapi import FastAPI
 
 from stepwise.export.runtime import load_runtime, predict
 from stepwise.serving.schema import PredictionOut, PredictResponse, predict_request_model, to_example
-from stepwise.serving.settings import Limits
+from stepwise.serving.settings import LimitOptions
 
 
 def build_app() -> FastAPI:
     """POST /v1/predict and GET /healthz for the export folder in STEPWISE_PLAIN_MODEL."""
     runtime = load_runtime(Path(os.environ["STEPWISE_PLAIN_MODEL"]), threads=1)
-    request_model = predict_request_model(Limits(), {runtime.task.name: runtime.task})
+    request_model = predict_request_model(LimitOptions(), {runtime.task.name: runtime.task})
     # One runtime thread fed first come, first served: the fast tokenizer is not thread-safe, and no batching.
     runtime_thread = ThreadPoolExecutor(1)
     app = FastAPI(title="stepwise student, plain FastAPI")

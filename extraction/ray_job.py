@@ -23,7 +23,7 @@ from stepwise.extraction import teachers
 
 
 @dataclass(frozen=True)
-class RayCluster:
+class ClusterOptions:
     """Scale-out: the vllm job on a Ray cluster with Ray Data (a pool of vLLM engine actors).
 
     Args:
@@ -58,7 +58,7 @@ class EngineActor:
         self.task = tasks.Task(**task_fields)
         self.shots, self.teacher_meta, self.shard_format = shots, teacher_meta, shard_format
         self.out = storage.as_location(out)
-        engine_options, sampling_options = teachers.VllmEngine(**engine), teachers.Sampling(**sampling)
+        engine_options, sampling_options = teachers.EngineOptions(**engine), teachers.SamplingOptions(**sampling)
         llm = teachers.load_vllm(model, engine_options, sampling_options.seed)
         self.generate = teachers.vllm_teacher(self.task, llm, sampling_options, engine_options.structured)
 
@@ -76,9 +76,9 @@ def extract_on_ray(
     pending: list[tasks.Example],
     teacher_meta: dict,
     model: str,
-    engine: teachers.VllmEngine,
-    sampling: teachers.Sampling,
-    cluster: RayCluster,
+    engine: teachers.EngineOptions,
+    sampling: teachers.SamplingOptions,
+    cluster: ClusterOptions,
     out: str | Path,
     chunk_size: int,
     shard_format: str,

@@ -18,9 +18,9 @@ from typing import Literal
 
 from stepwise import artifacts, cards, progress, storage, tasks
 from stepwise.extraction import ray_job, shards, teachers
-from stepwise.extraction.ray_job import RayCluster
+from stepwise.extraction.ray_job import ClusterOptions
 from stepwise.extraction.records import generate_records, tally
-from stepwise.extraction.teachers import OpenAIClient, Sampling, VllmEngine
+from stepwise.extraction.teachers import ClientOptions, EngineOptions, SamplingOptions
 
 REPLAY_MODEL = "palm-540b (shipped completions)"
 LLM_TEACHERS = ("vllm", "openai")
@@ -104,7 +104,12 @@ def load_examples(task: tasks.Task, split: str, limit: int) -> list[tasks.Exampl
 
 
 def check_teacher(
-    task: tasks.Task, examples: list[tasks.Example], teacher: str, model: str, engine: VllmEngine, cluster: RayCluster
+    task: tasks.Task,
+    examples: list[tasks.Example],
+    teacher: str,
+    model: str,
+    engine: EngineOptions,
+    cluster: ClusterOptions,
 ) -> None:
     """Refuse a teacher that cannot work on these examples, before anything is written."""
     if teacher in LLM_TEACHERS and not model:
@@ -252,7 +257,7 @@ def resume_plan(
 
 
 def build_teacher(
-    task: tasks.Task, teacher: str, model: str, sampling: Sampling, engine: VllmEngine, client: OpenAIClient
+    task: tasks.Task, teacher: str, model: str, sampling: SamplingOptions, engine: EngineOptions, client: ClientOptions
 ) -> teachers.Teacher:
     if teacher == "replay":
         return teachers.replay_teacher(task)
@@ -303,10 +308,10 @@ def generate_pending(
     done: list[dict],
     teacher: str,
     model: str,
-    sampling: Sampling,
-    engine: VllmEngine,
-    client: OpenAIClient,
-    cluster: RayCluster,
+    sampling: SamplingOptions,
+    engine: EngineOptions,
+    client: ClientOptions,
+    cluster: ClusterOptions,
 ) -> tuple[list[dict], float]:
     """The teacher over `pending`, on a Ray cluster or in this process: the tallies of the new records, and when
     generation started (in this process, after the engine's start-up, which is reported apart)."""
@@ -392,10 +397,10 @@ def main(
     shard_format: Literal["jsonl", "parquet"] = "jsonl",
     retry_errors: bool = True,
     overwrite: bool = False,
-    sampling: Sampling = Sampling(),
-    engine: VllmEngine = VllmEngine(),
-    client: OpenAIClient = OpenAIClient(),
-    cluster: RayCluster = RayCluster(),
+    sampling: SamplingOptions = SamplingOptions(),
+    engine: EngineOptions = EngineOptions(),
+    client: ClientOptions = ClientOptions(),
+    cluster: ClusterOptions = ClusterOptions(),
 ) -> Path:
     """Bulk teacher rationales + labels for a task split, as resumable JSONL shards with a manifest.
 

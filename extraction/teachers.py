@@ -13,7 +13,7 @@ streams through and is never held in the engine at once.
 
 A backend never raises for one bad input: the failure comes back as `Generation.error` and is recorded.
 
-The option groups (`Sampling`, `VllmEngine`, `OpenAIClient`) are the `stepwise extract` flags that configure
+The option groups (`SamplingOptions`, `EngineOptions`, `ClientOptions`) are the `stepwise extract` flags that configure
 the backends; each checks its own values.
 """
 
@@ -49,7 +49,7 @@ Teacher = Callable[[Work], Results]
 
 
 @dataclass(frozen=True)
-class Sampling:
+class SamplingOptions:
     """How the teacher samples (vllm and openai).
 
     Args:
@@ -83,7 +83,7 @@ class Sampling:
 
 
 @dataclass(frozen=True)
-class VllmEngine:
+class EngineOptions:
     """The in-process vLLM engine (--teacher vllm; one per Ray actor with --on-ray).
 
     Args:
@@ -115,7 +115,7 @@ class VllmEngine:
 
 
 @dataclass(frozen=True)
-class OpenAIClient:
+class ClientOptions:
     """The client of an OpenAI-compatible /v1/completions server (--teacher openai).
 
     Args:
@@ -214,7 +214,7 @@ def answer_regex(task: tasks.Task, example: tasks.Example, max_rationale_chars: 
 # ---------------------------------------------------------------- vLLM in-process
 
 
-def load_vllm(model: str, engine: VllmEngine, seed: int):
+def load_vllm(model: str, engine: EngineOptions, seed: int):
     from vllm import LLM
     from vllm.platforms import current_platform
 
@@ -238,7 +238,7 @@ def load_vllm(model: str, engine: VllmEngine, seed: int):
     )
 
 
-def vllm_teacher(task: tasks.Task, llm, sampling: Sampling, structured: bool) -> Teacher:
+def vllm_teacher(task: tasks.Task, llm, sampling: SamplingOptions, structured: bool) -> Teacher:
     """Generation with an engine from `load_vllm`, streamed: requests go into the engine's queue while
     earlier ones decode, up to twice the batch the scheduler runs at once, so the batch stays full."""
     from vllm import SamplingParams
@@ -311,7 +311,7 @@ def backoff_s(attempt: int) -> float:
     return min(30.0, 0.5 * 2 ** (attempt - 1))
 
 
-def retry_budget_s(client_options: OpenAIClient) -> float:
+def retry_budget_s(client_options: ClientOptions) -> float:
     """How long one `complete` call may take, every attempt's timeout and the longest waits between them included
     (the timeout bounds each network operation of an attempt, so a caller that needs a hard bound enforces this)."""
     return client_options.timeout_s * (client_options.retries + 1) + sum(
@@ -320,7 +320,7 @@ def retry_budget_s(client_options: OpenAIClient) -> float:
 
 
 def openai_completion(
-    task: tasks.Task, model: str, sampling: Sampling, client_options: OpenAIClient
+    task: tasks.Task, model: str, sampling: SamplingOptions, client_options: ClientOptions
 ) -> Callable[..., Awaitable[Generation]]:
     """`complete(client, prompt, extra=None)`: one prompt (and `extra` request fields, e.g. vLLM's
     `structured_outputs`) to an OpenAI-compatible /v1/completions server through an
@@ -367,7 +367,7 @@ def openai_completion(
     return complete
 
 
-def openai_teacher(task: tasks.Task, model: str, sampling: Sampling, client_options: OpenAIClient) -> Teacher:
+def openai_teacher(task: tasks.Task, model: str, sampling: SamplingOptions, client_options: ClientOptions) -> Teacher:
     import httpx
 
     complete = openai_completion(task, model, sampling, client_options)

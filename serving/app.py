@@ -276,22 +276,22 @@ class StudentServer:
         self.tasks = {model_id: runtime.task for model_id, runtime in self.runtimes.items()}
         # A teacher per closed-label student (open labels have no margin to send them by), its few-shot prompt read
         # now: a replica that cannot build it fails at start, never a request.
-        cascade = self.args.cascade
+        settings = self.args.fallback
         self.thresholds = {
-            model_id: fallback.threshold(cascade, runtime.export_dir, model_id)
+            model_id: fallback.threshold(settings, runtime.export_dir, model_id)
             for model_id, runtime in self.runtimes.items()
         }
         self.teachers = {
-            model_id: fallback.prepare(cascade, task)
+            model_id: fallback.prepare(settings, task)
             for model_id, task in self.tasks.items()
-            if cascade.fallback and task.closed_label_set
+            if settings.fallback and task.closed_label_set
         }
         self.logs = {
             model_id: FallbackLog(
-                Path(cascade.fallback_log) / model_id, self.tasks[model_id], dropped_counter(model_id)
+                Path(settings.fallback_log) / model_id, self.tasks[model_id], dropped_counter(model_id)
             )
             for model_id in self.teachers
-            if cascade.fallback_log
+            if settings.fallback_log
         }
 
     def __del__(self) -> None:
@@ -377,17 +377,17 @@ class StudentServer:
             where, problem = failed[0]
             logger.error(f"decoding failed for {where}: {type(problem).__name__}: {problem}")
             raise HTTPException(500, f"decoding failed for {where} ({INTERNAL_DETAILS})")
-        outcomes = await self.cascade(model_id, examples, [d.prediction for d in decoded])
+        outcomes = await self.fall_back(model_id, examples, [d.prediction for d in decoded])
         return schema.PredictResponse(
             model=model_id, version=runtime.version, predictions=[prediction_out(o, body.scores) for o in outcomes]
         )
 
-    async def cascade(
+    async def fall_back(
         self, model_id: str, examples: list[tasks.Example], predictions: list[Prediction]
     ) -> list[fallback.Outcome]:
         """The student's predictions, with those it is unsure of answered by the teacher (when one is set): below the
         margin, or (--fallback-signal consistency|both) whose rationale reaches another label."""
-        settings, threshold = self.args.cascade, self.thresholds[model_id]
+        settings, threshold = self.args.fallback, self.thresholds[model_id]
         outcomes = [fallback.Outcome(p, "student", None, 0.0) for p in predictions]
         unsure = [i for i, p in enumerate(predictions) if fallback.unsure(settings, p, threshold)]
         if unsure and settings.fallback_signal != "margin":
@@ -649,11 +649,11 @@ def build_app(args: dict[str, Any] | ServeArgs) -> serve.Application:
         }
     models = check_models(args.models, args.allow_unverified)
     check_trt_profiles(models, args)
-    if args.cascade.fallback:  # the teacher's few-shot prompts and the thresholds: refused here, before any replica
+    if args.fallback.fallback:  # the teacher's few-shot prompts and the thresholds: refused here, before any replica
         for model_id, folder in models.items():  # starts, if unreadable
             fallback.few_shots(tasks.load_task(storage.as_location(folder)))
-            fallback.threshold(args.cascade, storage.as_location(folder), model_id)
-            fallback.check_signal(args.cascade, storage.local_folder(folder, f"model {model_id!r}"), model_id)
+            fallback.threshold(args.fallback, storage.as_location(folder), model_id)
+            fallback.check_signal(args.fallback, storage.local_folder(folder, f"model {model_id!r}"), model_id)
     # Ray hides GPUs from actors that reserve none, and ONNX Runtime then silently falls back to the CPU.
     gpus = scaling.replica_gpus if scaling.replica_gpus is not None else float(wants_gpu(models))
     deployment = StudentServer.options(

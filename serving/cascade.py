@@ -186,7 +186,7 @@ def sent_for_accuracy(
 
 
 @dataclass(frozen=True)
-class Calibration:
+class CalibrationOptions:
     """Pick the served fallback's margin for a target on a held-out split and write it into the export folder
     (cascade_settings.json, read by `stepwise serve --fallback-share`).
 
@@ -348,7 +348,9 @@ def label_split(
     return examples, predictions, answers, time.perf_counter() - started
 
 
-def calibrate(runtime: Any, calibration: Calibration, batch_size: int, folder: str | Path) -> artifacts.CascadeSettings:
+def calibrate(
+    runtime: Any, calibration: CalibrationOptions, batch_size: int, folder: str | Path
+) -> artifacts.CascadeSettings:
     """The margin threshold for the calibration's target on its split, written into the export `folder` (the
     runtime's own, or the object-store prefix it was downloaded from)."""
     split = calibration.calibrate_on
@@ -389,7 +391,7 @@ def main(
     limit: int = 0,
     batch_size: int = 16,
     out: Path = Path("runs/cascade"),
-    calibration: Calibration = Calibration(),
+    calibration: CalibrationOptions = CalibrationOptions(),
     compare_signals: bool = False,
 ) -> Path:
     """Accuracy against the share of predictions sent to the teacher, least sure first; table, JSON and PNG.

@@ -1,4 +1,4 @@
-"""The served cascade: the student answers what it is sure of; a prediction whose margin is below the threshold
+"""The served fallback: the student answers what it is sure of; a prediction whose margin is below the threshold
 (or, with `--fallback-signal consistency|both`, whose rationale reaches another label than its own) goes to a
 teacher (an OpenAI-compatible server, e.g. vLLM's) with the task's few-shot chain-of-thought prompt, through the
 extraction stage's completion client (timeouts, retries). The teacher's answer is parsed by the task layer; when the
@@ -17,8 +17,8 @@ from typing import Any, Awaitable, Callable
 
 from stepwise import tasks
 from stepwise.export.runtime import Prediction
-from stepwise.extraction.teachers import Generation, Sampling, answer_regex, openai_completion
-from stepwise.serving.settings import Fallback
+from stepwise.extraction.teachers import Generation, SamplingOptions, answer_regex, openai_completion
+from stepwise.serving.settings import FallbackOptions
 
 logger = logging.getLogger("ray.serve")
 
@@ -32,7 +32,7 @@ class Teacher:
     complete: Callable[..., Awaitable[Generation]]
     client: Any  # httpx.AsyncClient
     gate: asyncio.Semaphore
-    settings: Fallback
+    settings: FallbackOptions
     down_until: float = 0.0  # time.monotonic() until which the teacher is skipped, after it failed
     down_kind: str = ""  # how it failed, in words that carry nothing of the request that saw it
 
@@ -58,13 +58,13 @@ def few_shots(task: tasks.Task) -> list[str]:
         ) from None
 
 
-def prepare(settings: Fallback, task: tasks.Task) -> Teacher:
+def prepare(settings: FallbackOptions, task: tasks.Task) -> Teacher:
     """A teacher for `task`. Nothing connects yet: the client and the gate bind to the event loop that first uses
     them."""
     import httpx
 
     client_options = settings.client()
-    sampling = Sampling(max_tokens=settings.fallback_max_tokens)
+    sampling = SamplingOptions(max_tokens=settings.fallback_max_tokens)
     slots = settings.fallback_concurrency
     client = httpx.AsyncClient(
         timeout=httpx.Timeout(settings.fallback_timeout_s),
@@ -74,7 +74,7 @@ def prepare(settings: Fallback, task: tasks.Task) -> Teacher:
     return Teacher(task, few_shots(task), complete, client, asyncio.Semaphore(slots), settings)
 
 
-def unsure(settings: Fallback, prediction: Prediction, threshold: float) -> bool:
+def unsure(settings: FallbackOptions, prediction: Prediction, threshold: float) -> bool:
     """The student's answer goes to the teacher (signal margin), or has its rationale checked first (consistency:
     every prediction; both: those below the margin): a closed label set's margin below the model's threshold (open
     labels have no margin and are never sent)."""
@@ -83,7 +83,7 @@ def unsure(settings: Fallback, prediction: Prediction, threshold: float) -> bool
     return settings.fallback_signal == "consistency" or prediction.margin < threshold
 
 
-def threshold(settings: Fallback, folder: str | Path, model_id: str) -> float:
+def threshold(settings: FallbackOptions, folder: str | Path, model_id: str) -> float:
     """The margin a model's unsure predictions are below: --fallback-margin, or with --fallback-share the export's
     calibrated one (a ValueError saying how to calibrate it when it has none for that share)."""
     from stepwise.serving.cascade import calibrated_margin
@@ -93,7 +93,7 @@ def threshold(settings: Fallback, folder: str | Path, model_id: str) -> float:
     return calibrated_margin(folder, settings.fallback_share, model_id)
 
 
-def check_signal(settings: Fallback, folder: Path, model_id: str) -> None:
+def check_signal(settings: FallbackOptions, folder: Path, model_id: str) -> None:
     """ValueError naming the export, unless its --fallback-signal can be read from it (margin always can)."""
     from stepwise.serving.cascade import check_step_by_step
 

@@ -296,7 +296,7 @@ def start(
     http_options = {
         "host": host,
         "port": port,
-        "request_timeout_s": args.limits.request_timeout_s + args.cascade.budget_s + 30,
+        "request_timeout_s": args.limits.request_timeout_s + args.fallback.budget_s + 30,
         # One proxy, on the head: what this command's URL names (a load balancer in front of every node's proxy is
         # the RayService's way, serving/README.md).
         **({"location": "HeadOnly"} if ray_address else {}),

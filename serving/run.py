@@ -12,7 +12,14 @@ from pathlib import Path
 
 from stepwise import storage, tasks
 from stepwise.serving import lifecycle
-from stepwise.serving.settings import Batching, Fallback, Limits, Overload, Scaling, ServeArgs
+from stepwise.serving.settings import (
+    BatchingOptions,
+    FallbackOptions,
+    LimitOptions,
+    OverloadOptions,
+    ScalingOptions,
+    ServeArgs,
+)
 
 
 def parse_models(specs: list[str]) -> dict[str, str]:
@@ -52,11 +59,11 @@ def main(
     model: list[str],
     port: int = 8000,
     host: str = "127.0.0.1",
-    batching: Batching = Batching(),
-    limits: Limits = Limits(),
-    overload: Overload = Overload(),
-    scaling: Scaling = Scaling(),
-    cascade: Fallback = Fallback(),
+    batching: BatchingOptions = BatchingOptions(),
+    limits: LimitOptions = LimitOptions(),
+    overload: OverloadOptions = OverloadOptions(),
+    scaling: ScalingOptions = ScalingOptions(),
+    fallback: FallbackOptions = FallbackOptions(),
     access_log: bool = False,
     allow_unverified: bool = False,
     ray_cpus: int = 2,
@@ -76,7 +83,7 @@ def main(
         limits: what one request may ask for
         overload: backpressure
         scaling: replicas and their threads
-        cascade: a teacher answers what the student is unsure of
+        fallback: a teacher answers what the student is unsure of
         access_log: a JSON access-log line per request (costs latency)
         allow_unverified: serve exports whose parity gate failed, was skipped or never ran
         ray_cpus: CPUs of the local Ray instance
@@ -93,7 +100,7 @@ def main(
         limits=limits,
         overload=overload,
         scaling=scaling,
-        cascade=cascade,
+        fallback=fallback,
         access_log=access_log,
         allow_unverified=allow_unverified,
     )

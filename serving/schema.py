@@ -14,7 +14,7 @@ from fastapi import HTTPException
 from pydantic import BaseModel, ConfigDict, Discriminator, Field, StringConstraints, Tag, create_model
 
 from stepwise import tasks
-from stepwise.serving.settings import Limits
+from stepwise.serving.settings import LimitOptions
 
 MODEL_HEADER = "serve_multiplexed_model_id"  # Serve routes a request to a replica that has this model loaded
 # Some character that is not blank: whitespace as JSON Schema (ECMA-262), pydantic (Rust's regex) and Python's
@@ -106,7 +106,7 @@ def input_shape(item: Any, field_sets: list[list[str]]) -> str:
     return fields_tag(max(field_sets, key=lambda fields: len(set(fields) & set(item))))
 
 
-def predict_request_model(limits: Limits, served: dict[str, tasks.Task]) -> type[BaseModel]:
+def predict_request_model(limits: LimitOptions, served: dict[str, tasks.Task]) -> type[BaseModel]:
     """The POST /v1/predict body for an app serving these models (id -> task) under `limits`: a string (the
     formatted input), an object of a task's input fields (e.g. premise and hypothesis), {input} (with choices
     for a multiple-choice model) or {question, choices}; or a list of them."""
@@ -171,7 +171,7 @@ def example_input(task: tasks.Task) -> Any:
 TAGS = {"string", "input_object", "question_choices", "one", "many"}
 
 
-def describe_problems(problems: list[dict[str, Any]], limits: Limits) -> tuple[int, str]:
+def describe_problems(problems: list[dict[str, Any]], limits: LimitOptions) -> tuple[int, str]:
     """Pydantic's errors as (status, one readable message naming the fields): 400 for a body that is not JSON,
     404 for an unknown model, 413 for what is over a limit, else 422."""
     invalid_json = next((p for p in problems if p["type"] == "json_invalid"), None)
@@ -190,7 +190,7 @@ def describe_problems(problems: list[dict[str, Any]], limits: Limits) -> tuple[i
     return status, "; ".join(dict.fromkeys(m for s, m in zip(statuses, messages, strict=True) if s == status))
 
 
-def describe(problem: dict[str, Any], limits: Limits) -> tuple[int, str]:
+def describe(problem: dict[str, Any], limits: LimitOptions) -> tuple[int, str]:
     path = [
         str(part)
         for part in problem["loc"][1:]

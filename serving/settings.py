@@ -1,6 +1,6 @@
 """What a served app is configured with: the models and five argument groups (batching, limits, overload,
-scaling, cascade). The same settings come from `stepwise serve` flags, from `args:` in serving/serve_config.yaml
-(nested by group), or from Python (`ServeArgs(models=..., limits=Limits(max_items=8))`); each group checks
+scaling, fallback). The same settings come from `stepwise serve` flags, from `args:` in serving/serve_config.yaml
+(nested by group), or from Python (`ServeArgs(models=..., limits=LimitOptions(max_items=8))`); each group checks
 itself, so a bad value fails before any replica starts."""
 
 from __future__ import annotations
@@ -10,15 +10,17 @@ from dataclasses import dataclass, field
 from typing import Any, Literal, get_args
 
 from stepwise import request_limits
-from stepwise.extraction.teachers import OpenAIClient, retry_budget_s
+from stepwise.extraction.teachers import ClientOptions, retry_budget_s
 
 MAX_CHOICES = 26  # choices are shown to the student lettered (a) to (z)
-Signal = Literal["margin", "consistency", "both"]  # what sends a prediction to the teacher (Fallback.fallback_signal)
+Signal = Literal[
+    "margin", "consistency", "both"
+]  # what sends a prediction to the teacher (FallbackOptions.fallback_signal)
 SIGNALS: tuple[str, ...] = get_args(Signal)
 
 
 @dataclass(frozen=True)
-class Batching:
+class BatchingOptions:
     """Dynamic batching: concurrent requests for one model are decoded together.
 
     Args:
@@ -41,7 +43,7 @@ class Batching:
 
 
 @dataclass(frozen=True)
-class Limits:
+class LimitOptions:
     """What one request may ask for; beyond it the request is refused (413/422) before any decoding.
 
     Args:
@@ -82,7 +84,7 @@ class Limits:
 
 
 @dataclass(frozen=True)
-class Overload:
+class OverloadOptions:
     """Backpressure: what happens when more requests arrive than the replicas work on.
 
     Args:
@@ -98,7 +100,7 @@ class Overload:
 
 
 @dataclass(frozen=True)
-class Scaling:
+class ScalingOptions:
     """Replicas and what each one holds.
 
     Args:
@@ -128,7 +130,7 @@ class Scaling:
 
 
 @dataclass(frozen=True)
-class Fallback:
+class FallbackOptions:
     """A student-first cascade: predictions the student is unsure of (margin below the threshold; or, by
     --fallback-signal, whose rationale reaches another label) go to a teacher,
     an OpenAI-compatible server such as vLLM's, through the extraction stage's client.
@@ -207,9 +209,9 @@ class Fallback:
         if self.fallback_log and not self.fallback:
             raise ValueError("--fallback-log keeps the teacher's answers: it needs --fallback")
 
-    def client(self) -> OpenAIClient:
+    def client(self) -> ClientOptions:
         """The extraction stage's client options for this teacher."""
-        return OpenAIClient(
+        return ClientOptions(
             base_url=self.fallback,
             api_key_env=self.fallback_api_key_env,
             timeout_s=self.fallback_timeout_s,
@@ -224,7 +226,13 @@ class Fallback:
         return retry_budget_s(self.client()) + 1.0 if self.fallback else 0.0
 
 
-GROUPS = {"batching": Batching, "limits": Limits, "overload": Overload, "scaling": Scaling, "cascade": Fallback}
+GROUPS = {
+    "batching": BatchingOptions,
+    "limits": LimitOptions,
+    "overload": OverloadOptions,
+    "scaling": ScalingOptions,
+    "fallback": FallbackOptions,
+}
 
 
 @dataclass(frozen=True)
@@ -232,11 +240,11 @@ class ServeArgs:
     """Everything the app builder takes. `models` maps a model id to an export folder."""
 
     models: dict[str, str]
-    batching: Batching = field(default_factory=Batching)
-    limits: Limits = field(default_factory=Limits)
-    overload: Overload = field(default_factory=Overload)
-    scaling: Scaling = field(default_factory=Scaling)
-    cascade: Fallback = field(default_factory=Fallback)
+    batching: BatchingOptions = field(default_factory=BatchingOptions)
+    limits: LimitOptions = field(default_factory=LimitOptions)
+    overload: OverloadOptions = field(default_factory=OverloadOptions)
+    scaling: ScalingOptions = field(default_factory=ScalingOptions)
+    fallback: FallbackOptions = field(default_factory=FallbackOptions)
     access_log: bool = False
     allow_unverified: bool = False
 

@@ -48,7 +48,7 @@ BENCHMARKS: dict[str, tuple[str, str]] = {
     "training-grid": ("benchmarks.training_grid", "student"),
     "training-scale": ("benchmarks.training_scale", "student"),
     "training-memory": ("benchmarks.training_memory", "student"),
-    "cascade": ("benchmarks.cascade", "student"),
+    "fallback": ("benchmarks.fallback", "student"),
     "gpu-train-check": ("benchmarks.gpu_train_check", "student"),
     "gpu": ("benchmarks.gpu", "student"),
 }
@@ -341,7 +341,9 @@ RENAMED_FLAGS = {
     "--ray": "--on-ray",  # extract: as experiment says it
     **{"--" + old.replace("_", "-"): "--" + new.replace("_", "-") for old, new in artifacts.RENAMED_SETTINGS.items()},
 }
-RENAMED_KEYS = {old[2:].replace("-", "_"): new[2:].replace("-", "_") for old, new in RENAMED_FLAGS.items()}
+RENAMED_KEYS = {old[2:].replace("-", "_"): new[2:].replace("-", "_") for old, new in RENAMED_FLAGS.items()} | {
+    "cascade": "fallback",  # stepwise serve's settings table of the --fallback-* options (a Serve config's args too)
+}
 
 
 def renamed_flags(argv: list[str], prog: str) -> list[str]:

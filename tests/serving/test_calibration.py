@@ -18,9 +18,9 @@ import pytest
 from stepwise import artifacts, cli, storage, tasks
 from stepwise.export.runtime import load_runtime, predict
 from stepwise.serving import cascade, lifecycle
-from stepwise.serving.cascade import Calibration
+from stepwise.serving.cascade import CalibrationOptions
 from stepwise.serving.run import serve_args
-from stepwise.serving.settings import Fallback, Scaling, ServeArgs
+from stepwise.serving.settings import FallbackOptions, ScalingOptions, ServeArgs
 
 from helpers import free_port
 from serving_helpers import premise_hypothesis, wait_for_metric
@@ -75,7 +75,7 @@ def test_the_accuracy_target_takes_the_fewest_teacher_calls_that_reach_it():
 )
 def test_bad_calibration_targets_are_refused(fields, message):
     with pytest.raises(ValueError, match=message):
-        Calibration(**fields)
+        CalibrationOptions(**fields)
 
 
 @pytest.mark.parametrize(
@@ -88,7 +88,7 @@ def test_bad_calibration_targets_are_refused(fields, message):
 )
 def test_bad_share_settings_are_refused(fields, message):
     with pytest.raises(ValueError, match=message):
-        Fallback(**fields)
+        FallbackOptions(**fields)
 
 
 def serve_error(folder: Path, tmp_path: Path, monkeypatch, *flags: str) -> str:
@@ -151,7 +151,11 @@ def calibrated(trained_export_dir, tmp_path_factory) -> SimpleNamespace:
     work = tmp_path_factory.mktemp("calibration")
     folder = Path(shutil.copytree(trained_export_dir, work / "export"))
     out = cascade.main(
-        model=folder, split="test", limit=TEST_INPUTS, out=work / "cascade", calibration=Calibration(target_share=SHARE)
+        model=folder,
+        split="test",
+        limit=TEST_INPUTS,
+        out=work / "cascade",
+        calibration=CalibrationOptions(target_share=SHARE),
     )
     examples = tasks.load_split(ESNLI, "test")[:TEST_INPUTS]
     margins = margins_of(folder, examples)
@@ -186,7 +190,7 @@ def test_on_test_the_share_below_the_threshold_matches_the_target(calibrated):
 def test_served_with_the_share_the_teacher_answers_that_share(calibrated, teacher_url, tmp_path):
     os.environ.setdefault("RAY_metrics_report_interval_ms", "1000")
     metrics_port = free_port()
-    teacher = Fallback(
+    teacher = FallbackOptions(
         fallback=teacher_url,
         fallback_share=SHARE,
         fallback_model="tiny",
@@ -195,7 +199,9 @@ def test_served_with_the_share_the_teacher_answers_that_share(calibrated, teache
         fallback_retries=0,
     )
     url = lifecycle.start(
-        ServeArgs(models={"esnli": str(calibrated.folder)}, scaling=Scaling(replica_cpus=0.25), cascade=teacher),
+        ServeArgs(
+            models={"esnli": str(calibrated.folder)}, scaling=ScalingOptions(replica_cpus=0.25), fallback=teacher
+        ),
         port=free_port(),
         run_dir=tmp_path / "run",
         metrics_port=metrics_port,

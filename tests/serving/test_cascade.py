@@ -12,7 +12,7 @@ import pytest
 from stepwise import artifacts, cli, tasks
 from stepwise.export.runtime import load_runtime, predict, rationale_labels
 from stepwise.extraction import run as extraction
-from stepwise.extraction.teachers import OpenAIClient, Sampling
+from stepwise.extraction.teachers import ClientOptions, SamplingOptions
 from stepwise.serving import cascade
 
 ESNLI = tasks.get_task("esnli")
@@ -114,8 +114,8 @@ def test_cost_per_1k_from_a_real_teacher_run(trained_export_dir, teacher_url, tm
         model="tiny",
         limit=16,
         out=tmp_path / "teacher",
-        sampling=Sampling(max_tokens=48),
-        client=OpenAIClient(base_url=teacher_url, concurrency=4, retries=1),
+        sampling=SamplingOptions(max_tokens=48),
+        client=ClientOptions(base_url=teacher_url, concurrency=4, retries=1),
     )
     out = cascade.main(
         model=trained_export_dir,

@@ -1,4 +1,4 @@
-"""The served cascade: predictions the student is unsure of go to a real teacher (the tiny random teacher on a vLLM
+"""The served fallback: predictions the student is unsure of go to a real teacher (the tiny random teacher on a vLLM
 OpenAI server on loopback); a dead, silent or misbehaving teacher never costs a request more than the fallback's
 budget, and never a 5xx: the student's answer stands, marked with the reason; after a failure the teacher is skipped
 for a cooldown.
@@ -26,14 +26,14 @@ from stepwise import artifacts, tasks
 from stepwise.export.runtime import Prediction, load_runtime, predict, rationale_labels
 from stepwise.extraction.teachers import answer_regex
 from stepwise.serving import app, fallback, lifecycle
-from stepwise.serving.settings import Fallback, Scaling, ServeArgs
+from stepwise.serving.settings import FallbackOptions, ScalingOptions, ServeArgs
 from stepwise.training.data import records_by_source, training_examples
 
 from helpers import free_port
 from serving_helpers import metric_samples, premise_hypothesis, wait_for_metric
 
 ESNLI = tasks.get_task("esnli")
-SMALL = Scaling(replica_cpus=0.25)
+SMALL = ScalingOptions(replica_cpus=0.25)
 TEACHER_TOKENS = 320  # room for the structured answer's longest form: a 300-character rationale line, then the label
 
 
@@ -99,7 +99,7 @@ STUDENT = Prediction("neutral", None, 0.40, 0.05, {"entailment": 0.35, "neutral"
     ],
 )
 def test_a_teacher_that_misbehaves_leaves_the_students_answer(misbehaving_teacher, path, reason):
-    settings = Fallback(
+    settings = FallbackOptions(
         fallback=f"{misbehaving_teacher}/{path}",
         fallback_margin=0.5,
         fallback_model="m",
@@ -117,7 +117,7 @@ def test_a_teacher_that_misbehaves_leaves_the_students_answer(misbehaving_teache
 
 
 def test_a_failed_teacher_is_skipped_for_the_cooldown_then_asked_again(misbehaving_teacher):
-    settings = Fallback(
+    settings = FallbackOptions(
         fallback=f"{misbehaving_teacher}/overloaded",
         fallback_margin=0.5,
         fallback_model="m",
@@ -146,7 +146,7 @@ def test_a_failed_teacher_is_skipped_for_the_cooldown_then_asked_again(misbehavi
 def test_a_request_the_teacher_refuses_fails_alone_and_starts_no_cooldown(misbehaving_teacher, path):
     """A 4xx is about the request (an input over the teacher's context): one client must not turn the fallback off for
     the rest."""
-    settings = Fallback(
+    settings = FallbackOptions(
         fallback=f"{misbehaving_teacher}/{path}", fallback_margin=0.5, fallback_model="m", fallback_cooldown_s=60
     )
     example = tasks.load_split(ESNLI, "test")[0]
@@ -159,7 +159,7 @@ def test_a_request_the_teacher_refuses_fails_alone_and_starts_no_cooldown(misbeh
 
 
 def test_the_teachers_key_comes_from_the_environment_never_a_flag(misbehaving_teacher, monkeypatch):
-    settings = Fallback(fallback=f"{misbehaving_teacher}/wants-key", fallback_margin=0.5, fallback_model="m")
+    settings = FallbackOptions(fallback=f"{misbehaving_teacher}/wants-key", fallback_margin=0.5, fallback_model="m")
     example = tasks.load_split(ESNLI, "test")[0]
 
     def ask() -> fallback.Outcome:
@@ -173,7 +173,7 @@ def test_the_teachers_key_comes_from_the_environment_never_a_flag(misbehaving_te
 def test_an_unreadable_answer_starts_no_cooldown(misbehaving_teacher):
     example = tasks.load_split(ESNLI, "test")[0]
     # Unreadable answers say nothing about the teacher being down: they never start a cooldown.
-    unreadable = Fallback(
+    unreadable = FallbackOptions(
         fallback=f"{misbehaving_teacher}/no-answer", fallback_margin=0.5, fallback_model="m", fallback_cooldown_s=60
     )
 
@@ -186,12 +186,12 @@ def test_an_unreadable_answer_starts_no_cooldown(misbehaving_teacher):
 
 def test_unreadable_few_shot_data_is_refused_before_serving(trained_export_dir, tmp_path, monkeypatch):
     monkeypatch.setenv("STEPWISE_DATASETS", str(tmp_path / "nowhere"))
-    cascade = Fallback(fallback="http://127.0.0.1:9", fallback_margin=0.5, fallback_model="m")
+    cascade = FallbackOptions(fallback="http://127.0.0.1:9", fallback_margin=0.5, fallback_model="m")
     with pytest.raises(
         ValueError,
         match="few-shot prompt from the train split of task 'esnli', which cannot be read here: dataset file missing",
     ):
-        app.build_app(ServeArgs(models={"esnli": str(trained_export_dir)}, cascade=cascade))
+        app.build_app(ServeArgs(models={"esnli": str(trained_export_dir)}, fallback=cascade))
 
 
 @pytest.mark.parametrize(
@@ -210,19 +210,19 @@ def test_unreadable_few_shot_data_is_refused_before_serving(trained_export_dir, 
 )
 def test_bad_fallback_settings_are_refused(fields, message):
     with pytest.raises(ValueError, match=message):
-        Fallback(**fields)
+        FallbackOptions(**fields)
 
 
 def test_the_consistency_signal_is_refused_for_an_export_not_trained_step_by_step(trained_export_dir):
-    settings = Fallback(fallback="http://127.0.0.1:9", fallback_model="m", fallback_signal="consistency")
+    settings = FallbackOptions(fallback="http://127.0.0.1:9", fallback_model="m", fallback_signal="consistency")
     with pytest.raises(ValueError, match="'esnli': .* was not trained step-by-step \\(mode: standard-finetune\\)"):
-        app.build_app(ServeArgs(models={"esnli": str(trained_export_dir)}, scaling=SMALL, cascade=settings))
+        app.build_app(ServeArgs(models={"esnli": str(trained_export_dir)}, scaling=SMALL, fallback=settings))
 
 
 def test_the_fallback_budget_bounds_every_attempt_and_backoff():
-    assert Fallback().budget_s == 0.0  # no teacher, no wait
+    assert FallbackOptions().budget_s == 0.0  # no teacher, no wait
     # 2 attempts of 2 s, one backoff of at most 1.5 x 0.5 s, a second of slack
-    assert Fallback(
+    assert FallbackOptions(
         fallback="http://t", fallback_model="m", fallback_timeout_s=2, fallback_retries=1
     ).budget_s == pytest.approx(5.75)
 
@@ -259,7 +259,7 @@ def silent_teacher() -> str:
     listener.close()
 
 
-DEAD = Fallback(
+DEAD = FallbackOptions(
     fallback=f"http://127.0.0.1:{free_port()}",
     fallback_margin=1.0,
     fallback_model="tiny",
@@ -276,7 +276,7 @@ def served(trained_export_dir, teacher_url, silent_teacher, offline, tmp_path_fa
     run = tmp_path_factory.mktemp("serve-cascade")
     metrics_port = free_port()
     models = {"esnli": str(trained_export_dir)}
-    teacher = Fallback(
+    teacher = FallbackOptions(
         fallback=teacher_url,
         fallback_margin=offline.threshold,
         fallback_model="tiny",
@@ -285,13 +285,13 @@ def served(trained_export_dir, teacher_url, silent_teacher, offline, tmp_path_fa
         fallback_retries=0,
     )
     url = lifecycle.start(
-        ServeArgs(models=models, scaling=SMALL, cascade=teacher),
+        ServeArgs(models=models, scaling=SMALL, fallback=teacher),
         port=free_port(),
         run_dir=run,
         metrics_port=metrics_port,
     )
-    serve.run(app.build_app(ServeArgs(models=models, scaling=SMALL, cascade=DEAD)), name="dead", route_prefix="/dead")
-    silent = Fallback(
+    serve.run(app.build_app(ServeArgs(models=models, scaling=SMALL, fallback=DEAD)), name="dead", route_prefix="/dead")
+    silent = FallbackOptions(
         fallback=silent_teacher,
         fallback_margin=1.0,
         fallback_model="tiny",
@@ -301,11 +301,11 @@ def served(trained_export_dir, teacher_url, silent_teacher, offline, tmp_path_fa
         fallback_cooldown_s=0,
     )
     serve.run(
-        app.build_app(ServeArgs(models=models, scaling=SMALL, cascade=silent)), name="silent", route_prefix="/silent"
+        app.build_app(ServeArgs(models=models, scaling=SMALL, fallback=silent)), name="silent", route_prefix="/silent"
     )
     logged = dataclasses.replace(teacher, fallback_margin=1.0, fallback_log=str(run / "fallback-log"))
     serve.run(
-        app.build_app(ServeArgs(models=models, scaling=SMALL, cascade=logged)), name="logged", route_prefix="/logged"
+        app.build_app(ServeArgs(models=models, scaling=SMALL, fallback=logged)), name="logged", route_prefix="/logged"
     )
     yield SimpleNamespace(
         url=url, metrics=f"http://127.0.0.1:{metrics_port}/metrics", silent=silent, log=run / "fallback-log"
@@ -563,7 +563,7 @@ def test_the_consistency_signal_sends_the_predictions_whose_rationale_disagrees(
     reached = rationale_labels(runtime, examples, students)
     disagree = [label != p.label for label, p in zip(reached, students, strict=True)]
     assert 0 < sum(disagree) < len(examples), disagree
-    settings = Fallback(
+    settings = FallbackOptions(
         fallback=teacher_url,
         fallback_signal="consistency",
         fallback_model="tiny",
@@ -573,7 +573,7 @@ def test_the_consistency_signal_sends_the_predictions_whose_rationale_disagrees(
         fallback_log=str(tmp_path),
     )
     models = {"esnli": str(step_by_step_export_dir)}
-    serve.run(app.build_app(ServeArgs(models=models, scaling=SMALL, cascade=settings)), name="consistency",
+    serve.run(app.build_app(ServeArgs(models=models, scaling=SMALL, fallback=settings)), name="consistency",
               route_prefix="/consistency")  # fmt: skip
     try:
         inputs = [premise_hypothesis(e) for e in examples]

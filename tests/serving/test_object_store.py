@@ -78,7 +78,7 @@ def test_a_calibration_is_written_back_to_an_export_on_the_object_store(tiny_exp
     export = f"{bucket}/export"
     storage.upload_folder(Path(shutil.copytree(tiny_export_dir, tmp_path / "export")), export)
     version = artifacts.read_export_config(export)["version"]
-    calibration = cascade.Calibration(target_share=0.25, calibration_limit=40)
+    calibration = cascade.CalibrationOptions(target_share=0.25, calibration_limit=40)
     cascade.main(model=export, limit=40, out=tmp_path / "cascade", calibration=calibration)
 
     settings = artifacts.read_cascade_settings(export)

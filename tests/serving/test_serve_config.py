@@ -17,7 +17,7 @@ from ray.serve.schema import ServeDeploySchema
 from stepwise import artifacts, tasks
 from stepwise.export.run import ServedRequests, providers_for
 from stepwise.serving import app, lifecycle, run, schema
-from stepwise.serving.settings import GROUPS, Batching, Limits, Scaling, ServeArgs
+from stepwise.serving.settings import GROUPS, BatchingOptions, FallbackOptions, LimitOptions, ScalingOptions, ServeArgs
 
 from helpers import ROOT
 
@@ -41,14 +41,14 @@ def test_serve_config_file_is_valid_and_builds(tiny_export_dir):
 def test_autoscaling_settings_become_the_deployment_config(tiny_export_dir):
     args = ServeArgs(
         models={"esnli": str(tiny_export_dir)},
-        scaling=Scaling(min_replicas=1, max_replicas=3, target_ongoing_requests=4),
+        scaling=ScalingOptions(min_replicas=1, max_replicas=3, target_ongoing_requests=4),
     )
     autoscaling = app.build_app(args)._bound_deployment._deployment_config.autoscaling_config
     assert (autoscaling.min_replicas, autoscaling.max_replicas, autoscaling.target_ongoing_requests) == (1, 3, 4)
 
 
 def test_replicas_get_every_setting_in_one_dict_with_the_model_folders_checked(tiny_export_dir):
-    args = ServeArgs(models={"esnli": str(tiny_export_dir)}, limits=Limits(max_items=4), access_log=True)
+    args = ServeArgs(models={"esnli": str(tiny_export_dir)}, limits=LimitOptions(max_items=4), access_log=True)
     (bound,) = app.build_app(args)._bound_deployment.init_args
     checked = app.check_models(args.models, args.allow_unverified)
     assert ServeArgs.from_dict(bound) == dataclasses.replace(args, models=checked)
@@ -56,13 +56,13 @@ def test_replicas_get_every_setting_in_one_dict_with_the_model_folders_checked(t
 
 def test_settings_that_cannot_work_are_refused():
     with pytest.raises(ValueError, match=r"max_ongoing_requests \(5\) must be at least max_batch_size \(16\)"):
-        Batching(max_ongoing_requests=5, max_batch_size=16)
+        BatchingOptions(max_ongoing_requests=5, max_batch_size=16)
     with pytest.raises(ValueError, match=r"max_replicas \(1\) is below min_replicas \(2\)"):
-        Scaling(min_replicas=2, max_replicas=1)
+        ScalingOptions(min_replicas=2, max_replicas=1)
     with pytest.raises(ValueError, match="no models"):
         ServeArgs(models={})
     with pytest.raises(ValueError, match="max_choices must be at most 26"):
-        Limits(max_choices=30)
+        LimitOptions(max_choices=30)
     with pytest.raises(ValueError, match="unknown keys in serve settings: max_itemz"):
         ServeArgs.from_dict({"models": {"a": "b"}, "limits": {"max_itemz": 3}})
     # The Serve config file's args are read as `stepwise serve --config` reads a file: a key under another group's
@@ -71,6 +71,14 @@ def test_settings_that_cannot_work_are_refused():
         ValueError, match=r"serve settings: max_items is not an option of \[batching\]; it belongs at \[limits\]"
     ):
         ServeArgs.from_dict({"models": {"a": "b"}, "batching": {"max_items": 3}})
+
+
+def test_the_fallback_table_under_its_earlier_name_still_reads_with_a_warning(capsys):
+    teacher = {"fallback": "http://127.0.0.1:9", "fallback_model": "m", "fallback_margin": 0.2}
+    old = ServeArgs.from_dict({"models": {"a": "b"}, "cascade": teacher})
+    assert old == ServeArgs.from_dict({"models": {"a": "b"}, "fallback": teacher})
+    assert old.fallback == FallbackOptions(**teacher)
+    assert "serve settings: cascade is deprecated and goes in the next release: use fallback" in capsys.readouterr().err
 
 
 def test_model_specs_and_folders(tiny_export_dir, tmp_path):
@@ -123,14 +131,14 @@ def tensorrt_export(export: Path, folder: Path, task: str, served: ServedRequest
 @pytest.mark.parametrize(
     "task,served,batching,shortfall",
     [
-        ("esnli", ServedRequests(max_batch=8), Batching(), "at most 24 rows for decoder_with_past input_ids, fewer "
-         "than the max_batch_size=16 x 3 candidates = 48"),
-        ("esnli", ServedRequests(), Batching(max_batch_size=32), "at most 48 rows for decoder_with_past input_ids, "
-         "fewer than the max_batch_size=32 x 3 candidates = 96"),
-        ("cqa", ServedRequests(max_choices=8), Batching(), "at most 128 rows for decoder_with_past input_ids, fewer "
-         "than the max_batch_size=16 x max_choices=16 = 256"),
-        ("cqa", ServedRequests(max_choice_tokens=8), Batching(), "at most 8 tokens for decoder_with_past input_ids, "
-         "fewer than the max_choice_tokens=32"),
+        ("esnli", ServedRequests(max_batch=8), BatchingOptions(),
+         "at most 24 rows for decoder_with_past input_ids, fewer than the max_batch_size=16 x 3 candidates = 48"),
+        ("esnli", ServedRequests(), BatchingOptions(max_batch_size=32),
+         "at most 48 rows for decoder_with_past input_ids, fewer than the max_batch_size=32 x 3 candidates = 96"),
+        ("cqa", ServedRequests(max_choices=8), BatchingOptions(),
+         "at most 128 rows for decoder_with_past input_ids, fewer than the max_batch_size=16 x max_choices=16 = 256"),
+        ("cqa", ServedRequests(max_choice_tokens=8), BatchingOptions(),
+         "at most 8 tokens for decoder_with_past input_ids, fewer than the max_choice_tokens=32"),
     ],
 )  # fmt: skip
 def test_a_tensorrt_export_narrower_than_the_servers_limits_is_refused(
@@ -152,9 +160,9 @@ def test_exports_default_tensorrt_profiles_cover_every_request_serving_accepts(t
 
 def test_an_export_without_tensorrt_is_served_whatever_the_limits(tiny_export_dir):
     """A CPU export has no shape profiles: ONNX Runtime's CPU provider takes any shape."""
-    limits = Limits(max_choices=26, max_choice_tokens=512)
+    limits = LimitOptions(max_choices=26, max_choice_tokens=512)
     app.build_app(
-        ServeArgs(models={"esnli": str(tiny_export_dir)}, batching=Batching(max_batch_size=64), limits=limits)
+        ServeArgs(models={"esnli": str(tiny_export_dir)}, batching=BatchingOptions(max_batch_size=64), limits=limits)
     )
 
 
@@ -162,13 +170,13 @@ SERVED = {"esnli": tasks.get_task("esnli"), "cqa": tasks.get_task("cqa")}
 TICKETS = tasks.Task("tickets", "label", labels=["bug", "question"], input_template="Title: {title}\nBody: {body}")
 
 
-def request(body: dict, limits: Limits = Limits(max_items=4, max_input_chars=50), served: dict = SERVED):
+def request(body: dict, limits: LimitOptions = LimitOptions(max_items=4, max_input_chars=50), served: dict = SERVED):
     return schema.predict_request_model(limits, served).model_validate(body)
 
 
 def test_request_schema_states_the_limits_the_server_enforces():
     model = schema.predict_request_model(
-        Limits(max_items=4, max_input_chars=50, max_choices=3), {"esnli": SERVED["esnli"], "cqa": SERVED["cqa"]}
+        LimitOptions(max_items=4, max_input_chars=50, max_choices=3), {"esnli": SERVED["esnli"], "cqa": SERVED["cqa"]}
     )
     text = json.dumps(model.model_json_schema())
     for constraint in (
@@ -203,7 +211,7 @@ def test_request_problems_become_a_status_and_a_message_naming_the_field(body, s
     with pytest.raises(ValidationError) as caught:
         request(body)
     problems = [dict(p, loc=("body", *p["loc"])) for p in caught.value.errors()]  # as FastAPI reports them
-    got_status, got_message = schema.describe_problems(problems, Limits(max_items=4, max_input_chars=50))
+    got_status, got_message = schema.describe_problems(problems, LimitOptions(max_items=4, max_input_chars=50))
     assert got_status == status and got_message.startswith(message), got_message
 
 
@@ -241,13 +249,13 @@ def test_a_custom_task_takes_its_own_input_fields():
         schema.to_example(body.inputs[1], TICKETS, "inputs.1")  # esnli's fields sent to the tickets model
     with pytest.raises(ValidationError, match="body"):
         request({"inputs": {"title": "Crash"}}, served=served)  # the form with the most shared fields, incomplete
-    assert '"title"' in json.dumps(schema.predict_request_model(Limits(), served).model_json_schema())
+    assert '"title"' in json.dumps(schema.predict_request_model(LimitOptions(), served).model_json_schema())
 
 
 def test_replicas_reserve_a_gpu_when_the_export_targets_one(tiny_export_dir, tmp_path):
     def actor_options(folder: Path, **scaling) -> dict:
         return app.build_app(
-            ServeArgs(models={"m": str(folder)}, scaling=Scaling(**scaling))
+            ServeArgs(models={"m": str(folder)}, scaling=ScalingOptions(**scaling))
         )._bound_deployment.ray_actor_options
 
     assert actor_options(tiny_export_dir)["num_gpus"] == 0
@@ -281,7 +289,7 @@ def test_stepwise_serve_refuses_bad_folders_settings_and_taken_ports_before_star
     with pytest.raises(FileNotFoundError, match="has no task.json"):
         run.main(model=[str(tmp_path)])
     with pytest.raises(ValueError, match=r"max_ongoing_requests \(4\) must be at least max_batch_size \(16\)"):
-        run.main(model=[str(tiny_export_dir)], batching=Batching(max_ongoing_requests=4))
+        run.main(model=[str(tiny_export_dir)], batching=BatchingOptions(max_ongoing_requests=4))
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))
         port = taken.getsockname()[1]

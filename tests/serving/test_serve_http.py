@@ -19,7 +19,7 @@ import pytest
 from stepwise import artifacts, tasks
 from stepwise.export.runtime import load_runtime, predict
 from stepwise.serving import app, lifecycle, schema
-from stepwise.serving.settings import Batching, Limits, Overload, Scaling, ServeArgs
+from stepwise.serving.settings import BatchingOptions, LimitOptions, OverloadOptions, ScalingOptions, ServeArgs
 
 from helpers import free_port
 from serving_helpers import metric_samples, premise_hypothesis, wait_for_metric
@@ -27,8 +27,8 @@ from serving_helpers import metric_samples, premise_hypothesis, wait_for_metric
 pytestmark = pytest.mark.slow
 
 
-LIMITS = Limits(max_items=8, max_input_chars=600, max_body_bytes=100_000)
-SMALL = Scaling(replica_cpus=0.25)
+LIMITS = LimitOptions(max_items=8, max_input_chars=600, max_body_bytes=100_000)
+SMALL = ScalingOptions(replica_cpus=0.25)
 
 
 @pytest.fixture(scope="module")
@@ -69,19 +69,22 @@ def served(tiny_export_dir: Path, claims_export: Path, cqa_export_dir: Path, tmp
         "cqa": str(cqa_export_dir),
     }
     args = ServeArgs(
-        models=models, batching=Batching(max_batch_size=8, batch_wait_timeout_s=0.02), limits=LIMITS, scaling=SMALL
+        models=models,
+        batching=BatchingOptions(max_batch_size=8, batch_wait_timeout_s=0.02),
+        limits=LIMITS,
+        scaling=SMALL,
     )
     url = lifecycle.start(args, port=free_port(), run_dir=run, metrics_port=metrics_port)
     one_model = {"esnli": str(tiny_export_dir)}
     tight = ServeArgs(
         models=one_model,
-        batching=Batching(max_batch_size=1, max_ongoing_requests=1),
-        overload=Overload(max_queued_requests=1, retry_after_s=2),
+        batching=BatchingOptions(max_batch_size=1, max_ongoing_requests=1),
+        overload=OverloadOptions(max_queued_requests=1, retry_after_s=2),
         scaling=SMALL,
     )
     serve.run(app.build_app(tight), name="tight", route_prefix="/tight")
     serve.run(
-        app.build_app(ServeArgs(models=one_model, limits=Limits(request_timeout_s=0.001), scaling=SMALL)),
+        app.build_app(ServeArgs(models=one_model, limits=LimitOptions(request_timeout_s=0.001), scaling=SMALL)),
         name="slow",
         route_prefix="/slow",
     )

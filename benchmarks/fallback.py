@@ -1,4 +1,4 @@
-"""The served cascade under load: `stepwise serve` with the teacher fallback off, on at a margin that sends ~10% of
+"""The served fallback under load: `stepwise serve` with the teacher fallback off, on at a margin that sends ~10% of
 the requests to the teacher, and with a dead teacher URL (the student's answers must keep flowing), with and without
 the cooldown that skips a teacher for a while after it failed, in one run.
 
@@ -14,7 +14,7 @@ them (on a machine shared with other work, load drifts over minutes). The load c
 sends one body over and over, and the share sent to the teacher depends on the inputs), which also reads who
 answered each request.
 
-    python3 -m stepwise bench cascade   # -> benchmarks/results/cascade.{json,md,png}
+    python3 -m stepwise bench fallback   # -> benchmarks/results/fallback.{json,md,png}
 """
 
 from __future__ import annotations
@@ -35,7 +35,7 @@ from typing import Any
 from benchmarks.harness import RESULTS, ROOT, bench_lock, command_line, free_port, vllm_openai_server
 from stepwise import artifacts, envs, tasks
 from stepwise.serving import cascade, lifecycle
-from stepwise.serving.settings import Batching, Fallback, Overload, Scaling, ServeArgs
+from stepwise.serving.settings import BatchingOptions, FallbackOptions, OverloadOptions, ScalingOptions, ServeArgs
 
 TEACHER_TOKENS = 320  # the structured answer's longest form: a 300-character rationale line, then the label
 SHARE = 0.10  # of the inputs the margin threshold sends to the teacher
@@ -113,7 +113,7 @@ def teacher_alone(teacher_url: str, examples: list[tasks.Example]) -> dict[str, 
     from stepwise.export.runtime import Prediction
     from stepwise.serving import fallback
 
-    settings = Fallback(
+    settings = FallbackOptions(
         fallback=teacher_url,
         fallback_margin=1.0,
         fallback_model="tiny",
@@ -141,9 +141,9 @@ def teacher_alone(teacher_url: str, examples: list[tasks.Example]) -> dict[str, 
 # ---------------------------------------------------------------- serving and load
 
 
-def start_apps(export: Path, workdir: Path, cascades: dict[str, Fallback]) -> dict[str, str]:
-    """One local Ray + Serve (`serving.lifecycle`, as `stepwise serve` runs it) with one application per cascade
-    setting, each its own student replica behind the same HAProxy ingress; config name -> its /v1/predict URL."""
+def start_apps(export: Path, workdir: Path, configs: dict[str, FallbackOptions]) -> dict[str, str]:
+    """One local Ray + Serve (`serving.lifecycle`, as `stepwise serve` runs it) with one application per fallback
+    configuration, each its own student replica behind the same HAProxy ingress; config name -> its /v1/predict URL."""
     from ray import serve
 
     from stepwise.serving import app
@@ -151,19 +151,19 @@ def start_apps(export: Path, workdir: Path, cascades: dict[str, Fallback]) -> di
     os.environ["OMP_NUM_THREADS"] = "1"
     base = ServeArgs(
         models={"esnli": str(export)},
-        batching=Batching(max_ongoing_requests=128),
-        overload=Overload(max_queued_requests=1024),
-        scaling=Scaling(replica_cpus=0.5),
+        batching=BatchingOptions(max_ongoing_requests=128),
+        overload=OverloadOptions(max_queued_requests=1024),
+        scaling=ScalingOptions(replica_cpus=0.5),
     )
-    names = list(cascades)
+    names = list(configs)
     prefixes = {name: "/" + re.sub(r"\W+", "-", name).strip("-") for name in names}
     url = lifecycle.start(
-        dataclasses.replace(base, cascade=cascades[names[0]]), port=free_port(), run_dir=workdir / "serve"
+        dataclasses.replace(base, fallback=configs[names[0]]), port=free_port(), run_dir=workdir / "serve"
     )
     prefixes[names[0]] = ""
     for name in names[1:]:
         serve.run(
-            app.build_app(dataclasses.replace(base, cascade=cascades[name])),
+            app.build_app(dataclasses.replace(base, fallback=configs[name])),
             name=prefixes[name].strip("/"),
             route_prefix=prefixes[name],
         )
@@ -350,8 +350,8 @@ def main(
     requests: int = 200,
     rounds: int = 3,
     train_steps: int = 100,
-    workdir: Path = Path("runs/bench-cascade"),
-    out: Path = RESULTS / "cascade",
+    workdir: Path = Path("runs/bench-fallback"),
+    out: Path = RESULTS / "fallback",
 ) -> Path:
     """Served p50/p99 and throughput with the teacher fallback off, on (~10% of requests) and with a dead teacher.
 
@@ -382,17 +382,17 @@ def main(
             "fallback_max_tokens": TEACHER_TOKENS,
         }
         dead = f"http://127.0.0.1:{free_port()}"
-        cascades = {
-            "off": Fallback(),
-            "on (vLLM tiny teacher)": Fallback(fallback=teacher_url, **common),
-            "dead teacher URL": Fallback(fallback=dead, **common),
-            "dead teacher URL, no cooldown": Fallback(fallback=dead, fallback_cooldown_s=0, **common),
+        configs = {
+            "off": FallbackOptions(),
+            "on (vLLM tiny teacher)": FallbackOptions(fallback=teacher_url, **common),
+            "dead teacher URL": FallbackOptions(fallback=dead, **common),
+            "dead teacher URL, no cooldown": FallbackOptions(fallback=dead, fallback_cooldown_s=0, **common),
         }
         running.callback(lifecycle.stop)
-        urls = start_apps(export, workdir, cascades)
+        urls = start_apps(export, workdir, configs)
         rows = measure(urls, bodies, concurrency, requests, rounds)
         for row in rows:
-            row["fallback"] = dataclasses.asdict(cascades[row["config"]])
+            row["fallback"] = dataclasses.asdict(configs[row["config"]])
     result = {
         "command": command_line(),
         "machine": f"{platform.machine()}, {os.cpu_count()} CPUs, shared with other work: compare rows of one run",
