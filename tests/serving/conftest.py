@@ -48,26 +48,31 @@ def teacher_url(tiny_teacher_model, start_vllm_server, tmp_path_factory) -> str:
         yield url
 
 
+def trained_export(folder: Path, mode: str, rationales: list[str] | None, max_target_tokens: int) -> Path:
+    """A tiny e-SNLI student trained for 60 steps in `mode`, exported fp32 into `folder`/export."""
+    from stepwise.export.run import ParityOptions
+    from stepwise.export.run import main as export_main
+    from stepwise.training import train
+
+    student = train.main(
+        task="esnli",
+        out=folder / "student",
+        rationales=rationales,
+        mode=mode,
+        vocab_size=1000,
+        data=train.DataOptions(max_input_tokens=128, max_target_tokens=max_target_tokens),
+        optim=train.OptimOptions(learning_rate=1e-3, batch_size=32, max_steps=60),
+        evaluation=train.EvalOptions(eval_every=60, eval_limit=32),
+    )
+    return export_main(model=student, out=folder / "export", parity=ParityOptions(parity_limit=16))
+
+
 @pytest.fixture(scope="session")
 def trained_export_dir(tmp_path_factory) -> Path:
     """A tiny e-SNLI student trained for 60 steps (standard fine-tuning), exported fp32. A random student puts all
     its probability on the shortest label (margin 1.0 everywhere); 60 steps leave margins spread from ~0 to ~0.5,
     which the cascade ranks by."""
-    from stepwise.export.run import ParityOptions
-    from stepwise.export.run import main as export_main
-    from stepwise.training import train
-
-    folder = tmp_path_factory.mktemp("trained-student")
-    student = train.main(
-        task="esnli",
-        out=folder / "student",
-        mode="standard-finetune",
-        vocab_size=1000,
-        data=train.DataOptions(max_input_tokens=128, max_target_tokens=16),
-        optim=train.OptimOptions(learning_rate=1e-3, batch_size=32, max_steps=60),
-        evaluation=train.EvalOptions(eval_every=60, eval_limit=32),
-    )
-    return export_main(model=student, out=folder / "export", parity=ParityOptions(parity_limit=16))
+    return trained_export(tmp_path_factory.mktemp("trained-student"), "standard-finetune", None, 16)
 
 
 @pytest.fixture(scope="session")
@@ -75,20 +80,8 @@ def step_by_step_export_dir(tmp_path_factory) -> Path:
     """A tiny e-SNLI student trained step-by-step for 60 steps on the shipped PaLM-540B rationales (replayed), exported
     fp32: its rationales reach another label than its label path for about a third of the test inputs, which the
     consistency signal sends."""
-    from stepwise.export.run import ParityOptions
-    from stepwise.export.run import main as export_main
     from stepwise.extraction.run import main as extract
-    from stepwise.training import train
 
     folder = tmp_path_factory.mktemp("step-by-step-student")
-    student = train.main(
-        task="esnli",
-        out=folder / "student",
-        rationales=[str(extract(task="esnli", out=folder / "extract", teacher="replay"))],
-        mode="step-by-step",
-        vocab_size=1000,
-        data=train.DataOptions(max_input_tokens=128, max_target_tokens=48),
-        optim=train.OptimOptions(learning_rate=1e-3, batch_size=32, max_steps=60),
-        evaluation=train.EvalOptions(eval_every=60, eval_limit=32),
-    )
-    return export_main(model=student, out=folder / "export", parity=ParityOptions(parity_limit=16))
+    rationales = [str(extract(task="esnli", out=folder / "extract", teacher="replay"))]
+    return trained_export(folder, "step-by-step", rationales, 48)
