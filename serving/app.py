@@ -653,7 +653,7 @@ def build_app(args: dict[str, Any] | ServeArgs) -> serve.Application:
         for model_id, folder in models.items():  # starts, if unreadable
             fallback.few_shots(tasks.load_task(storage.as_location(folder)))
             fallback.threshold(args.fallback, storage.as_location(folder), model_id)
-            fallback.check_signal(args.fallback, storage.local_folder(folder, f"model {model_id!r}"), model_id)
+            fallback.check_signal(args.fallback, storage.as_location(folder), model_id)
     # Ray hides GPUs from actors that reserve none, and ONNX Runtime then silently falls back to the CPU.
     gpus = scaling.replica_gpus if scaling.replica_gpus is not None else float(wants_gpu(models))
     deployment = StudentServer.options(

@@ -223,7 +223,7 @@ class CalibrationOptions:
         return {"accuracy": self.target_accuracy} if self.target_accuracy else {}
 
 
-def check_step_by_step(folder: Path, who: str, wanted: str) -> None:
+def check_step_by_step(folder: str | Path, who: str, wanted: str) -> None:
     """ValueError naming the export unless it was trained step-by-step: the consistency signal scores the labels on
     the student's own rationale, which only such a student learnt to write."""
     trained = artifacts.read_train_config(folder)

@@ -93,7 +93,7 @@ def threshold(settings: FallbackOptions, folder: str | Path, model_id: str) -> f
     return calibrated_margin(folder, settings.fallback_share, model_id)
 
 
-def check_signal(settings: FallbackOptions, folder: Path, model_id: str) -> None:
+def check_signal(settings: FallbackOptions, folder: str | Path, model_id: str) -> None:
     """ValueError naming the export, unless its --fallback-signal can be read from it (margin always can)."""
     from stepwise.serving.cascade import check_step_by_step
 

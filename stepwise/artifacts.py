@@ -365,9 +365,10 @@ def read_parity(folder: Path) -> ParityReport:
     )
 
 
-def read_train_config(folder: Path) -> TrainConfig | None:
-    """A training run's settings; None for a model folder from elsewhere (a checkpoint stepwise did not train)."""
-    if not (Path(folder) / TRAIN_CONFIG).exists():
+def read_train_config(folder: str | Path) -> TrainConfig | None:
+    """A training run's settings (a local folder or a prefix on an object store); None for a model folder from
+    elsewhere (a checkpoint stepwise did not train)."""
+    if not storage.exists(storage.join(folder, TRAIN_CONFIG)):
         return None
     return _read_typed(folder, TRAIN_CONFIG, TrainConfig, "a training run's settings (written by `stepwise train`)")
 
